@@ -1,0 +1,197 @@
+"""The typed errors of encloud. Every failure a caller can act on has a class.
+
+Verification errors carry the name of the check that failed and what differed,
+never a key or a plaintext. The server maps its own domain errors to gRPC
+status codes in encloud.server.errors; the client maps gRPC status codes back
+to these classes in encloud.client.session.
+"""
+
+from __future__ import annotations
+
+
+class EncloudError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+# --- attestation --------------------------------------------------------------
+
+
+class VerificationError(EncloudError):
+    """Evidence failed a check. `check` names the check, `detail` what differed."""
+
+    check: str = "verification"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{self.check}: {detail}")
+        self.detail = detail
+
+
+class MalformedEvidenceError(VerificationError):
+    """A TPM structure or the evidence container does not parse strictly."""
+
+    check = "parse"
+
+
+class AkUntrustedError(VerificationError):
+    """The attestation key is not one the policy trusts."""
+
+    check = "ak_trust"
+
+
+class AkAttributesError(VerificationError):
+    """The AK is not a restricted, sign-only key fixed to its TPM."""
+
+    check = "ak_attributes"
+
+
+class SignatureError(VerificationError):
+    """The quote's signature does not verify under the AK."""
+
+    check = "signature"
+
+
+class AttestMagicError(VerificationError):
+    """TPMS_ATTEST magic is not TPM_GENERATED_VALUE."""
+
+    check = "magic"
+
+
+class AttestTypeError(VerificationError):
+    """TPMS_ATTEST type is not TPM_ST_ATTEST_QUOTE."""
+
+    check = "attest_type"
+
+
+class QualifiedSignerError(VerificationError):
+    """The quote names another key as its signer."""
+
+    check = "qualified_signer"
+
+
+class NonceMismatchError(VerificationError):
+    """The qualifying data is not the one this client expects (stale or foreign quote)."""
+
+    check = "qualifying_data"
+
+
+class PcrSelectionError(VerificationError):
+    """The quoted PCR selection differs from the policy's."""
+
+    check = "pcr_selection"
+
+
+class PcrDigestError(VerificationError):
+    """The quoted PCR digest does not match the PCR values shipped beside it."""
+
+    check = "pcr_digest"
+
+
+class PcrValueError(VerificationError):
+    """A PCR value is not allowed by the policy."""
+
+    check = "pcr_value"
+
+
+class EventLogFormatError(VerificationError):
+    """The workload event log does not parse strictly."""
+
+    check = "event_log_format"
+
+
+class EventDigestError(VerificationError):
+    """An event's digest does not match its content."""
+
+    check = "event_digest"
+
+
+class EventLogReplayError(VerificationError):
+    """The event log does not replay to the quoted workload PCR."""
+
+    check = "event_log_replay"
+
+
+class EventSequenceError(VerificationError):
+    """The workload events are not the sequence the policy expects."""
+
+    check = "event_sequence"
+
+
+class ModelNotAllowedError(VerificationError):
+    """The measured model digest is not allowed by the policy."""
+
+    check = "model_digest"
+
+
+class RuntimeNotAllowedError(VerificationError):
+    """The measured runtime event is not allowed by the policy."""
+
+    check = "runtime_event"
+
+
+class SessionTtlError(VerificationError):
+    """The server offers a session longer than the policy accepts."""
+
+    check = "session_ttl"
+
+
+class PolicyError(EncloudError):
+    """A policy file is invalid; the message names the field."""
+
+
+# --- key release and envelope ---------------------------------------------------
+
+
+class KeyConfirmationError(EncloudError):
+    """The server's key confirmation does not prove it holds our key."""
+
+
+class EnvelopeError(EncloudError):
+    """A sealed message was refused. Deliberately vague about why."""
+
+
+class DecryptError(EnvelopeError):
+    """A sealed message failed authentication or its padding is invalid."""
+
+
+class HeaderMismatchError(EnvelopeError):
+    """A sealed message's clear header (type, request id, seq) is not the expected one."""
+
+
+class ReplayError(EnvelopeError):
+    """A request id was used before or is too far behind the highest seen."""
+
+
+class StreamOrderError(EnvelopeError):
+    """Stream frames arrived out of order, duplicated, or after the final frame."""
+
+
+class TruncatedStreamError(EnvelopeError):
+    """A stream ended without a valid final frame: never a short answer."""
+
+
+class TranscriptMismatchError(EnvelopeError):
+    """The final frame's transcript hash differs from the one the client computed."""
+
+
+class KeyExhaustedError(EnvelopeError):
+    """The session key reached its message budget; start a new session."""
+
+
+# --- sessions and service ---------------------------------------------------------
+
+
+class SessionError(EncloudError):
+    """The session is unknown, expired, ended, or not in the right state."""
+
+
+class SessionExpiredError(SessionError):
+    """The session's time-to-live ran out."""
+
+
+class ServiceError(EncloudError):
+    """The server refused a call; `code` is the gRPC status code name."""
+
+    def __init__(self, code: str, message: str, reason: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.reason = reason

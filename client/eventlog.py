@@ -1,0 +1,156 @@
+"""The workload event log: TCG Canonical Event Log (CEL) records, JSON lines.
+
+Each record is one JSON object on its own line, in the CEL-JSON shape:
+
+    {"content":{"data":"<hex>","event_type":"model"},"content_type":"encloud",
+     "digests":[{"digest":"<hex>","hashAlg":"sha256"}],"pcr":15,"recnum":0}
+
+The measured bytes of an event are E("encloud/v1 event", event_type, data);
+its digest is their SHA-256, and extending the PCR with it replays as
+PCR' = SHA-256(PCR || digest). The event types of protocol v1:
+
+- "model": data is the 32-byte model digest from the model manifest.
+- "runtime": data is the canonical JSON of the runtime event (session
+  options, decoding defaults, engine versions, known-answer hash).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from encloud.client.encoding import encode, sha256
+from encloud.client.errors import EventLogFormatError
+
+CONTENT_TYPE = "encloud"
+EVENT_MODEL = "model"
+EVENT_RUNTIME = "runtime"
+EVENT_TYPES = frozenset({EVENT_MODEL, EVENT_RUNTIME})
+_RECORD_KEYS = {"recnum", "pcr", "digests", "content_type", "content"}
+
+
+@dataclass(frozen=True)
+class WorkloadEvent:
+    """One thing the server measured into the workload PCR."""
+
+    event_type: str
+    data: bytes
+
+    def measured_bytes(self) -> bytes:
+        return encode("encloud/v1 event", self.event_type.encode("ascii"), self.data)
+
+    def digest(self) -> bytes:
+        return sha256(self.measured_bytes())
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """An event as logged: its position, PCR and the digest that was extended."""
+
+    recnum: int
+    pcr: int
+    digest: bytes
+    event: WorkloadEvent
+
+    def to_json_line(self) -> bytes:
+        """The record's canonical JSON (sorted keys, no spaces), without a newline."""
+        obj = {
+            "recnum": self.recnum,
+            "pcr": self.pcr,
+            "digests": [{"hashAlg": "sha256", "digest": self.digest.hex()}],
+            "content_type": CONTENT_TYPE,
+            "content": {"event_type": self.event.event_type, "data": self.event.data.hex()},
+        }
+        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def canonical_json(obj: object) -> bytes:
+    """Sorted keys, no whitespace, ASCII: the bytes measured for JSON-valued events."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def extend(pcr_value: bytes, digest: bytes) -> bytes:
+    return sha256(pcr_value + digest)
+
+
+def replay(records: Iterable[EventRecord], initial: bytes = bytes(32)) -> bytes:
+    """The PCR value that extending each record's digest onto `initial` gives."""
+    value = initial
+    for record in records:
+        value = extend(value, record.digest)
+    return value
+
+
+def serialize(records: Sequence[EventRecord]) -> bytes:
+    return b"".join(record.to_json_line() + b"\n" for record in records)
+
+
+def parse(data: bytes) -> list[EventRecord]:
+    """Parse a log strictly; any deviation raises EventLogFormatError."""
+    if not data:
+        return []
+    if not data.endswith(b"\n"):
+        raise EventLogFormatError("log does not end with a newline")
+    records = []
+    for index, line in enumerate(data[:-1].split(b"\n")):
+        record = _parse_record(line, index)
+        if record.recnum != index:
+            raise EventLogFormatError(f"record {index} has recnum {record.recnum}")
+        records.append(record)
+    return records
+
+
+def _parse_record(line: bytes, index: int) -> EventRecord:
+    where = f"record {index}"
+    try:
+        obj = json.loads(line.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise EventLogFormatError(f"{where} is not ASCII JSON") from err
+    if not isinstance(obj, dict) or set(obj) != _RECORD_KEYS:
+        raise EventLogFormatError(f"{where} does not have exactly the keys {sorted(_RECORD_KEYS)}")
+    recnum, pcr, digests, content_type, content = (
+        obj["recnum"],
+        obj["pcr"],
+        obj["digests"],
+        obj["content_type"],
+        obj["content"],
+    )
+    if not _is_int(recnum) or not _is_int(pcr) or not 0 <= pcr <= 23:
+        raise EventLogFormatError(f"{where} has an invalid recnum or pcr")
+    if content_type != CONTENT_TYPE:
+        raise EventLogFormatError(f"{where} has content_type {content_type!r}")
+    if (
+        not isinstance(digests, list)
+        or len(digests) != 1
+        or not isinstance(digests[0], dict)
+        or set(digests[0]) != {"hashAlg", "digest"}
+        or digests[0]["hashAlg"] != "sha256"
+    ):
+        raise EventLogFormatError(f"{where} must carry exactly one sha256 digest")
+    digest = _hex_field(digests[0]["digest"], where)
+    if len(digest) != 32:
+        raise EventLogFormatError(f"{where} digest is not 32 bytes")
+    if not isinstance(content, dict) or set(content) != {"event_type", "data"}:
+        raise EventLogFormatError(f"{where} content must have exactly event_type and data")
+    event_type = content["event_type"]
+    if event_type not in EVENT_TYPES:
+        raise EventLogFormatError(f"{where} has unknown event_type {event_type!r}")
+    event = WorkloadEvent(event_type, _hex_field(content["data"], where))
+    record = EventRecord(recnum, pcr, digest, event)
+    if record.to_json_line() != line:
+        raise EventLogFormatError(f"{where} is not in canonical form")
+    return record
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _hex_field(value: object, where: str) -> bytes:
+    if not isinstance(value, str) or value != value.lower():
+        raise EventLogFormatError(f"{where} has a non-lowercase-hex field")
+    try:
+        return bytes.fromhex(value)
+    except ValueError as err:
+        raise EventLogFormatError(f"{where} has an invalid hex field") from err
