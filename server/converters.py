@@ -1,0 +1,118 @@
+"""Protobuf <-> domain types. Protobuf does not travel past this module."""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from encloud.client.envelope import Sealed
+from encloud.client.evidence import Evidence
+from encloud.client.handshake import HpkeSuiteId
+from encloud.client.v1 import encloud_pb2 as pb
+from encloud.server.errors import InvalidArgumentError, InvalidRequestPayloadError
+from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
+from encloud.server.settings import Settings
+
+_ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+_FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "key_exhausted": pb.FINISH_REASON_KEY_EXHAUSTED,
+}
+
+
+def suite_from_proto(suite: pb.HpkeSuite) -> HpkeSuiteId:
+    return HpkeSuiteId(suite.kem_id, suite.kdf_id, suite.aead_id)
+
+
+def sealed_from_proto(message: pb.SealedMessage) -> Sealed:
+    return Sealed(message.type, message.request_id, message.seq, message.sealed)
+
+
+def sealed_to_proto(sealed: Sealed) -> pb.SealedMessage:
+    return pb.SealedMessage(
+        type=sealed.type,  # type: ignore[arg-type]
+        request_id=sealed.request_id,
+        seq=sealed.seq,
+        sealed=sealed.data,
+    )
+
+
+def evidence_to_proto(evidence: Evidence) -> pb.Evidence:
+    return pb.Evidence(
+        quote_attest=evidence.quote_attest,
+        quote_signature=evidence.quote_signature,
+        ak_public=evidence.ak_public,
+        ak_certificate_chain=list(evidence.ak_certificate_chain),
+        pcr_hash_algorithm=evidence.pcr_hash_algorithm,
+        pcr_values=dict(evidence.pcr_values),
+        workload_event_log=evidence.workload_event_log,
+    )
+
+
+def generation_params_from_payload(payload: bytes, settings: Settings) -> GenerationParams:
+    """Parse and validate a decrypted GenerationRequest. Messages never echo content."""
+    request = pb.GenerationRequest()
+    try:
+        request.ParseFromString(payload)
+    except DecodeError:
+        # Also covers invalid UTF-8 in a string field.
+        raise InvalidRequestPayloadError(
+            "the request payload is not a valid GenerationRequest"
+        ) from None
+    if not request.messages:
+        raise InvalidArgumentError("the request has no messages")
+    turns = []
+    for message in request.messages:
+        role = _ROLES.get(message.role)
+        if role is None:
+            raise InvalidArgumentError("a message has no valid role")
+        turns.append(ChatTurn(role=role, content=message.content))
+    max_new = request.max_new_tokens or settings.default_max_new_tokens
+    if max_new > settings.max_new_tokens_limit:
+        raise InvalidArgumentError(
+            f"max_new_tokens is above the limit of {settings.max_new_tokens_limit}"
+        )
+    temperature = request.temperature if request.HasField("temperature") else None
+    if temperature is not None and not 0.0 <= temperature <= 10.0:
+        raise InvalidArgumentError("temperature must be in [0, 10]")
+    top_p = request.top_p if request.HasField("top_p") else None
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InvalidArgumentError("top_p must be in (0, 1]")
+    top_k = request.top_k if request.HasField("top_k") and request.top_k else None
+    if len(request.stop) > 16 or any(not s or len(s) > 256 for s in request.stop):
+        raise InvalidArgumentError("at most 16 stop strings of 1 to 256 characters")
+    return GenerationParams(
+        messages=tuple(turns),
+        max_new_tokens=max_new,
+        temperature=temperature or None,
+        top_p=top_p,
+        top_k=top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+    )
+
+
+def chunk_payload(text: str) -> bytes:
+    return pb.GenerationChunk(text=text).SerializeToString()
+
+
+def final_message(finish_reason: str, result: GenerationResult | None, transcript: bytes):
+    return pb.GenerationFinal(
+        finish_reason=_FINISH_REASONS[finish_reason],
+        usage=pb.Usage(
+            prompt_tokens=result.prompt_tokens if result else 0,
+            completion_tokens=result.completion_tokens if result else 0,
+        ),
+        transcript_hash=transcript,
+    )
+
+
+def final_payload(finish_reason: str, result: GenerationResult | None, transcript: bytes) -> bytes:
+    return final_message(finish_reason, result, transcript).SerializeToString()
+
+
+def response_payload(text: str, result: GenerationResult, transcript: bytes) -> bytes:
+    return pb.GenerationResponse(
+        text=text, final=final_message(result.finish_reason, result, transcript)
+    ).SerializeToString()

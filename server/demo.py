@@ -1,0 +1,61 @@
+"""`encloud demo`: the whole path on one machine, with a real TPM 2.0 simulator.
+
+1. export the embedded SmolLM2 model to ONNX (cached after the first run);
+2. start swtpm in a private temporary folder and the server against it;
+3. attest, verify, release a fresh data key, and stream an encrypted chat.
+
+The policy is written by the server at start-up: trust on first use, DEV ONLY.
+A real deployment writes its policy offline from the model manifest and the
+platform's reference values (docs/DEPLOY.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from encloud.client.cli import print_summary, stream_to_terminal
+from encloud.client.policy import load_policy
+from encloud.client.session import EncloudClient
+from encloud.server.devstack import ServerProcess, start_swtpm
+from encloud.server.inference.export import export_model
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ENCLOUD_CACHE_ROOT", Path.home() / ".cache" / "encloud"))
+
+
+def run_demo(prompt: str, max_new_tokens: int) -> int:
+    started = time.monotonic()
+    print("[1/3] model: the embedded SmolLM2-135M-Instruct GGUF -> ONNX (int4), cached")
+    model_dir = export_model(None, cache_root(), "int4", progress=lambda m: print(f"      {m}"))
+    with tempfile.TemporaryDirectory(prefix="encloud-demo-") as tmp:
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o700)
+        print(f"[2/3] swtpm and the server in {workdir} (private, removed at exit)")
+        swtpm = start_swtpm(workdir / "swtpm")
+        server = ServerProcess(workdir, swtpm.tcti, model_dir)
+        try:
+            address = server.start()
+            print(f"      serving on {address} after {time.monotonic() - started:.1f} s")
+            policy = load_policy(server.policy_path)
+            print("[3/3] encrypted chat")
+            audit = Path(".encloud/audit.jsonl").resolve()
+            with EncloudClient(address, policy, audit_log=audit) as client:
+                attest_started = time.monotonic()
+                attestation = client.attest()
+                print_summary(attestation, policy)
+                client.release_key()
+                print("Data key released to the attested session; key confirmation verified.")
+                print(f"Audit log: {audit}\n")
+                print(f"you> {prompt}")
+                stream_to_terminal(client, [("user", prompt)], max_new_tokens)
+                print(f"[attest to end of answer: {time.monotonic() - attest_started:.2f} s]")
+            code = server.terminate()
+            print(f"Session ended, server drained and stopped (exit {code}); keys wiped.")
+            return 0 if code == 0 else 1
+        finally:
+            server.kill()
+            swtpm.stop()

@@ -1,0 +1,89 @@
+"""A local stack for the demo and the tests: swtpm plus a real server process.
+
+The server runs as its own process (`python -m encloud.server.app`) with its
+settings in ENCLOUD_* variables, exactly as in a deployment; only the TPM is a
+simulator and the policy is written by the server (dev only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from encloud.server.attestation.swtpm import Swtpm
+
+
+class ServerProcess:
+    def __init__(self, workdir: Path, tcti: str, model_dir: Path, **settings: object) -> None:
+        self.workdir = workdir
+        self.ready_file = workdir / "ready"
+        self.log_path = workdir / "server.log"
+        self.policy_path = workdir / "dev-policy.json"
+        self.env = {
+            **os.environ,
+            "ENCLOUD_PORT": "0",
+            "ENCLOUD_TCTI": tcti,
+            "ENCLOUD_STATE_DIR": str(workdir / "state"),
+            "ENCLOUD_MODEL_DIR": str(model_dir),
+            "ENCLOUD_READY_FILE": str(self.ready_file),
+            "ENCLOUD_DEV_POLICY_PATH": str(self.policy_path),
+            "TSS2_LOG": "all+NONE",
+        }
+        for name, value in settings.items():
+            self.env[f"ENCLOUD_{name.upper()}"] = str(value)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def start(self, timeout: float = 300.0) -> str:
+        self.ready_file.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "encloud.server.app"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            cwd=self.workdir,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}; log: {self.log_path}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"server not ready after {timeout:.0f} s; log: {self.log_path}")
+            time.sleep(0.05)
+        self.address = self.ready_file.read_text().strip()
+        return self.address
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, as an orchestrator would; returns the exit code."""
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_swtpm(state_dir: Path) -> Swtpm:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    swtpm = Swtpm(state_dir)
+    swtpm.start()
+    return swtpm

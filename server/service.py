@@ -1,0 +1,231 @@
+"""The confidential inference service: domain logic behind the gRPC servicer.
+
+Takes and returns domain types only (bytes, Sealed, Evidence); the servicer
+translates protobuf. Every plaintext lives only inside these methods, between
+opening a request and sealing its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from encloud.client.encoding import sha256
+from encloud.client.envelope import MessageType, Sealed, transcript_next, transcript_start
+from encloud.client.evidence import Evidence
+from encloud.client.handshake import (
+    MAX_NONCE_LENGTH,
+    MIN_NONCE_LENGTH,
+    HpkeSuiteId,
+    is_supported,
+    quote_qualifying_data,
+)
+from encloud.server import converters
+from encloud.server.errors import InvalidArgumentError, ResourceExhaustedError
+from encloud.server.inference.engine import GenerationParams, GenerationResult
+from encloud.server.sessions import ActiveCall, Session, SessionState, SessionStore
+from encloud.server.settings import Settings
+
+log = logging.getLogger("encloud.service")
+
+
+class Attester(Protocol):
+    """What the service needs from the TPM side: evidence bound to qualifying data."""
+
+    def evidence(self, qualifying_data: bytes) -> Evidence: ...
+
+
+class TextEngine(Protocol):
+    def stream(
+        self, params: GenerationParams, should_stop: Callable[[], bool]
+    ) -> Iterator[str | GenerationResult]: ...
+
+
+@dataclass(frozen=True)
+class AttestResult:
+    session_id: bytes
+    session_public_key: bytes
+    ttl_seconds: int
+    evidence: Evidence
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+class InferenceService:
+    def __init__(
+        self,
+        settings: Settings,
+        attester: Attester,
+        engine: TextEngine,
+        sessions: SessionStore,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self._settings = settings
+        self._attester = attester
+        self._engine = engine
+        self._sessions = sessions
+        self._executor = executor
+        self._tpm_executor = ThreadPoolExecutor(1, thread_name_prefix="tpm")
+
+    # --- Attest and ReleaseKey -------------------------------------------------------
+
+    async def attest(self, nonce: bytes, suite: HpkeSuiteId) -> AttestResult:
+        if not MIN_NONCE_LENGTH <= len(nonce) <= MAX_NONCE_LENGTH:
+            raise InvalidArgumentError(
+                f"the nonce must be {MIN_NONCE_LENGTH} to {MAX_NONCE_LENGTH} bytes"
+            )
+        if not is_supported(suite):
+            raise InvalidArgumentError("unsupported HPKE suite")
+        session = self._sessions.create(suite, nonce)
+        try:
+            qualifying_data = quote_qualifying_data(
+                suite, nonce, session.public_key, session.session_id, session.ttl_seconds
+            )
+            loop = asyncio.get_running_loop()
+            evidence = await loop.run_in_executor(
+                self._tpm_executor, self._attester.evidence, qualifying_data
+            )
+        except BaseException:
+            self._sessions.drop(session)
+            raise
+        session.attest_digest = sha256(evidence.quote_attest)  # H_ev
+        return AttestResult(session.session_id, session.public_key, session.ttl_seconds, evidence)
+
+    async def release_key(self, session_id: bytes, sealed_key: bytes) -> Sealed:
+        session = self._sessions.get(session_id)
+        self._sessions.admit_bound(session)
+        try:
+            return session.bind(sealed_key, self._settings.max_release_attempts)
+        finally:
+            if session.state is SessionState.ENDED:
+                self._sessions.drop(session)
+
+    # --- inference ---------------------------------------------------------------------
+
+    async def infer(self, session_id: bytes, sealed_request: Sealed) -> Sealed:
+        session, params = self._open_request(session_id, sealed_request)
+        transcript = transcript_start(session_id, sealed_request.request_id, sealed_request.data)
+        pieces: list[str] = []
+        result: GenerationResult | None = None
+        async with self._call(session, sealed_request.request_id) as call:
+            async for item in self._generate(params, call.cancel):
+                if isinstance(item, GenerationResult):
+                    result = item
+                else:
+                    pieces.append(item)
+        assert result is not None
+        payload = converters.response_payload("".join(pieces), result, transcript)
+        return session.sealer().seal(MessageType.RESPONSE, sealed_request.request_id, 0, payload)
+
+    async def stream(self, session_id: bytes, sealed_request: Sealed) -> AsyncIterator[Sealed]:
+        session, params = self._open_request(session_id, sealed_request)
+        request_id = sealed_request.request_id
+        transcript = transcript_start(session_id, request_id, sealed_request.data)
+        seq = 0
+        finish_reason = "cancelled"
+        result: GenerationResult | None = None
+        async with self._call(session, request_id) as call:
+            async for item in self._generate(params, call.cancel):
+                if isinstance(item, GenerationResult):
+                    result, finish_reason = item, item.finish_reason
+                    break
+                sealer = session.sealer()
+                if sealer.remaining <= 1:
+                    call.cancel.set()
+                    finish_reason = "key_exhausted"
+                    break
+                payload = converters.chunk_payload(item)
+                frame = sealer.seal(MessageType.FRAME, request_id, seq, payload)
+                transcript = transcript_next(transcript, seq, payload)
+                seq += 1
+                yield frame
+            final = converters.final_payload(finish_reason, result, transcript)
+            yield session.sealer().seal(MessageType.FINAL, request_id, seq, final, reserved=True)
+
+    async def end_session(self, session_id: bytes, sealed_end: Sealed) -> None:
+        session = self._sessions.get(session_id)
+        session.open_from_client(sealed_end, MessageType.END)
+        running = list(session.calls.values())
+        for call in running:
+            call.cancel.set()
+        # Let running streams seal their final frame before the keys go.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(call.done.wait() for call in running)), timeout=5.0
+            )
+        self._sessions.drop(session)
+
+    def shutdown(self) -> None:
+        self._sessions.drop_all()
+        self._tpm_executor.shutdown(wait=False)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _open_request(
+        self, session_id: bytes, sealed_request: Sealed
+    ) -> tuple[Session, GenerationParams]:
+        session = self._sessions.get(session_id)
+        payload = session.open_from_client(sealed_request, MessageType.REQUEST)
+        return session, converters.generation_params_from_payload(payload, self._settings)
+
+    @contextlib.asynccontextmanager
+    async def _call(self, session: Session, request_id: int) -> AsyncIterator[ActiveCall]:
+        if len(session.calls) >= self._settings.max_streams_per_session:
+            raise ResourceExhaustedError("too many concurrent requests in this session")
+        call = ActiveCall()
+        session.calls[request_id] = call
+        try:
+            yield call
+        finally:
+            call.cancel.set()
+            call.done.set()
+            session.calls.pop(request_id, None)
+
+    async def _generate(
+        self, params: GenerationParams, cancel: threading.Event
+    ) -> AsyncIterator[str | GenerationResult]:
+        """Run the engine in a worker thread and yield its output on the event loop.
+
+        Leaving this generator early (client cancel, session end, error) sets
+        `cancel`, which the engine checks at every decode step.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def put(item: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closing
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                for item in self._engine.stream(params, cancel.is_set):
+                    put(item)
+            except BaseException as error:  # handed to the event loop, re-raised there
+                put(_Failed(error))
+            finally:
+                put(_END)
+
+        worker = loop.run_in_executor(self._executor, work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item  # type: ignore[misc]
+        finally:
+            cancel.set()
+            worker.add_done_callback(lambda _: None)

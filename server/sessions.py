@@ -1,0 +1,255 @@
+"""Sessions: the per-client key material and state, and the store that bounds them.
+
+A session is created by Attest (PENDING), bound by the first valid ReleaseKey
+(BOUND) and dropped on EndSession, on expiry, on a fault or at shutdown. On
+drop every key is overwritten where Python allows and every reference is
+released (docs/THREAT_MODEL.md states the limits of memory hygiene in Python).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from encloud.client.envelope import MessageType, OpeningKey, Sealed, SealingKey
+from encloud.client.errors import DecryptError
+from encloud.client.handshake import (
+    SESSION_ID_LENGTH,
+    HpkeSuiteId,
+    KeyOpenError,
+    derive_traffic_keys,
+    handshake_hash,
+    open_key,
+    release_info,
+    split_enc,
+)
+from encloud.server.errors import (
+    EnvelopeRejectedError,
+    KeyReleaseError,
+    ReplayedRequestError,
+    ResourceExhaustedError,
+    SessionNotFoundError,
+    SessionStateError,
+)
+from encloud.server.settings import Settings
+
+REQUEST_ID_WINDOW = 1024
+
+
+class SessionState(enum.Enum):
+    PENDING = "pending"
+    BOUND = "bound"
+    ENDED = "ended"
+
+
+class RequestIdWindow:
+    """Request ids of one session: each accepted once, out of order within a window.
+
+    An id is accepted if it is above the highest seen, or not seen before and
+    less than REQUEST_ID_WINDOW below it. An id counts as seen only after its
+    tag verified (mark), so a forged id uses up nothing.
+    """
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self._seen: set[int] = set()
+
+    def check(self, request_id: int) -> None:
+        if request_id < 1:
+            raise ReplayedRequestError("request ids start at 1")
+        if request_id > self.highest:
+            return
+        if self.highest - request_id >= REQUEST_ID_WINDOW or request_id in self._seen:
+            raise ReplayedRequestError("request id already used or too old")
+
+    def mark(self, request_id: int) -> None:
+        self._seen.add(request_id)
+        if request_id > self.highest:
+            self.highest = request_id
+            floor = self.highest - REQUEST_ID_WINDOW
+            self._seen = {seen for seen in self._seen if seen > floor}
+
+
+@dataclass
+class ActiveCall:
+    """A running Infer or StreamInfer, so EndSession can end it cleanly."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Session:
+    def __init__(
+        self,
+        session_id: bytes,
+        suite: HpkeSuiteId,
+        nonce: bytes,
+        ttl_seconds: int,
+        pending_deadline: float,
+        expires_at: float,
+    ) -> None:
+        self.session_id = session_id
+        self.suite = suite
+        self.nonce = nonce
+        self.ttl_seconds = ttl_seconds
+        self.pending_deadline = pending_deadline
+        self.expires_at = expires_at
+        self.state = SessionState.PENDING
+        self._private_key: X25519PrivateKey | None = X25519PrivateKey.generate()
+        self.public_key = self._private_key.public_key().public_bytes_raw()
+        self.attest_digest: bytes | None = None
+        self.release_attempts = 0
+        self.requests = RequestIdWindow()
+        self.calls: dict[int, ActiveCall] = {}
+        self._c2s: OpeningKey | None = None
+        self._s2c: SealingKey | None = None
+
+    # --- key release ---------------------------------------------------------------
+
+    def bind(self, sealed_key: bytes, max_attempts: int) -> Sealed:
+        """Open the released key, derive the traffic keys, return the key confirmation."""
+        if self.state is not SessionState.PENDING or self._private_key is None:
+            raise SessionStateError("the session already has a key")
+        if self.attest_digest is None:
+            raise SessionStateError("the session has no evidence yet")
+        try:
+            info = release_info(self.suite, self.session_id, self.attest_digest)
+            enc = split_enc(self.suite, sealed_key)
+            dek, secret = open_key(self.suite, self._private_key, sealed_key, info)
+        except KeyOpenError:
+            self.release_attempts += 1
+            if self.release_attempts >= max_attempts:
+                self.wipe()
+            raise KeyReleaseError("the sealed key was refused") from None
+        h_hs = handshake_hash(
+            self.suite,
+            self.nonce,
+            self.public_key,
+            self.session_id,
+            self.ttl_seconds,
+            self.attest_digest,
+            enc,
+        )
+        keys = derive_traffic_keys(dek, secret, h_hs)
+        dek[:] = bytes(len(dek))
+        secret[:] = bytes(len(secret))
+        key_confirm = SealingKey(keys.kc, self.session_id)
+        confirmation = key_confirm.seal(MessageType.KEY_CONFIRM, 0, 0, h_hs)
+        key_confirm.wipe()
+        self._c2s = OpeningKey(keys.c2s, self.session_id)
+        self._s2c = SealingKey(keys.s2c, self.session_id)
+        self._private_key = None  # the session key pair has done its one job
+        self.state = SessionState.BOUND
+        return confirmation
+
+    # --- sealed traffic --------------------------------------------------------------
+
+    def open_from_client(self, sealed: Sealed, expected_type: MessageType) -> bytes:
+        """Check the header and the request id, open, then mark the id as used."""
+        opener = self._bound_keys()[0]
+        if sealed.type != expected_type or sealed.seq != 0:
+            raise EnvelopeRejectedError("sealed message rejected")
+        self.requests.check(sealed.request_id)
+        try:
+            payload = opener.open_unchecked_header(sealed)
+        except DecryptError:
+            raise EnvelopeRejectedError("sealed message rejected") from None
+        self.requests.mark(sealed.request_id)
+        return payload
+
+    def sealer(self) -> SealingKey:
+        return self._bound_keys()[1]
+
+    def _bound_keys(self) -> tuple[OpeningKey, SealingKey]:
+        if self.state is not SessionState.BOUND or self._c2s is None or self._s2c is None:
+            raise SessionStateError("the session has no released key")
+        return self._c2s, self._s2c
+
+    # --- end -----------------------------------------------------------------------
+
+    def wipe(self) -> None:
+        """Drop every key of the session; idempotent."""
+        self.state = SessionState.ENDED
+        for call in self.calls.values():
+            call.cancel.set()
+        if self._c2s is not None:
+            self._c2s.wipe()
+        if self._s2c is not None:
+            self._s2c.wipe()
+        self._c2s = None
+        self._s2c = None
+        self._private_key = None
+        self.nonce = b""
+
+
+class SessionStore:
+    """All live sessions, bounded, with pending and bound quotas and expiry."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._sessions: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, suite: HpkeSuiteId, nonce: bytes) -> Session:
+        self.sweep()
+        pending = sum(1 for s in self._sessions.values() if s.state is SessionState.PENDING)
+        if pending >= self._settings.max_pending_sessions:
+            raise ResourceExhaustedError("too many sessions are waiting for their key")
+        now = self._clock()
+        ttl = self._settings.session_ttl_seconds
+        session = Session(
+            session_id=os.urandom(SESSION_ID_LENGTH),
+            suite=suite,
+            nonce=nonce,
+            ttl_seconds=ttl,
+            pending_deadline=now + min(ttl, self._settings.pending_session_ttl_seconds),
+            expires_at=now + ttl,
+        )
+        self._sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: bytes) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFoundError("unknown or expired session")
+        if self._expired(session, self._clock()):
+            self.drop(session)
+            raise SessionNotFoundError("unknown or expired session")
+        return session
+
+    def admit_bound(self, session: Session) -> None:
+        """Called before binding: refuse when too many sessions hold keys."""
+        bound = sum(1 for s in self._sessions.values() if s.state is SessionState.BOUND)
+        if bound >= self._settings.max_sessions:
+            raise ResourceExhaustedError("too many sessions")
+
+    def drop(self, session: Session) -> None:
+        session.wipe()
+        self._sessions.pop(session.session_id, None)
+
+    def sweep(self) -> None:
+        now = self._clock()
+        for session in [s for s in self._sessions.values() if self._expired(s, now)]:
+            self.drop(session)
+
+    def drop_all(self) -> None:
+        for session in list(self._sessions.values()):
+            self.drop(session)
+
+    @staticmethod
+    def _expired(session: Session, now: float) -> bool:
+        if session.state is SessionState.ENDED:
+            return True
+        if session.state is SessionState.PENDING and now >= session.pending_deadline:
+            return True
+        return now >= session.expires_at

@@ -1,0 +1,101 @@
+"""Every setting of the server, in one place. Environment prefix: ENCLOUD_.
+
+docs/CONFIGURATION.md lists each field; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RESETTABLE_PCRS = frozenset({16, 23})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENCLOUD_", extra="forbid")
+
+    # --- network ---------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    ready_file: Path | None = Field(
+        None,
+        description="Once serving, the server writes its bound host:port here "
+        "(for supervisors and tests that start it on port 0).",
+    )
+    max_message_bytes: int = Field(
+        1 << 20, ge=4096, description="Largest gRPC message accepted or sent."
+    )
+
+    # --- TPM and measurement -----------------------------------------------------
+    tcti: str = Field(
+        "device:/dev/tpmrm0",
+        description="TSS2 TCTI of the TPM: the CVM's vTPM, or swtpm:path=... in dev.",
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/encloud"),
+        description="Folder of the workload event log (not secret; survives restarts).",
+    )
+    workload_pcr: int = Field(15, ge=0, le=23, description="PCR the workload is measured into.")
+    pcr_selection: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7, 15],
+        description="SHA-256 PCRs every quote covers; must include the workload PCR.",
+    )
+    allow_resettable_workload_pcr: bool = Field(
+        False,
+        description="Dev only: allow PCR 16 or 23, which locality 0 can reset.",
+    )
+
+    # --- model -------------------------------------------------------------------
+    model_dir: Path = Field(
+        Path("/opt/encloud/model"),
+        description="Exported ONNX model folder with its manifest.json.",
+    )
+    provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime provider.")
+    threads: int = Field(2, ge=1, le=256, description="Intra-op threads of the engine.")
+    default_max_new_tokens: int = Field(
+        256, ge=1, description="New tokens when a request asks for 0."
+    )
+    max_new_tokens_limit: int = Field(
+        2048, ge=1, description="Most new tokens a request may ask for."
+    )
+
+    # --- sessions ----------------------------------------------------------------
+    session_ttl_seconds: int = Field(
+        900, ge=10, le=86400, description="Life of a session from its Attest reply."
+    )
+    pending_session_ttl_seconds: int = Field(
+        30, ge=1, description="Life of a session that has not received its key yet."
+    )
+    max_sessions: int = Field(256, ge=1, description="Most sessions with a released key.")
+    max_pending_sessions: int = Field(
+        64, ge=1, description="Most attested sessions still waiting for their key."
+    )
+    max_release_attempts: int = Field(
+        3, ge=1, description="Invalid ReleaseKey calls before a pending session closes."
+    )
+    max_streams_per_session: int = Field(
+        4, ge=1, description="Concurrent Infer/StreamInfer calls per session."
+    )
+
+    # --- dev ---------------------------------------------------------------------
+    dev_policy_path: Path | None = Field(
+        None,
+        description="DEV ONLY, trust on first use: write a policy pinning this server's "
+        "AK, PCRs, model and runtime here at start-up.",
+    )
+    log_level: str = Field("INFO", description="Python logging level of the JSON logs.")
+
+    @model_validator(mode="after")
+    def _check_pcrs(self) -> Settings:
+        if self.workload_pcr not in self.pcr_selection:
+            raise ValueError("pcr_selection must include workload_pcr")
+        if self.workload_pcr in RESETTABLE_PCRS and not self.allow_resettable_workload_pcr:
+            raise ValueError(
+                f"PCR {self.workload_pcr} can be reset from locality 0; "
+                "set allow_resettable_workload_pcr only in dev"
+            )
+        self.pcr_selection = sorted(set(self.pcr_selection))
+        return self

@@ -1,0 +1,123 @@
+"""The one place where errors become gRPC statuses.
+
+A DomainError becomes its own code with a google.rpc.Status carrying an
+ErrorInfo (its reason) and, for RESOURCE_EXHAUSTED, a RetryInfo. Anything else
+becomes INTERNAL with a generic message and a correlation id; the server log
+gets the id, the exception type and where it was raised, never its message
+(an exception message may quote a plaintext).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from encloud.server.errors import DomainError
+
+log = logging.getLogger("encloud.status")
+
+ERROR_DOMAIN = "encloud.v1"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _rich_status(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str], retry: float | None
+) -> status_pb2.Status:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
+    details = [info]
+    if retry is not None:
+        retry_info = any_pb2.Any()
+        seconds = int(retry)
+        retry_info.Pack(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(
+                    seconds=seconds, nanos=int((retry - seconds) * 1e9)
+                )
+            )
+        )
+        details.append(retry_info)
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str] | None = None,
+    retry: float | None = None,
+) -> None:
+    status = _rich_status(code, message, reason, metadata or {}, retry)
+    await context.abort(
+        code, message, trailing_metadata=((_STATUS_DETAILS_KEY, status.SerializeToString()),)
+    )
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    """Abort the RPC with the status for `error`. Always raises."""
+    if isinstance(error, DomainError):
+        await _abort(
+            context, error.code, error.message, error.reason, retry=error.retry_after_seconds
+        )
+    correlation_id = uuid.uuid4().hex
+    frames = traceback.extract_tb(error.__traceback__)
+    log.error(
+        "unexpected error",
+        extra={
+            "correlation_id": correlation_id,
+            "error_type": type(error).__name__,
+            "where": [f"{frame.filename}:{frame.lineno}" for frame in frames[-5:]],
+        },
+    )
+    await _abort(
+        context,
+        grpc.StatusCode.INTERNAL,
+        f"internal error (correlation id {correlation_id})",
+        "INTERNAL",
+        metadata={"correlation_id": correlation_id},
+    )
+
+
+def unary_errors(
+    handler: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await abort_for(context, error)
+            raise  # unreachable: abort_for raises
+
+    return wrapper
+
+
+def stream_errors(
+    handler: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await abort_for(context, error)
+            raise
+
+    return wrapper
