@@ -1,0 +1,550 @@
+"""Verify a vTPM quote and the workload event log against a policy.
+
+The single entry point is `verify` (or `verify_with_report`, which also
+returns the step-by-step report that `encloud attest --report` prints). Checks
+run in the order listed in `verify`'s docstring; the first failure stops
+verification with its typed error from encloud.client.errors, and no state is
+returned unless every check passed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from encloud.client import eventlog
+from encloud.client.encoding import sha256
+from encloud.client.errors import (
+    AkAttributesError,
+    AkUntrustedError,
+    AttestMagicError,
+    AttestTypeError,
+    EventDigestError,
+    EventLogReplayError,
+    EventSequenceError,
+    ModelNotAllowedError,
+    NonceMismatchError,
+    PcrDigestError,
+    PcrSelectionError,
+    PcrValueError,
+    QualifiedSignerError,
+    RuntimeNotAllowedError,
+    SessionTtlError,
+    SignatureError,
+    VerificationError,
+)
+from encloud.client.evidence import Evidence
+from encloud.client.policy import Policy, policy_digest
+from encloud.client.tpm_structures import (
+    DECRYPT,
+    FIXED_PARENT,
+    FIXED_TPM,
+    HASH_NAMES,
+    HASH_SIZES,
+    RESTRICTED,
+    SIGN_ENCRYPT,
+    TPM_ALG_ECC,
+    TPM_ALG_ECDSA,
+    TPM_ALG_NULL,
+    TPM_ALG_RSAPSS,
+    TPM_ALG_RSASSA,
+    TPM_ALG_SHA1,
+    TPM_GENERATED_VALUE,
+    TPM_ST_ATTEST_QUOTE,
+    AkPublic,
+    QuoteInfo,
+    Signature,
+    hash_bytes,
+    parse_attest,
+    parse_public,
+    parse_signature,
+)
+
+_HASHES: Mapping[int, Callable[[], hashes.HashAlgorithm]] = {
+    0x000B: hashes.SHA256,
+    0x000C: hashes.SHA384,
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One step of verification: its name, whether it passed, and what was compared."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerifiedAttestation:
+    """What a quote proved. Only ever built after every check passed."""
+
+    ak_fingerprint: str
+    """Hex SHA-256 of the AK's DER SubjectPublicKeyInfo."""
+    workload_pcr: int
+    workload_pcr_value: bytes
+    model_digest: bytes
+    """The model digest of the last (running) start-up."""
+    runtime_event: dict[str, Any]
+    """The parsed runtime event of the last (running) start-up."""
+    events: list[eventlog.EventRecord]
+    attest_digest: bytes
+    """H_ev: SHA-256 of the signed TPMS_ATTEST bytes."""
+    clock: int
+    reset_count: int
+    restart_count: int
+    firmware_version: int
+    pcr_values: Mapping[int, bytes]
+    policy_digest: bytes
+    report: list[CheckResult] = field(default_factory=list)
+
+
+def spki_der(ak_public_bytes: bytes) -> bytes:
+    """DER SubjectPublicKeyInfo of a marshalled TPMT_PUBLIC (what a policy pins)."""
+    return _spki(parse_public(ak_public_bytes))
+
+
+def ak_fingerprint(ak_public_bytes: bytes) -> str:
+    """Hex SHA-256 of the AK's DER SubjectPublicKeyInfo."""
+    return sha256(spki_der(ak_public_bytes)).hex()
+
+
+def _spki(ak: AkPublic) -> bytes:
+    return ak.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def verify(
+    evidence: Evidence,
+    policy: Policy,
+    *,
+    expected_qualifying_data: bytes,
+    session_ttl_seconds: int,
+) -> VerifiedAttestation:
+    """Verify evidence against a policy; raise the first failed check's typed error.
+
+    `expected_qualifying_data` is Q, recomputed by the caller from its own nonce,
+    suite, session key, session id and TTL; `session_ttl_seconds` is the TTL the
+    server offered. Checks, in order (report name, error raised):
+
+    1. ak_parse: ak_public is a strict TPMT_PUBLIC of an RSA 2048/3072 or ECC
+       P-256/P-384 key (MalformedEvidenceError).
+    2. ak_trust: the AK's DER SubjectPublicKeyInfo equals a key pinned in the
+       policy (AkUntrustedError).
+    3. ak_attributes: restricted, sign, fixedTPM and fixedParent are set and
+       decrypt is clear; the symmetric algorithm is NULL; the key has a signing
+       scheme (AkAttributesError).
+    4. signature_parse: quote_signature is a strict TPMT_SIGNATURE
+       (MalformedEvidenceError); its scheme fits the key type (ECDSA for ECC,
+       RSASSA or RSAPSS for RSA) and equals the key's scheme and hash
+       (SignatureError).
+    5. signature: the signature over quote_attest verifies under the AK
+       (SignatureError).
+    6. attest_parse: quote_attest is a strict TPMS_ATTEST (MalformedEvidenceError).
+    7. magic: magic is TPM_GENERATED_VALUE 0xFF544347 (AttestMagicError).
+    8. attest_type: type is TPM_ST_ATTEST_QUOTE 0x8018 (AttestTypeError).
+    9. qualified_signer: qualifiedSigner is the AK's Name, or its Qualified Name
+       as a primary key of the owner, endorsement, platform or null hierarchy,
+       which is what a TPM writes for a primary AK (QualifiedSignerError).
+    10. qualifying_data: extraData equals expected_qualifying_data, compared in
+        constant time (NonceMismatchError).
+    11. pcr_selection: the evidence's bank and the quoted TPML_PCR_SELECTION are
+        exactly one bank, the policy's, with exactly the policy's indices; a
+        SHA-1 bank is refused (PcrSelectionError).
+    12. pcr_digest: the shipped PCR values cover exactly the selection, each the
+        bank's digest size, and pcrDigest equals H(values concatenated in
+        ascending index order), H being the signature's hash algorithm as the
+        TPM computes it (PcrDigestError).
+    13. pcr_value: every PCR pinned in the policy has its pinned value (PcrValueError).
+    14. event_log_format: the workload event log parses strictly (EventLogFormatError).
+    15. event_digest: every record is for the workload PCR and its digest,
+        recomputed from its content, equals the logged digest (EventDigestError).
+    16. event_log_replay: the log replays from zero to the quoted workload PCR
+        value (EventLogReplayError).
+    17. event_sequence: the log is one or more start-ups, each exactly
+        [model, runtime], with a 32-byte model digest and a runtime event in
+        canonical JSON (an object); the last start-up is the running one
+        (EventSequenceError).
+    18. model_digest: every start-up's model digest is allowed (ModelNotAllowedError).
+    19. runtime_event: every start-up's runtime event (SHA-256 of its data) is
+        allowed (RuntimeNotAllowedError).
+    20. session_ttl: 0 < session_ttl_seconds <= max_session_ttl_seconds
+        (SessionTtlError).
+    """
+    attestation, _, error = verify_with_report(
+        evidence,
+        policy,
+        expected_qualifying_data=expected_qualifying_data,
+        session_ttl_seconds=session_ttl_seconds,
+    )
+    if error is not None:
+        raise error
+    assert attestation is not None
+    return attestation
+
+
+def verify_with_report(
+    evidence: Evidence,
+    policy: Policy,
+    *,
+    expected_qualifying_data: bytes,
+    session_ttl_seconds: int,
+) -> tuple[VerifiedAttestation | None, list[CheckResult], VerificationError | None]:
+    """Run `verify`'s checks and return (attestation or None, report, error or None)."""
+    if not isinstance(expected_qualifying_data, bytes) or not expected_qualifying_data:
+        raise ValueError("expected_qualifying_data must be non-empty bytes")
+    run = _Run(evidence, policy, expected_qualifying_data, session_ttl_seconds)
+    try:
+        attestation = run.run()
+    except VerificationError as err:
+        run.report.append(CheckResult(run.current, False, err.detail))
+        return None, run.report, err
+    return attestation, run.report, None
+
+
+def format_report(results: list[CheckResult]) -> str:
+    """One line per check: PASS or FAIL, its name and what was compared."""
+    width = max((len(r.name) for r in results), default=0)
+    lines = [f"{'PASS' if r.passed else 'FAIL'}  {r.name:<{width}}  {r.detail}" for r in results]
+    if results and all(r.passed for r in results):
+        lines.append("verified: all checks passed")
+    elif results:
+        lines.append(f"refused at check {results[-1].name}")
+    return "\n".join(lines)
+
+
+def _short(value: bytes) -> str:
+    return value.hex() if len(value) <= 8 else f"{value[:8].hex()}..({len(value)} bytes)"
+
+
+class _Run:
+    """The state of one verification; each step records a passed CheckResult."""
+
+    def __init__(self, evidence: Evidence, policy: Policy, q: bytes, ttl: int) -> None:
+        self.evidence = evidence
+        self.policy = policy
+        self.q = q
+        self.ttl = ttl
+        self.report: list[CheckResult] = []
+        self.current = "start"
+
+    def step(self, name: str) -> None:
+        self.current = name
+
+    def ok(self, detail: str) -> None:
+        self.report.append(CheckResult(self.current, True, detail))
+
+    def run(self) -> VerifiedAttestation:
+        ev, policy = self.evidence, self.policy
+
+        self.step("ak_parse")
+        ak = parse_public(ev.ak_public)
+        key = ak.public_key()
+        spki = _spki(ak)
+        fingerprint = sha256(spki).hex()
+        self.ok(f"{_key_desc(ak)}, fingerprint {fingerprint}")
+
+        self.step("ak_trust")
+        if spki not in policy.pinned_public_keys:
+            raise AkUntrustedError(f"AK {fingerprint} is not pinned by the policy")
+        self.ok(f"AK {fingerprint} is pinned by the policy")
+
+        self.step("ak_attributes")
+        _check_ak_attributes(ak)
+        self.ok(f"objectAttributes 0x{ak.attributes:08x}: restricted, sign, fixedTPM, fixedParent")
+
+        self.step("signature_parse")
+        sig = parse_signature(ev.quote_signature)
+        _check_scheme(ak, sig)
+        self.ok(f"{_sig_desc(sig)} matches the key's scheme")
+
+        self.step("signature")
+        _verify_signature(key, sig, ev.quote_attest)
+        self.ok(f"{_sig_desc(sig)} over {len(ev.quote_attest)} TPMS_ATTEST bytes verifies")
+
+        self.step("attest_parse")
+        attest = parse_attest(ev.quote_attest)
+        self.ok(f"TPMS_ATTEST of {len(ev.quote_attest)} bytes")
+
+        self.step("magic")
+        if attest.magic != TPM_GENERATED_VALUE:
+            raise AttestMagicError(f"magic 0x{attest.magic:08x} is not 0x{TPM_GENERATED_VALUE:08x}")
+        self.ok(f"magic 0x{attest.magic:08x}")
+
+        self.step("attest_type")
+        if attest.type != TPM_ST_ATTEST_QUOTE or attest.quote is None:
+            raise AttestTypeError(f"type 0x{attest.type:04x} is not 0x{TPM_ST_ATTEST_QUOTE:04x}")
+        quote = attest.quote
+        self.ok(f"type 0x{attest.type:04x} (quote)")
+
+        self.step("qualified_signer")
+        if attest.qualified_signer != ak.name() and (
+            attest.qualified_signer not in ak.qualified_names()
+        ):
+            raise QualifiedSignerError(
+                f"qualifiedSigner {_short(attest.qualified_signer)} is neither the AK's name "
+                f"{_short(ak.name())} nor its qualified name"
+            )
+        self.ok(f"qualifiedSigner {_short(attest.qualified_signer)} names the AK")
+
+        self.step("qualifying_data")
+        if not hmac.compare_digest(attest.extra_data, self.q):
+            raise NonceMismatchError(
+                f"extraData ({len(attest.extra_data)} bytes) differs from the expected "
+                f"qualifying data ({len(self.q)} bytes)"
+            )
+        self.ok(f"extraData equals the expected qualifying data ({len(self.q)} bytes)")
+
+        self.step("pcr_selection")
+        _check_selection(ev, policy, quote)
+        self.ok(f"bank {policy.pcr_bank}, PCRs {list(policy.pcr_selection)}")
+
+        self.step("pcr_digest")
+        values = _check_pcr_digest(ev, policy, quote, sig.hash_alg)
+        self.ok(
+            f"{HASH_NAMES[sig.hash_alg]} over {len(values)} PCR values = {_short(quote.pcr_digest)}"
+        )
+
+        self.step("pcr_value")
+        for index, expected in policy.pcr_values.items():
+            if not hmac.compare_digest(values[index], expected):
+                raise PcrValueError(
+                    f"PCR {index} is {values[index].hex()}, the policy pins {expected.hex()}"
+                )
+        self.ok(f"pinned PCRs {sorted(policy.pcr_values)} have their values")
+
+        self.step("event_log_format")
+        records = eventlog.parse(ev.workload_event_log)
+        self.ok(f"{len(records)} records")
+
+        self.step("event_digest")
+        for record in records:
+            if record.pcr != policy.workload_pcr:
+                raise EventDigestError(
+                    f"record {record.recnum} is for PCR {record.pcr}, "
+                    f"not the workload PCR {policy.workload_pcr}"
+                )
+            if not hmac.compare_digest(record.digest, record.event.digest()):
+                raise EventDigestError(
+                    f"record {record.recnum} ({record.event.event_type}) logs digest "
+                    f"{record.digest.hex()}, its content hashes to {record.event.digest().hex()}"
+                )
+        self.ok(f"{len(records)} digests recomputed from content, all in PCR {policy.workload_pcr}")
+
+        self.step("event_log_replay")
+        workload_value = values[policy.workload_pcr]
+        replayed = eventlog.replay(records)
+        if not hmac.compare_digest(replayed, workload_value):
+            raise EventLogReplayError(
+                f"log replays to {replayed.hex()}, PCR {policy.workload_pcr} "
+                f"is {workload_value.hex()}"
+            )
+        self.ok(f"replays to PCR {policy.workload_pcr} = {workload_value.hex()}")
+
+        self.step("event_sequence")
+        startups = _check_sequence(records)
+        self.ok(f"{len(startups)} start-up(s) of [model, runtime]; the last is running")
+
+        self.step("model_digest")
+        allowed_models = set(policy.allowed_model_digests)
+        for i, (model, _) in enumerate(startups):
+            if model.event.data not in allowed_models:
+                raise ModelNotAllowedError(
+                    f"start-up {i} model digest {model.event.data.hex()} is not allowed"
+                )
+        self.ok(f"model digest {startups[-1][0].event.data.hex()} allowed")
+
+        self.step("runtime_event")
+        allowed_runtimes = set(policy.allowed_runtime_events)
+        for i, (_, runtime) in enumerate(startups):
+            runtime_hash = sha256(runtime.event.data)
+            if runtime_hash not in allowed_runtimes:
+                raise RuntimeNotAllowedError(
+                    f"start-up {i} runtime event {runtime_hash.hex()} is not allowed"
+                )
+        self.ok(f"runtime event {sha256(startups[-1][1].event.data).hex()} allowed")
+
+        self.step("session_ttl")
+        ttl = self.ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+            raise SessionTtlError(f"session TTL {ttl!r} is not a positive integer")
+        if ttl > policy.max_session_ttl_seconds:
+            raise SessionTtlError(
+                f"session TTL {ttl} s exceeds the policy's {policy.max_session_ttl_seconds} s"
+            )
+        self.ok(f"session TTL {ttl} s <= {policy.max_session_ttl_seconds} s")
+
+        model, runtime = startups[-1]
+        return VerifiedAttestation(
+            ak_fingerprint=fingerprint,
+            workload_pcr=policy.workload_pcr,
+            workload_pcr_value=workload_value,
+            model_digest=model.event.data,
+            runtime_event=json.loads(runtime.event.data),
+            events=list(records),
+            attest_digest=sha256(ev.quote_attest),
+            clock=attest.clock,
+            reset_count=attest.reset_count,
+            restart_count=attest.restart_count,
+            firmware_version=attest.firmware_version,
+            pcr_values=dict(values),
+            policy_digest=policy_digest(policy),
+            report=list(self.report),
+        )
+
+
+# --- steps ------------------------------------------------------------------------------
+
+
+def _key_desc(ak: AkPublic) -> str:
+    if ak.type == TPM_ALG_ECC:
+        return f"ECC {'P-256' if ak.curve == 0x0003 else 'P-384'} key"
+    return f"RSA {ak.rsa_key_bits} key"
+
+
+def _sig_desc(sig: Signature) -> str:
+    names = {TPM_ALG_ECDSA: "ECDSA", TPM_ALG_RSASSA: "RSASSA", TPM_ALG_RSAPSS: "RSAPSS"}
+    return f"{names[sig.sig_alg]}-{HASH_NAMES[sig.hash_alg].upper()}"
+
+
+def _check_ak_attributes(ak: AkPublic) -> None:
+    required = {
+        "restricted": RESTRICTED,
+        "sign": SIGN_ENCRYPT,
+        "fixedTPM": FIXED_TPM,
+        "fixedParent": FIXED_PARENT,
+    }
+    missing = [name for name, bit in required.items() if not ak.has(bit)]
+    if missing:
+        raise AkAttributesError(f"objectAttributes 0x{ak.attributes:08x} lack {', '.join(missing)}")
+    if ak.has(DECRYPT):
+        raise AkAttributesError(f"objectAttributes 0x{ak.attributes:08x} allow decrypt")
+    if ak.symmetric.algorithm != TPM_ALG_NULL:
+        raise AkAttributesError("a signing key must have a NULL symmetric algorithm")
+    if ak.scheme == TPM_ALG_NULL:
+        raise AkAttributesError("a restricted signing key must fix its signing scheme")
+
+
+def _check_scheme(ak: AkPublic, sig: Signature) -> None:
+    fits = (
+        sig.sig_alg == TPM_ALG_ECDSA
+        if ak.type == TPM_ALG_ECC
+        else sig.sig_alg
+        in (
+            TPM_ALG_RSASSA,
+            TPM_ALG_RSAPSS,
+        )
+    )
+    if not fits:
+        raise SignatureError(f"{_sig_desc(sig)} does not fit a {_key_desc(ak)}")
+    if sig.sig_alg != ak.scheme or sig.hash_alg != ak.scheme_hash:
+        raise SignatureError(f"{_sig_desc(sig)} is not the key's own scheme")
+
+
+def _verify_signature(
+    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey, sig: Signature, message: bytes
+) -> None:
+    hash_alg = _HASHES[sig.hash_alg]()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            der = encode_dss_signature(int.from_bytes(sig.r, "big"), int.from_bytes(sig.s, "big"))
+            key.verify(der, message, ec.ECDSA(hash_alg))
+        elif sig.sig_alg == TPM_ALG_RSASSA:
+            if len(sig.rsa_signature) != key.key_size // 8:
+                raise SignatureError("RSA signature length differs from the modulus length")
+            key.verify(sig.rsa_signature, message, padding.PKCS1v15(), hash_alg)
+        else:
+            if len(sig.rsa_signature) != key.key_size // 8:
+                raise SignatureError("RSA signature length differs from the modulus length")
+            pss = padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=padding.PSS.AUTO)
+            key.verify(sig.rsa_signature, message, pss, hash_alg)
+    except InvalidSignature as err:
+        raise SignatureError(f"{_sig_desc(sig)} does not verify over TPMS_ATTEST") from err
+
+
+def _check_selection(ev: Evidence, policy: Policy, quote: QuoteInfo) -> None:
+    banks = quote.pcr_select
+    if any(b.hash_alg == TPM_ALG_SHA1 for b in banks) or ev.pcr_hash_algorithm == TPM_ALG_SHA1:
+        raise PcrSelectionError("a SHA-1 PCR bank is refused")
+    if ev.pcr_hash_algorithm != policy.pcr_bank_alg:
+        raise PcrSelectionError(
+            f"evidence bank 0x{ev.pcr_hash_algorithm:04x} is not the policy's {policy.pcr_bank}"
+        )
+    if len(banks) != 1 or banks[0].hash_alg != policy.pcr_bank_alg:
+        quoted = [(HASH_NAMES.get(b.hash_alg, hex(b.hash_alg)), list(b.indices)) for b in banks]
+        raise PcrSelectionError(f"quoted banks {quoted} are not exactly {policy.pcr_bank}")
+    if banks[0].indices != policy.pcr_selection:
+        raise PcrSelectionError(
+            f"quoted PCRs {list(banks[0].indices)} differ from the policy's "
+            f"{list(policy.pcr_selection)}"
+        )
+
+
+def _check_pcr_digest(
+    ev: Evidence, policy: Policy, quote: QuoteInfo, digest_alg: int
+) -> dict[int, bytes]:
+    values = ev.pcr_values
+    if not isinstance(values, Mapping) or set(values) != set(policy.pcr_selection):
+        shipped = sorted(values) if isinstance(values, Mapping) else "?"
+        raise PcrDigestError(
+            f"shipped PCR values {shipped} do not cover exactly {list(policy.pcr_selection)}"
+        )
+    size = HASH_SIZES[policy.pcr_bank_alg]
+    for index in policy.pcr_selection:
+        value = values[index]
+        if not isinstance(value, bytes) or len(value) != size:
+            raise PcrDigestError(f"PCR {index} value is not {size} bytes")
+    computed = hash_bytes(digest_alg, b"".join(values[i] for i in policy.pcr_selection))
+    if not hmac.compare_digest(computed, quote.pcr_digest):
+        raise PcrDigestError(
+            f"pcrDigest {_short(quote.pcr_digest)} does not match the shipped values "
+            f"({_short(computed)})"
+        )
+    return {i: values[i] for i in policy.pcr_selection}
+
+
+def _check_sequence(
+    records: list[eventlog.EventRecord],
+) -> list[tuple[eventlog.EventRecord, eventlog.EventRecord]]:
+    if not records:
+        raise EventSequenceError("the log has no start-up")
+    if len(records) % 2:
+        raise EventSequenceError(f"{len(records)} records are not whole [model, runtime] pairs")
+    startups = []
+    for i in range(0, len(records), 2):
+        model, runtime = records[i], records[i + 1]
+        n = i // 2
+        if model.event.event_type != eventlog.EVENT_MODEL:
+            raise EventSequenceError(f"start-up {n} begins with {model.event.event_type!r}")
+        if runtime.event.event_type != eventlog.EVENT_RUNTIME:
+            raise EventSequenceError(f"start-up {n} has {runtime.event.event_type!r} second")
+        if len(model.event.data) != 32:
+            raise EventSequenceError(f"start-up {n} model digest is not 32 bytes")
+        try:
+            parsed = json.loads(runtime.event.data)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise EventSequenceError(f"start-up {n} runtime event is not JSON") from err
+        if not isinstance(parsed, dict) or eventlog.canonical_json(parsed) != runtime.event.data:
+            raise EventSequenceError(f"start-up {n} runtime event is not a canonical JSON object")
+        startups.append((model, runtime))
+    return startups
+
+
+__all__ = [
+    "CheckResult",
+    "VerifiedAttestation",
+    "ak_fingerprint",
+    "format_report",
+    "spki_der",
+    "verify",
+    "verify_with_report",
+]
