@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -702,3 +703,42 @@ def test_verify_time_per_quote_p256(sc, capsys):
     with capsys.disabled():
         print(f"\nverify, ECC P-256, 10 PCRs, 2 events: median {median_ms:.3f} ms over 1000 runs")
     assert median_ms < 50
+
+
+# --- cross-check with the server's vTPM layer on swtpm --------------------------------------
+
+
+@pytest.mark.e2e
+def test_server_attester_evidence_verifies_on_swtpm(tmp_path):
+    """The server's own measurement and quote (swtpm, tpm2-pytss) pass this verifier."""
+    pytest.importorskip("tpm2_pytss")
+    if shutil.which("swtpm") is None:
+        pytest.skip("swtpm is not installed")
+    from encloud.server.attestation.attester import TpmAttester
+    from encloud.server.attestation.measure import measure_workload
+    from encloud.server.attestation.swtpm import Swtpm
+    from encloud.server.attestation.tpm import Tpm
+
+    runtime = b.runtime_bytes(b.RUNTIME_EVENT)
+    events = [
+        eventlog.WorkloadEvent(eventlog.EVENT_MODEL, b.MODEL_DIGEST),
+        eventlog.WorkloadEvent(eventlog.EVENT_RUNTIME, runtime),
+    ]
+    with Swtpm(tmp_path / "state") as sw, Tpm.open(sw.tcti) as tpm:
+        records = measure_workload(tpm, b.WORKLOAD_PCR, tmp_path / "workload.log", events)
+        attester = TpmAttester(tpm, b.SELECTION, records)
+        evidence = attester.evidence(b.NONCE_Q)
+    policy = build_policy(
+        pcr_selection=b.SELECTION,
+        pcr_values={0: evidence.pcr_values[0]},
+        workload_pcr=b.WORKLOAD_PCR,
+        allowed_model_digests=[b.MODEL_DIGEST],
+        allowed_runtime_events=[hashlib.sha256(runtime).digest()],
+        pinned_public_keys=[spki_der(evidence.ak_public)],
+        max_session_ttl_seconds=3600,
+    )
+    result = verify(evidence, policy, expected_qualifying_data=b.NONCE_Q, session_ttl_seconds=b.TTL)
+    assert result.model_digest == b.MODEL_DIGEST
+    assert result.runtime_event == b.RUNTIME_EVENT
+    with pytest.raises(NonceMismatchError):
+        verify(evidence, policy, expected_qualifying_data=bytes(32), session_ttl_seconds=b.TTL)
