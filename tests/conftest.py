@@ -1,0 +1,208 @@
+"""Fixtures shared by the end-to-end, attack and service tests.
+
+They build on each other: the exported model (cached across runs), a real
+swtpm in a private folder, a real server process on loopback against it, and
+a client whose channel records (or tampers with) every message on the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from encloud.client.policy import Policy, load_policy
+from encloud.client.session import EncloudClient
+
+os.environ.setdefault("TSS2_LOG", "all+NONE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ENCLOUD_CACHE_ROOT", Path.home() / ".cache" / "encloud"))
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from encloud.server.inference.export import export_model
+
+    return export_model(None, cache_root(), "int4", progress=lambda _: None)
+
+
+@dataclass
+class Stack:
+    """swtpm plus a running server process, and the dev policy it wrote."""
+
+    workdir: Path
+    swtpm: Any
+    server: Any
+    policy: Policy
+    address: str
+
+    def restart_server(self) -> None:
+        from encloud.server.devstack import ServerProcess
+
+        assert self.server.terminate() == 0
+        self.server = ServerProcess(self.workdir, self.swtpm.tcti, self.server.model_dir)
+        self.address = self.server.start()
+
+
+def _start_stack(workdir: Path, model_dir: Path) -> Stack:
+    from encloud.server.devstack import ServerProcess, start_swtpm
+
+    swtpm = start_swtpm(workdir / "swtpm")
+    server = ServerProcess(workdir, swtpm.tcti, model_dir)
+    server.model_dir = model_dir  # type: ignore[attr-defined]
+    try:
+        address = server.start()
+    except Exception:
+        swtpm.stop()
+        raise
+    return Stack(workdir, swtpm, server, load_policy(server.policy_path), address)
+
+
+@pytest.fixture(scope="module")
+def stack(model_dir: Path) -> Iterator[Stack]:
+    """One server per test module (start-up loads the model: a few seconds)."""
+    with tempfile.TemporaryDirectory(prefix="encloud-test-") as tmp:
+        running = _start_stack(Path(tmp), model_dir)
+        yield running
+        running.server.kill()
+        running.swtpm.stop()
+
+
+@pytest.fixture
+def fresh_stack(model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
+    """A server of the test's own, for tests that restart or kill it."""
+    running = _start_stack(tmp_path, model_dir)
+    yield running
+    running.server.kill()
+    running.swtpm.stop()
+
+
+# --- the wire --------------------------------------------------------------------
+
+
+@dataclass
+class Wire:
+    """Every message a client sent and received, serialised, in order.
+
+    `tamper` may replace a response (return a new message), or drop it
+    (return None); it sees (method, message, index within the call).
+    """
+
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
+    received: list[tuple[str, Any]] = field(default_factory=list)
+    tamper: Callable[[str, Any, int], Any] | None = None
+
+    def all_bytes(self) -> bytes:
+        return b"".join(data for _, data in self.sent) + b"".join(
+            msg.SerializeToString() for _, msg in self.received
+        )
+
+    def received_of(self, method: str) -> list[Any]:
+        return [msg for name, msg in self.received if name.endswith(method)]
+
+
+class _StreamProxy:
+    """Wraps a response stream: records (and maybe tampers with) each message."""
+
+    def __init__(self, call: Any, wire: Wire, method: str) -> None:
+        self._call = call
+        self._wire = wire
+        self._method = method
+        self._iterator = self._messages()
+
+    def _messages(self) -> Iterator[Any]:
+        for index, message in enumerate(self._call):
+            if self._wire.tamper is not None:
+                message = self._wire.tamper(self._method, message, index)
+                if message is None:
+                    continue
+            self._wire.received.append((self._method, message))
+            yield message
+
+    def __iter__(self) -> _StreamProxy:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+class RecordingInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        self.wire.sent.append((details.method, request.SerializeToString()))
+        outcome = continuation(details, request)
+        try:
+            response = outcome.result()
+        except grpc.RpcError:
+            return outcome
+        if self.wire.tamper is not None:
+            replaced = self.wire.tamper(details.method, response, 0)
+            if replaced is not response:
+                self.wire.received.append((details.method, replaced))
+                return _Replaced(outcome, replaced)
+        self.wire.received.append((details.method, response))
+        return outcome
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        self.wire.sent.append((details.method, request.SerializeToString()))
+        return _StreamProxy(continuation(details, request), self.wire, details.method)
+
+
+class _Replaced:
+    """A completed unary call whose response a test replaced.
+
+    The intercepted channel only calls result() on what an interceptor returns;
+    everything else is the real call's.
+    """
+
+    def __init__(self, outcome: Any, response: Any) -> None:
+        self._outcome = outcome
+        self._response = response
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outcome, name)
+
+
+@pytest.fixture
+def wire() -> Wire:
+    return Wire()
+
+
+@pytest.fixture
+def connect(stack: Stack, wire: Wire, tmp_path: Path) -> Iterator[Callable[..., EncloudClient]]:
+    """Makes clients of the module's server whose wire the test can see."""
+    clients: list[EncloudClient] = []
+
+    def make(policy: Policy | None = None, address: str | None = None) -> EncloudClient:
+        channel = grpc.intercept_channel(
+            grpc.insecure_channel(address or stack.address), RecordingInterceptor(wire)
+        )
+        client = EncloudClient(
+            address or stack.address,
+            policy or stack.policy,
+            audit_log=tmp_path / "audit.jsonl",
+            channel=channel,
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

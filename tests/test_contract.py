@@ -1,0 +1,54 @@
+"""The contract and the code hygiene: generated stubs fresh, buf lint, ruff."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lint
+
+ROOT = Path(__file__).resolve().parent.parent
+BUF = ROOT / "tools" / "node_modules" / ".bin" / "buf"
+
+
+def test_codegen_output_is_committed_and_fresh(tmp_path: Path) -> None:
+    """Running codegen.sh must not change client/v1."""
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "proto", copy / "proto")
+    shutil.copytree(ROOT / "client" / "v1", copy / "client" / "v1")
+    shutil.copy(ROOT / "codegen.sh", copy / "codegen.sh")
+    subprocess.run(
+        ["bash", str(copy / "codegen.sh")],
+        check=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
+    fresh = copy / "client" / "v1"
+    committed = ROOT / "client" / "v1"
+    names = sorted(p.name for p in committed.glob("*_pb2*"))
+    assert names == sorted(p.name for p in fresh.glob("*_pb2*"))
+    assert names, "no generated stubs found"
+    _, mismatch, errors = filecmp.cmpfiles(committed, fresh, names, shallow=False)
+    assert not mismatch and not errors, f"codegen.sh would change {mismatch + errors}"
+
+
+def test_buf_lint_standard_is_clean() -> None:
+    if not BUF.exists():
+        pytest.fail("buf is missing: run ./dev setup (installs tools/ from npm)")
+    result = subprocess.run(
+        [str(BUF), "lint"], cwd=ROOT / "proto", capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_is_clean() -> None:
+    ruff = Path(sys.executable).with_name("ruff")
+    for args in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run(
+            [str(ruff), *args], cwd=ROOT, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
