@@ -13,7 +13,8 @@ is refused with a PolicyError naming the field.
       "workload_pcr": 15,
       "allowed_model_digests": ["<64 hex>"],
       "allowed_runtime_events": ["<64 hex>"],
-      "ak": {"pinned_public_keys": ["<base64 DER SubjectPublicKeyInfo>"]},
+      "ak": {"pinned_public_keys": ["<base64 DER SubjectPublicKeyInfo>"],
+             "certificate_roots": ["-----BEGIN CERTIFICATE-----\\n..."]},
       "max_session_ttl_seconds": 3600
     }
 
@@ -41,12 +42,15 @@ Fields:
 - `allowed_runtime_events` (list of hex): SHA-256 over the data bytes (the
   canonical JSON) of each accepted runtime event, at least one, no duplicates.
 - `ak` (object): how the attestation key is trusted.
-  - `pinned_public_keys` (list of base64): DER SubjectPublicKeyInfo of AKs
-    trusted as they are (standard base64 with padding, canonical DER). At
-    least one is required in version 1.
-  - `certificate_roots` (optional, list of PEM strings): reserved for trusting
-    an AK through a certificate chain to these roots (GCP and Azure AK
-    certificates). Not implemented yet: a non-empty list is refused.
+  - `pinned_public_keys` (optional, list of base64): DER SubjectPublicKeyInfo
+    of AKs trusted as they are (standard base64 with padding, canonical DER).
+  - `certificate_roots` (optional, list of PEM strings): root certificates; an
+    AK is also trusted when the evidence carries a certificate chain (DER,
+    leaf first) whose leaf holds the AK's public key and which validates to
+    one of these roots at the client's current time (RFC 5280 path
+    validation with the Web PKI rules for CA certificates; the leaf's
+    extensions are not constrained). Meant for GCP and Azure AK certificates.
+  At least one pinned key or one root is required.
   - `hardware_report` (optional, object): reserved for requiring the AK to be
     bound to the CVM's hardware report (SEV-SNP, TDX). Not implemented yet:
     its presence is refused.
@@ -54,7 +58,8 @@ Fields:
   accepts, 1 to 4294967295.
 
 `Policy.to_json()` gives the canonical form (sorted keys, no whitespace, ASCII,
-lists sorted) and `policy_digest()` is its SHA-256, stable across load/save.
+lists sorted, `certificate_roots` re-encoded as PEM and left out when empty)
+and `policy_digest()` is its SHA-256, stable across load/save.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from encloud.client.encoding import sha256
@@ -112,6 +118,8 @@ class Policy:
     pinned_public_keys: tuple[bytes, ...]
     """DER SubjectPublicKeyInfo of each pinned AK."""
     max_session_ttl_seconds: int
+    certificate_roots: tuple[bytes, ...] = ()
+    """DER of each root certificate an AK certificate chain may lead to."""
 
     @property
     def pcr_bank_alg(self) -> int:
@@ -119,6 +127,13 @@ class Policy:
         return PCR_BANK_ALG[self.pcr_bank]
 
     def to_obj(self) -> dict[str, Any]:
+        ak: dict[str, list[str]] = {
+            "pinned_public_keys": sorted(
+                base64.b64encode(k).decode("ascii") for k in self.pinned_public_keys
+            )
+        }
+        if self.certificate_roots:
+            ak["certificate_roots"] = sorted(_pem(der) for der in self.certificate_roots)
         return {
             "version": self.version,
             "dev_only": self.dev_only,
@@ -128,11 +143,7 @@ class Policy:
             "workload_pcr": self.workload_pcr,
             "allowed_model_digests": sorted(d.hex() for d in self.allowed_model_digests),
             "allowed_runtime_events": sorted(d.hex() for d in self.allowed_runtime_events),
-            "ak": {
-                "pinned_public_keys": sorted(
-                    base64.b64encode(k).decode("ascii") for k in self.pinned_public_keys
-                )
-            },
+            "ak": ak,
             "max_session_ttl_seconds": self.max_session_ttl_seconds,
         }
 
@@ -170,6 +181,7 @@ def build_policy(
     allowed_runtime_events: Iterable[bytes],
     pinned_public_keys: Iterable[bytes],
     max_session_ttl_seconds: int,
+    certificate_roots: Iterable[bytes] = (),
     pcr_values: Mapping[int, bytes] | None = None,
     dev_only: bool = False,
     pcr_bank: str = "sha256",
@@ -185,7 +197,8 @@ def build_policy(
         "allowed_model_digests": [d.hex() for d in allowed_model_digests],
         "allowed_runtime_events": [d.hex() for d in allowed_runtime_events],
         "ak": {
-            "pinned_public_keys": [base64.b64encode(k).decode("ascii") for k in pinned_public_keys]
+            "pinned_public_keys": [base64.b64encode(k).decode("ascii") for k in pinned_public_keys],
+            "certificate_roots": [_pem(der) for der in certificate_roots],
         },
         "max_session_ttl_seconds": max_session_ttl_seconds,
     }
@@ -258,30 +271,48 @@ def _spki(value: object, field: str) -> bytes:
     return der
 
 
-def _ak(value: object) -> tuple[bytes, ...]:
+def _pem(der: bytes) -> str:
+    cert = x509.load_der_x509_certificate(der)
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _root(value: object, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise _fail(field, "must be a PEM string")
+    try:
+        certs = x509.load_pem_x509_certificates(value.encode("ascii"))
+    except (UnicodeEncodeError, ValueError) as err:
+        raise _fail(field, "is not a PEM certificate") from err
+    if len(certs) != 1:
+        raise _fail(field, "must hold exactly one certificate")
+    return certs[0].public_bytes(serialization.Encoding.DER)
+
+
+def _ak(value: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     if not isinstance(value, dict):
         raise _fail("ak", "must be an object")
     unknown = sorted(set(value) - _AK_KEYS)
     if unknown:
         raise _fail(f"ak.{unknown[0]}", "unknown key")
-    if value.get("certificate_roots"):
-        raise _fail(
-            "ak.certificate_roots",
-            "trusting an AK through a certificate chain is not implemented yet; pin the AK",
-        )
-    if "certificate_roots" in value and value["certificate_roots"] != []:
-        raise _fail("ak.certificate_roots", "must be a list of PEM strings")
     if "hardware_report" in value:
         raise _fail("ak.hardware_report", "hardware report binding is not implemented yet")
-    if "pinned_public_keys" not in value:
-        raise _fail("ak.pinned_public_keys", "missing")
-    keys = value["pinned_public_keys"]
-    if not isinstance(keys, list) or not keys:
-        raise _fail("ak.pinned_public_keys", "must be a non-empty list")
+    keys = value.get("pinned_public_keys", [])
+    if not isinstance(keys, list):
+        raise _fail("ak.pinned_public_keys", "must be a list")
     ders = [_spki(k, f"ak.pinned_public_keys[{i}]") for i, k in enumerate(keys)]
     if len(set(ders)) != len(ders):
         raise _fail("ak.pinned_public_keys", "has duplicates")
-    return tuple(sorted(ders))
+    roots_value = value.get("certificate_roots", [])
+    if not isinstance(roots_value, list):
+        raise _fail("ak.certificate_roots", "must be a list of PEM strings")
+    roots = [_root(r, f"ak.certificate_roots[{i}]") for i, r in enumerate(roots_value)]
+    if len(set(roots)) != len(roots):
+        raise _fail("ak.certificate_roots", "has duplicates")
+    if not ders and not roots:
+        raise _fail(
+            "ak.pinned_public_keys", "at least one pinned key or certificate root is required"
+        )
+    return tuple(sorted(ders)), tuple(sorted(roots))
 
 
 def _from_obj(obj: object) -> Policy:
@@ -338,7 +369,7 @@ def _from_obj(obj: object) -> Policy:
 
     model_digests = _hex_list(obj, "allowed_model_digests", 32)
     runtime_events = _hex_list(obj, "allowed_runtime_events", 32)
-    pinned = _ak(obj["ak"])
+    pinned, roots = _ak(obj["ak"])
     ttl = _int(obj, "max_session_ttl_seconds", 1, MAX_TTL_SECONDS)
 
     return Policy(
@@ -352,4 +383,5 @@ def _from_obj(obj: object) -> Policy:
         allowed_runtime_events=runtime_events,
         pinned_public_keys=pinned,
         max_session_ttl_seconds=ttl,
+        certificate_roots=roots,
     )

@@ -15,10 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509 import verification as x509_verification
 
 from encloud.client import eventlog
 from encloud.client.encoding import sha256
@@ -139,7 +141,9 @@ def verify(
     1. ak_parse: ak_public is a strict TPMT_PUBLIC of an RSA 2048/3072 or ECC
        P-256/P-384 key (MalformedEvidenceError).
     2. ak_trust: the AK's DER SubjectPublicKeyInfo equals a key pinned in the
-       policy (AkUntrustedError).
+       policy, or else the evidence's AK certificate chain (DER, leaf first)
+       has a leaf for exactly this key and validates, at the current time, to
+       one of the policy's certificate roots (AkUntrustedError).
     3. ak_attributes: restricted, sign, fixedTPM and fixedParent are set and
        decrypt is clear; the symmetric algorithm is NULL; the key has a signing
        scheme (AkAttributesError).
@@ -254,9 +258,16 @@ class _Run:
         self.ok(f"{_key_desc(ak)}, fingerprint {fingerprint}")
 
         self.step("ak_trust")
-        if spki not in policy.pinned_public_keys:
-            raise AkUntrustedError(f"AK {fingerprint} is not pinned by the policy")
-        self.ok(f"AK {fingerprint} is pinned by the policy")
+        if spki in policy.pinned_public_keys:
+            self.ok(f"AK {fingerprint} is pinned by the policy")
+        elif policy.certificate_roots and ev.ak_certificate_chain:
+            root = _check_certificate_chain(ev.ak_certificate_chain, policy.certificate_roots, spki)
+            self.ok(f"AK {fingerprint} certified by a chain to root {root}")
+        else:
+            raise AkUntrustedError(
+                f"AK {fingerprint} is not pinned by the policy"
+                + (" and no certificate chain came with it" if policy.certificate_roots else "")
+            )
 
         self.step("ak_attributes")
         _check_ak_attributes(ak)
@@ -432,6 +443,37 @@ def _check_ak_attributes(ak: AkPublic) -> None:
         raise AkAttributesError("a signing key must have a NULL symmetric algorithm")
     if ak.scheme == TPM_ALG_NULL:
         raise AkAttributesError("a restricted signing key must fix its signing scheme")
+
+
+def _check_certificate_chain(
+    chain: tuple[bytes, ...], roots: tuple[bytes, ...], ak_spki: bytes
+) -> str:
+    """Validate chain (leaf first) to one of roots; return the root's subject."""
+    try:
+        certs = [x509.load_der_x509_certificate(der) for der in chain]
+    except ValueError as err:
+        raise AkUntrustedError("the AK certificate chain does not parse as DER") from err
+    leaf = certs[0]
+    leaf_spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if leaf_spki != ak_spki:
+        raise AkUntrustedError("the AK certificate is for another key")
+    store = x509_verification.Store([x509.load_der_x509_certificate(r) for r in roots])
+    verifier = (
+        x509_verification.PolicyBuilder()
+        .store(store)
+        .extension_policies(
+            ca_policy=x509_verification.ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=x509_verification.ExtensionPolicy.permit_all(),
+        )
+        .build_client_verifier()
+    )
+    try:
+        verified = verifier.verify(leaf, certs[1:])
+    except x509_verification.VerificationError as err:
+        raise AkUntrustedError(f"the AK certificate chain does not validate: {err}") from err
+    return verified.chain[-1].subject.rfc4514_string()
 
 
 def _check_scheme(ak: AkPublic, sig: Signature) -> None:

@@ -8,6 +8,8 @@ import json
 
 import pytest
 import tpm_builders as b
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from encloud.client.errors import PolicyError
@@ -135,11 +137,14 @@ INVALID = [
     ("allowed_runtime_events", _delete("allowed_runtime_events")),
     ("ak", _set("ak", [])),
     ("ak.pinned_public_keys", _set("ak", {})),
-    ("ak.pinned_public_keys", _set("ak.pinned_public_keys", [])),
+    ("ak.pinned_public_keys", _set("ak.pinned_public_keys", [])),  # and no roots
     ("ak.pinned_public_keys[0]", _set("ak.pinned_public_keys", ["not base64!"])),
     ("ak.pinned_public_keys[0]", _set("ak.pinned_public_keys", [base64.b64encode(b"x").decode()])),
     ("ak.pinned_public_keys", _set("ak.pinned_public_keys", [_SPKI, _SPKI])),
-    ("ak.certificate_roots", _set("ak.certificate_roots", ["-----BEGIN CERTIFICATE-----"])),
+    ("ak.certificate_roots[0]", _set("ak.certificate_roots", ["-----BEGIN CERTIFICATE-----"])),
+    ("ak.certificate_roots[0]", _set("ak.certificate_roots", [1])),
+    ("ak.certificate_roots", _set("ak.certificate_roots", "pem")),
+    ("ak.pinned_public_keys", _set("ak.pinned_public_keys", "key")),
     ("ak.hardware_report", _set("ak.hardware_report", {"kind": "sev-snp"})),
     ("ak.extra", _set("ak.extra", 1)),
     ("max_session_ttl_seconds", _set("max_session_ttl_seconds", 0)),
@@ -172,17 +177,32 @@ def test_sha1_bank_refused_by_name():
         parse_policy(dumps(obj))
 
 
-def test_certificate_roots_refused_as_not_implemented():
+def test_certificate_roots_round_trip():
+    root = b.ak_certificate_chain(_KEY).root
+    pem = x509.load_der_x509_certificate(root).public_bytes(serialization.Encoding.PEM).decode()
     obj = valid_obj()
-    obj["ak"]["certificate_roots"] = ["-----BEGIN CERTIFICATE-----"]
-    with pytest.raises(PolicyError, match="not implemented"):
+    obj["ak"] = {"pinned_public_keys": [], "certificate_roots": [pem]}
+    policy = parse_policy(dumps(obj))
+    assert policy.certificate_roots == (root,)
+    assert policy.pinned_public_keys == ()
+    assert parse_policy(policy.to_json()) == policy
+    assert json.loads(policy.to_json())["ak"]["certificate_roots"] == [pem]
+
+
+def test_duplicate_certificate_root_refused():
+    root = b.ak_certificate_chain(_KEY).root
+    pem = x509.load_der_x509_certificate(root).public_bytes(serialization.Encoding.PEM).decode()
+    obj = valid_obj()
+    obj["ak"]["certificate_roots"] = [pem, pem]
+    with pytest.raises(PolicyError, match=r"'ak\.certificate_roots': has duplicates"):
         parse_policy(dumps(obj))
 
 
-def test_empty_certificate_roots_allowed():
+def test_empty_certificate_roots_left_out_of_canonical_form():
     obj = valid_obj()
     obj["ak"]["certificate_roots"] = []
-    parse_policy(dumps(obj))
+    policy = parse_policy(dumps(obj))
+    assert policy_digest(policy) == policy_digest(parse_policy(dumps(valid_obj())))
 
 
 def test_duplicate_json_key_refused():

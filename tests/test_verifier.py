@@ -742,3 +742,59 @@ def test_server_attester_evidence_verifies_on_swtpm(tmp_path):
     assert result.runtime_event == b.RUNTIME_EVENT
     with pytest.raises(NonceMismatchError):
         verify(evidence, policy, expected_qualifying_data=bytes(32), session_ttl_seconds=b.TTL)
+
+
+# --- AK certificate chains --------------------------------------------------------------------
+
+
+def _chain_scenario(**leaf_kwargs) -> tuple[b.Scenario, b.CertificateChain]:
+    sc = b.make_scenario(_P256)
+    chain = b.ak_certificate_chain(_P256, **leaf_kwargs)
+    sc.policy = replace(sc.policy, pinned_public_keys=(), certificate_roots=(chain.root,))
+    return sc, chain
+
+
+def test_ak_certified_by_chain_to_root_passes():
+    sc, chain = _chain_scenario()
+    result = run(sc, sc.evidence(ak_certificate_chain=chain.chain))
+    assert "certified by a chain to root CN=Test vTPM Root" in result.report[1].detail
+
+
+@pytest.mark.attack
+def test_ak_without_chain_refused_when_only_roots_trusted():
+    sc, _ = _chain_scenario()
+    refused(AkUntrustedError, sc)
+
+
+@pytest.mark.attack
+def test_ak_chain_to_other_root_refused():
+    sc, _ = _chain_scenario()
+    other = b.ak_certificate_chain(_P256)
+    refused(AkUntrustedError, sc, sc.evidence(ak_certificate_chain=other.chain))
+
+
+@pytest.mark.attack
+def test_ak_certificate_for_other_key_refused():
+    sc, _ = _chain_scenario()
+    other = b.ak_certificate_chain(_OTHER_P256)
+    sc.policy = replace(sc.policy, certificate_roots=(other.root,))
+    err = refused(AkUntrustedError, sc, sc.evidence(ak_certificate_chain=other.chain))
+    assert "another key" in str(err)
+
+
+@pytest.mark.attack
+def test_expired_ak_certificate_refused():
+    sc, chain = _chain_scenario(not_before_days=-10, not_after_days=-1)
+    refused(AkUntrustedError, sc, sc.evidence(ak_certificate_chain=chain.chain))
+
+
+@pytest.mark.attack
+def test_ak_chain_missing_intermediate_refused():
+    sc, chain = _chain_scenario()
+    refused(AkUntrustedError, sc, sc.evidence(ak_certificate_chain=chain.chain[:1]))
+
+
+@pytest.mark.attack
+def test_ak_chain_garbage_refused():
+    sc, _ = _chain_scenario()
+    refused(AkUntrustedError, sc, sc.evidence(ak_certificate_chain=(b"\x30\x03abc",)))

@@ -316,3 +316,93 @@ def make_scenario(
         max_session_ttl_seconds=3600,
     )
     return Scenario(key, ak_public, records, pcr_values, policy, sig_hash, sig_scheme)
+
+
+# --- AK certificate chains --------------------------------------------------------------------
+
+
+def certificate(
+    subject: str,
+    public_key: Any,
+    issuer: str,
+    issuer_key: Any,
+    *,
+    ca: bool,
+    not_after_days: int = 365,
+    not_before_days: int = -1,
+) -> bytes:
+    """A DER certificate; CA certificates carry the extensions Web PKI path validation needs."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=not_before_days))
+        .not_valid_after(now + datetime.timedelta(days=not_after_days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        ).add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=False, path_length=None), critical=True
+        )
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass
+class CertificateChain:
+    root: bytes
+    chain: tuple[bytes, ...]
+    """Leaf (the AK) first, then the intermediate."""
+
+
+def ak_certificate_chain(ak_key: Any, **leaf_kwargs: Any) -> CertificateChain:
+    """Root CA -> intermediate CA -> AK leaf, all with fresh P-256 CA keys."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    intermediate_key = ec.generate_private_key(ec.SECP256R1())
+    root = certificate("Test vTPM Root", root_key.public_key(), "Test vTPM Root", root_key, ca=True)
+    intermediate = certificate(
+        "Test vTPM Intermediate",
+        intermediate_key.public_key(),
+        "Test vTPM Root",
+        root_key,
+        ca=True,
+    )
+    leaf = certificate(
+        "Test AK",
+        ak_key.public_key(),
+        "Test vTPM Intermediate",
+        intermediate_key,
+        ca=False,
+        **leaf_kwargs,
+    )
+    return CertificateChain(root, (leaf, intermediate))
