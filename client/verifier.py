@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -454,9 +454,12 @@ def _check_certificate_chain(
     except ValueError as err:
         raise AkUntrustedError("the AK certificate chain does not parse as DER") from err
     leaf = certs[0]
-    leaf_spki = leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    try:
+        leaf_spki = leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise AkUntrustedError("the AK certificate's public key is not readable") from err
     if leaf_spki != ak_spki:
         raise AkUntrustedError("the AK certificate is for another key")
     store = x509_verification.Store([x509.load_der_x509_certificate(r) for r in roots])
