@@ -276,12 +276,9 @@ class Engine:
                 "chat_template": "manifest",
             },
             "cpu": cpu_feature_class(),
-            "known_answer": {
-                "sha256": self._known_answer,
-                "prompts": list(KNOWN_ANSWER_PROMPTS),
-                "max_new_tokens": KNOWN_ANSWER_NEW_TOKENS,
-                "greedy": True,
-            },
+            "known_answer": self._known_answer,
+            "known_answer_prompts": list(KNOWN_ANSWER_PROMPTS),
+            "known_answer_max_new_tokens": KNOWN_ANSWER_NEW_TOKENS,
         }
 
     @property
