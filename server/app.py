@@ -93,6 +93,8 @@ async def serve(settings: Settings) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    servicer = InferenceServicer()
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     address = f"{settings.host}:{port}"
@@ -113,7 +115,7 @@ async def serve(settings: Settings) -> None:
 
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="engine")
     service = InferenceService(settings, attester, engine, SessionStore(settings), executor)
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(service), server)
+    servicer.attach(service)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.ready_file is not None:

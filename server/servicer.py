@@ -9,13 +9,25 @@ import grpc
 from encloud.client.v1 import encloud_pb2 as pb
 from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
 from encloud.server import converters
+from encloud.server.errors import UnavailableError
 from encloud.server.service import InferenceService
 from encloud.server.status import stream_errors, unary_errors
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, service: InferenceService) -> None:
-        self._service = service
+    """Registered before the server starts; calls are UNAVAILABLE until attach()."""
+
+    def __init__(self, service: InferenceService | None = None) -> None:
+        self._ready: InferenceService | None = service
+
+    def attach(self, service: InferenceService) -> None:
+        self._ready = service
+
+    @property
+    def _service(self) -> InferenceService:
+        if self._ready is None:
+            raise UnavailableError("the server is starting: model and TPM not ready")
+        return self._ready
 
     @unary_errors
     async def Attest(
