@@ -119,12 +119,6 @@ def cmd_serve(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from encloud.server.inference.export import main as export_main
-
-    return export_main(args.rest)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from encloud.server.demo import run_demo
 
@@ -149,18 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (settings from ENCLOUD_* env)")
     serve.set_defaults(func=cmd_serve)
 
-    export = sub.add_parser("export-model", help="convert a model to ONNX", add_help=False)
-    export.add_argument("rest", nargs=argparse.REMAINDER)
-    export.set_defaults(func=cmd_export)
+    sub.add_parser("export-model", help="convert a model to ONNX (see export-model --help)")
 
     demo = sub.add_parser("demo", help="swtpm + server + encrypted chat, all local")
-    demo.add_argument("--prompt", default="In two sentences, what is confidential computing?")
+    demo.add_argument("--prompt", default="What is encryption? Answer briefly.")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export-model"]:
+        # The exporter owns its options; hand them over untouched.
+        from encloud.server.inference.export import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

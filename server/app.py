@@ -107,7 +107,12 @@ async def serve(settings: Settings) -> None:
     events = workload_events(engine)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     records = await asyncio.to_thread(
-        measure_workload, tpm, settings.workload_pcr, settings.state_dir / EVENT_LOG_NAME, events
+        measure_workload,
+        tpm,
+        settings.workload_pcr,
+        settings.state_dir / EVENT_LOG_NAME,
+        events,
+        allow_resettable=settings.allow_resettable_workload_pcr,
     )
     attester = TpmAttester(tpm, settings.pcr_selection, records)
     if settings.dev_policy_path is not None:

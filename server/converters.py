@@ -80,8 +80,8 @@ def generation_params_from_payload(payload: bytes, settings: Settings) -> Genera
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise InvalidArgumentError("top_p must be in (0, 1]")
     top_k = request.top_k if request.HasField("top_k") and request.top_k else None
-    if len(request.stop) > 16 or any(not s or len(s) > 256 for s in request.stop):
-        raise InvalidArgumentError("at most 16 stop strings of 1 to 256 characters")
+    if len(request.stop) > 8 or any(not s or len(s) > 64 for s in request.stop):
+        raise InvalidArgumentError("at most 8 stop strings of 1 to 64 characters")
     return GenerationParams(
         messages=tuple(turns),
         max_new_tokens=max_new,

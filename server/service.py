@@ -27,7 +27,11 @@ from encloud.client.handshake import (
     quote_qualifying_data,
 )
 from encloud.server import converters
-from encloud.server.errors import InvalidArgumentError, ResourceExhaustedError
+from encloud.server.errors import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    SessionStateError,
+)
 from encloud.server.inference.engine import GenerationParams, GenerationResult
 from encloud.server.sessions import ActiveCall, Session, SessionState, SessionStore
 from encloud.server.settings import Settings
@@ -105,6 +109,8 @@ class InferenceService:
 
     async def release_key(self, session_id: bytes, sealed_key: bytes) -> Sealed:
         session = self._sessions.get(session_id)
+        if session.state is not SessionState.PENDING:
+            raise SessionStateError("the session already has a key")
         self._sessions.admit_bound(session)
         try:
             return session.bind(sealed_key, self._settings.max_release_attempts)

@@ -99,3 +99,27 @@ class Settings(BaseSettings):
             )
         self.pcr_selection = sorted(set(self.pcr_selection))
         return self
+
+
+def configuration_markdown() -> str:
+    """docs/CONFIGURATION.md, rendered from the fields above (a test keeps them equal)."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every server setting, from `server/settings.py` (one pydantic-settings object).",
+        "Set each as an environment variable with the prefix `ENCLOUD_`, for example",
+        "`ENCLOUD_TCTI=device:/dev/tpmrm0`; lists are JSON (`ENCLOUD_PCR_SELECTION=[0,7,15]`).",
+        "This file is generated: `python -m encloud.server.settings > docs/CONFIGURATION.md`.",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "(none)" if default is None else f"`{default}`"
+        lines.append(f"| `ENCLOUD_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")

@@ -52,3 +52,10 @@ def test_ruff_is_clean() -> None:
             [str(ruff), *args], cwd=ROOT, capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_configuration_doc_lists_every_setting() -> None:
+    from encloud.server.settings import configuration_markdown
+
+    doc = (ROOT / "docs" / "CONFIGURATION.md").read_text()
+    assert doc == configuration_markdown(), "regenerate docs/CONFIGURATION.md"
