@@ -75,7 +75,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompts = [args.prompt] if args.prompt else _read_prompts()
         for prompt in prompts:
             history.append(("user", prompt))
-            answer = stream_to_terminal(client, history, args.max_new_tokens)
+            answer, _ = stream_to_terminal(client, history, args.max_new_tokens)
             history.append(("assistant", answer))
     return 0
 
@@ -90,7 +90,10 @@ def _read_prompts():
             yield line
 
 
-def stream_to_terminal(client: object, messages: list[tuple[str, str]], max_new: int) -> str:
+def stream_to_terminal(
+    client: object, messages: list[tuple[str, str]], max_new: int
+) -> tuple[str, float | None]:
+    """Print an answer as it streams; return its text and when its first piece came."""
     started = time.monotonic()
     first: float | None = None
     pieces: list[str] = []
@@ -109,7 +112,7 @@ def stream_to_terminal(client: object, messages: list[tuple[str, str]], max_new:
         f"\n[{done.finish_reason}; {done.prompt_tokens} prompt + {done.completion_tokens} new "
         f"tokens; first token {ttft:.0f} ms; {rate:.1f} tok/s incl. first; transcript verified]"
     )
-    return "".join(pieces)
+    return "".join(pieces), first
 
 
 def cmd_serve(_: argparse.Namespace) -> int:

@@ -51,8 +51,10 @@ def run_demo(prompt: str, max_new_tokens: int) -> int:
                 print("Data key released to the attested session; key confirmation verified.")
                 print(f"Audit log: {audit}\n")
                 print(f"you> {prompt}")
-                stream_to_terminal(client, [("user", prompt)], max_new_tokens)
-                print(f"[attest to end of answer: {time.monotonic() - attest_started:.2f} s]")
+                _, first = stream_to_terminal(client, [("user", prompt)], max_new_tokens)
+                if first is not None:
+                    to_first = (first - attest_started) * 1000
+                    print(f"[Attest request to first answer token: {to_first:.0f} ms]")
             code = server.terminate()
             print(f"Session ended, server drained and stopped (exit {code}); keys wiped.")
             return 0 if code == 0 else 1
