@@ -8,24 +8,18 @@ workload PCR with its event log.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from encloud.client.encoding import sha256
 from encloud.client.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
 from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
 from encloud.server import logs
-from encloud.server.attestation.attester import TpmAttester
-from encloud.server.attestation.measure import measure_workload
-from encloud.server.attestation.tpm import Tpm
+from encloud.server.attestation.startup import start_attestation
 from encloud.server.inference.engine import Engine
 from encloud.server.service import InferenceService
 from encloud.server.servicer import InferenceServicer
@@ -35,7 +29,6 @@ from encloud.server.settings import Settings
 log = logging.getLogger("encloud.server")
 
 SERVICE_NAME = "encloud.v1.InferenceService"
-EVENT_LOG_NAME = "workload-eventlog.jsonl"
 
 
 def workload_events(engine: Engine) -> list[WorkloadEvent]:
@@ -43,33 +36,6 @@ def workload_events(engine: Engine) -> list[WorkloadEvent]:
         WorkloadEvent(EVENT_MODEL, engine.model_digest),
         WorkloadEvent(EVENT_RUNTIME, canonical_json(engine.runtime_event())),
     ]
-
-
-def write_dev_policy(
-    path: Path, settings: Settings, attester: TpmAttester, tpm: Tpm, events: list[WorkloadEvent]
-) -> None:
-    """DEV ONLY, trust on first use: pin what this server is right now."""
-    from encloud.client.verifier import spki_der
-
-    pinned = [p for p in settings.pcr_selection if p != settings.workload_pcr]
-    values = tpm.read_pcrs(pinned)
-    policy = {
-        "version": 1,
-        "dev_only": True,
-        "pcr_bank": "sha256",
-        "pcr_selection": settings.pcr_selection,
-        "pcr_values": {str(index): values[index].hex() for index in pinned},
-        "workload_pcr": settings.workload_pcr,
-        "allowed_model_digests": [events[0].data.hex()],
-        "allowed_runtime_events": [sha256(events[1].data).hex()],
-        "ak": {"pinned_public_keys": [base64.b64encode(spki_der(attester.ak_public)).decode()]},
-        "max_session_ttl_seconds": settings.session_ttl_seconds,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    log.warning("wrote a DEV-ONLY trust-on-first-use policy", extra={"path": str(path)})
 
 
 def _server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -103,23 +69,12 @@ async def serve(settings: Settings) -> None:
     engine = await asyncio.to_thread(
         Engine.load, settings.model_dir, threads=settings.threads, provider=settings.provider
     )
-    tpm = await asyncio.to_thread(Tpm.open, settings.tcti)
-    events = workload_events(engine)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    records = await asyncio.to_thread(
-        measure_workload,
-        tpm,
-        settings.workload_pcr,
-        settings.state_dir / EVENT_LOG_NAME,
-        events,
-        allow_resettable=settings.allow_resettable_workload_pcr,
-    )
-    attester = TpmAttester(tpm, settings.pcr_selection, records)
-    if settings.dev_policy_path is not None:
-        write_dev_policy(settings.dev_policy_path, settings, attester, tpm, events)
+    attestation = await asyncio.to_thread(start_attestation, settings, workload_events(engine))
 
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="engine")
-    service = InferenceService(settings, attester, engine, SessionStore(settings), executor)
+    service = InferenceService(
+        settings, attestation.attester, engine, SessionStore(settings), executor
+    )
     servicer.attach(service)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -131,7 +86,7 @@ async def serve(settings: Settings) -> None:
             "address": address,
             "model_digest": engine.model_digest.hex(),
             "workload_pcr": settings.workload_pcr,
-            "records": len(records),
+            "records": len(attestation.attester.records),
             "seconds": round(time.monotonic() - started, 3),
         },
     )
@@ -146,7 +101,7 @@ async def serve(settings: Settings) -> None:
     await server.stop(grace=10.0)
     service.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
-    tpm.close()
+    attestation.close()
     log.info("stopped; session keys wiped")
 
 

@@ -15,7 +15,8 @@ class TpmAttester:
         self._pcrs = list(pcr_selection)
         self._ak_public = tpm.ak_public()
         # The server is the log's only writer, so the measured log is kept in memory.
-        self._log = serialize(log)
+        self.records = list(log)
+        self._log = serialize(self.records)
 
     @property
     def ak_public(self) -> bytes:
