@@ -43,6 +43,23 @@ class Settings(BaseSettings):
         default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7, 15],
         description="SHA-256 PCRs every quote covers; must include the workload PCR.",
     )
+    platform: Literal["swtpm", "tpm", "azure", "gcp"] = Field(
+        "tpm",
+        description="Where the AK comes from: swtpm or a generic TPM (a primary ECC key "
+        "under the endorsement hierarchy), or a cloud vTPM's provisioned AK.",
+    )
+    ak_certificate_nv_index: int | None = Field(
+        None,
+        description="NV index holding the AK certificate (DER), shipped in the evidence; "
+        "for example 0x01C101D0 on Azure.",
+    )
+    ak_certificate_chain_file: Path | None = Field(
+        None,
+        description="PEM file of intermediate certificates sent after the AK certificate.",
+    )
+    tpm_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait for one TPM command before UNAVAILABLE."
+    )
     allow_resettable_workload_pcr: bool = Field(
         False,
         description="Dev only: allow PCR 16 or 23, which locality 0 can reset.",
