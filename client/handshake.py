@@ -120,7 +120,9 @@ class TrafficKeys:
             key[:] = bytes(len(key))
 
 
-def derive_traffic_keys(dek: bytes, session_secret: bytes, h_hs: bytes) -> TrafficKeys:
+def derive_traffic_keys(
+    dek: bytes | bytearray, session_secret: bytes | bytearray, h_hs: bytes
+) -> TrafficKeys:
     """PRK = HKDF-Extract(salt=H_hs, IKM=DEK || S); each key HKDF-Expand(PRK, label, 32)."""
     prk = bytearray(hmac.digest(h_hs, bytes(dek) + bytes(session_secret), "sha256"))
     try:
@@ -138,7 +140,11 @@ def new_dek() -> bytearray:
 
 
 def seal_key(
-    suite: HpkeSuiteId, session_pub: bytes, dek: bytes, session_secret: bytes, info: bytes
+    suite: HpkeSuiteId,
+    session_pub: bytes,
+    dek: bytes | bytearray,
+    session_secret: bytes | bytearray,
+    info: bytes,
 ) -> bytes:
     """HPKE base-mode seal of DEK || S to the session key: enc || ciphertext."""
     if len(dek) != DEK_LENGTH or len(session_secret) != SESSION_SECRET_LENGTH:

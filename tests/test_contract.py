@@ -59,3 +59,18 @@ def test_configuration_doc_lists_every_setting() -> None:
 
     doc = (ROOT / "docs" / "CONFIGURATION.md").read_text()
     assert doc == configuration_markdown(), "regenerate docs/CONFIGURATION.md"
+
+
+def test_client_package_type_checks(tmp_path: Path) -> None:
+    """mypy over encloud.client, laid out as the import package it becomes."""
+    (tmp_path / "encloud").mkdir()
+    (tmp_path / "encloud" / "client").symlink_to(ROOT / "client")
+    mypy = Path(sys.executable).with_name("mypy")
+    result = subprocess.run(
+        [str(mypy), "--config-file", str(ROOT / "pyproject.toml"), "encloud/client"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
