@@ -195,3 +195,19 @@ class ServiceError(EncloudError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.reason = reason
+
+
+# --- audit log and evidence bundles -----------------------------------------------------
+
+
+class AuditLogError(EncloudError):
+    """The audit log or its checkpoints do not verify. `seq` names the first entry at fault
+    (None when the fault is not one entry's, e.g. a bad checkpoint signature)."""
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+class BundleError(EncloudError):
+    """An offline evidence bundle does not parse strictly; the message names the field."""

@@ -1,8 +1,9 @@
 """Start-up of the attestation side (DESIGN.md step 1), as one call for app.py.
 
 Opens the TPM, measures the workload events into the workload PCR with the
-persisted event log, and returns the attester the service quotes through,
-plus the dev-only policy writer.
+persisted event log, reads the AK certificate (if the platform keeps one in
+NV) and returns the attester the service quotes through, plus the dev-only
+policy writer.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from encloud.client.encoding import sha256
 from encloud.client.eventlog import WorkloadEvent
-from encloud.server.attestation.attester import TpmAttester
-from encloud.server.attestation.measure import measure_workload
+from encloud.server.attestation.attester import Remeasure, TpmAttester
+from encloud.server.attestation.measure import check_workload_pcr, measure_workload
 from encloud.server.attestation.tpm import Tpm
 from encloud.server.settings import Settings
 
@@ -25,31 +29,58 @@ log = logging.getLogger("encloud.attestation")
 EVENT_LOG_NAME = "workload-eventlog.jsonl"
 
 
+class AkCertificateError(RuntimeError):
+    """The AK certificate in NV (or the chain file) is unusable; the server must not start."""
+
+
 class AttestationRuntime:
     """The TPM, its attester and what was measured; closed at shutdown."""
 
-    def __init__(self, tpm: Tpm, attester: TpmAttester, events: Sequence[WorkloadEvent]) -> None:
-        self.tpm = tpm
+    def __init__(self, attester: TpmAttester, events: Sequence[WorkloadEvent]) -> None:
         self.attester = attester
         self.events = list(events)
 
+    @property
+    def tpm(self) -> Tpm:
+        return self.attester.tpm
+
     def close(self) -> None:
-        self.tpm.close()
+        self.attester.close()
 
 
 def start_attestation(settings: Settings, events: Sequence[WorkloadEvent]) -> AttestationRuntime:
     """Blocking: call from a worker thread."""
-    tpm = Tpm.open(settings.tcti)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    records = measure_workload(
-        tpm,
+    check_workload_pcr(settings.workload_pcr, settings.allow_resettable_workload_pcr)
+
+    def reopen() -> Tpm:
+        return Tpm.open(settings.tcti, timeout=settings.tpm_timeout_seconds)
+
+    tpm = reopen()
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        log_path = settings.state_dir / EVENT_LOG_NAME
+        records = measure_workload(
+            tpm,
+            settings.workload_pcr,
+            log_path,
+            events,
+            allow_resettable=settings.allow_resettable_workload_pcr,
+        )
+        chain = ak_certificate_chain(tpm, settings)
+    except BaseException:
+        tpm.close()
+        raise
+    remeasure = Remeasure(
         settings.workload_pcr,
-        settings.state_dir / EVENT_LOG_NAME,
+        log_path,
         events,
         allow_resettable=settings.allow_resettable_workload_pcr,
+        reopen=reopen,
     )
-    attester = TpmAttester(tpm, settings.pcr_selection, records)
-    runtime = AttestationRuntime(tpm, attester, events)
+    attester = TpmAttester(
+        tpm, settings.pcr_selection, records, ak_certificate_chain=chain, remeasure=remeasure
+    )
+    runtime = AttestationRuntime(attester, events)
     if settings.dev_policy_path is not None:
         write_dev_policy(settings.dev_policy_path, settings, runtime)
     return runtime
@@ -81,3 +112,60 @@ def write_dev_policy(path: Path, settings: Settings, runtime: AttestationRuntime
     tmp.write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     log.warning("wrote a DEV-ONLY trust-on-first-use policy", extra={"path": str(path)})
+
+
+def ak_certificate_chain(tpm: Tpm, settings: Settings) -> tuple[bytes, ...]:
+    """The AK certificate from NV (DER, leaf first) and the intermediates from the chain file.
+
+    Cloud vTPMs keep the AK certificate in an NV index, sometimes padded after the DER, so
+    the certificate is cut to its DER length. The leaf must certify this TPM's AK: a
+    certificate for another key would only make every client refuse, so the server refuses
+    to start instead. An empty tuple when no NV index is configured (swtpm, generic TPM).
+    The hardware-report binding (SEV-SNP, TDX) will ship beside this chain, in its own field.
+    """
+    if settings.ak_certificate_nv_index is None:
+        if settings.ak_certificate_chain_file is not None:
+            raise AkCertificateError("ak_certificate_chain_file needs ak_certificate_nv_index")
+        return ()
+    from encloud.client.verifier import spki_der
+
+    raw = tpm.read_nv(settings.ak_certificate_nv_index)
+    leaf_der = der_prefix(raw)
+    try:
+        leaf = x509.load_der_x509_certificate(leaf_der)
+        leaf_spki = leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except ValueError as err:
+        raise AkCertificateError(
+            f"NV 0x{settings.ak_certificate_nv_index:08x} does not hold a DER certificate"
+        ) from err
+    if leaf_spki != spki_der(tpm.ak_public()):
+        raise AkCertificateError("the AK certificate in NV is for another key than this AK")
+    chain = [leaf_der]
+    if settings.ak_certificate_chain_file is not None:
+        try:
+            pem = settings.ak_certificate_chain_file.read_bytes()
+            intermediates = x509.load_pem_x509_certificates(pem)
+        except (OSError, ValueError) as err:
+            raise AkCertificateError("the AK certificate chain file is not PEM") from err
+        chain.extend(c.public_bytes(serialization.Encoding.DER) for c in intermediates)
+    log.info("AK certificate chain loaded", extra={"certificates": len(chain)})
+    return tuple(chain)
+
+
+def der_prefix(data: bytes) -> bytes:
+    """The DER SEQUENCE at the start of `data`, without whatever padding follows it."""
+    if len(data) < 2 or data[0] != 0x30:
+        raise AkCertificateError("the AK certificate in NV does not start with a DER SEQUENCE")
+    first = data[1]
+    if first < 0x80:
+        length, header = first, 2
+    else:
+        count = first & 0x7F
+        if not 1 <= count <= 4 or len(data) < 2 + count:
+            raise AkCertificateError("the AK certificate in NV has an invalid DER length")
+        length, header = int.from_bytes(data[2 : 2 + count], "big"), 2 + count
+    if header + length > len(data):
+        raise AkCertificateError("the AK certificate in NV is truncated")
+    return data[: header + length]
