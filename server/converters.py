@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from google.protobuf.message import DecodeError
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from encloud.client.envelope import Sealed
 from encloud.client.evidence import Evidence
 from encloud.client.handshake import HpkeSuiteId
 from encloud.client.v1 import encloud_pb2 as pb
-from encloud.server.errors import InvalidArgumentError, InvalidRequestPayloadError
+from encloud.server.errors import (
+    InvalidArgumentError,
+    InvalidRequestPayloadError,
+    MalformedMessageError,
+)
 from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
 from encloud.server.settings import Settings
 
@@ -19,6 +25,19 @@ _FINISH_REASONS = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
     "key_exhausted": pb.FINISH_REASON_KEY_EXHAUSTED,
 }
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(message_type: type[M], data: bytes) -> M:
+    """An RPC request from its bytes; INVALID_ARGUMENT (MALFORMED_MESSAGE) if it does not parse."""
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except DecodeError:
+        raise MalformedMessageError("the request is not a valid protobuf message") from None
+    return message
 
 
 def suite_from_proto(suite: pb.HpkeSuite) -> HpkeSuiteId:
@@ -97,7 +116,9 @@ def chunk_payload(text: str) -> bytes:
     return pb.GenerationChunk(text=text).SerializeToString()
 
 
-def final_message(finish_reason: str, result: GenerationResult | None, transcript: bytes):
+def final_message(
+    finish_reason: str, result: GenerationResult | None, transcript: bytes
+) -> pb.GenerationFinal:
     return pb.GenerationFinal(
         finish_reason=_FINISH_REASONS[finish_reason],
         usage=pb.Usage(

@@ -32,11 +32,13 @@ class ServerProcess:
             "ENCLOUD_READY_FILE": str(self.ready_file),
             "ENCLOUD_DEV_POLICY_PATH": str(self.policy_path),
             "TSS2_LOG": "all+NONE",
+            "ENCLOUD_METRICS_PORT": "0",
         }
         for name, value in settings.items():
             self.env[f"ENCLOUD_{name.upper()}"] = str(value)
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.metrics_address = ""
 
     def start(self, timeout: float = 300.0) -> str:
         self.ready_file.unlink(missing_ok=True)
@@ -59,7 +61,11 @@ class ServerProcess:
                 self.kill()
                 raise TimeoutError(f"server not ready after {timeout:.0f} s; log: {self.log_path}")
             time.sleep(0.05)
-        self.address = self.ready_file.read_text().strip()
+        lines = self.ready_file.read_text().split()
+        self.address = lines[0]
+        for line in lines[1:]:
+            if line.startswith("metrics="):
+                self.metrics_address = line.removeprefix("metrics=")
         return self.address
 
     def terminate(self, timeout: float = 30.0) -> int:

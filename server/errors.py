@@ -36,6 +36,12 @@ class InvalidRequestPayloadError(InvalidArgumentError):
     reason = "INVALID_REQUEST_PAYLOAD"
 
 
+class MalformedMessageError(InvalidArgumentError):
+    """The RPC request itself (not a sealed payload) is not valid protobuf."""
+
+    reason = "MALFORMED_MESSAGE"
+
+
 class SessionNotFoundError(DomainError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "SESSION_NOT_FOUND"

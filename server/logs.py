@@ -1,5 +1,11 @@
 """Structured JSON logs. Only whitelisted fields are written, so nothing a
-handler puts on a record by accident (a prompt, a key) reaches the log."""
+handler puts on a record by accident (a prompt, a key) reaches the log.
+
+The message is written only when it is a plain string (never a %-formatted
+record's arguments), and exception tracebacks are never written: an exception
+message may quote a plaintext. Unexpected errors are logged by status.py as
+their type, where they were raised and a correlation id.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,14 @@ _ALLOWED_EXTRA = (
     "records",
     "seconds",
     "path",
+    "tls",
+    "metrics",
+    "calls",
+    "grace_seconds",
+    "method",
+    "code",
+    "reason",
+    "cause",
 )
 
 

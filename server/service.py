@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,11 +28,16 @@ from encloud.client.handshake import (
 )
 from encloud.server import converters
 from encloud.server.errors import (
+    DomainError,
     InvalidArgumentError,
+    PromptTooLongError,
     ResourceExhaustedError,
     SessionStateError,
+    UnavailableError,
 )
-from encloud.server.inference.engine import GenerationParams, GenerationResult
+from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
+from encloud.server.limits import PeerRateLimiter, ServerBusyError
+from encloud.server.metrics import Metrics
 from encloud.server.sessions import ActiveCall, Session, SessionState, SessionStore
 from encloud.server.settings import Settings
 
@@ -49,6 +54,8 @@ class TextEngine(Protocol):
     def stream(
         self, params: GenerationParams, should_stop: Callable[[], bool]
     ) -> Iterator[str | GenerationResult]: ...
+
+    def count_prompt_tokens(self, messages: Sequence[ChatTurn]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -75,23 +82,38 @@ class InferenceService:
         engine: TextEngine,
         sessions: SessionStore,
         executor: ThreadPoolExecutor,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._attester = attester
         self._engine = engine
         self._sessions = sessions
         self._executor = executor
+        self._metrics = metrics or Metrics()
         self._tpm_executor = ThreadPoolExecutor(1, thread_name_prefix="tpm")
+        self._attest_limiter = PeerRateLimiter(
+            settings.attest_rate_per_second, settings.attest_burst
+        )
+        self._admitted = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
 
     # --- Attest and ReleaseKey -------------------------------------------------------
 
-    async def attest(self, nonce: bytes, suite: HpkeSuiteId) -> AttestResult:
+    async def attest(self, nonce: bytes, suite: HpkeSuiteId, peer: str = "") -> AttestResult:
+        self._check_open()
         if not MIN_NONCE_LENGTH <= len(nonce) <= MAX_NONCE_LENGTH:
             raise InvalidArgumentError(
                 f"the nonce must be {MIN_NONCE_LENGTH} to {MAX_NONCE_LENGTH} bytes"
             )
         if not is_supported(suite):
             raise InvalidArgumentError("unsupported HPKE suite")
+        try:
+            self._attest_limiter.take(peer)
+        except ResourceExhaustedError:
+            self._metrics.admission_rejected.labels("attest_rate").inc()
+            raise
         session = self._sessions.create(suite, nonce)
         try:
             qualifying_data = quote_qualifying_data(
@@ -102,12 +124,13 @@ class InferenceService:
                 self._tpm_executor, self._attester.evidence, qualifying_data
             )
         except BaseException:
-            self._sessions.drop(session)
+            self._sessions.drop(session, "fault")
             raise
         session.attest_digest = sha256(evidence.quote_attest)  # H_ev
         return AttestResult(session.session_id, session.public_key, session.ttl_seconds, evidence)
 
     async def release_key(self, session_id: bytes, sealed_key: bytes) -> Sealed:
+        self._check_open()
         session = self._sessions.get(session_id)
         if session.state is not SessionState.PENDING:
             raise SessionStateError("the session already has a key")
@@ -116,7 +139,9 @@ class InferenceService:
             return session.bind(sealed_key, self._settings.max_release_attempts)
         finally:
             if session.state is SessionState.ENDED:
-                self._sessions.drop(session)
+                self._sessions.drop(session, "release_attempts")
+            else:
+                self._sessions.touch(session)
 
     # --- inference ---------------------------------------------------------------------
 
@@ -126,14 +151,16 @@ class InferenceService:
         pieces: list[str] = []
         result: GenerationResult | None = None
         async with self._call(session, sealed_request.request_id) as call:
-            async for item in self._generate(params, call.cancel):
+            async for item in self._generate(params, call):
                 if isinstance(item, GenerationResult):
                     result = item
                 else:
                     pieces.append(item)
-        assert result is not None
-        payload = converters.response_payload("".join(pieces), result, transcript)
-        return session.sealer().seal(MessageType.RESPONSE, sealed_request.request_id, 0, payload)
+            assert result is not None
+            payload = converters.response_payload("".join(pieces), result, transcript)
+            return session.sealer().seal(
+                MessageType.RESPONSE, sealed_request.request_id, 0, payload
+            )
 
     async def stream(self, session_id: bytes, sealed_request: Sealed) -> AsyncIterator[Sealed]:
         session, params = self._open_request(session_id, sealed_request)
@@ -143,7 +170,7 @@ class InferenceService:
         finish_reason = "cancelled"
         result: GenerationResult | None = None
         async with self._call(session, request_id) as call:
-            async for item in self._generate(params, call.cancel):
+            async for item in self._generate(params, call):
                 if isinstance(item, GenerationResult):
                     result, finish_reason = item, item.finish_reason
                     break
@@ -169,19 +196,50 @@ class InferenceService:
         # Let running streams seal their final frame before the keys go.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(call.done.wait() for call in running)), timeout=5.0
+                asyncio.gather(*(call.done.wait() for call in running)),
+                timeout=self._settings.end_session_grace_seconds,
             )
-        self._sessions.drop(session)
+        self._sessions.drop(session, "ended")
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Periodic: drop expired sessions (wiping their keys), forget idle peers."""
+        self._sessions.sweep()
+        self._attest_limiter.sweep()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls; wait up to `timeout` for running ones. True if none is left."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel_all(self) -> int:
+        """Ask every running generation to stop; each seals a CANCELLED final frame."""
+        return self._sessions.cancel_all_calls()
 
     def shutdown(self) -> None:
-        self._sessions.drop_all()
+        self._draining = True
+        self._sessions.drop_all("shutdown")
         self._tpm_executor.shutdown(wait=False)
 
+    @property
+    def running_calls(self) -> int:
+        return self._admitted
+
     # --- helpers -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._draining:
+            raise UnavailableError("the server is shutting down")
 
     def _open_request(
         self, session_id: bytes, sealed_request: Sealed
     ) -> tuple[Session, GenerationParams]:
+        self._check_open()
         session = self._sessions.get(session_id)
         payload = session.open_from_client(sealed_request, MessageType.REQUEST)
         return session, converters.generation_params_from_payload(payload, self._settings)
@@ -189,40 +247,88 @@ class InferenceService:
     @contextlib.asynccontextmanager
     async def _call(self, session: Session, request_id: int) -> AsyncIterator[ActiveCall]:
         if len(session.calls) >= self._settings.max_streams_per_session:
+            self._metrics.admission_rejected.labels("session_streams").inc()
             raise ResourceExhaustedError("too many concurrent requests in this session")
+        if self._admitted >= self._settings.max_queued_requests:
+            self._metrics.admission_rejected.labels("queue").inc()
+            raise ServerBusyError("the server is busy; retry later")
         call = ActiveCall()
         session.calls[request_id] = call
+        self._admitted += 1
+        self._idle.clear()
         try:
             yield call
+        except (DomainError, asyncio.CancelledError):
+            raise
+        except Exception:
+            # An unexpected failure inside a session's call: fail closed, drop its keys.
+            self._sessions.drop(session, "fault")
+            raise
         finally:
             call.cancel.set()
             call.done.set()
             session.calls.pop(request_id, None)
+            self._sessions.touch(session)
+            self._admitted -= 1
+            if self._admitted == 0:
+                self._idle.set()
 
     async def _generate(
-        self, params: GenerationParams, cancel: threading.Event
+        self, params: GenerationParams, call: ActiveCall
     ) -> AsyncIterator[str | GenerationResult]:
         """Run the engine in a worker thread and yield its output on the event loop.
 
-        Leaving this generator early (client cancel, session end, error) sets
-        `cancel`, which the engine checks at every decode step.
+        Leaving this generator early (client cancel or disconnect, deadline,
+        session end, shutdown, error) sets the call's cancel signal, which the
+        engine checks before every decode step.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
+        metrics = self._metrics
+        cancel = call.cancel
+        steps = cancel.steps
+        limit = self._settings.max_prompt_tokens
 
         def put(item: object) -> None:
             with contextlib.suppress(RuntimeError):  # the loop may be closing
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        def should_stop() -> bool:
+            if not steps.started:
+                metrics.queue_depth.dec()
+                metrics.running.inc()
+            return steps.should_stop()
+
         def work() -> None:
+            engine_finish = ""
             try:
-                for item in self._engine.stream(params, cancel.is_set):
+                if cancel.is_set():
+                    return  # cancelled while queued: not even a prefill
+                if limit is not None and self._engine.count_prompt_tokens(params.messages) > limit:
+                    raise PromptTooLongError(f"the prompt is above the limit of {limit} tokens")
+                for item in self._engine.stream(params, should_stop):
+                    if isinstance(item, GenerationResult):
+                        engine_finish = item.finish_reason
                     put(item)
             except BaseException as error:  # handed to the event loop, re-raised there
                 put(_Failed(error))
             finally:
+                if steps.started:
+                    metrics.running.dec()
+                else:
+                    metrics.queue_depth.dec()
+                metrics.decode_steps.inc(steps.steps)
+                after = steps.steps_after_cancel
+                if after is not None and engine_finish == "cancelled":
+                    metrics.cancel_decode_steps.observe(after)
                 put(_END)
 
+        admitted = time.monotonic()
+        first: float | None = None
+        last = admitted
+        pieces = 0
+        finish = "cancelled"
+        metrics.queue_depth.inc()
         worker = loop.run_in_executor(self._executor, work)
         try:
             while True:
@@ -230,8 +336,23 @@ class InferenceService:
                 if item is _END:
                     break
                 if isinstance(item, _Failed):
+                    finish = "error"
                     raise item.error
+                if isinstance(item, GenerationResult):
+                    finish = item.finish_reason
+                    metrics.completion_tokens.inc(item.completion_tokens)
+                    metrics.prompt_tokens.inc(item.prompt_tokens)
+                else:
+                    last = time.monotonic()
+                    pieces += 1
+                    if first is None:
+                        first = last
+                        metrics.ttft.observe(first - admitted)
                 yield item  # type: ignore[misc]
         finally:
             cancel.set()
             worker.add_done_callback(lambda _: None)
+            metrics.generations.labels(finish).inc()
+            metrics.generation_seconds.observe(time.monotonic() - admitted)
+            if first is not None and pieces > 1:
+                metrics.tpot.observe((last - first) / (pieces - 1))

@@ -1,4 +1,10 @@
-"""The gRPC servicer: protobuf in, domain call, protobuf out. No logic lives here."""
+"""The gRPC servicer: bytes in, protobuf parsed, domain call, protobuf out. No logic lives here.
+
+Requests arrive as raw bytes (the handlers are registered without a
+deserializer), so a malformed protobuf is parsed in converters and answered
+INVALID_ARGUMENT (`MALFORMED_MESSAGE`) like any other bad input, instead of
+gRPC's own INTERNAL "Exception deserializing request".
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,21 @@ from collections.abc import AsyncIterator
 import grpc
 
 from encloud.client.v1 import encloud_pb2 as pb
-from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
 from encloud.server import converters
 from encloud.server.errors import UnavailableError
+from encloud.server.limits import peer_host
+from encloud.server.metrics import Metrics
 from encloud.server.service import InferenceService
 from encloud.server.status import stream_errors, unary_errors
 
+SERVICE_NAME = "encloud.v1.InferenceService"
 
-class InferenceServicer(pb_grpc.InferenceServiceServicer):
+
+class InferenceServicer:
     """Registered before the server starts; calls are UNAVAILABLE until attach()."""
 
-    def __init__(self, service: InferenceService | None = None) -> None:
+    def __init__(self, metrics: Metrics, service: InferenceService | None = None) -> None:
+        self.metrics = metrics
         self._ready: InferenceService | None = service
 
     def attach(self, service: InferenceService) -> None:
@@ -30,11 +40,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return self._ready
 
     @unary_errors
-    async def Attest(
-        self, request: pb.AttestRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AttestResponse:
+    async def Attest(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.AttestResponse:
+        request = converters.parse(pb.AttestRequest, data)
         result = await self._service.attest(
-            request.nonce, converters.suite_from_proto(request.suite)
+            request.nonce, converters.suite_from_proto(request.suite), peer_host(context.peer())
         )
         return pb.AttestResponse(
             session_id=result.session_id,
@@ -45,15 +54,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @unary_errors
     async def ReleaseKey(
-        self, request: pb.ReleaseKeyRequest, context: grpc.aio.ServicerContext
+        self, data: bytes, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseKeyResponse:
+        request = converters.parse(pb.ReleaseKeyRequest, data)
         confirmation = await self._service.release_key(request.session_id, request.sealed_key)
         return pb.ReleaseKeyResponse(key_confirmation=converters.sealed_to_proto(confirmation))
 
     @unary_errors
-    async def Infer(
-        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.InferResponse:
+    async def Infer(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        request = converters.parse(pb.InferRequest, data)
         response = await self._service.infer(
             request.session_id, converters.sealed_from_proto(request.request)
         )
@@ -61,8 +70,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @stream_errors
     async def StreamInfer(
-        self, request: pb.StreamInferRequest, context: grpc.aio.ServicerContext
+        self, data: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamInferResponse]:
+        request = converters.parse(pb.StreamInferRequest, data)
         frames = self._service.stream(
             request.session_id, converters.sealed_from_proto(request.request)
         )
@@ -71,9 +81,29 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @unary_errors
     async def EndSession(
-        self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
+        self, data: bytes, context: grpc.aio.ServicerContext
     ) -> pb.EndSessionResponse:
+        request = converters.parse(pb.EndSessionRequest, data)
         await self._service.end_session(
             request.session_id, converters.sealed_from_proto(request.end)
         )
         return pb.EndSessionResponse()
+
+
+def _serialize(message: object) -> bytes:
+    return message.SerializeToString()  # type: ignore[attr-defined,no-any-return]
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the service with raw-bytes requests (see the module docstring)."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "Attest": unary(servicer.Attest, response_serializer=_serialize),
+        "ReleaseKey": unary(servicer.ReleaseKey, response_serializer=_serialize),
+        "Infer": unary(servicer.Infer, response_serializer=_serialize),
+        "StreamInfer": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamInfer, response_serializer=_serialize
+        ),
+        "EndSession": unary(servicer.EndSession, response_serializer=_serialize),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

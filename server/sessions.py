@@ -32,12 +32,14 @@ from encloud.client.handshake import (
 )
 from encloud.server.errors import (
     EnvelopeRejectedError,
+    InvalidArgumentError,
     KeyReleaseError,
     ReplayedRequestError,
     ResourceExhaustedError,
     SessionNotFoundError,
     SessionStateError,
 )
+from encloud.server.metrics import Metrics
 from encloud.server.settings import Settings
 
 REQUEST_ID_WINDOW = 1024
@@ -77,11 +79,64 @@ class RequestIdWindow:
             self._seen = {seen for seen in self._seen if seen > floor}
 
 
+class StepCounter:
+    """Counts a generation's decode steps through the engine's `should_stop` hook.
+
+    The engine calls `should_stop` before every decode step. The counter answers
+    it and remembers, when the generation is cancelled (from any thread), how
+    many steps had started by then, counting a step still in flight as not yet
+    done; `steps_after_cancel` is then the number of decode steps that ran after
+    the cancel, the figure cancellation is measured by (one decode step at most).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._in_step = False
+        self.started = False
+        self.steps = 0
+        self.steps_at_cancel: int | None = None
+
+    def should_stop(self) -> bool:
+        with self._lock:
+            self.started = True
+            if self._cancelled:
+                self._in_step = False
+                return True
+            self.steps += 1
+            self._in_step = True
+            return False
+
+    def cancel(self) -> None:
+        with self._lock:
+            if not self._cancelled:
+                self._cancelled = True
+                self.steps_at_cancel = self.steps - (1 if self._in_step else 0)
+
+    @property
+    def steps_after_cancel(self) -> int | None:
+        if self.steps_at_cancel is None:
+            return None
+        return self.steps - self.steps_at_cancel
+
+
+class CancelSignal(threading.Event):
+    """A threading.Event that also tells the step counter the moment it is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = StepCounter()
+
+    def set(self) -> None:
+        self.steps.cancel()
+        super().set()
+
+
 @dataclass
 class ActiveCall:
-    """A running Infer or StreamInfer, so EndSession can end it cleanly."""
+    """A running Infer or StreamInfer, so EndSession and shutdown can end it cleanly."""
 
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: CancelSignal = field(default_factory=CancelSignal)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -94,6 +149,7 @@ class Session:
         ttl_seconds: int,
         pending_deadline: float,
         expires_at: float,
+        now: float = 0.0,
     ) -> None:
         self.session_id = session_id
         self.suite = suite
@@ -101,6 +157,7 @@ class Session:
         self.ttl_seconds = ttl_seconds
         self.pending_deadline = pending_deadline
         self.expires_at = expires_at
+        self.last_used = now
         self.state = SessionState.PENDING
         self._private_key: X25519PrivateKey | None = X25519PrivateKey.generate()
         self.public_key = self._private_key.public_key().public_bytes_raw()
@@ -175,7 +232,12 @@ class Session:
     # --- end -----------------------------------------------------------------------
 
     def wipe(self) -> None:
-        """Drop every key of the session; idempotent."""
+        """Drop every key of the session; idempotent.
+
+        The traffic keys' bytearrays are overwritten; the AESGCM objects (which
+        hold their own copy inside OpenSSL) and the X25519 private key can only
+        be released (docs/OPERATIONS.md, memory hygiene).
+        """
         self.state = SessionState.ENDED
         for call in self.calls.values():
             call.cancel.set()
@@ -187,14 +249,21 @@ class Session:
         self._s2c = None
         self._private_key = None
         self.nonce = b""
+        self.attest_digest = None
 
 
 class SessionStore:
     """All live sessions, bounded, with pending and bound quotas and expiry."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
         self._clock = clock
+        self._metrics = metrics
         self._sessions: dict[bytes, Session] = {}
 
     def __len__(self) -> int:
@@ -204,6 +273,7 @@ class SessionStore:
         self.sweep()
         pending = sum(1 for s in self._sessions.values() if s.state is SessionState.PENDING)
         if pending >= self._settings.max_pending_sessions:
+            self._rejected("pending_sessions")
             raise ResourceExhaustedError("too many sessions are waiting for their key")
         now = self._clock()
         ttl = self._settings.session_ttl_seconds
@@ -214,42 +284,97 @@ class SessionStore:
             ttl_seconds=ttl,
             pending_deadline=now + min(ttl, self._settings.pending_session_ttl_seconds),
             expires_at=now + ttl,
+            now=now,
         )
         self._sessions[session.session_id] = session
+        self._update_gauges()
         return session
 
     def get(self, session_id: bytes) -> Session:
+        """The live session, marked as used now; NOT_FOUND if unknown, ended or expired."""
+        if len(session_id) != SESSION_ID_LENGTH:
+            raise InvalidArgumentError(f"a session id is {SESSION_ID_LENGTH} bytes")
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionNotFoundError("unknown or expired session")
-        if self._expired(session, self._clock()):
-            self.drop(session)
+        now = self._clock()
+        if self._expired(session, now):
+            self._expire(session)
             raise SessionNotFoundError("unknown or expired session")
+        session.last_used = now
         return session
+
+    def touch(self, session: Session) -> None:
+        """The session was used now (a call ended): its idle time starts again."""
+        session.last_used = self._clock()
 
     def admit_bound(self, session: Session) -> None:
         """Called before binding: refuse when too many sessions hold keys."""
         bound = sum(1 for s in self._sessions.values() if s.state is SessionState.BOUND)
         if bound >= self._settings.max_sessions:
+            self._rejected("sessions")
             raise ResourceExhaustedError("too many sessions")
 
-    def drop(self, session: Session) -> None:
+    def drop(self, session: Session, cause: str = "ended") -> None:
+        known = self._sessions.pop(session.session_id, None) is not None
         session.wipe()
-        self._sessions.pop(session.session_id, None)
+        if known and self._metrics is not None:
+            self._metrics.sessions_ended.labels(cause).inc()
+        self._update_gauges()
 
     def sweep(self) -> None:
+        """Drop expired sessions. One with running calls is cancelled first and
+        dropped on a later sweep, so its streams can seal their final frame."""
         now = self._clock()
         for session in [s for s in self._sessions.values() if self._expired(s, now)]:
-            self.drop(session)
+            self._expire(session)
 
-    def drop_all(self) -> None:
+    def drop_all(self, cause: str = "shutdown") -> None:
         for session in list(self._sessions.values()):
-            self.drop(session)
+            self.drop(session, cause)
 
-    @staticmethod
-    def _expired(session: Session, now: float) -> bool:
+    def cancel_all_calls(self) -> int:
+        """Ask every running generation to stop; returns how many were running."""
+        running = 0
+        for session in self._sessions.values():
+            for call in session.calls.values():
+                call.cancel.set()
+                running += 1
+        return running
+
+    def counts(self) -> dict[SessionState, int]:
+        counts = dict.fromkeys(SessionState, 0)
+        for session in self._sessions.values():
+            counts[session.state] += 1
+        return counts
+
+    def _expire(self, session: Session) -> None:
+        if session.calls:
+            for call in session.calls.values():
+                call.cancel.set()
+            return
+        self.drop(session, "expired")
+
+    def _expired(self, session: Session, now: float) -> bool:
         if session.state is SessionState.ENDED:
             return True
         if session.state is SessionState.PENDING and now >= session.pending_deadline:
             return True
+        if (
+            session.state is SessionState.BOUND
+            and not session.calls
+            and now - session.last_used >= self._settings.session_idle_ttl_seconds
+        ):
+            return True
         return now >= session.expires_at
+
+    def _update_gauges(self) -> None:
+        if self._metrics is None:
+            return
+        counts = self.counts()
+        self._metrics.active_sessions.labels("pending").set(counts[SessionState.PENDING])
+        self._metrics.active_sessions.labels("bound").set(counts[SessionState.BOUND])
+
+    def _rejected(self, limit: str) -> None:
+        if self._metrics is not None:
+            self._metrics.admission_rejected.labels(limit).inc()

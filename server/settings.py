@@ -26,8 +26,74 @@ class Settings(BaseSettings):
         "(for supervisors and tests that start it on port 0).",
     )
     max_message_bytes: int = Field(
-        1 << 20, ge=4096, description="Largest gRPC message accepted or sent."
+        1 << 20,
+        ge=4096,
+        description="Largest gRPC message accepted or sent; a bigger one is RESOURCE_EXHAUSTED.",
     )
+
+    # --- TLS (the sealed envelope protects content; TLS protects metadata) -------
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain of the server. Set with tls_key_file to serve TLS; "
+        "unset serves plaintext gRPC (loopback or behind a TLS-terminating proxy only).",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file (readable by the server only)."
+    )
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificates of allowed callers. Set to require mutual TLS: "
+        "a caller without a certificate from one of these CAs cannot connect.",
+    )
+
+    # --- keepalive and HTTP/2 (grpc.keepalive_* channel arguments) --------------
+    keepalive_time_ms: int = Field(
+        60_000,
+        ge=1000,
+        description="The server pings a connection idle this long, so dead peers are found "
+        "and their streams cancelled (grpc.keepalive_time_ms).",
+    )
+    keepalive_timeout_ms: int = Field(
+        20_000,
+        ge=1000,
+        description="A ping not answered within this closes the connection "
+        "(grpc.keepalive_timeout_ms).",
+    )
+    keepalive_min_client_ping_interval_ms: int = Field(
+        10_000,
+        ge=1000,
+        description="Shortest interval between client pings the server accepts; faster "
+        "pingers get GOAWAY (grpc.http2.min_ping_interval_without_data_ms).",
+    )
+    keepalive_permit_without_calls: bool = Field(
+        True,
+        description="Accept client keepalive pings on connections without active calls "
+        "(grpc.keepalive_permit_without_calls).",
+    )
+    max_connection_age_ms: int | None = Field(
+        None,
+        ge=1000,
+        description="Close connections older than this (with a grace of "
+        "max_connection_age_grace_ms) so clients rebalance across replicas; unset: never.",
+    )
+    max_connection_age_grace_ms: int = Field(
+        30_000, ge=0, description="Time a connection closed for its age has to finish calls."
+    )
+    reflection: bool = Field(
+        False,
+        description="Serve gRPC server reflection (grpc.reflection.v1alpha), for grpcurl and "
+        "debugging; it only describes the public .proto.",
+    )
+
+    # --- observability -------------------------------------------------------------
+    metrics_port: int | None = Field(
+        9464,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (plain HTTP, its own port); "
+        "0 picks a free one; unset turns metrics off.",
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
 
     # --- TPM and measurement -----------------------------------------------------
     tcti: str = Field(
@@ -76,12 +142,43 @@ class Settings(BaseSettings):
         256, ge=1, description="New tokens when a request asks for 0."
     )
     max_new_tokens_limit: int = Field(
-        2048, ge=1, description="Most new tokens a request may ask for."
+        2048, ge=1, description="Most new tokens a request may ask for (INVALID_ARGUMENT above)."
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens in a templated prompt (PROMPT_TOO_LONG above); unset: the "
+        "model's context length is the only limit.",
+    )
+    max_queued_requests: int = Field(
+        128,
+        ge=1,
+        description="Admission control: most Infer/StreamInfer calls waiting or running "
+        "server-wide; beyond it RESOURCE_EXHAUSTED with RetryInfo.",
+    )
+    generation_workers: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Worker threads that drive the engine's generations (each waits on the "
+        "engine while it decodes; the engine decides how many run at once).",
     )
 
     # --- sessions ----------------------------------------------------------------
     session_ttl_seconds: int = Field(
-        900, ge=10, le=86400, description="Life of a session from its Attest reply."
+        900,
+        ge=10,
+        le=86400,
+        description="Absolute life of a session from its Attest reply (told to the client).",
+    )
+    session_idle_ttl_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A bound session with no call for this long is dropped and its keys "
+        "wiped; the client re-attests.",
+    )
+    session_sweep_interval_seconds: float = Field(
+        1.0, gt=0, description="How often expired sessions are looked for and wiped."
     )
     pending_session_ttl_seconds: int = Field(
         30, ge=1, description="Life of a session that has not received its key yet."
@@ -94,7 +191,32 @@ class Settings(BaseSettings):
         3, ge=1, description="Invalid ReleaseKey calls before a pending session closes."
     )
     max_streams_per_session: int = Field(
-        4, ge=1, description="Concurrent Infer/StreamInfer calls per session."
+        4,
+        ge=1,
+        description="Concurrent Infer/StreamInfer calls per session (RESOURCE_EXHAUSTED above).",
+    )
+    attest_rate_per_second: float = Field(
+        20.0,
+        gt=0,
+        description="Per-peer (client IP) refill rate of Attest calls; Attest is "
+        "unauthenticated and costs a TPM quote.",
+    )
+    attest_burst: int = Field(
+        64, ge=1, description="Per-peer Attest calls allowed at once before the rate applies."
+    )
+    end_session_grace_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="EndSession waits this long for the session's streams to seal their "
+        "final frame before the keys go.",
+    )
+
+    # --- shutdown --------------------------------------------------------------------
+    shutdown_grace_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM: health turns NOT_SERVING, new calls are refused, running "
+        "calls get this long to finish; the rest end with a sealed CANCELLED final frame.",
     )
 
     # --- dev ---------------------------------------------------------------------
@@ -107,6 +229,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_pcrs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set tls_cert_file and tls_key_file together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("mutual TLS (tls_client_ca_file) needs tls_cert_file")
         if self.workload_pcr not in self.pcr_selection:
             raise ValueError("pcr_selection must include workload_pcr")
         if self.workload_pcr in RESETTABLE_PCRS and not self.allow_resettable_workload_pcr:

@@ -9,6 +9,7 @@ gets the id, the exception type and where it was raised, never its message
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import traceback
@@ -21,6 +22,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from encloud.server.errors import DomainError
+from encloud.server.metrics import Metrics
 
 log = logging.getLogger("encloud.status")
 
@@ -90,18 +92,43 @@ async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> 
     )
 
 
+def _record(servicer: Any, method: str, code: grpc.StatusCode, reason: str = "") -> None:
+    metrics: Metrics | None = getattr(servicer, "metrics", None)
+    if metrics is None:
+        return
+    metrics.requests.labels(method, code.name).inc()
+    if code is not grpc.StatusCode.OK:
+        metrics.errors.labels(method, code.name, reason or code.name).inc()
+
+
+def _outcome(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, DomainError):
+        return error.code, error.reason
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "CANCELLED"
+    return grpc.StatusCode.INTERNAL, "INTERNAL"
+
+
 def unary_errors(
     handler: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    method = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         try:
-            return await handler(self, request, context)
+            response = await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            _record(self, method, grpc.StatusCode.CANCELLED, "CANCELLED")
+            raise
         except Exception as error:
+            _record(self, method, *_outcome(error))
             await abort_for(context, error)
             raise  # unreachable: abort_for raises
+        _record(self, method, grpc.StatusCode.OK)
+        return response
 
     return wrapper
 
@@ -109,6 +136,8 @@ def unary_errors(
 def stream_errors(
     handler: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    method = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
         try:
@@ -116,8 +145,13 @@ def stream_errors(
                 yield item
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            _record(self, method, grpc.StatusCode.CANCELLED, "CANCELLED")
+            raise
         except Exception as error:
+            _record(self, method, *_outcome(error))
             await abort_for(context, error)
             raise
+        _record(self, method, grpc.StatusCode.OK)
 
     return wrapper

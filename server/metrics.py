@@ -1,0 +1,127 @@
+"""Prometheus metrics, served on their own port (settings.metrics_port).
+
+Labels are bounded and never carry content: the RPC method, the status code
+name, the finish reason. Sizes and token counts appear only as server-wide
+totals (DESIGN.md: no per-request sizes or token counts in logs or metrics);
+the histograms hold durations, and the number of decode steps that ran after a
+cancel (0 or 1 when cancellation works), which says nothing about content.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest, start_http_server
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+_TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class Metrics:
+    """One registry per server, so tests and embedders never share global state."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "encloud_requests",
+            "RPCs finished, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "encloud_errors",
+            "RPCs that ended with a status other than OK, by method, code and ErrorInfo reason.",
+            ["method", "code", "reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "encloud_time_to_first_token_seconds",
+            "From admission of a generation to its first text piece.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "encloud_time_per_output_token_seconds",
+            "Mean time between text pieces of one generation, after the first.",
+            buckets=_TOKEN_TIME_BUCKETS,
+            registry=r,
+        )
+        self.generation_seconds = Histogram(
+            "encloud_generation_seconds",
+            "From admission to the end of a generation.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generations = Counter(
+            "encloud_generations",
+            "Generations ended, by finish reason.",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.cancel_decode_steps = Histogram(
+            "encloud_cancel_decode_steps",
+            "Decode steps that ran after a generation was cancelled (client cancel, "
+            "disconnect, deadline, EndSession, shutdown), one observation per cancel.",
+            buckets=(0, 1, 2, 4, 8, 16, 64),
+            registry=r,
+        )
+        self.decode_steps = Counter(
+            "encloud_decode_steps", "Decode steps run by the engine, server-wide.", registry=r
+        )
+        self.completion_tokens = Counter(
+            "encloud_completion_tokens", "Tokens generated, server-wide total.", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "encloud_prompt_tokens", "Prompt tokens processed, server-wide total.", registry=r
+        )
+        self.active_sessions = Gauge(
+            "encloud_active_sessions",
+            "Sessions alive, by state (pending: no key yet; bound: key released).",
+            ["state"],
+            registry=r,
+        )
+        self.sessions_ended = Counter(
+            "encloud_sessions_ended",
+            "Sessions dropped and wiped, by cause.",
+            ["cause"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "encloud_queue_depth",
+            "Admitted generations waiting for the engine.",
+            registry=r,
+        )
+        self.running = Gauge(
+            "encloud_running_generations",
+            "Generations the engine is working on.",
+            registry=r,
+        )
+        self.admission_rejected = Counter(
+            "encloud_admission_rejected",
+            "Calls refused with RESOURCE_EXHAUSTED, by limit.",
+            ["limit"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> tuple[object, int]:
+        """Start the /metrics HTTP endpoint in a daemon thread; returns (server, port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, int(server.server_port)
