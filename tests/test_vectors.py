@@ -1,0 +1,363 @@
+"""The shared protocol v1 test vectors (tests/vectors) against the Python reference.
+
+Two things are checked: the committed JSON is exactly what tests/vectors/generate.py
+produces now (so a change that alters any byte on the wire fails here), and every
+vector, positive and negative, holds for the real client code (encoding, handshake,
+envelope, stream reader, event log, verifier), negative ones raising the named error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from encloud.client import errors, eventlog
+from encloud.client.encoding import encode, u8, u16, u32, u64
+from encloud.client.envelope import (
+    PAD_BUCKETS,
+    MessageType,
+    OpeningKey,
+    Sealed,
+    associated_data,
+    pad,
+    transcript_next,
+    transcript_start,
+    unpad,
+)
+from encloud.client.evidence import Evidence
+from encloud.client.handshake import (
+    SUITE_V1,
+    KeyOpenError,
+    derive_traffic_keys,
+    handshake_hash,
+    open_key,
+    quote_qualifying_data,
+    release_info,
+    split_enc,
+)
+from encloud.client.policy import parse_policy
+from encloud.client.session import ChatStream, _check_final
+from encloud.client.v1 import encloud_pb2 as pb
+from encloud.client.verifier import spki_der, verify
+from encloud.server.inference.manifest import compute_model_digest
+
+pytestmark = pytest.mark.unit
+
+VECTORS = Path(__file__).resolve().parent / "vectors"
+
+
+def _generator() -> Any:
+    spec = importlib.util.spec_from_file_location("encloud_vectors", VECTORS / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((VECTORS / f"{name}.json").read_text())
+
+
+def b(value: str) -> bytes:
+    return bytes.fromhex(value)
+
+
+def sealed(obj: dict[str, Any]) -> Sealed:
+    return Sealed(obj["type"], int(obj["request_id"]), obj["seq"], b(obj["sealed"]))
+
+
+def error_class(name: str) -> type[Exception]:
+    if name == "KeyOpenError":
+        return KeyOpenError
+    return getattr(errors, name)
+
+
+def test_committed_vectors_are_what_the_generator_makes() -> None:
+    texts = _generator().build()
+    assert sorted(texts) == sorted(p.stem for p in VECTORS.glob("*.json"))
+    for name, text in texts.items():
+        assert (VECTORS / f"{name}.json").read_text() == text, f"{name}.json is stale"
+
+
+# --- encoding -------------------------------------------------------------------------
+
+
+def _field(value: Any) -> bytes:
+    return bytes(value["zeros"]) if isinstance(value, dict) else b(value)
+
+
+def test_encoding() -> None:
+    v = load("encoding")
+    assert SUITE_V1.encoded() == b(v["suite_v1"])
+    packers = {"u8": u8, "u16": u16, "u32": u32, "u64": u64}
+    for case in v["integers"]:
+        assert packers[case["name"]](int(case["value"])) == b(case["bytes"])
+    for case in v["cases"]:
+        encoded = encode(case["label"], *(_field(f) for f in case["fields"]))
+        assert hashlib.sha256(encoded).hexdigest() == case["sha256"]
+        if "encoded" in case:
+            assert encoded == b(case["encoded"])
+    assert encode("ab", b"\x01", b"\x02\x03") == b(v["cases"][0]["encoded"])
+    for case in v["errors"]:
+        with pytest.raises(ValueError):
+            encode(case["label"], *(_field(f) for f in case["fields"]))
+
+
+# --- handshake --------------------------------------------------------------------------
+
+
+def test_handshake() -> None:
+    v = load("handshake")
+    nonce, pub, sid, ttl = b(v["nonce"]), b(v["session_public_key"]), b(v["session_id"]), 600
+    assert v["ttl_seconds"] == ttl
+    key = X25519PrivateKey.from_private_bytes(b(v["session_private_key"]))
+    assert key.public_key().public_bytes_raw() == pub
+    q = quote_qualifying_data(SUITE_V1, nonce, pub, sid, ttl)
+    assert q == b(v["qualifying_data"]) == hashlib.sha256(b(v["quote_encoded"])).digest()
+    h_ev = hashlib.sha256(b(v["quote_attest"])).digest()
+    assert h_ev == b(v["attest_digest"])
+    info = release_info(SUITE_V1, sid, h_ev)
+    assert info == b(v["release_info"])
+    sealed_key = b(v["sealed_key"])
+    assert split_enc(SUITE_V1, sealed_key) == b(v["enc"])
+    dek, secret = open_key(SUITE_V1, key, sealed_key, info)
+    assert bytes(dek) == b(v["dek"]) and bytes(secret) == b(v["session_secret"])
+    h_hs = handshake_hash(SUITE_V1, nonce, pub, sid, ttl, h_ev, b(v["enc"]))
+    assert h_hs == b(v["handshake_hash"]) == hashlib.sha256(b(v["handshake_encoded"])).digest()
+    keys = derive_traffic_keys(dek, secret, h_hs)
+    assert bytes(keys.c2s) == b(v["k_c2s"])
+    assert bytes(keys.s2c) == b(v["k_s2c"])
+    assert bytes(keys.kc) == b(v["k_kc"])
+    opener = OpeningKey(bytearray(keys.kc), sid)
+    assert opener.open(sealed(v["key_confirmation"]), MessageType.KEY_CONFIRM, 0, 0) == h_hs
+
+
+@pytest.mark.parametrize("case", load("handshake")["hpke_negative"], ids=lambda c: c["name"])
+def test_hpke_negative(case: dict[str, Any]) -> None:
+    key = X25519PrivateKey.from_private_bytes(b(case["recipient_private_key"]))
+    with pytest.raises(error_class(case["error"])):
+        open_key(SUITE_V1, key, b(case["sealed_key"]), b(case["info"]))
+
+
+@pytest.mark.parametrize(
+    "case", load("handshake")["key_confirmation_negative"], ids=lambda c: c["name"]
+)
+def test_key_confirmation_negative(case: dict[str, Any]) -> None:
+    """What EncloudClient.release_key does with the reply, on the vector's bytes."""
+    v = load("handshake")
+    opener = OpeningKey(bytearray(b(v["k_kc"])), b(v["session_id"]))
+
+    def confirm() -> None:
+        try:
+            proof = opener.open(sealed(case["key_confirmation"]), MessageType.KEY_CONFIRM, 0, 0)
+        except errors.EnvelopeError as error:
+            raise errors.KeyConfirmationError("no proof") from error
+        if proof != b(v["handshake_hash"]):
+            raise errors.KeyConfirmationError("other handshake")
+
+    with pytest.raises(error_class(case["error"])):
+        confirm()
+
+
+# --- envelope ---------------------------------------------------------------------------------
+
+
+def test_envelope_positive() -> None:
+    v = load("envelope")
+    sid = b(v["session_id"])
+    assert {m.name: bucket for m, bucket in PAD_BUCKETS.items()} == v["pad_buckets"]
+    for case in v["associated_data"]:
+        aad = associated_data(case["type"], sid, int(case["request_id"]), case["seq"])
+        assert aad == b(case["associated_data"])
+    for case in v["padding"]:
+        assert pad(b(case["payload"]), case["bucket"]) == b(case["padded"])
+        assert unpad(b(case["padded"]), case["bucket"]) == b(case["payload"])
+    for case in v["sealed"]:
+        message_type = MessageType[case["name"]]
+        assert case["type"] == message_type
+        assert b(case["sealed"])[:12] == b(case["nonce"])
+        assert pad(b(case["payload"]), PAD_BUCKETS[message_type]) == b(case["padded"])
+        assert associated_data(message_type, sid, case["request_id"], case["seq"]) == b(
+            case["associated_data"]
+        )
+        opener = OpeningKey(bytearray(b(v["keys"][case["key"]])), sid)
+        payload = opener.open(sealed(case), message_type, case["request_id"], case["seq"])
+        assert payload == b(case["payload"])
+
+
+def test_envelope_unpad_negative() -> None:
+    for case in load("envelope")["unpad_negative"]:
+        with pytest.raises(error_class(case["error"])):
+            unpad(b(case["padded"]), case["bucket"])
+
+
+@pytest.mark.parametrize("case", load("envelope")["negative"], ids=lambda c: c["name"])
+def test_envelope_negative(case: dict[str, Any]) -> None:
+    v = load("envelope")
+    opener = OpeningKey(bytearray(b(v["keys"][case["key"]])), b(v["session_id"]))
+    expected = case["expected"]
+    with pytest.raises(error_class(case["error"])):
+        opener.open(
+            sealed(case),
+            MessageType(expected["type"]),
+            expected["request_id"],
+            expected["seq"],
+        )
+
+
+# --- stream and transcript ---------------------------------------------------------------------
+
+
+def test_transcript() -> None:
+    v = load("stream")
+    sid = b(v["session_id"])
+    request = sealed(v["request"])
+    t = transcript_start(sid, v["request_id"], request.data)
+    assert t == hashlib.sha256(b(v["transcript_encoded"])).digest()
+    chain = [t]
+    for seq, payload in enumerate(v["frame_payloads"]):
+        chain.append(transcript_next(chain[-1], seq, b(payload)))
+    assert [c.hex() for c in chain] == v["transcripts"]
+    opener = OpeningKey(bytearray(b(v["keys"]["c2s"])), sid)
+    assert opener.open(request, MessageType.REQUEST, v["request_id"], 0) == b(v["request_payload"])
+
+
+def _run_stream(v: dict[str, Any], messages: list[dict[str, Any]]) -> tuple[list[str], Any]:
+    opener = OpeningKey(bytearray(b(v["keys"]["s2c"])), b(v["session_id"]))
+    responses = iter(
+        pb.StreamInferResponse(
+            frame=pb.SealedMessage(
+                type=m["type"], request_id=m["request_id"], seq=m["seq"], sealed=b(m["sealed"])
+            )
+        )
+        for m in messages
+    )
+    stream = ChatStream(responses, opener, v["request_id"], b(v["transcripts"][0]), None)
+    pieces = list(stream)
+    return pieces, stream.completion
+
+
+@pytest.mark.parametrize("case", load("stream")["cases"], ids=lambda c: c["name"])
+def test_stream_cases(case: dict[str, Any]) -> None:
+    v = load("stream")
+    if "error" in case:
+        with pytest.raises(error_class(case["error"])):
+            _run_stream(v, case["messages"])
+        return
+    pieces, completion = _run_stream(v, case["messages"])
+    expect = case["expect"]
+    assert pieces == expect["pieces"]
+    assert completion.finish_reason == expect["finish_reason"]
+    assert completion.prompt_tokens == expect["prompt_tokens"]
+    assert completion.completion_tokens == expect["completion_tokens"]
+
+
+def test_infer_response() -> None:
+    v = load("stream")
+    infer = v["infer"]
+    sid = b(v["session_id"])
+    request = sealed(infer["request"])
+    t0 = transcript_start(sid, infer["request_id"], request.data)
+    assert t0 == b(infer["transcript"])
+    opener = OpeningKey(bytearray(b(v["keys"]["s2c"])), sid)
+    payload = opener.open(sealed(infer["response"]), MessageType.RESPONSE, infer["request_id"], 0)
+    assert payload == b(infer["response_payload"])
+    response = pb.GenerationResponse.FromString(payload)
+    completion = _check_final(response.final, t0)
+    assert response.text == infer["expect"]["text"]
+    assert completion.finish_reason == infer["expect"]["finish_reason"]
+
+
+# --- event log and model digest -----------------------------------------------------------------
+
+
+def test_events_and_replay() -> None:
+    v = load("eventlog")
+    records = eventlog.parse(v["log"].encode("ascii"))
+    assert len(records) == len(v["events"])
+    pcr = bytes(32)
+    for record, step in zip(records, v["events"], strict=True):
+        event = eventlog.WorkloadEvent(step["event_type"], b(step["data"]))
+        assert event.measured_bytes() == b(step["measured"])
+        assert event.digest() == b(step["digest"]) == record.digest
+        pcr = eventlog.extend(pcr, record.digest)
+        assert pcr == b(step["pcr_after"])
+        assert record.to_json_line().decode() == step["line"]
+    assert eventlog.replay(records) == pcr
+
+
+def test_model_digest() -> None:
+    md = load("eventlog")["model_digest"]
+    files = {path: base64.b64decode(data) for path, data in md["files"].items()}
+    digests = {path: hashlib.sha256(data).digest() for path, data in files.items()}
+    assert {p: d.hex() for p, d in digests.items()} == md["file_sha256"]
+    assert sorted(files, key=lambda p: p.encode()) == md["sorted_paths"]
+    assert compute_model_digest(digests, md["chat_template"]) == b(md["model_digest"])
+    assert hashlib.sha256(b(md["encoded"])).digest() == b(md["model_digest"])
+
+
+def test_canonical_json() -> None:
+    for case in load("eventlog")["canonical_json"]:
+        value = json.loads(case["json"])
+        assert (eventlog.canonical_json(value) == case["json"].encode()) is case["canonical"]
+
+
+# --- evidence ---------------------------------------------------------------------
+
+
+def _evidence(obj: dict[str, Any]) -> Evidence:
+    return Evidence(
+        quote_attest=b(obj["quote_attest"]),
+        quote_signature=b(obj["quote_signature"]),
+        ak_public=b(obj["ak_public"]),
+        pcr_values={int(i): b(value) for i, value in obj["pcr_values"].items()},
+        workload_event_log=b(obj["workload_event_log"]),
+        pcr_hash_algorithm=obj["pcr_hash_algorithm"],
+        ak_certificate_chain=tuple(b(c) for c in obj["ak_certificate_chain"]),
+    )
+
+
+def _verify(v: dict[str, Any], case: dict[str, Any]) -> Any:
+    client = case["client"]
+    q = quote_qualifying_data(
+        SUITE_V1,
+        b(client["nonce"]),
+        b(client["session_public_key"]),
+        b(client["session_id"]),
+        client["ttl_seconds"],
+    )
+    policy = parse_policy(v["policies"][case["policy"]].encode())
+    return verify(
+        _evidence(case["evidence"]),
+        policy,
+        expected_qualifying_data=q,
+        session_ttl_seconds=client["ttl_seconds"],
+    )
+
+
+def test_evidence_positive() -> None:
+    v = load("evidence")
+    for case in v["positive"]:
+        verified = _verify(v, case)
+        expect = case["expect"]
+        assert verified.attest_digest == b(expect["attest_digest"])
+        assert verified.ak_fingerprint == expect["ak_fingerprint"]
+        assert spki_der(b(case["evidence"]["ak_public"])) == b(expect["ak_spki"])
+        assert verified.model_digest == b(expect["model_digest"])
+        assert verified.workload_pcr_value == b(expect["workload_pcr_value"])
+        assert eventlog.canonical_json(verified.runtime_event) == b(expect["runtime_event"])
+
+
+@pytest.mark.parametrize("case", load("evidence")["negative"], ids=lambda c: c["name"])
+def test_evidence_negative(case: dict[str, Any]) -> None:
+    v = load("evidence")
+    with pytest.raises(errors.VerificationError) as refused:
+        _verify(v, case)
+    assert type(refused.value).__name__ == case["error"]

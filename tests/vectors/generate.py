@@ -1,0 +1,1598 @@
+"""Generate the protocol v1 test vectors in tests/vectors/*.json.
+
+    .venv/bin/python tests/vectors/generate.py          # rewrite the JSON files
+    .venv/bin/python tests/vectors/generate.py --check  # exit 1 if they differ
+
+Every value is deterministic: keys are derived from fixed labels, AES-GCM nonces are
+fixed (this script calls AESGCM directly instead of encloud.client.envelope, whose
+SealingKey always draws a random nonce), ECDSA signatures are RFC 6979 deterministic,
+and the HPKE vector uses a fixed ephemeral key (RFC 9180 base mode written out here
+for the generator only; cryptography's HPKE opens it, which the generator asserts).
+
+The constructions themselves come from the Python reference (encloud.client.*), so a
+change that alters any byte on the wire changes a vector, and tests/test_vectors.py,
+which compares this script's output with the committed files, fails.
+The layout of the files is described in docs/PROTOCOL.md, "Test vectors".
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, hpke, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from encloud.client import eventlog
+from encloud.client.encoding import encode, sha256, u8, u16, u32, u64
+from encloud.client.envelope import (
+    PAD_BUCKETS,
+    MessageType,
+    associated_data,
+    pad,
+    transcript_next,
+    transcript_start,
+)
+from encloud.client.handshake import (
+    SUITE_V1,
+    derive_traffic_keys,
+    handshake_hash,
+    quote_qualifying_data,
+    release_info,
+)
+from encloud.client.policy import build_policy
+from encloud.client.v1 import encloud_pb2 as pb
+from encloud.server.inference.manifest import compute_model_digest
+
+HERE = Path(__file__).resolve().parent
+FILES = ("encoding", "handshake", "envelope", "stream", "eventlog", "evidence")
+
+
+def seed(label: str, n: int = 32) -> bytes:
+    """Fixed pseudo-random bytes named by a label (SHA-256 in counter mode)."""
+    out = b""
+    counter = 0
+    while len(out) < n:
+        out += sha256(b"encloud/v1 test vectors\x00" + label.encode() + u32(counter))
+        counter += 1
+    return out[:n]
+
+
+def hx(data: bytes) -> str:
+    return data.hex()
+
+
+# --- HPKE base mode with a fixed ephemeral key (RFC 9180, generator only) -------------
+
+
+def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    return hmac.digest(salt or bytes(32), ikm, "sha256")
+
+
+def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def _labeled_extract(suite_id: bytes, salt: bytes, label: bytes, ikm: bytes) -> bytes:
+    return _hkdf_extract(salt, b"HPKE-v1" + suite_id + label + ikm)
+
+
+def _labeled_expand(suite_id: bytes, prk: bytes, label: bytes, info: bytes, n: int) -> bytes:
+    return _hkdf_expand(prk, u16(n) + b"HPKE-v1" + suite_id + label + info, n)
+
+
+def hpke_seal_fixed(
+    recipient_pub: bytes, ephemeral: x25519.X25519PrivateKey, info: bytes, plaintext: bytes
+) -> tuple[bytes, bytes]:
+    """DHKEM(X25519, HKDF-SHA256) + HKDF-SHA256 + AES-256-GCM, base mode, seq 0."""
+    kem_id = b"KEM" + u16(0x0020)
+    enc = ephemeral.public_key().public_bytes_raw()
+    dh = ephemeral.exchange(x25519.X25519PublicKey.from_public_bytes(recipient_pub))
+    eae_prk = _labeled_extract(kem_id, b"", b"eae_prk", dh)
+    shared = _labeled_expand(kem_id, eae_prk, b"shared_secret", enc + recipient_pub, 32)
+    suite_id = b"HPKE" + SUITE_V1.encoded()
+    psk_id_hash = _labeled_extract(suite_id, b"", b"psk_id_hash", b"")
+    info_hash = _labeled_extract(suite_id, b"", b"info_hash", info)
+    context = b"\x00" + psk_id_hash + info_hash
+    secret = _labeled_extract(suite_id, shared, b"secret", b"")
+    key = _labeled_expand(suite_id, secret, b"key", context, 32)
+    base_nonce = _labeled_expand(suite_id, secret, b"base_nonce", context, 12)
+    return enc, AESGCM(key).encrypt(base_nonce, plaintext, b"")
+
+
+# --- sealed messages with fixed nonces ------------------------------------------------
+
+
+def seal_fixed(
+    key: bytes,
+    session_id: bytes,
+    message_type: int,
+    request_id: int,
+    seq: int,
+    payload: bytes,
+    nonce: bytes,
+    *,
+    padded: bytes | None = None,
+) -> bytes:
+    """nonce || AES-256-GCM(pad(payload)) with the v1 associated data; padded overrides."""
+    aad = associated_data(message_type, session_id, request_id, seq)
+    plaintext = padded if padded is not None else pad(payload, PAD_BUCKETS[message_type])
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def sealed_json(message_type: int, request_id: int, seq: int, sealed: bytes) -> dict[str, Any]:
+    return {"type": message_type, "request_id": request_id, "seq": seq, "sealed": hx(sealed)}
+
+
+# --- TPM structures (TPM 2.0 Part 2), enough for one ECC AK and its quote -------------
+
+SHA1, SHA256, SHA384 = 0x0004, 0x000B, 0x000C
+NULL, ECC, AES, CFB, ECDSA, P256 = 0x0010, 0x0023, 0x0006, 0x0043, 0x0018, 0x0003
+MAGIC, ST_QUOTE, ST_CERTIFY = 0xFF544347, 0x8018, 0x8017
+RH_ENDORSEMENT = 0x4000000B
+FIXED_TPM, FIXED_PARENT, SENSITIVE, USER_AUTH = 0x2, 0x10, 0x20, 0x40
+RESTRICTED, DECRYPT, SIGN = 0x10000, 0x20000, 0x40000
+AK_ATTRIBUTES = FIXED_TPM | FIXED_PARENT | SENSITIVE | USER_AUTH | RESTRICTED | SIGN
+
+
+def tpm2b(data: bytes) -> bytes:
+    return u16(len(data)) + data
+
+
+def ec_key(label: str) -> ec.EllipticCurvePrivateKey:
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    return ec.derive_private_key(
+        int.from_bytes(seed(label), "big") % (order - 1) + 1, ec.SECP256R1()
+    )
+
+
+def ecc_public(
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    attributes: int = AK_ATTRIBUTES,
+    symmetric: bytes = u16(NULL),
+    scheme_hash: int = SHA256,
+) -> bytes:
+    numbers = key.public_key().public_numbers()
+    return (
+        u16(ECC)
+        + u16(SHA256)
+        + u32(attributes)
+        + tpm2b(b"")
+        + symmetric
+        + u16(ECDSA)
+        + u16(scheme_hash)
+        + u16(P256)
+        + u16(NULL)
+        + tpm2b(numbers.x.to_bytes(32, "big"))
+        + tpm2b(numbers.y.to_bytes(32, "big"))
+    )
+
+
+def qualified_name(public: bytes, hierarchy: int = RH_ENDORSEMENT) -> bytes:
+    name = u16(SHA256) + sha256(public)
+    return u16(SHA256) + sha256(u32(hierarchy) + name)
+
+
+def pcr_selection(banks: list[tuple[int, list[int]]]) -> bytes:
+    out = u32(len(banks))
+    for alg, indices in banks:
+        bitmap = bytearray(3)
+        for i in indices:
+            bitmap[i // 8] |= 1 << (i % 8)
+        out += u16(alg) + b"\x03" + bytes(bitmap)
+    return out
+
+
+def quote_attest(
+    *,
+    signer: bytes,
+    extra: bytes,
+    banks: list[tuple[int, list[int]]],
+    digest: bytes,
+    magic: int = MAGIC,
+    attest_type: int = ST_QUOTE,
+) -> bytes:
+    return (
+        u32(magic)
+        + u16(attest_type)
+        + tpm2b(signer)
+        + tpm2b(extra)
+        + u64(0x0000_0001_2345_6789)  # clock
+        + u32(3)  # resetCount
+        + u32(7)  # restartCount
+        + b"\x01"  # safe
+        + u64(0x2023_0123_0016_0000)  # firmwareVersion
+        + pcr_selection(banks)
+        + tpm2b(digest)
+    )
+
+
+def tpm_sign(key: ec.EllipticCurvePrivateKey, message: bytes, hash_alg: int = SHA256) -> bytes:
+    algorithm = hashes.SHA256() if hash_alg == SHA256 else hashes.SHA384()
+    der = key.sign(message, ec.ECDSA(algorithm, deterministic_signing=True))
+    r, s = decode_dss_signature(der)
+    return u16(ECDSA) + u16(hash_alg) + tpm2b(r.to_bytes(32, "big")) + tpm2b(s.to_bytes(32, "big"))
+
+
+def spki(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# --- the one session all vectors share -----------------------------------------------
+
+SESSION_KEY = x25519.X25519PrivateKey.from_private_bytes(seed("session private key"))
+SESSION_PUB = SESSION_KEY.public_key().public_bytes_raw()
+SESSION_ID = seed("session id", 16)
+NONCE = seed("client nonce")
+TTL = 600
+AK = ec_key("attestation key")
+OTHER_KEY = ec_key("another key")
+SELECTION = [0, 1, 2, 3, 4, 5, 6, 7, 14, 15]
+WORKLOAD_PCR = 15
+PINNED = (0, 7)
+MODEL_FILES = {
+    "model.onnx": b"onnx graph bytes",
+    "model.onnx.data": b"\x00\x01\x02 weights",
+    "genai_config.json": b'{"model": {"type": "llama"}}',
+    "tokenizer.json": b'{"version": "1.0"}',
+    "Tokenizer_extra/added_tokens.json": b"[]",
+    "chat_template.jinja": b"{% for m in messages %}{{ m.content }}{% endfor %}",
+}
+CHAT_TEMPLATE = MODEL_FILES["chat_template.jinja"].decode()
+MODEL_DIGEST = compute_model_digest(
+    {path: sha256(data) for path, data in MODEL_FILES.items()}, CHAT_TEMPLATE
+)
+RUNTIME_EVENT: dict[str, Any] = {
+    "engine": "onnxruntime-genai 0.18.0",
+    "provider": "cpu",
+    "threads": 2,
+    "decoding": {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "repetition": 1.1},
+    "session_options": {"graph_optimization_level": "all", "intra_op_num_threads": 2},
+    "precision": "int4",
+    "cpu_features": ["avx2", "avx512f"],
+    "known_answer": "ab" * 32,
+    "note": 'caf\u00e9 \U0001f600 "quoted" \\ /',
+    "flags": {"deterministic": True, "dev": False, "extra": None},
+    "tiny": 1.5e-07,
+    "large": 1e16,
+}
+RUNTIME_DATA = eventlog.canonical_json(RUNTIME_EVENT)
+
+
+def pcr_value(index: int) -> bytes:
+    return sha256(b"pcr %d" % index)
+
+
+def records_for(startups: list[tuple[bytes, bytes]]) -> list[eventlog.EventRecord]:
+    records = []
+    for model, runtime in startups:
+        for event in (
+            eventlog.WorkloadEvent(eventlog.EVENT_MODEL, model),
+            eventlog.WorkloadEvent(eventlog.EVENT_RUNTIME, runtime),
+        ):
+            records.append(eventlog.EventRecord(len(records), WORKLOAD_PCR, event.digest(), event))
+    return records
+
+
+RECORDS = records_for([(MODEL_DIGEST, RUNTIME_DATA)])
+
+
+def policy_json(**overrides: Any) -> str:
+    values = {i: pcr_value(i) for i in SELECTION}
+    values[WORKLOAD_PCR] = eventlog.replay(RECORDS)
+    args: dict[str, Any] = {
+        "pcr_selection": SELECTION,
+        "pcr_values": {i: values[i] for i in PINNED},
+        "workload_pcr": WORKLOAD_PCR,
+        "allowed_model_digests": [MODEL_DIGEST],
+        "allowed_runtime_events": [sha256(RUNTIME_DATA)],
+        "pinned_public_keys": [spki(AK)],
+        "max_session_ttl_seconds": 3600,
+    }
+    args.update(overrides)
+    return build_policy(**args).to_json().decode("ascii")
+
+
+# --- encoding -----------------------------------------------------------------------------
+
+
+def encoding_vectors() -> dict[str, Any]:
+    cases = [
+        ("ab", [b"\x01", b"\x02\x03"]),
+        ("encloud/v1 empty", []),
+        ("encloud/v1 empty field", [b""]),
+        ("encloud/v1 two empty", [b"", b""]),
+        ("encloud/v1 ints", [u8(6), u32(600), u64(2**40 + 5)]),
+        ("encloud/v1 long", [seed("long field", 300)]),
+        ("encloud/v1 max", [bytes(65535)]),
+    ]
+    return {
+        "description": "E(label, f1, ..., fk): label ASCII, 0x00, then u16(len(f)) || f per field",
+        "suite_v1": hx(SUITE_V1.encoded()),
+        "integers": [
+            {"name": "u8", "value": 6, "bytes": hx(u8(6))},
+            {"name": "u16", "value": 0x0020, "bytes": hx(u16(0x0020))},
+            {"name": "u32", "value": 600, "bytes": hx(u32(600))},
+            {"name": "u64", "value": "1099511627781", "bytes": hx(u64(2**40 + 5))},
+            {"name": "u64", "value": "18446744073709551615", "bytes": hx(u64(2**64 - 1))},
+        ],
+        "cases": [
+            {
+                "label": label,
+                "fields": [hx(f) if len(f) < 65535 else {"zeros": len(f)} for f in fields],
+                "sha256": hx(sha256(encode(label, *fields))),
+                **({"encoded": hx(encode(label, *fields))} if sum(map(len, fields)) < 1000 else {}),
+            }
+            for label, fields in cases
+        ],
+        "errors": [
+            {"label": "encloud/v1 too long", "fields": [{"zeros": 65536}], "error": "ValueError"}
+        ],
+    }
+
+
+# --- handshake ------------------------------------------------------------------------------
+
+
+def evidence_base() -> dict[str, Any]:
+    """The valid evidence of the shared session (also the positive evidence vector)."""
+    q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL)
+    values = {i: pcr_value(i) for i in SELECTION}
+    values[WORKLOAD_PCR] = eventlog.replay(RECORDS)
+    ak_public = ecc_public(AK)
+    attest = quote_attest(
+        signer=qualified_name(ak_public),
+        extra=q,
+        banks=[(SHA256, SELECTION)],
+        digest=sha256(b"".join(values[i] for i in SELECTION)),
+    )
+    return {
+        "quote_attest": attest,
+        "quote_signature": tpm_sign(AK, attest),
+        "ak_public": ak_public,
+        "ak_certificate_chain": [],
+        "pcr_hash_algorithm": SHA256,
+        "pcr_values": values,
+        "workload_event_log": eventlog.serialize(RECORDS),
+    }
+
+
+def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
+    attest = evidence_base()["quote_attest"]
+    h_ev = sha256(attest)
+    q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL)
+    dek, secret = seed("dek"), seed("session secret S")
+    info = release_info(SUITE_V1, SESSION_ID, h_ev)
+    ephemeral = x25519.X25519PrivateKey.from_private_bytes(seed("hpke ephemeral key"))
+    enc, ciphertext = hpke_seal_fixed(SESSION_PUB, ephemeral, info, dek + secret)
+    sealed_key = enc + ciphertext
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    assert suite.decrypt(sealed_key, SESSION_KEY, info=info) == dek + secret
+    h_hs = handshake_hash(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL, h_ev, enc)
+    prk = hmac.digest(h_hs, dek + secret, "sha256")
+    keys = derive_traffic_keys(dek, secret, h_hs)
+    c2s, s2c, kc = bytes(keys.c2s), bytes(keys.s2c), bytes(keys.kc)
+    kc_nonce = seed("nonce key confirmation", 12)
+    confirmation = seal_fixed(kc, SESSION_ID, MessageType.KEY_CONFIRM, 0, 0, h_hs, kc_nonce)
+    wrong_info = release_info(SUITE_V1, SESSION_ID, sha256(b"another quote"))
+    tampered = bytearray(sealed_key)
+    tampered[40] ^= 0x01
+    other_recipient = x25519.X25519PrivateKey.from_private_bytes(seed("other recipient"))
+    out = {
+        "description": "one session: Q, HPKE key release (open side), H_hs, traffic keys, "
+        "key confirmation",
+        "suite": {"kem_id": 0x20, "kdf_id": 1, "aead_id": 2, "encoded": hx(SUITE_V1.encoded())},
+        "nonce": hx(NONCE),
+        "session_private_key": hx(SESSION_KEY.private_bytes_raw()),
+        "session_public_key": hx(SESSION_PUB),
+        "session_id": hx(SESSION_ID),
+        "ttl_seconds": TTL,
+        "quote_encoded": hx(
+            encode("encloud/v1 quote", SUITE_V1.encoded(), NONCE, SESSION_PUB, SESSION_ID, u32(TTL))
+        ),
+        "qualifying_data": hx(q),
+        "quote_attest": hx(attest),
+        "attest_digest": hx(h_ev),
+        "dek": hx(dek),
+        "session_secret": hx(secret),
+        "release_info": hx(info),
+        "hpke_ephemeral_private_key": hx(ephemeral.private_bytes_raw()),
+        "enc": hx(enc),
+        "sealed_key": hx(sealed_key),
+        "handshake_encoded": hx(
+            encode(
+                "encloud/v1 handshake",
+                SUITE_V1.encoded(),
+                NONCE,
+                SESSION_PUB,
+                SESSION_ID,
+                u32(TTL),
+                h_ev,
+                enc,
+            )
+        ),
+        "handshake_hash": hx(h_hs),
+        "prk": hx(prk),
+        "k_c2s": hx(c2s),
+        "k_s2c": hx(s2c),
+        "k_kc": hx(kc),
+        "key_confirmation": sealed_json(MessageType.KEY_CONFIRM, 0, 0, confirmation),
+        "hpke_negative": [
+            {
+                "name": "wrong_info",
+                "description": "sealed_key opened with an info naming another quote",
+                "recipient_private_key": hx(SESSION_KEY.private_bytes_raw()),
+                "info": hx(wrong_info),
+                "sealed_key": hx(sealed_key),
+                "error": "KeyOpenError",
+            },
+            {
+                "name": "tampered_ciphertext",
+                "description": "one bit of the HPKE ciphertext flipped",
+                "recipient_private_key": hx(SESSION_KEY.private_bytes_raw()),
+                "info": hx(info),
+                "sealed_key": hx(bytes(tampered)),
+                "error": "KeyOpenError",
+            },
+            {
+                "name": "other_recipient",
+                "description": "opened with a key other than the session key",
+                "recipient_private_key": hx(other_recipient.private_bytes_raw()),
+                "info": hx(info),
+                "sealed_key": hx(sealed_key),
+                "error": "KeyOpenError",
+            },
+        ],
+        "key_confirmation_negative": [
+            {
+                "name": "other_handshake",
+                "description": "sealed correctly under k_kc, but the plaintext is another H_hs",
+                "key_confirmation": sealed_json(
+                    MessageType.KEY_CONFIRM,
+                    0,
+                    0,
+                    seal_fixed(kc, SESSION_ID, 6, 0, 0, sha256(b"other"), kc_nonce),
+                ),
+                "error": "KeyConfirmationError",
+            },
+            {
+                "name": "wrong_key",
+                "description": "sealed under k_s2c instead of k_kc",
+                "key_confirmation": sealed_json(
+                    MessageType.KEY_CONFIRM,
+                    0,
+                    0,
+                    seal_fixed(s2c, SESSION_ID, 6, 0, 0, h_hs, kc_nonce),
+                ),
+                "error": "KeyConfirmationError",
+            },
+            {
+                "name": "wrong_request_id",
+                "description": "header and associated data with request id 1",
+                "key_confirmation": sealed_json(
+                    MessageType.KEY_CONFIRM,
+                    1,
+                    0,
+                    seal_fixed(kc, SESSION_ID, 6, 1, 0, h_hs, kc_nonce),
+                ),
+                "error": "KeyConfirmationError",
+            },
+        ],
+    }
+    return out, {"c2s": c2s, "s2c": s2c, "kc": kc}
+
+
+# --- envelope -------------------------------------------------------------------------------
+
+
+def generation_request(text: str) -> bytes:
+    request = pb.GenerationRequest(max_new_tokens=16, temperature=0.0, seed=7)
+    request.messages.add(role=pb.ROLE_SYSTEM, content="Be brief.")
+    request.messages.add(role=pb.ROLE_USER, content=text)
+    request.stop.append("\n\n")
+    return request.SerializeToString()
+
+
+def envelope_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
+    aad_cases = [
+        (MessageType.REQUEST, 1, 0),
+        (MessageType.FRAME, 2, 5),
+        (MessageType.KEY_CONFIRM, 0, 0),
+        (MessageType.FINAL, 2**53 + 1, 2**32 - 1),
+    ]
+    pad_cases = [
+        (64, b""),
+        (64, seed("p60", 60)),
+        (64, seed("p61", 61)),
+        (128, seed("p124", 124)),
+        (1024, seed("p1020", 1020)),
+        (1024, seed("p1021", 1021)),
+        (1024, b"\x00" * 3),
+    ]
+    payloads = {
+        MessageType.REQUEST: ("c2s", 1, 0, generation_request("Hello")),
+        MessageType.RESPONSE: (
+            "s2c",
+            1,
+            0,
+            pb.GenerationResponse(
+                text="Hi.",
+                final=pb.GenerationFinal(
+                    finish_reason=pb.FINISH_REASON_STOP,
+                    usage=pb.Usage(prompt_tokens=12, completion_tokens=2),
+                    transcript_hash=seed("some T_0"),
+                ),
+            ).SerializeToString(),
+        ),
+        MessageType.FRAME: ("s2c", 2, 3, pb.GenerationChunk(text="caf\u00e9").SerializeToString()),
+        MessageType.FINAL: (
+            "s2c",
+            2,
+            4,
+            pb.GenerationFinal(
+                finish_reason=pb.FINISH_REASON_LENGTH,
+                usage=pb.Usage(prompt_tokens=3, completion_tokens=4),
+                transcript_hash=seed("some T_4"),
+            ).SerializeToString(),
+        ),
+        MessageType.END: ("c2s", 3, 0, b""),
+        MessageType.KEY_CONFIRM: ("kc", 0, 0, seed("some H_hs")),
+    }
+    sealed = []
+    for message_type, (key_name, request_id, seq, payload) in payloads.items():
+        nonce = seed(f"nonce {message_type.name}", 12)
+        data = seal_fixed(keys[key_name], SESSION_ID, message_type, request_id, seq, payload, nonce)
+        sealed.append(
+            {
+                "name": message_type.name,
+                "key": key_name,
+                **sealed_json(message_type, request_id, seq, data),
+                "nonce": hx(nonce),
+                "payload": hx(payload),
+                "padded": hx(pad(payload, PAD_BUCKETS[message_type])),
+                "associated_data": hx(associated_data(message_type, SESSION_ID, request_id, seq)),
+            }
+        )
+
+    def bad(
+        name: str,
+        description: str,
+        key_name: str,
+        expect: tuple[int, int, int],
+        header: tuple[int, int, int],
+        data: bytes,
+        error: str,
+    ) -> dict[str, Any]:
+        return {
+            "name": name,
+            "description": description,
+            "key": key_name,
+            "expected": {"type": expect[0], "request_id": expect[1], "seq": expect[2]},
+            **sealed_json(*header, data),
+            "error": error,
+        }
+
+    s2c, c2s = keys["s2c"], keys["c2s"]
+    frame = pb.GenerationChunk(text="secret").SerializeToString()
+    n = seed("nonce negative", 12)
+    good = seal_fixed(s2c, SESSION_ID, 3, 5, 0, frame, n)
+    flipped_tag = bytearray(good)
+    flipped_tag[-1] ^= 0x80
+    flipped_ct = bytearray(good)
+    flipped_ct[12] ^= 0x01
+    f = MessageType.FRAME
+    body = struct.pack(">I", len(frame)) + frame
+    negative = [
+        bad(
+            "tag_flipped",
+            "last tag byte flipped",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            bytes(flipped_tag),
+            "DecryptError",
+        ),
+        bad(
+            "ciphertext_flipped",
+            "first ciphertext byte flipped",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            bytes(flipped_ct),
+            "DecryptError",
+        ),
+        bad(
+            "type_in_header",
+            "a FRAME presented as a FINAL",
+            "s2c",
+            (4, 5, 0),
+            (4, 5, 0),
+            good,
+            "DecryptError",
+        ),
+        bad(
+            "header_differs",
+            "header seq 1 where seq 0 is expected",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 1),
+            good,
+            "HeaderMismatchError",
+        ),
+        bad(
+            "other_request",
+            "a frame of request 5 relabelled as request 6",
+            "s2c",
+            (f, 6, 0),
+            (f, 6, 0),
+            good,
+            "DecryptError",
+        ),
+        bad(
+            "other_position",
+            "frame 0 relabelled as frame 1",
+            "s2c",
+            (f, 5, 1),
+            (f, 5, 1),
+            good,
+            "DecryptError",
+        ),
+        bad(
+            "other_direction",
+            "sealed under k_c2s, opened as server to client",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            seal_fixed(c2s, SESSION_ID, 3, 5, 0, frame, n),
+            "DecryptError",
+        ),
+        bad(
+            "other_session",
+            "sealed with another session id in the associated data",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            seal_fixed(s2c, seed("other session", 16), 3, 5, 0, frame, n),
+            "DecryptError",
+        ),
+        bad(
+            "too_short",
+            "fewer than 28 bytes",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            good[:27],
+            "DecryptError",
+        ),
+        bad(
+            "nonzero_padding",
+            "a pad byte is 0x01",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            seal_fixed(
+                s2c, SESSION_ID, 3, 5, 0, frame, n, padded=body + bytes(63 - len(body)) + b"\x01"
+            ),
+            "DecryptError",
+        ),
+        bad(
+            "length_too_large",
+            "u32 length beyond the plaintext",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            seal_fixed(
+                s2c, SESSION_ID, 3, 5, 0, frame, n, padded=struct.pack(">I", 61) + bytes(60)
+            ),
+            "DecryptError",
+        ),
+        bad(
+            "padded_too_long",
+            "padded to two buckets where one holds it",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            seal_fixed(s2c, SESSION_ID, 3, 5, 0, frame, n, padded=body + bytes(128 - len(body))),
+            "DecryptError",
+        ),
+        bad(
+            "not_a_bucket",
+            "padded length 65, not a multiple of 64",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            seal_fixed(s2c, SESSION_ID, 3, 5, 0, frame, n, padded=body + bytes(65 - len(body))),
+            "DecryptError",
+        ),
+        bad(
+            "unpadded",
+            "the payload sealed without padding",
+            "s2c",
+            (f, 5, 0),
+            (f, 5, 0),
+            seal_fixed(s2c, SESSION_ID, 3, 5, 0, frame, n, padded=frame),
+            "DecryptError",
+        ),
+    ]
+    return {
+        "description": "associated data, padding, and sealed messages with fixed nonces "
+        "(session of handshake.json)",
+        "session_id": hx(SESSION_ID),
+        "keys": {name: hx(key) for name, key in keys.items()},
+        "pad_buckets": {m.name: b for m, b in PAD_BUCKETS.items()},
+        "associated_data": [
+            {
+                "type": t,
+                "request_id": str(r),
+                "seq": s,
+                "associated_data": hx(associated_data(t, SESSION_ID, r, s)),
+            }
+            for t, r, s in aad_cases
+        ],
+        "padding": [
+            {"bucket": bucket, "payload": hx(p), "padded": hx(pad(p, bucket))}
+            for bucket, p in pad_cases
+        ],
+        "unpad_negative": [
+            {"bucket": 64, "padded": hx(b"\x00\x00\x00"), "error": "DecryptError"},
+            {"bucket": 64, "padded": hx(u32(61) + bytes(60)), "error": "DecryptError"},
+            {"bucket": 64, "padded": hx(u32(0) + bytes(59) + b"\x01"), "error": "DecryptError"},
+            {"bucket": 64, "padded": hx(u32(0) + bytes(124)), "error": "DecryptError"},
+            {"bucket": 64, "padded": hx(u32(0) + bytes(61)), "error": "DecryptError"},
+            {"bucket": 1024, "padded": hx(u32(0) + bytes(60)), "error": "DecryptError"},
+        ],
+        "sealed": sealed,
+        "negative": negative,
+    }
+
+
+# --- streams and the transcript hash ----------------------------------------------------------
+
+
+def stream_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
+    c2s, s2c = keys["c2s"], keys["s2c"]
+    request_id = 2
+    request_payload = generation_request("Count to three.")
+    request = seal_fixed(
+        c2s,
+        SESSION_ID,
+        MessageType.REQUEST,
+        request_id,
+        0,
+        request_payload,
+        seed("nonce stream request", 12),
+    )
+    t0 = transcript_start(SESSION_ID, request_id, request)
+    texts = ["One", ", two", ", th", "ree.", ""]
+    transcripts = [t0]
+    frames = []
+    payloads = []
+    for s, text in enumerate(texts):
+        payload = pb.GenerationChunk(text=text).SerializeToString()
+        payloads.append(payload)
+        transcripts.append(transcript_next(transcripts[-1], s, payload))
+        frames.append(
+            sealed_json(
+                MessageType.FRAME,
+                request_id,
+                s,
+                seal_fixed(
+                    s2c, SESSION_ID, 3, request_id, s, payload, seed(f"nonce frame {s}", 12)
+                ),
+            )
+        )
+    n = len(texts)
+
+    def final(
+        transcript: bytes, reason: int = pb.FINISH_REASON_STOP, seq: int = n, rid: int = request_id
+    ) -> dict[str, Any]:
+        payload = pb.GenerationFinal(
+            finish_reason=reason,  # type: ignore[arg-type]
+            usage=pb.Usage(prompt_tokens=20, completion_tokens=n),
+            transcript_hash=transcript,
+        ).SerializeToString()
+        return sealed_json(
+            MessageType.FINAL,
+            rid,
+            seq,
+            seal_fixed(s2c, SESSION_ID, 4, rid, seq, payload, seed(f"nonce final {seq}", 12)),
+        )
+
+    good_final = final(transcripts[-1])
+    # A frame of another request (request 1) that says the same as frame 0.
+    other = sealed_json(
+        3, 1, 0, seal_fixed(s2c, SESSION_ID, 3, 1, 0, payloads[0], seed("nonce old frame", 12))
+    )
+    relabelled = dict(other, request_id=request_id)
+
+    def case(
+        name: str, description: str, messages: list[dict[str, Any]], error: str | None = None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": name, "description": description, "messages": messages}
+        if error is None:
+            out["expect"] = {
+                "pieces": texts,
+                "finish_reason": "stop",
+                "prompt_tokens": 20,
+                "completion_tokens": n,
+            }
+        else:
+            out["error"] = error
+        return out
+
+    stream_cases = [
+        case("valid", "frames 0..n-1 and the final frame with T_n", [*frames, good_final]),
+        case("truncated", "the final frame dropped", frames, "TruncatedStreamError"),
+        case("empty", "nothing at all", [], "TruncatedStreamError"),
+        case(
+            "frame_dropped",
+            "frame 1 dropped",
+            [frames[0], *frames[2:], good_final],
+            "HeaderMismatchError",
+        ),
+        case(
+            "frames_swapped",
+            "frames 1 and 2 swapped",
+            [frames[0], frames[2], frames[1], *frames[3:], good_final],
+            "HeaderMismatchError",
+        ),
+        case(
+            "frame_duplicated",
+            "frame 0 sent twice",
+            [frames[0], *frames, good_final],
+            "HeaderMismatchError",
+        ),
+        case(
+            "after_final",
+            "a frame after the final frame",
+            [*frames, good_final, frames[0]],
+            "StreamOrderError",
+        ),
+        case(
+            "final_twice",
+            "the final frame sent twice",
+            [*frames, good_final, good_final],
+            "StreamOrderError",
+        ),
+        case(
+            "final_early",
+            "a final frame with T_n sent in place of the last frame",
+            [*frames[:-1], final(transcripts[-1], seq=n - 1)],
+            "TranscriptMismatchError",
+        ),
+        case(
+            "wrong_transcript",
+            "the final frame carries T_(n-1)",
+            [*frames, final(transcripts[-2])],
+            "TranscriptMismatchError",
+        ),
+        case(
+            "no_finish_reason",
+            "finish reason UNSPECIFIED",
+            [*frames, final(transcripts[-1], reason=pb.FINISH_REASON_UNSPECIFIED)],
+            "StreamOrderError",
+        ),
+        case(
+            "replayed_frame_own_header",
+            "frame 0 of request 1 replayed with its header",
+            [other, *frames[1:], good_final],
+            "HeaderMismatchError",
+        ),
+        case(
+            "replayed_frame_relabelled",
+            "frame 0 of request 1 relabelled as this request",
+            [relabelled, *frames[1:], good_final],
+            "DecryptError",
+        ),
+        case(
+            "wrong_type",
+            "a RESPONSE message inside a stream",
+            [dict(frames[0], type=MessageType.RESPONSE), *frames[1:], good_final],
+            "StreamOrderError",
+        ),
+    ]
+    infer_payload = generation_request("Say hi.")
+    infer_request = seal_fixed(
+        c2s, SESSION_ID, 1, 1, 0, infer_payload, seed("nonce infer request", 12)
+    )
+    infer_t0 = transcript_start(SESSION_ID, 1, infer_request)
+    response_payload = pb.GenerationResponse(
+        text="Hi!",
+        final=pb.GenerationFinal(
+            finish_reason=pb.FINISH_REASON_STOP,
+            usage=pb.Usage(prompt_tokens=9, completion_tokens=2),
+            transcript_hash=infer_t0,
+        ),
+    ).SerializeToString()
+    response = seal_fixed(
+        s2c, SESSION_ID, 2, 1, 0, response_payload, seed("nonce infer response", 12)
+    )
+    return {
+        "description": "StreamInfer and Infer answers of the session of handshake.json: "
+        "transcript T_0..T_n and stream rules",
+        "session_id": hx(SESSION_ID),
+        "keys": {"c2s": hx(c2s), "s2c": hx(s2c)},
+        "request_id": request_id,
+        "request": sealed_json(MessageType.REQUEST, request_id, 0, request),
+        "request_payload": hx(request_payload),
+        "transcript_encoded": hx(
+            encode("encloud/v1 transcript", SESSION_ID, u64(request_id), sha256(request))
+        ),
+        "frame_payloads": [hx(p) for p in payloads],
+        "transcripts": [hx(t) for t in transcripts],
+        "cases": stream_cases,
+        "infer": {
+            "request_id": 1,
+            "request": sealed_json(1, 1, 0, infer_request),
+            "request_payload": hx(infer_payload),
+            "transcript": hx(infer_t0),
+            "response": sealed_json(2, 1, 0, response),
+            "response_payload": hx(response_payload),
+            "expect": {
+                "text": "Hi!",
+                "finish_reason": "stop",
+                "prompt_tokens": 9,
+                "completion_tokens": 2,
+            },
+        },
+    }
+
+
+# --- event log and model digest -----------------------------------------------------------------
+
+
+def eventlog_vectors() -> dict[str, Any]:
+    two = records_for([(MODEL_DIGEST, RUNTIME_DATA), (seed("older model"), b'{"a":1}')])
+    pcr = bytes(32)
+    steps = []
+    for record in two:
+        pcr = eventlog.extend(pcr, record.digest)
+        steps.append(
+            {
+                "event_type": record.event.event_type,
+                "data": hx(record.event.data),
+                "measured": hx(record.event.measured_bytes()),
+                "digest": hx(record.digest),
+                "pcr_after": hx(pcr),
+                "line": record.to_json_line().decode("ascii"),
+            }
+        )
+    files = sorted(MODEL_FILES, key=lambda p: p.encode())
+    fields = [p.encode() + b"\x00" + sha256(MODEL_FILES[p]) for p in files]
+    fields.append(sha256(CHAT_TEMPLATE.encode()))
+    samples = [
+        "[]",
+        "{}",
+        "0.1",
+        "-0.0",
+        "1e+22",
+        "123456789012345678901234567890",
+        '{"a":1e-07}',
+        '{"b":1,"a":2}',
+        '{"a": 1}',
+        '{"a":1,"a":1}',
+        '{"a":1.00}',
+        '{"a":1e-7}',
+        '{"a":"\\u00E9"}',
+        '{"a":"\u00e9"}',
+        '{"a":"\\/"}',
+        '{"a":-0}',
+        '{"a":1E5}',
+        '{"a":100000000000000000.0}',
+        '{"a":1e+16}',
+        '{"a":"\\u007f"}',
+        '{"a":true}',
+    ]
+    canonical = [
+        {"json": text, "canonical": eventlog.canonical_json(json.loads(text)) == text.encode()}
+        for text in samples
+    ]
+    canonical.append({"json": RUNTIME_DATA.decode("ascii"), "canonical": True})
+    return {
+        "description": "workload events: measured bytes, digests, PCR replay, CEL-JSON lines; "
+        "the model digest; canonical JSON",
+        "events": steps,
+        "log": eventlog.serialize(two).decode("ascii"),
+        "runtime_event_data": RUNTIME_DATA.decode("ascii"),
+        "model_digest": {
+            "files": {p: base64.b64encode(MODEL_FILES[p]).decode() for p in files},
+            "file_sha256": {p: hx(sha256(MODEL_FILES[p])) for p in files},
+            "chat_template": CHAT_TEMPLATE,
+            "sorted_paths": files,
+            "encoded": hx(encode("encloud/v1 model", *fields)),
+            "model_digest": hx(MODEL_DIGEST),
+        },
+        "canonical_json": canonical,
+    }
+
+
+# --- evidence ---------------------------------------------------------------------------------
+
+
+def evidence_json(ev: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "quote_attest": hx(ev["quote_attest"]),
+        "quote_signature": hx(ev["quote_signature"]),
+        "ak_public": hx(ev["ak_public"]),
+        "ak_certificate_chain": [hx(c) for c in ev["ak_certificate_chain"]],
+        "pcr_hash_algorithm": ev["pcr_hash_algorithm"],
+        "pcr_values": {str(i): hx(v) for i, v in sorted(ev["pcr_values"].items())},
+        "workload_event_log": hx(ev["workload_event_log"]),
+    }
+
+
+def client_json(**overrides: Any) -> dict[str, Any]:
+    values = {
+        "nonce": NONCE,
+        "session_public_key": SESSION_PUB,
+        "session_id": SESSION_ID,
+        "ttl_seconds": TTL,
+    }
+    values.update(overrides)
+    return {k: (hx(v) if isinstance(v, bytes) else v) for k, v in values.items()}
+
+
+def evidence_vectors() -> dict[str, Any]:
+    base = evidence_base()
+    base_values = base["pcr_values"]
+    q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL)
+    ak_public = base["ak_public"]
+
+    def quote(
+        *,
+        key: ec.EllipticCurvePrivateKey = AK,
+        public: bytes = ak_public,
+        values: dict[int, bytes] | None = None,
+        sig_hash: int = SHA256,
+        digest: bytes | None = None,
+        trailing: bytes = b"",
+        **attest_kw: Any,
+    ) -> dict[str, Any]:
+        vals = dict(base_values if values is None else values)
+        args: dict[str, Any] = {
+            "signer": qualified_name(public),
+            "extra": q,
+            "banks": [(SHA256, sorted(vals))],
+            "digest": digest
+            if digest is not None
+            else sha256(b"".join(vals[i] for i in sorted(vals))),
+        }
+        args.update(attest_kw)
+        attest = quote_attest(**args) + trailing
+        return dict(
+            base,
+            quote_attest=attest,
+            quote_signature=tpm_sign(key, attest, sig_hash),
+            ak_public=public,
+            pcr_values=vals,
+        )
+
+    def with_log(
+        records: list[eventlog.EventRecord],
+        raw: bytes | None = None,
+    ) -> dict[str, Any]:
+        log = raw if raw is not None else eventlog.serialize(records)
+        values = dict(base_values)
+        values[WORKLOAD_PCR] = eventlog.replay(records)
+        return dict(quote(values=values), workload_event_log=log)
+
+    model_ev, runtime_ev = RECORDS
+    policies = {
+        "base": policy_json(),
+        "other_model": policy_json(allowed_model_digests=[seed("another model")]),
+        "other_runtime": policy_json(allowed_runtime_events=[seed("another runtime")]),
+        "short_ttl": policy_json(max_session_ttl_seconds=599),
+    }
+    edited = eventlog.EventRecord(
+        1, WORKLOAD_PCR, runtime_ev.digest, eventlog.WorkloadEvent("runtime", b'{"threads":64}')
+    )
+    other_pcr_events = [eventlog.EventRecord(r.recnum, 14, r.digest, r.event) for r in RECORDS]
+    unordered = [
+        eventlog.EventRecord(0, WORKLOAD_PCR, runtime_ev.digest, runtime_ev.event),
+        eventlog.EventRecord(1, WORKLOAD_PCR, model_ev.digest, model_ev.event),
+    ]
+    noncanon_runtime = records_for([(MODEL_DIGEST, b'{"threads": 2}')])
+    unlogged = dict(base_values)
+    unlogged[WORKLOAD_PCR] = eventlog.extend(base_values[WORKLOAD_PCR], seed("unlogged"))
+    changed0 = dict(base_values)
+    changed0[0] = seed("changed firmware")
+    sha1_bank = quote(banks=[(SHA1, SELECTION)])
+    extra_bank = quote(banks=[(SHA256, SELECTION), (SHA384, SELECTION)])
+    fewer = dict(base_values)
+    del fewer[14]
+    missing_value = dict(base_values)
+    del missing_value[3]
+    short_value = dict(base_values)
+    short_value[3] = base_values[3][:20]
+    edited_value = dict(base_values)
+    edited_value[3] = seed("edited pcr 3")
+
+    negatives: list[tuple[str, str, dict[str, Any], str, dict[str, Any], str]] = [
+        # (name, description, evidence, policy, client overrides, error class)
+        (
+            "ak_not_pinned",
+            "a valid quote by a key the policy does not pin",
+            quote(key=OTHER_KEY, public=ecc_public(OTHER_KEY)),
+            "base",
+            {},
+            "AkUntrustedError",
+        ),
+        (
+            "ak_not_restricted",
+            "the pinned key without the restricted attribute",
+            quote(public=ecc_public(AK, attributes=AK_ATTRIBUTES & ~RESTRICTED)),
+            "base",
+            {},
+            "AkAttributesError",
+        ),
+        (
+            "ak_decrypt",
+            "the pinned key with the decrypt attribute",
+            quote(public=ecc_public(AK, attributes=AK_ATTRIBUTES | DECRYPT)),
+            "base",
+            {},
+            "AkAttributesError",
+        ),
+        (
+            "ak_not_fixed_tpm",
+            "the pinned key without fixedTPM",
+            quote(public=ecc_public(AK, attributes=AK_ATTRIBUTES & ~FIXED_TPM)),
+            "base",
+            {},
+            "AkAttributesError",
+        ),
+        (
+            "ak_symmetric",
+            "the pinned key with an AES-128-CFB symmetric algorithm",
+            quote(public=ecc_public(AK, symmetric=u16(AES) + u16(128) + u16(CFB))),
+            "base",
+            {},
+            "AkAttributesError",
+        ),
+        (
+            "ak_trailing_bytes",
+            "TPMT_PUBLIC with a trailing byte",
+            dict(base, ak_public=ak_public + b"\x00"),
+            "base",
+            {},
+            "MalformedEvidenceError",
+        ),
+        (
+            "ak_sha1_name",
+            "TPMT_PUBLIC with nameAlg SHA-1",
+            dict(base, ak_public=ak_public[:2] + u16(SHA1) + ak_public[4:]),
+            "base",
+            {},
+            "MalformedEvidenceError",
+        ),
+        (
+            "signature_other_bytes",
+            "the signature of another TPMS_ATTEST",
+            dict(base, quote_signature=tpm_sign(AK, base["quote_attest"] + b"x")),
+            "base",
+            {},
+            "SignatureError",
+        ),
+        (
+            "signature_other_key",
+            "signed by another key",
+            dict(base, quote_signature=tpm_sign(OTHER_KEY, base["quote_attest"])),
+            "base",
+            {},
+            "SignatureError",
+        ),
+        (
+            "signature_other_hash",
+            "ECDSA-SHA384 where the key's scheme is ECDSA-SHA256",
+            dict(base, quote_signature=tpm_sign(AK, base["quote_attest"], SHA384)),
+            "base",
+            {},
+            "SignatureError",
+        ),
+        (
+            "signature_sha1",
+            "a TPMT_SIGNATURE naming SHA-1",
+            dict(base, quote_signature=u16(ECDSA) + u16(SHA1) + base["quote_signature"][4:]),
+            "base",
+            {},
+            "MalformedEvidenceError",
+        ),
+        (
+            "signature_trailing_bytes",
+            "TPMT_SIGNATURE with a trailing byte",
+            dict(base, quote_signature=base["quote_signature"] + b"\x00"),
+            "base",
+            {},
+            "MalformedEvidenceError",
+        ),
+        (
+            "signature_flipped",
+            "one bit of s flipped",
+            dict(
+                base,
+                quote_signature=base["quote_signature"][:-1]
+                + bytes([base["quote_signature"][-1] ^ 1]),
+            ),
+            "base",
+            {},
+            "SignatureError",
+        ),
+        (
+            "attest_trailing_bytes",
+            "a signed TPMS_ATTEST with a trailing byte",
+            quote(trailing=b"\x00"),
+            "base",
+            {},
+            "MalformedEvidenceError",
+        ),
+        (
+            "attest_magic",
+            "signed, but magic is not TPM_GENERATED_VALUE",
+            quote(magic=0xFF544348),
+            "base",
+            {},
+            "AttestMagicError",
+        ),
+        (
+            "attest_type",
+            "signed, but a certify structure, not a quote",
+            quote(attest_type=ST_CERTIFY),
+            "base",
+            {},
+            "AttestTypeError",
+        ),
+        (
+            "qualified_signer",
+            "qualifiedSigner names another key",
+            quote(signer=qualified_name(ecc_public(OTHER_KEY))),
+            "base",
+            {},
+            "QualifiedSignerError",
+        ),
+        (
+            "wrong_nonce",
+            "the quote is over another nonce than the client sent",
+            base,
+            "base",
+            {"nonce": seed("another nonce")},
+            "NonceMismatchError",
+        ),
+        (
+            "replayed_session",
+            "a stale quote for another session id",
+            base,
+            "base",
+            {"session_id": seed("another session", 16)},
+            "NonceMismatchError",
+        ),
+        (
+            "session_key_swapped",
+            "an on-path party replaced the session public key",
+            base,
+            "base",
+            {"session_public_key": seed("attacker key")},
+            "NonceMismatchError",
+        ),
+        (
+            "ttl_changed",
+            "the reply's TTL differs from the quoted one",
+            base,
+            "base",
+            {"ttl_seconds": 601},
+            "NonceMismatchError",
+        ),
+        (
+            "pcr_fewer",
+            "the quote selects fewer PCRs than the policy",
+            quote(values=fewer),
+            "base",
+            {},
+            "PcrSelectionError",
+        ),
+        (
+            "pcr_sha1_bank",
+            "the quote covers the SHA-1 bank",
+            sha1_bank,
+            "base",
+            {},
+            "PcrSelectionError",
+        ),
+        (
+            "pcr_extra_bank",
+            "the quote covers two banks",
+            extra_bank,
+            "base",
+            {},
+            "PcrSelectionError",
+        ),
+        (
+            "pcr_evidence_bank",
+            "the evidence names the SHA-384 bank",
+            dict(base, pcr_hash_algorithm=SHA384),
+            "base",
+            {},
+            "PcrSelectionError",
+        ),
+        (
+            "pcr_value_edited",
+            "a shipped PCR value differs from the quoted digest",
+            dict(base, pcr_values=edited_value),
+            "base",
+            {},
+            "PcrDigestError",
+        ),
+        (
+            "pcr_value_missing",
+            "a selected PCR value is not shipped",
+            dict(base, pcr_values=missing_value),
+            "base",
+            {},
+            "PcrDigestError",
+        ),
+        (
+            "pcr_value_short",
+            "a shipped PCR value is 20 bytes",
+            dict(base, pcr_values=short_value),
+            "base",
+            {},
+            "PcrDigestError",
+        ),
+        (
+            "pcr_digest_other",
+            "pcrDigest over other values",
+            quote(digest=seed("digest")),
+            "base",
+            {},
+            "PcrDigestError",
+        ),
+        (
+            "pcr_pinned_differs",
+            "PCR 0 (pinned) has another value, quoted and signed",
+            quote(values=changed0),
+            "base",
+            {},
+            "PcrValueError",
+        ),
+        (
+            "log_not_json",
+            "the event log is not JSON lines",
+            dict(base, workload_event_log=b"not json\n"),
+            "base",
+            {},
+            "EventLogFormatError",
+        ),
+        (
+            "log_no_newline",
+            "the last record has no newline",
+            dict(base, workload_event_log=base["workload_event_log"][:-1]),
+            "base",
+            {},
+            "EventLogFormatError",
+        ),
+        (
+            "log_not_canonical",
+            "a record with a space after a colon",
+            dict(
+                base,
+                workload_event_log=base["workload_event_log"].replace(b'"pcr":15', b'"pcr": 15', 1),
+            ),
+            "base",
+            {},
+            "EventLogFormatError",
+        ),
+        (
+            "log_recnum_gap",
+            "recnums 0, 2",
+            dict(
+                base,
+                workload_event_log=eventlog.serialize(
+                    [
+                        model_ev,
+                        eventlog.EventRecord(2, WORKLOAD_PCR, runtime_ev.digest, runtime_ev.event),
+                    ]
+                ),
+            ),
+            "base",
+            {},
+            "EventLogFormatError",
+        ),
+        (
+            "log_unknown_event",
+            "an event type the protocol does not define",
+            dict(
+                base,
+                workload_event_log=base["workload_event_log"].replace(
+                    b'"event_type":"runtime"', b'"event_type":"runtimx"'
+                ),
+            ),
+            "base",
+            {},
+            "EventLogFormatError",
+        ),
+        (
+            "event_edited",
+            "the runtime event's content edited, digest kept",
+            dict(base, workload_event_log=eventlog.serialize([model_ev, edited])),
+            "base",
+            {},
+            "EventDigestError",
+        ),
+        (
+            "event_other_pcr",
+            "the records name PCR 14",
+            with_log(other_pcr_events),
+            "base",
+            {},
+            "EventDigestError",
+        ),
+        (
+            "log_unlogged_extend",
+            "the workload PCR holds an extend nobody logged",
+            quote(values=unlogged),
+            "base",
+            {},
+            "EventLogReplayError",
+        ),
+        (
+            "log_reordered_only",
+            "records reordered (renumbered), PCR unchanged",
+            dict(base, workload_event_log=eventlog.serialize(unordered)),
+            "base",
+            {},
+            "EventLogReplayError",
+        ),
+        (
+            "log_reordered",
+            "runtime before model, replayed into the PCR",
+            with_log(unordered),
+            "base",
+            {},
+            "EventSequenceError",
+        ),
+        (
+            "log_truncated",
+            "only the model event, replayed into the PCR",
+            with_log([model_ev]),
+            "base",
+            {},
+            "EventSequenceError",
+        ),
+        (
+            "log_empty",
+            "no record at all, PCR at zero",
+            with_log([]),
+            "base",
+            {},
+            "EventSequenceError",
+        ),
+        (
+            "runtime_not_canonical",
+            "the runtime event is JSON but not canonical",
+            with_log(noncanon_runtime),
+            "base",
+            {},
+            "EventSequenceError",
+        ),
+        (
+            "model_not_allowed",
+            "the model digest is not in the policy",
+            base,
+            "other_model",
+            {},
+            "ModelNotAllowedError",
+        ),
+        (
+            "runtime_not_allowed",
+            "the runtime event is not in the policy",
+            base,
+            "other_runtime",
+            {},
+            "RuntimeNotAllowedError",
+        ),
+        (
+            "ttl_too_long",
+            "the session TTL exceeds the policy's maximum",
+            base,
+            "short_ttl",
+            {},
+            "SessionTtlError",
+        ),
+    ]
+    zero_ttl_q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, 0)
+    zero_ttl = quote(extra=zero_ttl_q)
+    negatives.append(
+        (
+            "ttl_zero",
+            "a session TTL of zero",
+            zero_ttl,
+            "base",
+            {"ttl_seconds": 0},
+            "SessionTtlError",
+        )
+    )
+    return {
+        "description": "evidence against a policy: the valid one, and attacks expressed as "
+        "bytes with the typed error every client must raise",
+        "suite": hx(SUITE_V1.encoded()),
+        "policies": policies,
+        "positive": [
+            {
+                "name": "valid",
+                "policy": "base",
+                "client": client_json(),
+                "evidence": evidence_json(base),
+                "expect": {
+                    "qualifying_data": hx(q),
+                    "attest_digest": hx(sha256(base["quote_attest"])),
+                    "ak_spki": hx(spki(AK)),
+                    "ak_fingerprint": hx(sha256(spki(AK))),
+                    "model_digest": hx(MODEL_DIGEST),
+                    "runtime_event": hx(RUNTIME_DATA),
+                    "workload_pcr_value": hx(base_values[WORKLOAD_PCR]),
+                },
+            }
+        ],
+        "negative": [
+            {
+                "name": name,
+                "description": description,
+                "policy": policy,
+                "client": client_json(**client),
+                "evidence": evidence_json(ev),
+                "error": error,
+            }
+            for name, description, ev, policy, client, error in negatives
+        ],
+    }
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def build() -> dict[str, str]:
+    """Every vector file's exact text, by file stem."""
+    handshake, keys = handshake_vectors()
+    docs = {
+        "encoding": encoding_vectors(),
+        "handshake": handshake,
+        "envelope": envelope_vectors(keys),
+        "stream": stream_vectors(keys),
+        "eventlog": eventlog_vectors(),
+        "evidence": evidence_vectors(),
+    }
+    assert tuple(docs) == FILES
+    return {
+        name: json.dumps({"version": 1, **doc}, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
+        for name, doc in docs.items()
+    }
+
+
+def main(argv: list[str]) -> int:
+    texts = build()
+    if "--check" in argv:
+        stale = [n for n, t in texts.items() if (HERE / f"{n}.json").read_text() != t]
+        for name in stale:
+            print(f"tests/vectors/{name}.json is stale", file=sys.stderr)
+        return 1 if stale else 0
+    for name, text in texts.items():
+        (HERE / f"{name}.json").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
