@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ FINISH_REASONS = {
     pb.FINISH_REASON_KEY_EXHAUSTED: "key_exhausted",
 }
 NONCE_LENGTH = 32
+SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+
+log = logging.getLogger("encloud.client")
 
 Message = tuple[str, str] | Mapping[str, str]
 
@@ -130,15 +134,31 @@ class ChatStream:
         request_id: int,
         transcript: bytes,
         on_error: Any,
+        restart: Callable[[], ChatStream] | None = None,
     ) -> None:
         self._responses = responses
         self._opener = opener
         self._request_id = request_id
         self._transcript = transcript
         self._on_error = on_error
+        self._restart = restart
+        self._current: ChatStream = self
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._frames()
+        except ServiceError as error:
+            # The server no longer knows the session (idle or absolute TTL, restart)
+            # and nothing was received yet: the request never ran, so it is sent
+            # again on a fresh session.
+            if self._restart is None or error.reason != SESSION_NOT_FOUND:
+                raise
+            self._current = self._restart()
+            yield from self._current
+            self.completion = self._current.completion
+
+    def _frames(self) -> Iterator[str]:
         seq = 0
         try:
             for response in self._responses:
@@ -149,8 +169,10 @@ class ChatStream:
                     payload = self._opener.open(sealed, MessageType.FRAME, self._request_id, seq)
                     self._transcript = transcript_next(self._transcript, seq, payload)
                     seq += 1
+                    self._restart = None  # an answer has started: never sent twice
                     yield pb.GenerationChunk.FromString(payload).text
                 elif sealed.type == MessageType.FINAL:
+                    self._restart = None
                     payload = self._opener.open(sealed, MessageType.FINAL, self._request_id, seq)
                     self.completion = _check_final(
                         pb.GenerationFinal.FromString(payload), self._transcript
@@ -163,12 +185,29 @@ class ChatStream:
             raise TruncatedStreamError("the stream ended without its final frame")
 
     def cancel(self) -> None:
-        cancel = getattr(self._responses, "cancel", None)
+        current = self._current._responses if self._current is not self else self._responses
+        cancel = getattr(current, "cancel", None)
         if cancel is not None:
             cancel()
 
 
 class EncloudClient:
+    """A session with one server.
+
+    When the session expires (its TTL on our clock, or the server answers
+    SESSION_NOT_FOUND because it dropped the session: idle TTL, restart) and
+    `auto_reattest` is on, the client attests again, verifies the new evidence
+    against the same policy, releases the key again (a fresh DEK, or the
+    caller's own DEK if one was given), and sends the request on the new
+    session. It tells the caller: `reattest_count` goes up, `on_reattest` is
+    called with the new verified attestation, and a log record is written to
+    the `encloud.client` logger. A request is only resent when the server did
+    not run it (SESSION_NOT_FOUND is answered before anything is opened).
+
+    `credentials` makes a TLS (or mutual TLS) channel; without it and without
+    `channel`, the channel is plaintext (the envelope still seals content).
+    """
+
     def __init__(
         self,
         target: str,
@@ -176,16 +215,29 @@ class EncloudClient:
         *,
         audit_log: Path | None = None,
         channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         timeout_seconds: float = 60.0,
+        auto_reattest: bool = True,
+        on_reattest: Callable[[VerifiedAttestation], None] | None = None,
     ) -> None:
         self.target = target
         self.policy = policy
         self._policy_digest = policy_digest(policy)
         self._audit = AuditLog(audit_log) if audit_log is not None else None
-        self._channel = channel or grpc.insecure_channel(target)
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, credentials)
+                if credentials is not None
+                else grpc.insecure_channel(target)
+            )
+        self._channel = channel
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._timeout = timeout_seconds
         self._session: _Session | None = None
+        self.auto_reattest = auto_reattest
+        self.on_reattest = on_reattest
+        self.reattest_count = 0
+        self._caller_dek: bytearray | None = None
 
     def __enter__(self) -> EncloudClient:
         return self
@@ -243,6 +295,9 @@ class EncloudClient:
         session = self._live_session()
         if session.keys is not None:
             raise SessionError("the key was already released to this session")
+        if dek is not None and self.auto_reattest and dek is not self._caller_dek:
+            self._wipe_caller_dek()
+            self._caller_dek = bytearray(dek)  # to release again on re-attestation
         dek_bytes = bytearray(dek) if dek is not None else new_dek()
         secret = bytearray(os.urandom(SESSION_SECRET_LENGTH))
         try:
@@ -288,10 +343,16 @@ class EncloudClient:
 
     def infer(self, messages: Sequence[Message], **params: Any) -> Answer:
         session, request_id, sealed = self._seal_request(messages, params)
-        reply = self._call(
-            self._stub.Infer,
-            pb.InferRequest(session_id=session.session_id, request=_sealed_proto(sealed)),
-        )
+        try:
+            reply = self._call(
+                self._stub.Infer,
+                pb.InferRequest(session_id=session.session_id, request=_sealed_proto(sealed)),
+            )
+        except ServiceError as error:
+            if not self.auto_reattest or error.reason != SESSION_NOT_FOUND:
+                raise
+            self._reattest("the server no longer knows the session")
+            return self.infer(messages, **params)
         assert session.s2c is not None
         payload = session.s2c.open(_sealed(reply.response), MessageType.RESPONSE, request_id, 0)
         response = pb.GenerationResponse.FromString(payload)
@@ -306,12 +367,20 @@ class EncloudClient:
             timeout=self._timeout,
         )
         assert session.s2c is not None
+        restart: Callable[[], ChatStream] | None = None
+        if self.auto_reattest:
+
+            def restart() -> ChatStream:
+                self._reattest("the server no longer knows the session")
+                return self.stream(messages, **params)
+
         return ChatStream(
             responses,
             session.s2c,
             request_id,
             transcript_start(session.session_id, request_id, sealed.data),
             _service_error,
+            restart,
         )
 
     # --- end ---------------------------------------------------------------------------
@@ -340,6 +409,7 @@ class EncloudClient:
             pass  # the server may already have dropped it; our keys are wiped anyway
         finally:
             self._drop_session()
+            self._wipe_caller_dek()
             self._channel.close()
 
     # --- helpers -----------------------------------------------------------------------
@@ -365,9 +435,28 @@ class EncloudClient:
         if self._session is None:
             raise SessionError("attest first")
         if time.monotonic() >= self._session.expires_at:
+            had_key = self._session.keys is not None
             self._drop_session()
-            raise SessionExpiredError("the session expired; attest again")
+            if not (self.auto_reattest and had_key):
+                raise SessionExpiredError("the session expired; attest again")
+            self._reattest("the session's time-to-live ran out")
+            assert self._session is not None
         return self._session
+
+    def _reattest(self, why: str) -> None:
+        """A new verified session with the key released again; tells the caller."""
+        self._drop_session()
+        attestation = self.attest()
+        self.release_key(dek=self._caller_dek)
+        self.reattest_count += 1
+        log.info("re-attested: %s", why)
+        if self.on_reattest is not None:
+            self.on_reattest(attestation)
+
+    def _wipe_caller_dek(self) -> None:
+        if self._caller_dek is not None:
+            self._caller_dek[:] = bytes(len(self._caller_dek))
+        self._caller_dek = None
 
     def _drop_session(self) -> None:
         if self._session is not None:

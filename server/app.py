@@ -165,6 +165,8 @@ async def serve(settings: Settings) -> None:
     grace = settings.shutdown_grace_seconds
     log.info("draining", extra={"calls": service.running_calls, "grace_seconds": grace})
     await health_servicer.enter_graceful_shutdown()
+    if settings.shutdown_notice_seconds:
+        await asyncio.sleep(settings.shutdown_notice_seconds)
     # No new RPCs from here on; running ones are cancelled by gRPC after `grace`.
     stopping = asyncio.create_task(server.stop(grace))
     finished = await service.drain(max(grace - FINAL_FRAME_MARGIN_SECONDS, 0.0))

@@ -18,7 +18,14 @@ from encloud.server.attestation.swtpm import Swtpm
 
 
 class ServerProcess:
-    def __init__(self, workdir: Path, tcti: str, model_dir: Path, **settings: object) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        tcti: str,
+        model_dir: Path,
+        extra_env: dict[str, str] | None = None,
+        **settings: object,
+    ) -> None:
         self.workdir = workdir
         self.ready_file = workdir / "ready"
         self.log_path = workdir / "server.log"
@@ -34,6 +41,7 @@ class ServerProcess:
             "TSS2_LOG": "all+NONE",
             "ENCLOUD_METRICS_PORT": "0",
         }
+        self.env.update(extra_env or {})
         for name, value in settings.items():
             self.env[f"ENCLOUD_{name.upper()}"] = str(value)
         self.process: subprocess.Popen[bytes] | None = None
@@ -41,6 +49,12 @@ class ServerProcess:
         self.metrics_address = ""
 
     def start(self, timeout: float = 300.0) -> str:
+        """Start the server and wait until it serves; returns its host:port."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (it listens, NOT_SERVING, before it is ready)."""
         self.ready_file.unlink(missing_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -51,6 +65,25 @@ class ServerProcess:
             cwd=self.workdir,
         )
         log.close()
+
+    def listening_address(self, timeout: float = 60.0) -> str:
+        """The address from the "listening, not serving yet" log line (before ready)."""
+        import json
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("message") == "listening, not serving yet":
+                    return str(entry["address"])
+            time.sleep(0.02)
+        raise TimeoutError("the server did not log its address")
+
+    def wait_ready(self, timeout: float = 300.0) -> str:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.process.poll() is not None:

@@ -212,6 +212,12 @@ class Settings(BaseSettings):
     )
 
     # --- shutdown --------------------------------------------------------------------
+    shutdown_notice_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, health reports NOT_SERVING for this long while calls are "
+        "still accepted, so load balancers stop routing here before the server refuses calls.",
+    )
     shutdown_grace_seconds: float = Field(
         10.0,
         ge=0,

@@ -1,0 +1,241 @@
+"""Faults through a real server process: cancel, disconnect, deadline, SIGKILL, SIGTERM.
+
+Cancellation is measured in decode steps, not seconds: the server counts, for
+every cancelled generation, the decode steps that ran after the cancel reached
+it (encloud_cancel_decode_steps); the engine checks `should_stop` before each
+step, so at most the one step in flight may finish.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from encloud.client.errors import ServiceError
+from encloud.client.policy import load_policy
+from encloud.client.session import EncloudClient
+from encloud.server.devstack import ServerProcess, start_swtpm
+
+pytestmark = pytest.mark.faults
+
+LONG_PROMPT = "Write a very long story about a dragon who learns to bake bread. Use many chapters."
+LONG = {"max_new_tokens": 400}
+
+
+def metric_samples(address: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def wait_idle(address: str, rounds: int = 200) -> dict[str, float]:
+    """Poll (bounded) until no generation runs or waits; returns the last samples."""
+    for _ in range(rounds):
+        samples = metric_samples(address)
+        if (
+            samples.get("encloud_running_generations{}", 0) == 0
+            and samples.get("encloud_queue_depth{}", 0) == 0
+        ):
+            return samples
+        time.sleep(0.05)
+    raise AssertionError("generations did not end")
+
+
+def cancel_steps(samples: dict[str, float]) -> tuple[float, float, float]:
+    """(cancelled generations, of which with at most one step after, total steps after)."""
+    return (
+        samples.get("encloud_cancel_decode_steps_count{}", 0.0),
+        samples.get("encloud_cancel_decode_steps_bucket{le=1.0}", 0.0),
+        samples.get("encloud_cancel_decode_steps_sum{}", 0.0),
+    )
+
+
+class Server:
+    def __init__(self, root: Path, model_dir: Path, **settings: object) -> None:
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.swtpm = start_swtpm(root / "swtpm")
+        self.process = ServerProcess(
+            root, self.swtpm.tcti, model_dir, extra_env={"TMPDIR": str(self.tmp)}, **settings
+        )
+
+    def start(self) -> str:
+        address = self.process.start()
+        self.policy = load_policy(self.process.policy_path)
+        return address
+
+    def client(self, **kwargs: object) -> EncloudClient:
+        client = EncloudClient(self.process.address, self.policy, **kwargs)  # type: ignore[arg-type]
+        client.attest()
+        client.release_key()
+        return client
+
+    def close(self) -> None:
+        self.process.kill()
+        self.swtpm.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[Server]:
+    with tempfile.TemporaryDirectory(prefix="encloud-faults-") as tmp:
+        running = Server(Path(tmp), model_dir)
+        running.start()
+        yield running
+        running.close()
+
+
+@pytest.fixture
+def own_server(model_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    running = Server(tmp_path, model_dir, shutdown_grace_seconds=3, shutdown_notice_seconds=1)
+    yield running
+    running.close()
+
+
+def test_client_cancel_stops_within_one_decode_step_and_frees_the_slot(server: Server) -> None:
+    metrics = server.process.metrics_address
+    before = cancel_steps(wait_idle(metrics))
+    with server.client() as client:
+        stream = client.stream([("user", LONG_PROMPT)], **LONG)
+        pieces = iter(stream)
+        received = [next(pieces) for _ in range(5)]
+        assert all(received)
+        stream.cancel()
+        with pytest.raises(ServiceError) as cancelled:
+            list(pieces)
+        assert cancelled.value.code == "CANCELLED"
+        after = cancel_steps(wait_idle(metrics))
+        assert after[0] == before[0] + 1, "the cancel did not reach the engine"
+        assert after[1] == before[1] + 1, "more than one decode step ran after the cancel"
+        print(f"decode steps after cancel: {after[2] - before[2]:.0f}")
+        # The slot is free: the same session takes max_streams_per_session new calls.
+        answer = client.infer([("user", "Say yes.")], max_new_tokens=4)
+        assert answer.completion.finish_reason in {"stop", "length"}
+
+
+def test_client_disconnect_stops_the_generation(server: Server) -> None:
+    metrics = server.process.metrics_address
+    before = cancel_steps(wait_idle(metrics))
+    channel = grpc.insecure_channel(server.process.address)
+    client = EncloudClient(server.process.address, server.policy, channel=channel)
+    client.attest()
+    client.release_key()
+    pieces = iter(client.stream([("user", LONG_PROMPT)], **LONG))
+    next(pieces)
+    next(pieces)
+    channel.close()  # the TCP connection goes away mid-stream
+    after = cancel_steps(wait_idle(metrics))
+    assert after[0] == before[0] + 1
+    assert after[1] == before[1] + 1
+    client._drop_session()
+
+
+def test_passed_deadline_stops_the_generation(server: Server) -> None:
+    metrics = server.process.metrics_address
+    before = cancel_steps(wait_idle(metrics))
+    with server.client(timeout_seconds=60.0) as client:
+        client._timeout = 0.5  # this call only: far shorter than 400 tokens take
+        with pytest.raises(ServiceError) as expired:
+            list(client.stream([("user", LONG_PROMPT)], **LONG))
+        client._timeout = 60.0
+        assert expired.value.code == "DEADLINE_EXCEEDED"
+        after = cancel_steps(wait_idle(metrics))
+        assert after[0] == before[0] + 1
+        assert after[1] == before[1] + 1
+
+
+def _forms(secret: bytes) -> list[bytes]:
+    return [secret, secret.hex().encode(), base64.b64encode(secret)]
+
+
+def _files_containing(root: Path, needle: bytes) -> list[Path]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            if any(form in data for form in _forms(needle)):
+                hits.append(path)
+    return hits
+
+
+def test_sigkill_mid_stream_gives_unavailable_and_leaves_no_plaintext(
+    own_server: Server, tmp_path: Path
+) -> None:
+    own_server.start()
+    canary = f"canary-{os.urandom(8).hex()}"
+    # Positive control: the same scan finds the canary where it is planted.
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "planted.bin").write_bytes(b"x" + base64.b64encode(canary.encode()) + b"y")
+    assert _files_containing(control, canary.encode())
+
+    client = own_server.client()
+    stream = client.stream([("user", f"{LONG_PROMPT} {canary}")], **LONG)
+    pieces = iter(stream)
+    next(pieces)
+    assert own_server.process.process is not None
+    own_server.process.process.send_signal(signal.SIGKILL)
+    own_server.process.process.wait()
+    with pytest.raises(ServiceError) as lost:
+        list(pieces)
+    assert lost.value.code == "UNAVAILABLE"
+    with pytest.raises(ServiceError) as refused:
+        client.infer([("user", canary)], max_new_tokens=4)
+    assert refused.value.code == "UNAVAILABLE"
+    client._drop_session()
+    # Nothing in the server's working folder (log, state, swtpm state) or its TMPDIR.
+    assert not _files_containing(tmp_path / "state", canary.encode())
+    assert not [p for p in _files_containing(tmp_path, canary.encode()) if control not in p.parents]
+
+
+def test_sigterm_drains_then_cancels_with_a_sealed_final_and_exits_zero(
+    own_server: Server,
+) -> None:
+    own_server.process.launch()
+    early = own_server.process.listening_address()
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(early))
+    # Listening, but the model and TPM are not ready: NOT_SERVING (or not up yet).
+    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    own_server.process.wait_ready()
+    own_server.policy = load_policy(own_server.process.policy_path)
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    client = own_server.client()
+    stream = client.stream([("user", LONG_PROMPT)], max_new_tokens=2000)
+    pieces = iter(stream)
+    next(pieces)
+    text: list[str] = []
+    reader = threading.Thread(target=lambda: text.extend(pieces))
+    reader.start()
+    assert own_server.process.process is not None
+    own_server.process.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # inside shutdown_notice_seconds: still answering health, NOT_SERVING
+    draining = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    assert draining == health_pb2.HealthCheckResponse.NOT_SERVING
+    reader.join(timeout=60)
+    assert not reader.is_alive()
+    # The stream ended with a valid sealed final frame (transcript checked by the client).
+    assert stream.completion is not None
+    assert stream.completion.finish_reason in {"cancelled", "length", "stop"}
+    assert own_server.process.process.wait(timeout=60) == 0
+    log = own_server.process.log_text()
+    assert "stopped; session keys wiped" in log
+    client._drop_session()
