@@ -7,11 +7,12 @@ Client commands (attest, chat) need only the client package; server commands
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from encloud.client.errors import EncloudError, VerificationError
+from encloud.client.errors import EncloudError
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
@@ -43,22 +44,197 @@ def print_summary(attestation: object, policy: object, out=sys.stdout) -> None:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
+    from encloud.client.audit import AuditLog, load_private_key
+    from encloud.client.bundle import attest_once, audit_entry, save_bundle
     from encloud.client.policy import load_policy
-    from encloud.client.session import EncloudClient
     from encloud.client.verifier import format_report
 
     policy = load_policy(args.policy)
-    with EncloudClient(args.target, policy, audit_log=args.audit_log) as client:
-        try:
-            attestation = client.attest()
-        except VerificationError:
-            if args.report:
-                print(format_report(client.last_report))
-            raise
-        if args.report:
-            print(format_report(client.last_report))
-        print_summary(attestation, policy)
+    outcome = attest_once(args.target, policy)
+    if args.audit_log is not None:
+        key = load_private_key(args.audit_checkpoint_key) if args.audit_checkpoint_key else None
+        audit = AuditLog(
+            args.audit_log, checkpoint_key=key, checkpoints_path=args.audit_checkpoints
+        )
+        audit.append(audit_entry(outcome.bundle, outcome.attestation))
+        audit.close()
+    if args.report:
+        print(format_report(outcome.report))
+    if args.save is not None:
+        save_bundle(args.save, outcome.bundle)
+        print(f"evidence bundle ({outcome.bundle.outcome}) saved to {args.save}")
+    if outcome.error is not None:
+        raise outcome.error
+    print_summary(outcome.attestation, policy)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import datetime
+
+    from encloud.client.bundle import load_bundle, verify_bundle
+    from encloud.client.policy import load_policy, policy_digest
+    from encloud.client.verifier import format_report
+
+    policy = load_policy(args.policy)
+    bundle = load_bundle(args.bundle)
+    attestation, report, error = verify_bundle(bundle, policy)
+    print(format_report(report))
+    when = datetime.datetime.fromtimestamp(bundle.time, datetime.UTC).isoformat()
+    print(
+        f"offline re-verification of evidence from {bundle.target} saved at {when}: "
+        "freshness (the client's nonce inside the quote) was checked at attestation time, "
+        "not now; this run re-checks every other check with no server and no network"
+    )
+    if policy_digest(policy) != bundle.policy_sha256:
+        print("note: this policy differs from the one used at attestation time")
+    if error is not None:
+        raise error
+    print_summary(attestation, policy)
+    return 0
+
+
+def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
+    from encloud.client import reference
+
+    if bool(args.runtime_event) == bool(args.compute_runtime):
+        print("encloud: give --runtime-event FILE or --compute-runtime (one)", file=sys.stderr)
+        return 2
+    if args.runtime_event:
+        events = [reference.runtime_event_from_file(p) for p in args.runtime_event]
+    else:
+        events = [
+            reference.runtime_event_by_loading(d, threads=args.threads, provider=args.provider)
+            for d in args.model_dir
+        ]
+    pinned = [reference.read_pinned_key(p) for p in args.ak_pin]
+    roots = [der for p in args.ak_roots for der in reference.read_roots(p)]
+    values = reference.read_pcr_values(args.pcr_values) if args.pcr_values else None
+    policy = reference.policy_from_manifest(
+        args.model_dir,
+        events,
+        pinned_public_keys=pinned,
+        certificate_roots=roots,
+        pcr_values=values,
+        pcr_selection=_int_list(args.pcr_selection),
+        workload_pcr=args.workload_pcr,
+        max_session_ttl_seconds=args.max_session_ttl,
+    )
+    _write_policy(args.output, policy)
+    print(f"policy written to {args.output}")
+    for digest in policy.allowed_model_digests:
+        print(f"  model digest (recomputed from the files): {digest.hex()}")
+    for digest in policy.allowed_runtime_events:
+        print(f"  runtime event SHA-256: {digest.hex()}")
+    if not policy.pcr_values:
+        print(
+            "  WARNING: no PCR values pinned: firmware, boot chain and kernel are unchecked; "
+            "add --pcr-values for production",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_policy_init(args: argparse.Namespace) -> int:
+    from encloud.client import reference
+    from encloud.client.bundle import fetch_evidence
+
+    reply = fetch_evidence(args.target)
+    policy, runtimes = reference.policy_from_evidence(
+        reply.evidence,
+        qualifying_data=reply.qualifying_data(),
+        ttl_seconds=reply.ttl_seconds,
+        workload_pcr=args.workload_pcr,
+    )
+    _write_policy(args.output, policy)
+    banner = "!" * 78
+    print(
+        f"{banner}\nWARNING: DEV-ONLY POLICY (trust on first use). It pins whatever the server at "
+        f"{args.target}\nshowed about itself just now; it proves nothing to anyone else and must "
+        "never be used\nin production. Use `encloud policy from-manifest` for reference values "
+        f"that do not\ndepend on trusting the server.\n{banner}",
+        file=sys.stderr,
+    )
+    print(f"dev-only policy written to {args.output}")
+    for event in runtimes:
+        print(f"  runtime event seen: {json.dumps(event, sort_keys=True)}")
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from encloud.client.policy import load_policy, policy_digest
+
+    policy = load_policy(args.file)
+    print(f"{args.file}: valid policy, version {policy.version}")
+    print(f"  digest: {policy_digest(policy).hex()}")
+    print(
+        f"  bank {policy.pcr_bank}, PCRs {list(policy.pcr_selection)}, workload PCR "
+        f"{policy.workload_pcr}, pinned PCRs {sorted(policy.pcr_values)}"
+    )
+    print(
+        f"  {len(policy.allowed_model_digests)} model digest(s), "
+        f"{len(policy.allowed_runtime_events)} runtime event(s)"
+    )
+    print(
+        f"  AK: {len(policy.pinned_public_keys)} pinned key(s), "
+        f"{len(policy.certificate_roots)} certificate root(s)"
+    )
+    print(f"  longest session TTL accepted: {policy.max_session_ttl_seconds} s")
+    if policy.dev_only:
+        print("  WARNING: dev_only: trust on first use, never for production", file=sys.stderr)
+    if not policy.pcr_values:
+        print("  WARNING: no PCR values pinned", file=sys.stderr)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from encloud.client.audit import load_public_key, verify_log
+
+    if (args.checkpoints is None) != (args.public_key is None):
+        print("encloud: --checkpoints and --public-key go together", file=sys.stderr)
+        return 2
+    key = load_public_key(args.public_key) if args.public_key else None
+    result = verify_log(args.log, args.checkpoints, key)
+    print(f"{args.log}: OK: {result.summary()}")
+    return 0
+
+
+def cmd_audit_keygen(args: argparse.Namespace) -> int:
+    from encloud.client.audit import generate_key_files
+
+    generate_key_files(args.private, args.public)
+    print(
+        f"checkpoint key written to {args.private} (keep it away from the log), "
+        f"public key to {args.public}"
+    )
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from encloud.client.audit import AuditLog, load_private_key
+
+    log = AuditLog(
+        args.log, checkpoint_key=load_private_key(args.key), checkpoints_path=args.checkpoints
+    )
+    record = log.checkpoint()
+    if record is None:
+        print("the log is empty: nothing to sign")
+    else:
+        print(f"checkpoint of entry {record['seq']} written to {log.checkpoints_path}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of PCR indices: {text!r}") from None
+
+
+def _write_policy(path: Path, policy: object) -> None:
+    obj = policy.to_obj()  # type: ignore[attr-defined]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -135,7 +311,85 @@ def build_parser() -> argparse.ArgumentParser:
     attest = sub.add_parser("attest", help="attest a server and print the summary")
     _add_client_args(attest)
     attest.add_argument("--report", action="store_true", help="print every check")
+    attest.add_argument("--save", type=Path, help="write an offline evidence bundle here")
+    attest.add_argument(
+        "--audit-checkpoint-key", type=Path, help="Ed25519 PEM key: sign audit checkpoints"
+    )
+    attest.add_argument(
+        "--audit-checkpoints", type=Path, help="checkpoint file (default <audit log>.checkpoints)"
+    )
     attest.set_defaults(func=cmd_attest)
+
+    verify = sub.add_parser("verify", help="re-verify a saved evidence bundle offline")
+    verify.add_argument("bundle", type=Path, help="bundle written by attest --save")
+    verify.add_argument("--policy", type=Path, required=True, help="policy JSON file")
+    verify.set_defaults(func=cmd_verify)
+
+    policy = sub.add_parser("policy", help="write and check verification policies")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    fm = policy_sub.add_parser(
+        "from-manifest", help="reference values computed offline from the exported model"
+    )
+    fm.add_argument("model_dir", type=Path, nargs="+", help="exported model folder(s)")
+    fm.add_argument("-o", "--output", type=Path, required=True, help="policy file to write")
+    fm.add_argument(
+        "--runtime-event",
+        type=Path,
+        action="append",
+        default=[],
+        help="JSON runtime event published for the image (repeatable)",
+    )
+    fm.add_argument(
+        "--compute-runtime",
+        action="store_true",
+        help="compute the runtime event by loading the engine here (needs encloud[server])",
+    )
+    fm.add_argument("--threads", type=int, default=2, help="the server's thread count")
+    fm.add_argument("--provider", default="cpu", help="the server's ONNX Runtime provider")
+    fm.add_argument(
+        "--ak-pin",
+        type=Path,
+        action="append",
+        default=[],
+        help="AK public key (PEM/DER SPKI or certificate) to pin (repeatable)",
+    )
+    fm.add_argument(
+        "--ak-roots",
+        type=Path,
+        action="append",
+        default=[],
+        help="PEM file of root certificates for AK certificate chains (repeatable)",
+    )
+    fm.add_argument("--pcr-values", type=Path, help='JSON {"<index>": "<hex>"} to pin')
+    fm.add_argument("--pcr-selection", default="0,1,2,3,4,5,6,7,15", help="quoted PCRs")
+    fm.add_argument("--workload-pcr", type=int, default=15)
+    fm.add_argument("--max-session-ttl", type=int, default=900, help="seconds")
+    fm.set_defaults(func=cmd_policy_from_manifest)
+    init = policy_sub.add_parser("init", help="DEV ONLY: a policy from a running server")
+    init.add_argument("--target", required=True, help="server host:port")
+    init.add_argument("-o", "--output", type=Path, required=True, help="policy file to write")
+    init.add_argument("--workload-pcr", type=int, default=15)
+    init.set_defaults(func=cmd_policy_init)
+    check = policy_sub.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_policy_check)
+
+    audit = sub.add_parser("audit", help="the audit log: verify, keys, checkpoints")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    av = audit_sub.add_parser("verify", help="verify the chain and the signed checkpoints")
+    av.add_argument("log", type=Path)
+    av.add_argument("--checkpoints", type=Path, help="checkpoint file kept apart from the log")
+    av.add_argument("--public-key", type=Path, help="Ed25519 public key (PEM)")
+    av.set_defaults(func=cmd_audit_verify)
+    kg = audit_sub.add_parser("keygen", help="a new Ed25519 checkpoint key pair")
+    kg.add_argument("--private", type=Path, required=True)
+    kg.add_argument("--public", type=Path, required=True)
+    kg.set_defaults(func=cmd_audit_keygen)
+    cp = audit_sub.add_parser("checkpoint", help="sign the log's current head now")
+    cp.add_argument("log", type=Path)
+    cp.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    cp.add_argument("--checkpoints", type=Path, help="default <log>.checkpoints")
+    cp.set_defaults(func=cmd_audit_checkpoint)
 
     chat = sub.add_parser("chat", help="attest, release a key, chat encrypted")
     _add_client_args(chat)

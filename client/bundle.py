@@ -1,0 +1,430 @@
+"""Attest without a session, and offline evidence bundles.
+
+`attest_once` performs one Attest call with the generated stub and verifies
+the reply against a policy, exactly as `EncloudClient.attest` does, but keeps
+everything needed to verify it again later: the evidence, the client's nonce
+and suite, the server's session values (public key, session id, TTL) from
+which the qualifying data Q is recomputed, and the policy digest.
+
+An `EvidenceBundle` is that record as one JSON object (version 1):
+
+    {
+      "version": 1,
+      "kind": "encloud-evidence-bundle",
+      "target": "host:port",
+      "time": <Unix seconds when the client verified it>,
+      "suite": "<12 hex: kem, kdf, aead ids>",
+      "nonce": "<hex>",
+      "session_id": "<hex>",
+      "session_public_key": "<hex>",
+      "ttl_seconds": <int>,
+      "policy_sha256": "<hex of the policy digest used at attestation time>",
+      "outcome": "pass" | "fail",
+      "failed_check": null | "<check name>",
+      "evidence": {
+        "quote_attest": "<base64>", "quote_signature": "<base64>",
+        "ak_public": "<base64>", "ak_certificate_chain": ["<base64 DER>", ...],
+        "pcr_hash_algorithm": <TPM_ALG_ID>, "pcr_values": {"<index>": "<hex>"},
+        "workload_event_log": "<base64>"
+      }
+    }
+
+No key and no secret is in it: the session's private key stays in the server
+and no DEK exists yet at attestation time. Re-verifying a bundle proves that
+the evidence satisfies a policy; it cannot prove freshness now. Freshness (the
+nonce inside the quote) was checked by the client at attestation time, from
+its own random nonce.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from encloud.client.errors import BundleError, ServiceError, VerificationError
+from encloud.client.evidence import Evidence
+from encloud.client.handshake import SUITE_V1, HpkeSuiteId, quote_qualifying_data
+from encloud.client.policy import Policy, policy_digest
+from encloud.client.verifier import CheckResult, VerifiedAttestation, verify_with_report
+
+BUNDLE_VERSION = 1
+BUNDLE_KIND = "encloud-evidence-bundle"
+NONCE_LENGTH = 32
+_KEYS = frozenset(
+    {
+        "version",
+        "kind",
+        "target",
+        "time",
+        "suite",
+        "nonce",
+        "session_id",
+        "session_public_key",
+        "ttl_seconds",
+        "policy_sha256",
+        "outcome",
+        "failed_check",
+        "evidence",
+    }
+)
+_EVIDENCE_KEYS = frozenset(
+    {
+        "quote_attest",
+        "quote_signature",
+        "ak_public",
+        "ak_certificate_chain",
+        "pcr_hash_algorithm",
+        "pcr_values",
+        "workload_event_log",
+    }
+)
+MAX_BUNDLE_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class EvidenceBundle:
+    target: str
+    time: int
+    suite: HpkeSuiteId
+    nonce: bytes
+    session_id: bytes
+    session_public_key: bytes
+    ttl_seconds: int
+    policy_sha256: bytes
+    outcome: str
+    failed_check: str | None
+    evidence: Evidence
+
+    def qualifying_data(self) -> bytes:
+        """Q recomputed from the client's nonce and the server's session values."""
+        return quote_qualifying_data(
+            self.suite, self.nonce, self.session_public_key, self.session_id, self.ttl_seconds
+        )
+
+    def to_json(self) -> bytes:
+        ev = self.evidence
+        obj = {
+            "version": BUNDLE_VERSION,
+            "kind": BUNDLE_KIND,
+            "target": self.target,
+            "time": self.time,
+            "suite": _suite_bytes(self.suite).hex(),
+            "nonce": self.nonce.hex(),
+            "session_id": self.session_id.hex(),
+            "session_public_key": self.session_public_key.hex(),
+            "ttl_seconds": self.ttl_seconds,
+            "policy_sha256": self.policy_sha256.hex(),
+            "outcome": self.outcome,
+            "failed_check": self.failed_check,
+            "evidence": {
+                "quote_attest": _b64(ev.quote_attest),
+                "quote_signature": _b64(ev.quote_signature),
+                "ak_public": _b64(ev.ak_public),
+                "ak_certificate_chain": [_b64(c) for c in ev.ak_certificate_chain],
+                "pcr_hash_algorithm": ev.pcr_hash_algorithm,
+                "pcr_values": {str(i): v.hex() for i, v in sorted(ev.pcr_values.items())},
+                "workload_event_log": _b64(ev.workload_event_log),
+            },
+        }
+        return json.dumps(obj, indent=2, sort_keys=True).encode("ascii") + b"\n"
+
+
+@dataclass(frozen=True)
+class AttestOutcome:
+    bundle: EvidenceBundle
+    attestation: VerifiedAttestation | None
+    report: list[CheckResult]
+    error: VerificationError | None
+
+
+@dataclass(frozen=True)
+class AttestReply:
+    """One Attest exchange: the client's own values and what the server answered."""
+
+    target: str
+    suite: HpkeSuiteId
+    nonce: bytes
+    session_id: bytes
+    session_public_key: bytes
+    ttl_seconds: int
+    evidence: Evidence
+
+    def qualifying_data(self) -> bytes:
+        return quote_qualifying_data(
+            self.suite, self.nonce, self.session_public_key, self.session_id, self.ttl_seconds
+        )
+
+
+def fetch_evidence(
+    target: str,
+    *,
+    channel: grpc.Channel | None = None,
+    timeout_seconds: float = 60.0,
+    nonce: bytes | None = None,
+) -> AttestReply:
+    """One Attest call with a fresh nonce; nothing verified yet, nothing released.
+
+    The server's pending session expires on its own. Raises ServiceError if the call fails.
+    """
+    from encloud.client.v1 import encloud_pb2 as pb
+    from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
+
+    nonce = os.urandom(NONCE_LENGTH) if nonce is None else nonce
+    suite = SUITE_V1
+    own_channel = channel is None
+    channel = channel or grpc.insecure_channel(target)
+    try:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        request = pb.AttestRequest(
+            nonce=nonce,
+            suite=pb.HpkeSuite(kem_id=suite.kem_id, kdf_id=suite.kdf_id, aead_id=suite.aead_id),
+        )
+        try:
+            reply = stub.Attest(request, timeout=timeout_seconds)
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = error.details() if isinstance(error, grpc.Call) else ""
+            raise ServiceError(code.name, details or "") from None
+    finally:
+        if own_channel:
+            channel.close()
+    ev = reply.evidence
+    evidence = Evidence(
+        quote_attest=ev.quote_attest,
+        quote_signature=ev.quote_signature,
+        ak_public=ev.ak_public,
+        pcr_values=dict(ev.pcr_values),
+        workload_event_log=ev.workload_event_log,
+        pcr_hash_algorithm=ev.pcr_hash_algorithm,
+        ak_certificate_chain=tuple(ev.ak_certificate_chain),
+    )
+    return AttestReply(
+        target,
+        suite,
+        nonce,
+        reply.session_id,
+        reply.session_public_key,
+        reply.ttl_seconds,
+        evidence,
+    )
+
+
+def attest_once(
+    target: str,
+    policy: Policy,
+    *,
+    channel: grpc.Channel | None = None,
+    timeout_seconds: float = 60.0,
+    nonce: bytes | None = None,
+) -> AttestOutcome:
+    """One Attest call, verified against `policy` as EncloudClient.attest verifies it."""
+    reply = fetch_evidence(target, channel=channel, timeout_seconds=timeout_seconds, nonce=nonce)
+    attestation, report, error = verify_with_report(
+        reply.evidence,
+        policy,
+        expected_qualifying_data=reply.qualifying_data(),
+        session_ttl_seconds=reply.ttl_seconds,
+    )
+    bundle = EvidenceBundle(
+        target=target,
+        time=int(time.time()),
+        suite=reply.suite,
+        nonce=reply.nonce,
+        session_id=reply.session_id,
+        session_public_key=reply.session_public_key,
+        ttl_seconds=reply.ttl_seconds,
+        policy_sha256=policy_digest(policy),
+        outcome="pass" if error is None else "fail",
+        failed_check=error.check if error is not None else None,
+        evidence=reply.evidence,
+    )
+    return AttestOutcome(bundle, attestation, report, error)
+
+
+def audit_entry(bundle: EvidenceBundle, attestation: VerifiedAttestation | None) -> dict[str, Any]:
+    """The audit log entry of one attestation (the same fields EncloudClient records)."""
+    return {
+        "event": "attestation",
+        "server": bundle.target,
+        "nonce_sha256": hashlib.sha256(bundle.nonce).hexdigest(),
+        "attest_sha256": hashlib.sha256(bundle.evidence.quote_attest).hexdigest(),
+        "ak_fingerprint": attestation.ak_fingerprint if attestation else None,
+        "model_digest": attestation.model_digest.hex() if attestation else None,
+        "policy_sha256": bundle.policy_sha256.hex(),
+        "outcome": bundle.outcome,
+        "failed_check": bundle.failed_check,
+    }
+
+
+def verify_bundle(
+    bundle: EvidenceBundle, policy: Policy
+) -> tuple[VerifiedAttestation | None, list[CheckResult], VerificationError | None]:
+    """Re-verify a bundle offline against `policy` (no server, no network).
+
+    Every check runs again, Q recomputed from the bundle's nonce and session values; an AK
+    certificate chain is validated at the current time."""
+    return verify_with_report(
+        bundle.evidence,
+        policy,
+        expected_qualifying_data=bundle.qualifying_data(),
+        session_ttl_seconds=bundle.ttl_seconds,
+    )
+
+
+def save_bundle(path: Path | str, bundle: EvidenceBundle) -> None:
+    Path(path).write_bytes(bundle.to_json())
+
+
+def load_bundle(path: Path | str) -> EvidenceBundle:
+    with open(path, "rb") as f:
+        return parse_bundle(f.read(MAX_BUNDLE_BYTES + 1))
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def _fail(field: str, why: str) -> BundleError:
+    return BundleError(f"bundle field {field!r}: {why}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _suite_bytes(suite: HpkeSuiteId) -> bytes:
+    return suite.encoded()
+
+
+def _int(obj: Mapping[str, Any], field: str, low: int, high: int) -> int:
+    value = obj[field]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _fail(field, f"must be an integer in {low}..{high}")
+    return value
+
+
+def _hexf(obj: Mapping[str, Any], field: str, low: int, high: int, name: str = "") -> bytes:
+    value = obj[field]
+    field = name or field
+    if not isinstance(value, str) or value != value.lower():
+        raise _fail(field, "must be lowercase hex")
+    try:
+        data = bytes.fromhex(value)
+    except ValueError as err:
+        raise _fail(field, "must be lowercase hex") from err
+    if not low <= len(data) <= high:
+        raise _fail(field, f"must be {low} to {high} bytes")
+    return data
+
+
+def _b64f(value: object, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise _fail(field, "must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise _fail(field, "must be base64") from err
+
+
+def parse_bundle(data: bytes) -> EvidenceBundle:
+    """Parse a bundle strictly; any problem raises BundleError naming the field."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise BundleError(f"bundle larger than {MAX_BUNDLE_BYTES} bytes")
+    try:
+        obj = json.loads(data, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise BundleError(f"bundle is not valid JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise BundleError("bundle must be a JSON object")
+    unknown = sorted(set(obj) - _KEYS)
+    if unknown:
+        raise _fail(unknown[0], "unknown key")
+    missing = sorted(_KEYS - set(obj))
+    if missing:
+        raise _fail(missing[0], "missing")
+    if obj["version"] != BUNDLE_VERSION or isinstance(obj["version"], bool):
+        raise _fail("version", f"must be {BUNDLE_VERSION}")
+    if obj["kind"] != BUNDLE_KIND:
+        raise _fail("kind", f"must be {BUNDLE_KIND!r}")
+    if not isinstance(obj["target"], str):
+        raise _fail("target", "must be a string")
+    suite_raw = _hexf(obj, "suite", 6, 6)
+    suite = HpkeSuiteId(
+        int.from_bytes(suite_raw[0:2], "big"),
+        int.from_bytes(suite_raw[2:4], "big"),
+        int.from_bytes(suite_raw[4:6], "big"),
+    )
+    if obj["outcome"] not in ("pass", "fail"):
+        raise _fail("outcome", "must be 'pass' or 'fail'")
+    failed = obj["failed_check"]
+    if failed is not None and not isinstance(failed, str):
+        raise _fail("failed_check", "must be null or a string")
+    ev = obj["evidence"]
+    if not isinstance(ev, dict):
+        raise _fail("evidence", "must be an object")
+    unknown = sorted(set(ev) - _EVIDENCE_KEYS)
+    if unknown:
+        raise _fail(f"evidence.{unknown[0]}", "unknown key")
+    missing = sorted(_EVIDENCE_KEYS - set(ev))
+    if missing:
+        raise _fail(f"evidence.{missing[0]}", "missing")
+    chain = ev["ak_certificate_chain"]
+    if not isinstance(chain, list):
+        raise _fail("evidence.ak_certificate_chain", "must be a list")
+    values = ev["pcr_values"]
+    if not isinstance(values, dict):
+        raise _fail("evidence.pcr_values", "must be an object of index -> hex")
+    pcr_values: dict[int, bytes] = {}
+    for key in values:
+        field = f"evidence.pcr_values.{key}"
+        if (
+            len(key) > 2
+            or not key.isascii()
+            or not key.isdigit()
+            or str(int(key)) != key
+            or int(key) > 23
+        ):
+            raise _fail(field, "key must be a PCR index 0..23 in decimal")
+        pcr_values[int(key)] = _hexf(values, key, 1, 64, field)
+    evidence = Evidence(
+        quote_attest=_b64f(ev["quote_attest"], "evidence.quote_attest"),
+        quote_signature=_b64f(ev["quote_signature"], "evidence.quote_signature"),
+        ak_public=_b64f(ev["ak_public"], "evidence.ak_public"),
+        pcr_values=pcr_values,
+        workload_event_log=_b64f(ev["workload_event_log"], "evidence.workload_event_log"),
+        pcr_hash_algorithm=_int(ev, "pcr_hash_algorithm", 0, 0xFFFF),
+        ak_certificate_chain=tuple(
+            _b64f(c, f"evidence.ak_certificate_chain[{i}]") for i, c in enumerate(chain)
+        ),
+    )
+    return EvidenceBundle(
+        target=obj["target"],
+        time=_int(obj, "time", 0, 2**53 - 1),
+        suite=suite,
+        nonce=_hexf(obj, "nonce", 32, 64),
+        session_id=_hexf(obj, "session_id", 1, 64),
+        session_public_key=_hexf(obj, "session_public_key", 1, 256),
+        ttl_seconds=_int(obj, "ttl_seconds", 0, 0xFFFFFFFF),
+        policy_sha256=_hexf(obj, "policy_sha256", 32, 32),
+        outcome=obj["outcome"],
+        failed_check=failed,
+        evidence=evidence,
+    )

@@ -1,0 +1,229 @@
+"""Reference values for a policy, computed without trusting a server.
+
+`model_digest_of_folder` recomputes the model digest from the exported model's
+files, exactly as docs/PROTOCOL.md defines it (independently of the server's
+`encloud.server.inference.manifest`, which a test cross-checks):
+
+    model_digest = SHA256(E("encloud/v1 model", F_1, ..., F_n, SHA256(chat_template)))
+    F_i = UTF8(relpath_i) || 0x00 || SHA256(file_i), files sorted by UTF8(relpath),
+    manifest.json excluded; chat_template is the manifest's (what the engine renders with).
+
+The runtime event cannot be computed from the files alone: it records the
+engine's versions, the session options, the CPU feature class and a known-answer
+hash of tokens decoded at start-up. `runtime_event_by_loading` computes it by
+loading the engine here (needs `encloud[server]` and the same versions, thread
+count, provider and CPU class as the server); `runtime_event_from_file` takes
+the JSON object published by whoever built the image (the server logs it, and
+`policy init` shows it). Either is hashed as SHA256(canonical JSON), the value
+`allowed_runtime_events` holds.
+
+`policy_from_evidence` writes a DEV-ONLY policy from whatever a running server
+shows about itself: trust on first use, which proves nothing to anyone else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from encloud.client import eventlog
+from encloud.client.encoding import encode, sha256
+from encloud.client.errors import PolicyError, VerificationError
+from encloud.client.evidence import Evidence
+from encloud.client.policy import Policy, build_policy
+from encloud.client.tpm_structures import parse_attest
+from encloud.client.verifier import spki_der, verify
+
+MANIFEST_NAME = "manifest.json"
+MODEL_LABEL = "encloud/v1 model"
+_CHUNK = 1 << 20
+
+
+def _file_sha256(path: Path) -> bytes:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.digest()
+
+
+def model_digest_of_folder(folder: Path) -> bytes:
+    """Recompute the model digest from the files; PolicyError if the folder disagrees with
+    its manifest (a file missing, added or changed, or another recorded digest)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PolicyError(f"{folder}: no readable {MANIFEST_NAME}") from err
+    template = manifest.get("chat_template") if isinstance(manifest, dict) else None
+    if not isinstance(template, str):
+        raise PolicyError(f"{folder}/{MANIFEST_NAME}: no chat_template")
+    files: dict[str, bytes] = {}
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        rootp = Path(root)
+        for name in [*dirs, *names]:
+            if (rootp / name).is_symlink():
+                raise PolicyError(f"{folder}: symbolic link {name} in the model folder")
+        for name in names:
+            rel = (rootp / name).relative_to(folder).as_posix()
+            if rel != MANIFEST_NAME:
+                files[rel] = _file_sha256(rootp / name)
+    fields = [
+        rel.encode("utf-8") + b"\x00" + digest
+        for rel, digest in sorted(files.items(), key=lambda kv: kv[0].encode("utf-8"))
+    ]
+    fields.append(sha256(template.encode("utf-8")))
+    digest = sha256(encode(MODEL_LABEL, *fields))
+    listed = manifest.get("files")
+    if isinstance(listed, dict) and {k: v for k, v in listed.items()} != {
+        k: v.hex() for k, v in files.items()
+    }:
+        raise PolicyError(f"{folder}: the files differ from those its manifest lists")
+    recorded = manifest.get("model_digest")
+    if recorded is not None and recorded != digest.hex():
+        raise PolicyError(f"{folder}: the manifest records another model digest")
+    return digest
+
+
+def runtime_event_from_file(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PolicyError(f"{path}: not a JSON runtime event") from err
+    if not isinstance(obj, dict):
+        raise PolicyError(f"{path}: a runtime event is a JSON object")
+    return obj
+
+
+def runtime_event_by_loading(folder: Path, *, threads: int, provider: str) -> dict[str, Any]:
+    """Load the engine here and return its runtime event (needs encloud[server])."""
+    try:
+        from encloud.server.inference.engine import Engine
+    except ImportError as err:
+        raise PolicyError(
+            "computing the runtime event needs encloud[server]; pass --runtime-event FILE"
+        ) from err
+    event = Engine.load(Path(folder), threads=threads, provider=provider).runtime_event()
+    return dict(event)
+
+
+def runtime_event_digest(event: Mapping[str, Any]) -> bytes:
+    """SHA-256 of the runtime event's canonical JSON: what allowed_runtime_events holds."""
+    return sha256(eventlog.canonical_json(dict(event)))
+
+
+def read_pinned_key(path: Path) -> bytes:
+    """DER SubjectPublicKeyInfo from a PEM or DER public key file, or a PEM certificate."""
+    data = Path(path).read_bytes()
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key = x509.load_pem_x509_certificate(data).public_key()
+        elif data.lstrip().startswith(b"-----"):
+            key = serialization.load_pem_public_key(data)  # type: ignore[assignment]
+        else:
+            key = serialization.load_der_public_key(data)  # type: ignore[assignment]
+    except ValueError as err:
+        raise PolicyError(f"{path}: not a public key or certificate") from err
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def read_roots(path: Path) -> list[bytes]:
+    try:
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise PolicyError(f"{path}: not PEM certificates") from err
+    return [c.public_bytes(serialization.Encoding.DER) for c in certs]
+
+
+def read_pcr_values(path: Path) -> dict[int, bytes]:
+    """A JSON object {"<index>": "<hex>"} of expected PCR values."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PolicyError(f"{path}: not a JSON object of PCR values") from err
+    if not isinstance(obj, dict):
+        raise PolicyError(f"{path}: not a JSON object of PCR values")
+    out: dict[int, bytes] = {}
+    for key, value in obj.items():
+        if not key.isdigit() or not isinstance(value, str):
+            raise PolicyError(f"{path}: entry {key!r} is not index -> hex")
+        try:
+            out[int(key)] = bytes.fromhex(value)
+        except ValueError as err:
+            raise PolicyError(f"{path}: entry {key!r} is not hex") from err
+    return out
+
+
+def policy_from_manifest(
+    model_dirs: Iterable[Path],
+    runtime_events: Iterable[Mapping[str, Any]],
+    *,
+    pinned_public_keys: Iterable[bytes] = (),
+    certificate_roots: Iterable[bytes] = (),
+    pcr_values: Mapping[int, bytes] | None = None,
+    pcr_selection: Iterable[int] = (0, 1, 2, 3, 4, 5, 6, 7, 15),
+    workload_pcr: int = 15,
+    max_session_ttl_seconds: int = 900,
+) -> Policy:
+    """A production-shaped policy from offline reference values (validated as parsed)."""
+    return build_policy(
+        pcr_selection=pcr_selection,
+        workload_pcr=workload_pcr,
+        allowed_model_digests=[model_digest_of_folder(d) for d in model_dirs],
+        allowed_runtime_events=[runtime_event_digest(e) for e in runtime_events],
+        pinned_public_keys=pinned_public_keys,
+        certificate_roots=certificate_roots,
+        pcr_values=pcr_values,
+        max_session_ttl_seconds=max_session_ttl_seconds,
+        dev_only=False,
+    )
+
+
+def policy_from_evidence(
+    evidence: Evidence, *, qualifying_data: bytes, ttl_seconds: int, workload_pcr: int = 15
+) -> tuple[Policy, list[dict[str, Any]]]:
+    """DEV ONLY, trust on first use: pin what the server shows. Returns the policy and the
+    runtime events it allows (for the user to read).
+
+    The result is verified against the same evidence, so a server whose evidence is not even
+    self-consistent (bad signature, log that does not replay) gets no policy."""
+    attest = parse_attest(evidence.quote_attest)
+    if attest.quote is None or len(attest.quote.pcr_select) != 1:
+        raise PolicyError("the server's quote is not a one-bank PCR quote")
+    selection = attest.quote.pcr_select[0].indices
+    records = eventlog.parse(evidence.workload_event_log)
+    models = sorted({r.event.data for r in records if r.event.event_type == eventlog.EVENT_MODEL})
+    runtimes: dict[bytes, dict[str, Any]] = {}
+    for r in records:
+        if r.event.event_type == eventlog.EVENT_RUNTIME:
+            runtimes[sha256(r.event.data)] = json.loads(r.event.data)
+    policy = build_policy(
+        pcr_selection=selection,
+        workload_pcr=workload_pcr,
+        allowed_model_digests=models,
+        allowed_runtime_events=sorted(runtimes),
+        pinned_public_keys=[spki_der(evidence.ak_public)],
+        pcr_values={i: v for i, v in evidence.pcr_values.items() if i != workload_pcr},
+        max_session_ttl_seconds=max(ttl_seconds, 1),
+        dev_only=True,
+    )
+    try:
+        verify(
+            evidence,
+            policy,
+            expected_qualifying_data=qualifying_data,
+            session_ttl_seconds=ttl_seconds,
+        )
+    except VerificationError as err:
+        raise PolicyError(f"the server's own evidence does not verify: {err}") from err
+    return policy, list(runtimes.values())

@@ -1,0 +1,185 @@
+"""The attestation CLI as a new user runs it, against a real server on swtpm.
+
+`encloud policy from-manifest` (offline), `policy init` (dev only), `policy
+check`, `attest --report --save`, `verify` (offline) and `audit verify`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from encloud.client import eventlog
+from encloud.client.cli import main
+from encloud.client.encoding import sha256
+from encloud.client.policy import load_policy
+from encloud.client.reference import model_digest_of_folder
+from encloud.client.verifier import spki_der
+
+pytestmark = pytest.mark.e2e
+
+
+def _runtime_event_of(stack) -> dict:
+    """The runtime event the server logged (what its image builder would publish)."""
+    from encloud.client.bundle import fetch_evidence
+
+    records = eventlog.parse(fetch_evidence(stack.address).evidence.workload_event_log)
+    return json.loads(records[-1].event.data)
+
+
+def _ak_pem(stack, tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    from encloud.client.bundle import fetch_evidence
+
+    der = spki_der(fetch_evidence(stack.address).evidence.ak_public)
+    key = serialization.load_der_public_key(der)
+    path = tmp_path / "ak.pem"
+    path.write_bytes(
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+def _pcr_values_file(stack, tmp_path: Path) -> Path:
+    path = tmp_path / "pcrs.json"
+    values = {str(i): v.hex() for i, v in stack.policy.pcr_values.items()}
+    path.write_text(json.dumps(values))
+    return path
+
+
+@pytest.mark.unit
+def test_model_digest_recomputed_offline_equals_the_manifest(model_dir) -> None:
+    from encloud.server.inference.manifest import verify_model_folder
+
+    assert model_digest_of_folder(model_dir) == verify_model_folder(model_dir).model_digest
+
+
+def test_policy_from_manifest_verifies_a_real_server(stack, tmp_path, capsys) -> None:
+    runtime = tmp_path / "runtime.json"
+    runtime.write_text(json.dumps(_runtime_event_of(stack)))
+    out = tmp_path / "policy.json"
+    rc = main(
+        [
+            "policy",
+            "from-manifest",
+            str(stack.server.model_dir),
+            "--runtime-event",
+            str(runtime),
+            "--ak-pin",
+            str(_ak_pem(stack, tmp_path)),
+            "--pcr-values",
+            str(_pcr_values_file(stack, tmp_path)),
+            "-o",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    policy = load_policy(out)
+    assert not policy.dev_only
+    assert policy.allowed_model_digests == stack.policy.allowed_model_digests
+    assert policy.allowed_runtime_events == stack.policy.allowed_runtime_events
+
+    assert main(["attest", "--target", stack.address, "--policy", str(out), "--report"]) == 0
+    printed = capsys.readouterr().out
+    assert "PASS  model_digest" in printed
+    assert "verified: all checks passed" in printed
+
+
+@pytest.mark.engine
+def test_policy_from_manifest_computes_the_runtime_event_locally(stack, tmp_path) -> None:
+    out = tmp_path / "policy.json"
+    args = ["policy", "from-manifest", str(stack.server.model_dir), "--compute-runtime"]
+    args += ["--ak-pin", str(_ak_pem(stack, tmp_path)), "-o", str(out)]
+    assert main(args) == 0
+    assert load_policy(out).allowed_runtime_events == stack.policy.allowed_runtime_events
+
+
+def test_policy_init_is_dev_only_and_warns(stack, tmp_path, capsys) -> None:
+    out = tmp_path / "dev.json"
+    assert main(["policy", "init", "--target", stack.address, "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "DEV-ONLY POLICY" in captured.err
+    policy = load_policy(out)
+    assert policy.dev_only
+    assert policy.pinned_public_keys == stack.policy.pinned_public_keys
+    assert main(["policy", "check", str(out)]) == 0
+    assert "dev_only" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_policy_check_names_the_bad_field(tmp_path, capsys) -> None:
+    path = tmp_path / "bad.json"
+    from test_policy import valid_obj
+
+    obj = valid_obj()
+    obj["workload_pcr"] = "15"
+    path.write_text(json.dumps(obj))
+    assert main(["policy", "check", str(path)]) == 1
+    assert "policy field 'workload_pcr'" in capsys.readouterr().err
+
+
+def test_attest_save_and_verify_offline(stack, tmp_path, capsys) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_bytes(stack.server.policy_path.read_bytes())
+    bundle = tmp_path / "evidence.json"
+    log = tmp_path / "audit.jsonl"
+    args = ["attest", "--target", stack.address, "--policy", str(policy), "--save", str(bundle)]
+    assert main([*args, "--audit-log", str(log)]) == 0
+    capsys.readouterr()
+
+    # No server needed from here on: a closed port proves it.
+    assert main(["verify", str(bundle), "--policy", str(policy)]) == 0
+    printed = capsys.readouterr().out
+    assert "freshness (the client's nonce inside the quote) was checked at attestation time" in (
+        printed
+    )
+    assert "verified: all checks passed" in printed
+    saved = json.loads(bundle.read_text())
+    assert saved["policy_sha256"] == sha256(load_policy(policy).to_json()).hex()
+    assert "key" not in json.dumps({k: v for k, v in saved.items() if k != "session_public_key"})
+
+
+def test_verify_offline_refuses_a_bundle_edited_after_saving(stack, tmp_path, capsys) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_bytes(stack.server.policy_path.read_bytes())
+    bundle = tmp_path / "evidence.json"
+    assert (
+        main(["attest", "--target", stack.address, "--policy", str(policy), "--save", str(bundle)])
+        == 0
+    )
+    saved = json.loads(bundle.read_text())
+    saved["nonce"] = "00" * 32
+    bundle.write_text(json.dumps(saved))
+    assert main(["verify", str(bundle), "--policy", str(policy)]) == 1
+    assert "FAIL  qualifying_data" in capsys.readouterr().out
+
+
+def test_audit_log_with_checkpoints_from_the_cli(stack, tmp_path, capsys) -> None:
+    key, pub = tmp_path / "cp.key", tmp_path / "cp.pub"
+    assert main(["audit", "keygen", "--private", str(key), "--public", str(pub)]) == 0
+    log, cps = tmp_path / "audit.jsonl", tmp_path / "elsewhere" / "audit.checkpoints"
+    policy = str(stack.server.policy_path)
+    for _ in range(2):
+        args = ["attest", "--target", stack.address, "--policy", policy, "--audit-log", str(log)]
+        args += ["--audit-checkpoint-key", str(key), "--audit-checkpoints", str(cps)]
+        assert main(args) == 0
+    capsys.readouterr()
+    verify = ["audit", "verify", str(log), "--checkpoints", str(cps), "--public-key", str(pub)]
+    assert main(verify) == 0
+    assert "anchored through entry 2" in capsys.readouterr().out
+
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["outcome"] for e in entries[1:]] == ["pass", "pass"]
+    for field in ("server", "nonce_sha256", "ak_fingerprint", "model_digest", "policy_sha256"):
+        assert entries[1][field]
+
+    lines = log.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"pass"', '"fail"')
+    log.write_text("".join(lines))
+    assert main(verify) == 1
+    assert "entry 1 was edited" in capsys.readouterr().err
