@@ -1,0 +1,604 @@
+"""The measurements. Each phase records raw samples; bench.stats turns them into figures.
+
+Phases, in order (one real server on loopback, swtpm, the in-process engine, the peers):
+
+1. decode: one fixed chat prompt, greedy, the same number of new tokens, batch 1, interleaved
+   run by run across encloud (sealed StreamInfer over gRPC, timed at the client), the same
+   engine in process (Engine.load/stream, no gRPC, no encryption) and llama.cpp (its own
+   process); the first runs of each are warm-up and are not recorded.
+2. server_rss: one stream with a 1024-token context (prompt + new tokens); then the server
+   process's VmHWM (peak resident set) from /proc/PID/status.
+3. handshake: Attest + full verification + ReleaseKey with key confirmation, timed at the
+   client, audit log fsynced per entry (the default) interleaved with runs whose audit log is
+   not synced; each session is ended (untimed) so none pile up.
+4. verify: client.verifier.verify alone on one quote, repeated.
+5. concurrency: N clients, each with its own attested session, stream at once behind a barrier,
+   for N in 1, 4, 8, 16; total completion tokens over the round's wall time.
+6. envelope: seal and open of one token frame (padding, associated data, AES-256-GCM).
+7. perplexity: after the server stopped, teacher-forced over bench/data/heldout.txt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.peers import LlamaPeer, PeerUnavailable, llama_cpp_missing_reason
+from bench.perplexity import HELDOUT, heldout_ids, onnx_nll
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+FRAME_TEXT = " lighthouse"
+LEVELS = (1, 4, 8, 16)
+# The benchmark measures the handshake, not the per-peer Attest rate limiter: every handshake
+# comes from 127.0.0.1, so the limit is lifted for the benchmark's server (settings unknown to
+# a server version are ignored). Metrics on a free port, so parallel servers do not collide.
+SERVER_SETTINGS: dict[str, object] = {
+    "attest_rate_per_second": 1_000_000,
+    "attest_burst": 1_000_000,
+    "metrics_port": 0,
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    decode_warmup: int
+    decode_runs: int
+    new_tokens: int
+    rss_context: int
+    handshake_warmup: int
+    handshake_runs: int
+    verify_runs: int
+    conc_warmup_rounds: int
+    conc_rounds: int
+    conc_new_tokens: int
+    micro_samples: int
+    micro_iterations: int
+    ppl_tokens: int
+
+
+BUDGETS = {
+    "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64),
+    "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512),
+    "full": Budget("full", 2, 9, 128, 1024, 20, 500, 1000, 1, 3, 128, 15, 5000, 512),
+}
+
+Log = Callable[[str], None]
+DECODE_KEYS = [
+    f"{fig}.{eng}"
+    for fig in ("decode_tok_s", "ttft_ms")
+    for eng in ("encloud", "engine_plaintext", "llama_cpp")
+] + ["confidential_overhead_pct"]
+HANDSHAKE_KEYS = ["handshake_ms.p50", "handshake_ms.p99", "handshake_ms_no_audit_sync.p50"]
+CONCURRENCY_KEYS = [f"{fig}.{n}" for fig in ("aggregate_tok_s", "ttft_ms_p99") for n in LEVELS]
+
+
+class Results:
+    """Samples, versions and the reasons for null figures, filled in by the phases."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, Any] = {
+            "decode": {"encloud": [], "engine_plaintext": [], "llama_cpp": []},
+            "handshake_ms": [],
+            "handshake_ms_no_audit_sync": [],
+            "verify_us": [],
+            "concurrency": {},
+            "server_rss": None,
+            "frame_seal_us": [],
+            "frame_open_us": [],
+            "perplexity": {},
+        }
+        self.reasons: dict[str, str] = {}
+        self.versions: dict[str, str] = {}
+        self.notes: dict[str, Any] = {}
+
+    def fail(self, keys: list[str], reason: str) -> None:
+        for key in keys:
+            self.reasons.setdefault(key, reason)
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+# --------------------------------------------------------------------------- single streams
+
+
+def client_stream(client: Any, prompt: str, n: int) -> dict[str, Any]:
+    """One sealed StreamInfer, timed at the client: request sent to first piece, first piece
+    to the verified final frame."""
+    started = _now()
+    stream = client.stream([("user", prompt)], max_new_tokens=n)
+    first: float | None = None
+    pieces = 0
+    for _piece in stream:
+        if first is None:
+            first = _now()
+        pieces += 1
+    end = _now()
+    completion = stream.completion
+    assert completion is not None
+    if first is None:
+        first = end
+    return {
+        "ttft_ms": (first - started) * 1000.0,
+        "decode_s": end - first,
+        "tokens": completion.completion_tokens,
+        "pieces": pieces,
+        "finish": completion.finish_reason,
+        "start": started,
+        "end": end,
+    }
+
+
+def engine_stream(engine: Any, prompt: str, n: int) -> dict[str, Any]:
+    """The same generation through Engine.stream in this process: no gRPC, no sealing."""
+    from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
+
+    params = GenerationParams((ChatTurn("user", prompt),), n)
+    started = _now()
+    first: float | None = None
+    pieces = 0
+    result: GenerationResult | None = None
+    for item in engine.stream(params, lambda: False):
+        if isinstance(item, GenerationResult):
+            result = item
+            continue
+        if first is None:
+            first = _now()
+        pieces += 1
+    end = _now()
+    assert result is not None
+    if first is None:
+        first = end
+    return {
+        "ttft_ms": (first - started) * 1000.0,
+        "decode_s": end - first,
+        "tokens": result.completion_tokens,
+        "pieces": pieces,
+        "finish": result.finish_reason,
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(
+        self,
+        budget: Budget,
+        *,
+        peers: bool,
+        threads: int,
+        cache_root: Path,
+        server_settings: dict[str, object],
+        log: Log,
+    ) -> None:
+        self.budget = budget
+        self.peers = peers
+        self.threads = threads
+        self.cache_root = cache_root
+        self.server_settings = {**SERVER_SETTINGS, **server_settings, "threads": threads}
+        self.log = log
+        self.results = Results()
+
+    def run(self) -> Results:
+        from encloud.server.inference.export import export_model
+
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        res = self.results
+        res.notes["server_settings"] = {k: str(v) for k, v in self.server_settings.items()}
+        model_dir = export_model(None, self.cache_root, "int4", progress=self.log)
+        res.notes["model_dir"] = str(model_dir)
+        with tempfile.TemporaryDirectory(prefix="encloud-bench-") as tmp:
+            workdir = Path(tmp)
+            os.chmod(workdir, 0o700)
+            llama = self._start_llama(workdir)
+            try:
+                self._with_server(workdir, model_dir, llama)
+                self._phase(["frame_seal_us", "frame_open_us"], self._envelope)
+                self._phase(
+                    ["perplexity.encloud", "perplexity.fp32", "perplexity.llama_cpp"],
+                    lambda: self._perplexity(model_dir, llama),
+                )
+            finally:
+                if llama is not None:
+                    llama.close()
+        return res
+
+    def _phase(self, keys: list[str], body: Callable[[], None]) -> None:
+        """Run one phase; if it fails, its figures are null with the error as the reason."""
+        try:
+            body()
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            self.log(f"phase failed: {reason}")
+            self.results.fail(keys, reason)
+
+    # -- peers ----------------------------------------------------------------------
+
+    def _start_llama(self, workdir: Path) -> LlamaPeer | None:
+        keys = ["decode_tok_s.llama_cpp", "ttft_ms.llama_cpp", "perplexity.llama_cpp"]
+        if not self.peers:
+            self.results.fail(keys, "peers not measured (--no-peers)")
+            return None
+        missing = llama_cpp_missing_reason()
+        if missing is not None:
+            self.results.fail(keys, missing)
+            return None
+        from encloud.server.inference.export import default_gguf
+
+        try:
+            gguf = default_gguf()
+            self.log(f"llama.cpp peer on {gguf.name}, {self.threads} threads")
+            peer = LlamaPeer(gguf, self.threads, 4096, workdir / "llama_worker.log")
+        except (PeerUnavailable, FileNotFoundError, OSError) as error:
+            self.results.fail(keys, str(error))
+            return None
+        self.results.versions.update(peer.versions)
+        self.results.notes["llama_cpp_gguf"] = gguf.name
+        return peer
+
+    # -- phases with the server --------------------------------------------------------
+
+    def _with_server(self, workdir: Path, model_dir: Path, llama: LlamaPeer | None) -> None:
+        from encloud.client.policy import load_policy
+        from encloud.client.session import EncloudClient
+        from encloud.server.devstack import ServerProcess, start_swtpm
+        from encloud.server.inference.engine import Engine
+
+        self.log("starting swtpm and the server")
+        swtpm = start_swtpm(workdir / "swtpm")
+        server = ServerProcess(workdir, swtpm.tcti, model_dir, **self.server_settings)
+        try:
+            address = server.start()
+            assert server.process is not None
+            pid = server.process.pid
+            policy = load_policy(server.policy_path)
+            self.log(f"server ready on {address} (pid {pid}); loading the engine in process")
+            engine = Engine.load(model_dir, threads=self.threads)
+            self.results.versions.update(
+                {k: str(v) for k, v in engine.runtime_event().get("versions", {}).items()}
+            )
+            self.results.notes["cpu_features"] = engine.runtime_event().get("cpu")
+            with EncloudClient(address, policy, timeout_seconds=600.0) as client:
+                client.attest()
+                client.release_key()
+                self._phase(DECODE_KEYS, lambda: self._decode(client, engine, llama))
+                self._phase(["server_peak_rss_mb"], lambda: self._server_rss(client, engine, pid))
+            self._phase(HANDSHAKE_KEYS, lambda: self._handshake(address, policy, workdir))
+            self._phase(["verify_us.p50"], lambda: self._verify(address, policy))
+            self._phase(CONCURRENCY_KEYS, lambda: self._concurrency(address, policy))
+        finally:
+            code = server.terminate()
+            self.results.notes["server_exit_code"] = code
+            swtpm.stop()
+
+    def _decode(self, client: Any, engine: Any, llama: LlamaPeer | None) -> None:
+        from encloud.server.inference.engine import ChatTurn
+
+        b = self.budget
+        res = self.results
+        rendered = engine.render_prompt((ChatTurn("user", PROMPT),))
+        res.notes["prompt"] = PROMPT
+        res.notes["prompt_tokens"] = engine.count_prompt_tokens((ChatTurn("user", PROMPT),))
+        res.notes["new_tokens"] = b.new_tokens
+
+        def run_llama() -> dict[str, Any]:
+            assert llama is not None
+            return llama.call({"op": "decode", "prompt": rendered, "n": b.new_tokens})
+
+        runners: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("encloud", lambda: client_stream(client, PROMPT, b.new_tokens)),
+            ("engine_plaintext", lambda: engine_stream(engine, PROMPT, b.new_tokens)),
+        ]
+        if llama is not None:
+            runners.append(("llama_cpp", run_llama))
+        total = b.decode_warmup + b.decode_runs
+        self.log(f"decode: {total} rounds of {b.new_tokens} tokens ({b.decode_warmup} warm-up)")
+        dead: set[str] = set()
+        for i in range(total):
+            # rotate the order so no engine always runs right after another one
+            order = runners[i % len(runners) :] + runners[: i % len(runners)]
+            for name, runner in order:
+                if name in dead:
+                    continue
+                try:
+                    sample = runner()
+                except PeerUnavailable as error:
+                    dead.add(name)
+                    res.fail([f"decode_tok_s.{name}", f"ttft_ms.{name}"], str(error))
+                    res.samples["decode"][name] = []
+                    continue
+                sample.pop("start", None)
+                sample.pop("end", None)
+                if i >= b.decode_warmup:
+                    res.samples["decode"][name].append(sample)
+
+    def _server_rss(self, client: Any, engine: Any, pid: int) -> None:
+        from encloud.server.inference.engine import ChatTurn
+
+        context = self.budget.rss_context
+        words = HELDOUT.read_text(encoding="utf-8").split() * 4
+        target = context - 24
+
+        def count(n_words: int) -> int:
+            return int(engine.count_prompt_tokens((ChatTurn("user", " ".join(words[:n_words])),)))
+
+        lo, hi = 1, len(words)
+        for _ in range(32):  # binary search, bounded
+            if lo >= hi:
+                break
+            mid = (lo + hi + 1) // 2
+            if count(mid) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        prompt = " ".join(words[:lo])
+        n_prompt = count(lo)
+        self.log(f"server RSS: one stream, {n_prompt} prompt tokens, context {context}")
+        try:
+            run = client_stream(client, prompt, context - n_prompt)
+        except Exception as error:
+            self.results.fail(["server_peak_rss_mb"], f"{type(error).__name__}: {error}")
+            return
+        status = _proc_status(pid)
+        self.results.samples["server_rss"] = {
+            "pid": pid,
+            "vmhwm_kb": status.get("VmHWM"),
+            "vmrss_kb": status.get("VmRSS"),
+            "prompt_tokens": n_prompt,
+            "completion_tokens": run["tokens"],
+            "context_tokens": n_prompt + run["tokens"],
+        }
+
+    def _handshake(self, address: str, policy: Any, workdir: Path) -> None:
+        from encloud.client.session import EncloudClient
+
+        b = self.budget
+        res = self.results
+        total = b.handshake_warmup + b.handshake_runs
+        self.log(f"handshake: {total} x 2 (audit fsync per entry / batched; first ones warm-up)")
+        # The audit log's durability is read from the environment when a client is built with
+        # only a path: the default ("entry", fsync per entry) and "batch" (fsync every 16).
+        with _audit_env(None):
+            synced = EncloudClient(address, policy, audit_log=workdir / "audit-synced.jsonl")
+        with _audit_env("batch"):
+            unsynced = EncloudClient(address, policy, audit_log=workdir / "audit-unsynced.jsonl")
+        res.notes["handshake_audit"] = {
+            "handshake_ms": "audit durability default (ENCLOUD_AUDIT_DURABILITY unset: entry)",
+            "handshake_ms_no_audit_sync": "ENCLOUD_AUDIT_DURABILITY=batch",
+            "checkpoints": "off (ENCLOUD_AUDIT_CHECKPOINT_KEY unset, the default)",
+        }
+        try:
+            for i in range(total):
+                pair = [("handshake_ms", synced), ("handshake_ms_no_audit_sync", unsynced)]
+                if i % 2:
+                    pair.reverse()
+                for key, client in pair:
+                    started = _now()
+                    client.attest()
+                    client.release_key()
+                    elapsed = (_now() - started) * 1000.0
+                    client.end_session()
+                    if i >= b.handshake_warmup:
+                        res.samples[key].append(elapsed)
+        finally:
+            synced.close()
+            unsynced.close()
+
+    def _verify(self, address: str, policy: Any) -> None:
+        import grpc
+
+        from encloud.client.evidence import Evidence
+        from encloud.client.handshake import SUITE_V1, quote_qualifying_data
+        from encloud.client.v1 import encloud_pb2 as pb
+        from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
+        from encloud.client.verifier import verify
+
+        self.log(f"verify: {self.budget.verify_runs} runs on one quote")
+        nonce = os.urandom(32)
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.InferenceServiceStub(channel).Attest(
+                pb.AttestRequest(
+                    nonce=nonce,
+                    suite=pb.HpkeSuite(
+                        kem_id=SUITE_V1.kem_id, kdf_id=SUITE_V1.kdf_id, aead_id=SUITE_V1.aead_id
+                    ),
+                ),
+                timeout=60,
+            )
+        ev = reply.evidence
+        evidence = Evidence(
+            quote_attest=ev.quote_attest,
+            quote_signature=ev.quote_signature,
+            ak_public=ev.ak_public,
+            pcr_values=dict(ev.pcr_values),
+            workload_event_log=ev.workload_event_log,
+            pcr_hash_algorithm=ev.pcr_hash_algorithm,
+            ak_certificate_chain=tuple(ev.ak_certificate_chain),
+        )
+        expected = quote_qualifying_data(
+            SUITE_V1, nonce, reply.session_public_key, reply.session_id, reply.ttl_seconds
+        )
+        for i in range(self.budget.verify_runs + 5):
+            started = _now()
+            verify(
+                evidence,
+                policy,
+                expected_qualifying_data=expected,
+                session_ttl_seconds=reply.ttl_seconds,
+            )
+            if i >= 5:
+                self.results.samples["verify_us"].append((_now() - started) * 1e6)
+
+    def _concurrency(self, address: str, policy: Any) -> None:
+        from encloud.client.session import EncloudClient
+
+        b = self.budget
+        res = self.results
+        self.log(f"concurrency {LEVELS}: {b.conc_rounds} round(s) of {b.conc_new_tokens} tokens")
+        clients = [
+            EncloudClient(address, policy, timeout_seconds=600.0) for _ in range(max(LEVELS))
+        ]
+        try:
+            for client in clients:
+                client.attest()
+                client.release_key()
+            for level in LEVELS:
+                rounds: list[dict[str, Any]] = []
+                for r in range(b.conc_warmup_rounds + b.conc_rounds):
+                    warm = r < b.conc_warmup_rounds
+                    n = min(8, b.conc_new_tokens) if warm else b.conc_new_tokens
+                    streams = _concurrent_round(clients[:level], n)
+                    if warm:
+                        continue
+                    t0 = min(s["start"] for s in streams)
+                    wall = max(s["end"] for s in streams) - t0
+                    rounds.append(
+                        {
+                            "wall_s": wall,
+                            "streams": [
+                                {
+                                    "ttft_ms": s["ttft_ms"],
+                                    "tokens": s["tokens"],
+                                    "start_s": s["start"] - t0,
+                                    "end_s": s["end"] - t0,
+                                }
+                                for s in streams
+                            ],
+                        }
+                    )
+                res.samples["concurrency"][str(level)] = rounds
+                self.log(
+                    f"  {level:2d} streams: "
+                    + ", ".join(
+                        f"{sum(s['tokens'] for s in rnd['streams']) / rnd['wall_s']:.0f} tok/s"
+                        for rnd in rounds
+                    )
+                )
+        finally:
+            for client in clients:
+                client.close()
+
+    # -- phases without the server -------------------------------------------------------
+
+    def _envelope(self) -> None:
+        from encloud.client.envelope import MessageType, OpeningKey, SealingKey
+        from encloud.client.v1 import encloud_pb2 as pb
+
+        b = self.budget
+        self.log(f"envelope: {b.micro_samples} samples x {b.micro_iterations} frames")
+        key, session_id = os.urandom(32), os.urandom(16)
+        sealer = SealingKey(bytearray(key), session_id)
+        opener = OpeningKey(bytearray(key), session_id)
+        payload = pb.GenerationChunk(text=FRAME_TEXT).SerializeToString()
+        n = b.micro_iterations
+        for sample in range(b.micro_samples + 1):  # the first sample is warm-up
+            request_id = sample + 1
+            started = _now()
+            frames = [sealer.seal(MessageType.FRAME, request_id, i, payload) for i in range(n)]
+            seal_us = (_now() - started) / n * 1e6
+            started = _now()
+            for i, frame in enumerate(frames):
+                opener.open(frame, MessageType.FRAME, request_id, i)
+            open_us = (_now() - started) / n * 1e6
+            if sample:
+                self.results.samples["frame_seal_us"].append(seal_us)
+                self.results.samples["frame_open_us"].append(open_us)
+
+    def _perplexity(self, model_dir: Path, llama: LlamaPeer | None) -> None:
+        from encloud.server.inference.export import export_model
+
+        res = self.results
+        n = self.budget.ppl_tokens
+        self.log(f"perplexity: {n} tokens of bench/data/heldout.txt, teacher-forced")
+        ids = heldout_ids(model_dir, n)
+        res.notes["perplexity_tokens"] = n
+        res.samples["perplexity"]["encloud"] = onnx_nll(model_dir, ids, self.threads)
+        if not self.peers:
+            res.fail(["perplexity.fp32"], "reference not measured (--no-peers)")
+        else:
+            try:
+                fp32 = export_model(None, self.cache_root, "fp32", progress=self.log)
+                res.samples["perplexity"]["fp32"] = onnx_nll(fp32, ids, self.threads)
+            except Exception as error:  # the export extras may be missing
+                res.fail(
+                    ["perplexity.fp32"],
+                    f"fp32 export unavailable ({type(error).__name__}: {error}); "
+                    "it needs encloud[export]",
+                )
+        if llama is not None:
+            try:
+                res.samples["perplexity"]["llama_cpp"] = llama.call({"op": "ppl", "ids": ids})
+            except PeerUnavailable as error:
+                res.fail(["perplexity.llama_cpp"], str(error))
+
+
+def _concurrent_round(clients: list[Any], n: int) -> list[dict[str, Any]]:
+    """All clients stream at once (released together by a barrier); every wait is bounded."""
+    barrier = threading.Barrier(len(clients) + 1)
+    results: list[dict[str, Any] | BaseException | None] = [None] * len(clients)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[i] = client_stream(clients[i], PROMPT, n)
+        except BaseException as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    barrier.wait(timeout=60)
+    for thread in threads:
+        thread.join(timeout=900)
+    out = []
+    for item in results:
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"a concurrent stream failed: {item!r}") from item
+        if item is None:
+            raise RuntimeError("a concurrent stream did not finish in 900 s")
+        out.append(item)
+    return out
+
+
+@contextlib.contextmanager
+def _audit_env(durability: str | None) -> Iterator[None]:
+    """The client audit log's environment settings for one client: the given durability (None:
+    the default), no checkpoint key."""
+    names = ("ENCLOUD_AUDIT_DURABILITY", "ENCLOUD_AUDIT_CHECKPOINT_KEY")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    if durability is not None:
+        os.environ["ENCLOUD_AUDIT_DURABILITY"] = durability
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/PID/status (VmHWM, VmRSS, ...)."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[name] = int(parts[0])
+    return out
+
+
+def budget_dict(budget: Budget) -> dict[str, Any]:
+    return asdict(budget)

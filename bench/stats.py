@@ -1,0 +1,142 @@
+"""The statistics every figure is computed with, and the recomputation from samples.
+
+A figure is never measured directly: the harness records raw samples, and
+:func:`figures_from_samples` derives every figure from them. The smoke test
+recomputes them the same way, so a table cannot disagree with its samples.
+
+- median: :func:`statistics.median` (mean of the two middle values for an even count);
+- p50 / p99: nearest rank, the smallest sample with at least p % of the samples at or below it;
+- decode tok/s of one run: (completion tokens - 1) / (time of the last token - time of the
+  first), so time to first token is excluded from decode speed;
+- perplexity: exp(sum of negative log-likelihoods / number of predicted tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+ENGINES = ("encloud", "engine_plaintext", "llama_cpp")
+PPL_MODELS = ("encloud", "fp32", "llama_cpp")
+LEVELS = ("1", "4", "8", "16")
+
+
+def median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def decode_rate(run: Mapping[str, Any]) -> float | None:
+    """Decode tokens/s of one run: tokens after the first over the time after the first."""
+    tokens, seconds = int(run["tokens"]), float(run["decode_s"])
+    if tokens < 2 or seconds <= 0:
+        return None
+    return (tokens - 1) / seconds
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def figures_from_samples(samples: Mapping[str, Any]) -> dict[str, Any]:
+    """Every figure of the table, from the raw samples only."""
+    out: dict[str, Any] = {}
+    decode = samples.get("decode", {})
+    out["decode_tok_s"] = {}
+    out["ttft_ms"] = {}
+    for engine in ENGINES:
+        runs = decode.get(engine) or []
+        rates = [r for r in (decode_rate(run) for run in runs) if r is not None]
+        out["decode_tok_s"][engine] = median(rates)
+        out["ttft_ms"][engine] = median([float(run["ttft_ms"]) for run in runs])
+
+    enc, plain = out["decode_tok_s"]["encloud"], out["decode_tok_s"]["engine_plaintext"]
+    out["confidential_overhead_pct"] = (
+        100.0 * (1.0 - enc / plain) if enc is not None and plain else None
+    )
+
+    hs = [float(x) for x in samples.get("handshake_ms", [])]
+    out["handshake_ms"] = {"p50": percentile(hs, 50), "p99": percentile(hs, 99)}
+    hs_ns = [float(x) for x in samples.get("handshake_ms_no_audit_sync", [])]
+    out["handshake_ms_no_audit_sync"] = {"p50": percentile(hs_ns, 50)}
+    out["verify_us"] = {"p50": percentile([float(x) for x in samples.get("verify_us", [])], 50)}
+
+    conc = samples.get("concurrency", {})
+    out["aggregate_tok_s"] = {}
+    out["ttft_ms_p99"] = {}
+    for level in LEVELS:
+        rounds = conc.get(level) or []
+        totals = [
+            sum(s["tokens"] for s in rnd["streams"]) / rnd["wall_s"]
+            for rnd in rounds
+            if rnd["wall_s"] > 0
+        ]
+        ttfts = [float(s["ttft_ms"]) for rnd in rounds for s in rnd["streams"]]
+        out["aggregate_tok_s"][level] = median(totals)
+        out["ttft_ms_p99"][level] = percentile(ttfts, 99)
+
+    rss = samples.get("server_rss") or {}
+    hwm = rss.get("vmhwm_kb")
+    out["server_peak_rss_mb"] = hwm / 1024.0 if hwm is not None else None
+
+    out["frame_seal_us"] = median([float(x) for x in samples.get("frame_seal_us", [])])
+    out["frame_open_us"] = median([float(x) for x in samples.get("frame_open_us", [])])
+
+    ppl = samples.get("perplexity", {})
+    out["perplexity"] = {}
+    for model in PPL_MODELS:
+        entry = ppl.get(model)
+        out["perplexity"][model] = (
+            math.exp(entry["nll_sum"] / entry["predicted"])
+            if entry and entry.get("predicted")
+            else None
+        )
+
+    out["ratios"] = {
+        "decode_encloud_over_llama_cpp": _ratio(
+            out["decode_tok_s"]["encloud"], out["decode_tok_s"]["llama_cpp"]
+        ),
+        "ttft_encloud_over_llama_cpp": _ratio(
+            out["ttft_ms"]["encloud"], out["ttft_ms"]["llama_cpp"]
+        ),
+        "aggregate_8_over_1": _ratio(out["aggregate_tok_s"]["8"], out["aggregate_tok_s"]["1"]),
+    }
+    return out
+
+
+GOALS: tuple[tuple[str, str, str, float], ...] = (
+    # (name, figure path, comparison, target)
+    ("decode >= 1.5x llama.cpp", "ratios.decode_encloud_over_llama_cpp", ">=", 1.5),
+    ("TTFT <= 0.5x llama.cpp", "ratios.ttft_encloud_over_llama_cpp", "<=", 0.5),
+    ("confidential overhead <= 2 %", "confidential_overhead_pct", "<=", 2.0),
+    ("handshake p50 <= 3 ms", "handshake_ms.p50", "<=", 3.0),
+    ("8 streams >= 3x one", "ratios.aggregate_8_over_1", ">=", 3.0),
+)
+
+
+def lookup(figures: Mapping[str, Any], path: str) -> Any:
+    value: Any = figures
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def goals(figures: Mapping[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for name, path, op, target in GOALS:
+        value = lookup(figures, path)
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"goal": name, "figure": path, "value": value, "target": target, "met": met})
+    return out

@@ -1,0 +1,168 @@
+"""Smoke test of the benchmark harness (issue 8): a tiny budget, no peers, no speed asserted.
+
+It runs `python -m bench` as a user would (a real swtpm, a real server on loopback, the
+exported model), then checks the JSON: every key present, every peer figure a number or null
+with a reason, every figure recomputed here from `samples` (independently of bench.stats) and
+equal to what the harness reported, the confidential overhead finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ENGINES = ("encloud", "engine_plaintext", "llama_cpp")
+LEVELS = ("1", "4", "8", "16")
+PEER_KEYS = {
+    "decode_tok_s.llama_cpp",
+    "ttft_ms.llama_cpp",
+    "perplexity.fp32",
+    "perplexity.llama_cpp",
+}
+KEYS = (
+    [f"decode_tok_s.{e}" for e in ENGINES]
+    + [f"ttft_ms.{e}" for e in ENGINES]
+    + ["confidential_overhead_pct", "handshake_ms.p50", "handshake_ms.p99"]
+    + ["handshake_ms_no_audit_sync.p50", "verify_us.p50"]
+    + [f"aggregate_tok_s.{n}" for n in LEVELS]
+    + [f"ttft_ms_p99.{n}" for n in LEVELS]
+    + ["server_peak_rss_mb", "frame_seal_us", "frame_open_us"]
+    + [f"perplexity.{m}" for m in ("encloud", "fp32", "llama_cpp")]
+)
+
+
+def _get(report: dict[str, Any], key: str) -> Any:
+    value: Any = report
+    for part in key.split("."):
+        assert isinstance(value, dict) and part in value, f"missing key {key}"
+        value = value[part]
+    return value
+
+
+def _nearest_rank(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+def _recompute(samples: dict[str, Any]) -> dict[str, float | None]:
+    """Every figure from the raw samples, by the definitions in docs/PERFORMANCE.md."""
+    out: dict[str, float | None] = {}
+    for engine in ENGINES:
+        runs = samples["decode"][engine]
+        rates = [(r["tokens"] - 1) / r["decode_s"] for r in runs if r["tokens"] > 1]
+        out[f"decode_tok_s.{engine}"] = statistics.median(rates) if rates else None
+        ttfts = [r["ttft_ms"] for r in runs]
+        out[f"ttft_ms.{engine}"] = statistics.median(ttfts) if ttfts else None
+    enc, plain = out["decode_tok_s.encloud"], out["decode_tok_s.engine_plaintext"]
+    out["confidential_overhead_pct"] = 100 * (1 - enc / plain) if enc and plain else None
+    out["handshake_ms.p50"] = _nearest_rank(samples["handshake_ms"], 50)
+    out["handshake_ms.p99"] = _nearest_rank(samples["handshake_ms"], 99)
+    out["handshake_ms_no_audit_sync.p50"] = _nearest_rank(samples["handshake_ms_no_audit_sync"], 50)
+    out["verify_us.p50"] = _nearest_rank(samples["verify_us"], 50)
+    for level in LEVELS:
+        rounds = samples["concurrency"][level]
+        totals = [sum(s["tokens"] for s in r["streams"]) / r["wall_s"] for r in rounds]
+        out[f"aggregate_tok_s.{level}"] = statistics.median(totals)
+        ttfts = [s["ttft_ms"] for r in rounds for s in r["streams"]]
+        out[f"ttft_ms_p99.{level}"] = _nearest_rank(ttfts, 99)
+    out["server_peak_rss_mb"] = samples["server_rss"]["vmhwm_kb"] / 1024
+    out["frame_seal_us"] = statistics.median(samples["frame_seal_us"])
+    out["frame_open_us"] = statistics.median(samples["frame_open_us"])
+    for model in ("encloud", "fp32", "llama_cpp"):
+        entry = samples["perplexity"].get(model)
+        out[f"perplexity.{model}"] = (
+            math.exp(entry["nll_sum"] / entry["predicted"]) if entry else None
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = {**os.environ, "TSS2_LOG": "all+NONE", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--budget", "tiny", "--no-peers", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "| `decode_tok_s.encloud` |" in result.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_every_key_present_and_peers_number_or_null_with_reason(report: dict[str, Any]) -> None:
+    for key in KEYS:
+        value = _get(report, key)
+        if key in PEER_KEYS:
+            assert value is None or isinstance(value, (int, float)), key
+            if value is None:
+                assert report["reasons"].get(key), f"{key} is null without a reason"
+        else:
+            assert isinstance(value, (int, float)) and math.isfinite(value), (
+                key,
+                value,
+                report["reasons"].get(key),
+            )
+    for key in PEER_KEYS - {"perplexity.fp32"}:  # --no-peers: llama.cpp is not measured
+        assert _get(report, key) is None
+    assert "samples" in report and "machine" in report
+
+
+def test_every_figure_recomputed_from_samples(report: dict[str, Any]) -> None:
+    recomputed = _recompute(report["samples"])
+    for key in KEYS:
+        reported, again = _get(report, key), recomputed[key]
+        if reported is None:
+            assert again is None, key
+        else:
+            assert again is not None and math.isclose(reported, again, rel_tol=1e-9), (
+                key,
+                reported,
+                again,
+            )
+
+
+def test_overhead_finite_and_samples_sized_by_budget(report: dict[str, Any]) -> None:
+    assert math.isfinite(report["confidential_overhead_pct"])  # may be negative
+    budget = report["budget"]
+    assert budget["mode"] == "tiny"
+    assert len(report["samples"]["handshake_ms"]) == budget["handshake_runs"]
+    assert len(report["samples"]["decode"]["encloud"]) == budget["decode_runs"]
+    assert report["samples"]["server_rss"]["context_tokens"] <= budget["rss_context"]
+    for level in LEVELS:
+        rounds = report["samples"]["concurrency"][level]
+        assert len(rounds) == budget["conc_rounds"]
+        assert all(len(r["streams"]) == int(level) for r in rounds)
+
+
+def test_machine_names_cpu_cores_and_engine_versions(report: dict[str, Any]) -> None:
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1
+    for package in ("onnxruntime-genai", "onnxruntime", "llama-cpp-python", "python"):
+        assert package in machine["versions"]
+    assert len(machine["load_average_before"]) == 3
+
+
+def test_goals_listed_with_their_figures(report: dict[str, Any]) -> None:
+    names = [g["goal"] for g in report["goals"]]
+    assert len(names) == 5
+    for goal in report["goals"]:
+        assert goal["met"] in (True, False, None)
+        if goal["value"] is None:
+            assert goal["met"] is None
