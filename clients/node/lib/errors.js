@@ -1,0 +1,81 @@
+'use strict';
+// The typed errors of the encloud protocol v1, named as in client/errors.py so a
+// test vector's expected error class names the same failure in every language.
+
+class EncloudError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = this.constructor.name;
+  }
+}
+
+class VerificationError extends EncloudError {
+  constructor(detail) {
+    super(`${new.target.check}: ${detail}`);
+    this.detail = detail;
+    this.check = new.target.check;
+  }
+}
+VerificationError.check = 'verification';
+
+const errors = { EncloudError, VerificationError };
+
+const checks = {
+  MalformedEvidenceError: 'parse',
+  AkUntrustedError: 'ak_trust',
+  AkAttributesError: 'ak_attributes',
+  SignatureError: 'signature',
+  AttestMagicError: 'magic',
+  AttestTypeError: 'attest_type',
+  QualifiedSignerError: 'qualified_signer',
+  NonceMismatchError: 'qualifying_data',
+  PcrSelectionError: 'pcr_selection',
+  PcrDigestError: 'pcr_digest',
+  PcrValueError: 'pcr_value',
+  EventLogFormatError: 'event_log_format',
+  EventDigestError: 'event_digest',
+  EventLogReplayError: 'event_log_replay',
+  EventSequenceError: 'event_sequence',
+  ModelNotAllowedError: 'model_digest',
+  RuntimeNotAllowedError: 'runtime_event',
+  SessionTtlError: 'session_ttl',
+};
+for (const [name, check] of Object.entries(checks)) {
+  const cls = { [name]: class extends VerificationError {} }[name];
+  cls.check = check;
+  errors[name] = cls;
+}
+
+function sub(name, parent) {
+  errors[name] = { [name]: class extends parent {} }[name];
+  return errors[name];
+}
+
+sub('PolicyError', EncloudError);
+sub('KeyOpenError', EncloudError);
+sub('KeyConfirmationError', EncloudError);
+const EnvelopeError = sub('EnvelopeError', EncloudError);
+for (const name of [
+  'DecryptError',
+  'HeaderMismatchError',
+  'ReplayError',
+  'StreamOrderError',
+  'TruncatedStreamError',
+  'TranscriptMismatchError',
+  'KeyExhaustedError',
+]) {
+  sub(name, EnvelopeError);
+}
+const SessionError = sub('SessionError', EncloudError);
+sub('SessionExpiredError', SessionError);
+
+class ServiceError extends EncloudError {
+  constructor(code, message, reason = '') {
+    super(`${code}: ${message}`);
+    this.code = code;
+    this.reason = reason;
+  }
+}
+errors.ServiceError = ServiceError;
+
+module.exports = errors;

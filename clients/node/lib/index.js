@@ -1,0 +1,14 @@
+'use strict';
+module.exports = {
+  ...require('./client'),
+  errors: require('./errors'),
+  encoding: require('./encoding'),
+  handshake: require('./handshake'),
+  envelope: require('./envelope'),
+  eventlog: require('./eventlog'),
+  tpm: require('./tpm'),
+  policy: require('./policy'),
+  verifier: require('./verifier'),
+  stream: require('./stream'),
+  proto: require('./proto'),
+};

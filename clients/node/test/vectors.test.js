@@ -1,0 +1,215 @@
+'use strict';
+// Every shared test vector (tests/vectors/*.json), positive and negative, against this client.
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const crypto = require('node:crypto');
+const lib = require('../lib');
+
+const { encoding, handshake: hs, envelope: env, eventlog, policy: pol, verifier, errors: E } = lib;
+const DIR = process.env.ENCLOUD_VECTORS || path.resolve(__dirname, '..', '..', '..', 'tests', 'vectors');
+const load = (name) => JSON.parse(fs.readFileSync(path.join(DIR, `${name}.json`), 'utf8'));
+const b = (hex) => Buffer.from(hex, 'hex');
+const sealed = (m) => ({ type: m.type, requestId: BigInt(m.request_id), seq: m.seq, sealed: b(m.sealed) });
+
+async function rejectsWith(promiseOrFn, name) {
+  let error = null;
+  try {
+    await (typeof promiseOrFn === 'function' ? promiseOrFn() : promiseOrFn);
+  } catch (err) {
+    error = err;
+  }
+  assert.ok(error, `expected ${name}, nothing was thrown`);
+  assert.equal(error.name, name, `expected ${name}, got ${error.name}: ${error.message}`);
+  assert.ok(E[name] && error instanceof E[name]);
+}
+
+test('encoding', () => {
+  const v = load('encoding');
+  assert.equal(hs.suiteBytes(hs.SUITE_V1).toString('hex'), v.suite_v1);
+  for (const c of v.integers) assert.equal(encoding[c.name](c.name === 'u64' ? BigInt(c.value) : c.value).toString('hex'), c.bytes);
+  const field = (f) => (typeof f === 'string' ? b(f) : Buffer.alloc(f.zeros));
+  for (const c of v.cases) {
+    const encoded = encoding.encode(c.label, ...c.fields.map(field));
+    assert.equal(encoding.sha256(encoded).toString('hex'), c.sha256);
+    if (c.encoded) assert.equal(encoded.toString('hex'), c.encoded);
+  }
+  for (const c of v.errors) assert.throws(() => encoding.encode(c.label, ...c.fields.map(field)), RangeError);
+});
+
+test('handshake: Q, HPKE open side, H_hs, traffic keys, key confirmation', async () => {
+  const v = load('handshake');
+  const [nonce, pub, sid] = [b(v.nonce), b(v.session_public_key), b(v.session_id)];
+  const q = hs.quoteQualifyingData(hs.SUITE_V1, nonce, pub, sid, v.ttl_seconds);
+  assert.equal(q.toString('hex'), v.qualifying_data);
+  assert.equal(encoding.sha256(b(v.quote_encoded)).toString('hex'), v.qualifying_data);
+  const hEv = encoding.sha256(b(v.quote_attest));
+  assert.equal(hEv.toString('hex'), v.attest_digest);
+  const info = hs.releaseInfo(hs.SUITE_V1, sid, hEv);
+  assert.equal(info.toString('hex'), v.release_info);
+  const opened = await hs.openKey(b(v.session_private_key), b(v.sealed_key), info);
+  assert.equal(opened.dek.toString('hex'), v.dek);
+  assert.equal(opened.sessionSecret.toString('hex'), v.session_secret);
+  assert.equal(b(v.sealed_key).subarray(0, 32).toString('hex'), v.enc);
+  const hHs = hs.handshakeHash(hs.SUITE_V1, nonce, pub, sid, v.ttl_seconds, hEv, b(v.enc));
+  assert.equal(hHs.toString('hex'), v.handshake_hash);
+  assert.equal(encoding.sha256(b(v.handshake_encoded)).toString('hex'), v.handshake_hash);
+  assert.equal(crypto.createHmac('sha256', hHs).update(Buffer.concat([b(v.dek), b(v.session_secret)])).digest('hex'), v.prk);
+  const keys = await hs.deriveTrafficKeys(b(v.dek), b(v.session_secret), hHs);
+  assert.equal(keys.c2s.toString('hex'), v.k_c2s);
+  assert.equal(keys.s2c.toString('hex'), v.k_s2c);
+  assert.equal(keys.kc.toString('hex'), v.k_kc);
+  await lib.confirmKey(b(v.k_kc), sid, sealed(v.key_confirmation), hHs);
+  // What this client seals, the reference recipient key opens (round trip through @hpke/core).
+  const mine = await hs.sealKey(pub, b(v.dek), b(v.session_secret), info);
+  const back = await hs.openKey(b(v.session_private_key), mine, info);
+  assert.equal(back.dek.toString('hex'), v.dek);
+  for (const c of v.hpke_negative) {
+    await rejectsWith(hs.openKey(b(c.recipient_private_key), b(c.sealed_key), b(c.info)), c.error);
+  }
+  for (const c of v.key_confirmation_negative) {
+    await rejectsWith(lib.confirmKey(b(v.k_kc), sid, sealed(c.key_confirmation), hHs), c.error);
+  }
+});
+
+test('envelope: associated data, padding, sealed messages', async () => {
+  const v = load('envelope');
+  const sid = b(v.session_id);
+  for (const [name, bucket] of Object.entries(v.pad_buckets)) assert.equal(env.PAD_BUCKETS[env.MessageType[name]], bucket);
+  for (const c of v.associated_data) {
+    assert.equal(env.associatedData(c.type, sid, BigInt(c.request_id), c.seq).toString('hex'), c.associated_data);
+  }
+  for (const c of v.padding) {
+    assert.equal(env.pad(b(c.payload), c.bucket).toString('hex'), c.padded);
+    assert.equal(env.unpad(b(c.padded), c.bucket).toString('hex'), c.payload);
+  }
+  for (const c of v.unpad_negative) await rejectsWith(() => env.unpad(b(c.padded), c.bucket), c.error);
+  for (const c of v.sealed) {
+    const type = env.MessageType[c.name];
+    assert.equal(env.associatedData(type, sid, c.request_id, c.seq).toString('hex'), c.associated_data);
+    const opener = new env.OpeningKey(b(v.keys[c.key]), sid);
+    const payload = await opener.open(sealed(c), type, c.request_id, c.seq);
+    assert.equal(payload.toString('hex'), c.payload);
+    // Sealing with the vector's nonce gives the vector's bytes.
+    const sealer = new env.SealingKey(b(v.keys[c.key]), sid, { nonceSource: () => b(c.nonce) });
+    const again = await sealer.seal(type, BigInt(c.request_id), c.seq, b(c.payload));
+    assert.equal(again.sealed.toString('hex'), c.sealed);
+  }
+  for (const c of v.negative) {
+    const opener = new env.OpeningKey(b(v.keys[c.key]), sid);
+    await rejectsWith(opener.open(sealed(c), c.expected.type, BigInt(c.expected.request_id), c.expected.seq), c.error);
+  }
+});
+
+async function runStream(v, messages) {
+  const reader = new lib.stream.StreamReader(new env.OpeningKey(b(v.keys.s2c), b(v.session_id)), BigInt(v.request_id), b(v.transcripts[0]));
+  const pieces = [];
+  for (const m of messages) {
+    const out = await reader.feed(sealed(m));
+    if (out.text !== undefined) pieces.push(out.text);
+  }
+  return { pieces, completion: reader.finish() };
+}
+
+test('stream: transcript T_0..T_n and the stream rules', async (t) => {
+  const v = load('stream');
+  const sid = b(v.session_id);
+  const request = sealed(v.request);
+  let transcript = env.transcriptStart(sid, BigInt(v.request_id), request.sealed);
+  assert.equal(encoding.sha256(b(v.transcript_encoded)).toString('hex'), v.transcripts[0]);
+  const chain = [transcript];
+  v.frame_payloads.forEach((p, s) => chain.push((transcript = env.transcriptNext(transcript, s, b(p)))));
+  assert.deepEqual(chain.map((x) => x.toString('hex')), v.transcripts);
+  const req = await new env.OpeningKey(b(v.keys.c2s), sid).open(request, env.MessageType.REQUEST, v.request_id, 0);
+  assert.equal(req.toString('hex'), v.request_payload);
+  for (const c of v.cases) {
+    await t.test(c.name, async () => {
+      if (c.error) return rejectsWith(runStream(v, c.messages), c.error);
+      const { pieces, completion } = await runStream(v, c.messages);
+      assert.deepEqual(pieces, c.expect.pieces);
+      assert.equal(completion.finishReason, c.expect.finish_reason);
+      assert.equal(completion.promptTokens, c.expect.prompt_tokens);
+      assert.equal(completion.completionTokens, c.expect.completion_tokens);
+    });
+  }
+  const infer = v.infer;
+  const t0 = env.transcriptStart(sid, BigInt(infer.request_id), b(infer.request.sealed));
+  assert.equal(t0.toString('hex'), infer.transcript);
+  const payload = await new env.OpeningKey(b(v.keys.s2c), sid).open(sealed(infer.response), env.MessageType.RESPONSE, 1n, 0);
+  assert.equal(payload.toString('hex'), infer.response_payload);
+  const response = lib.proto.decodePayload('GenerationResponse', payload);
+  const completion = lib.stream.checkFinal(response.final, t0);
+  assert.equal(response.text, infer.expect.text);
+  assert.equal(completion.finishReason, infer.expect.finish_reason);
+});
+
+test('event log, replay, model digest, canonical JSON', () => {
+  const v = load('eventlog');
+  const records = eventlog.parse(Buffer.from(v.log, 'ascii'));
+  let pcr = Buffer.alloc(32);
+  v.events.forEach((step, i) => {
+    assert.equal(eventlog.measuredBytes(step.event_type, b(step.data)).toString('hex'), step.measured);
+    assert.equal(eventlog.eventDigest(step.event_type, b(step.data)).toString('hex'), step.digest);
+    assert.equal(records[i].digest.toString('hex'), step.digest);
+    pcr = eventlog.extend(pcr, records[i].digest);
+    assert.equal(pcr.toString('hex'), step.pcr_after);
+    assert.equal(eventlog.recordLine(i, records[i].pcr, records[i].digest, records[i].eventType, records[i].data), step.line);
+  });
+  assert.equal(eventlog.replay(records).toString('hex'), pcr.toString('hex'));
+  const md = v.model_digest;
+  const paths = Object.keys(md.files).sort((x, y) => Buffer.compare(Buffer.from(x, 'utf8'), Buffer.from(y, 'utf8')));
+  assert.deepEqual(paths, md.sorted_paths);
+  const fields = paths.map((p) => {
+    const digest = encoding.sha256(Buffer.from(md.files[p], 'base64'));
+    assert.equal(digest.toString('hex'), md.file_sha256[p]);
+    return Buffer.concat([Buffer.from(p, 'utf8'), Buffer.from([0]), digest]);
+  });
+  fields.push(encoding.sha256(Buffer.from(md.chat_template, 'utf8')));
+  const encoded = encoding.encode('encloud/v1 model', ...fields);
+  assert.equal(encoded.toString('hex'), md.encoded);
+  assert.equal(encoding.sha256(encoded).toString('hex'), md.model_digest);
+  for (const c of v.canonical_json) assert.equal(eventlog.canonicalCheck(c.json).canonical, c.canonical, c.json);
+});
+
+function evidence(obj) {
+  return {
+    quoteAttest: b(obj.quote_attest),
+    quoteSignature: b(obj.quote_signature),
+    akPublic: b(obj.ak_public),
+    akCertificateChain: obj.ak_certificate_chain.map(b),
+    pcrHashAlgorithm: obj.pcr_hash_algorithm,
+    pcrValues: new Map(Object.entries(obj.pcr_values).map(([k, x]) => [Number(k), b(x)])),
+    workloadEventLog: b(obj.workload_event_log),
+  };
+}
+
+function verifyCase(v, c) {
+  const cl = c.client;
+  const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
+  return verifier.verify(evidence(c.evidence), pol.parsePolicy(v.policies[c.policy]), {
+    expectedQualifyingData: q,
+    sessionTtlSeconds: cl.ttl_seconds,
+  });
+}
+
+test('evidence: the valid quote verifies', async () => {
+  const v = load('evidence');
+  for (const c of v.positive) {
+    const got = await verifyCase(v, c);
+    assert.equal(got.attestDigest.toString('hex'), c.expect.attest_digest);
+    assert.equal(got.akFingerprint, c.expect.ak_fingerprint);
+    assert.equal(got.akSpki.toString('hex'), c.expect.ak_spki);
+    assert.equal(got.modelDigest.toString('hex'), c.expect.model_digest);
+    assert.equal(got.runtimeEvent.toString('hex'), c.expect.runtime_event);
+    assert.equal(got.workloadPcrValue.toString('hex'), c.expect.workload_pcr_value);
+    assert.ok(got.report.every((r) => r.passed) && got.report.length === 20);
+  }
+});
+
+test('evidence: every attack is refused with its typed error', async (t) => {
+  const v = load('evidence');
+  for (const c of v.negative) {
+    await t.test(c.name, () => rejectsWith(verifyCase(v, c), c.error));
+  }
+});
