@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -226,9 +225,9 @@ def test_cancel_via_should_stop(engine: Engine) -> None:
     _, result = _run(engine, GenerationParams(_user("Tell me a long story."), 100), should_stop)
     assert result.finish_reason == "cancelled"
     assert calls == 5
-    # should_stop is consulted before each decode step: 4 steps ran before it said stop, and
-    # at most one more may run after.
-    assert 4 <= result.completion_tokens <= 5
+    # should_stop is consulted once at admission and then before each decode step: 3 steps ran
+    # before it said stop, and none after.
+    assert result.completion_tokens == 3
 
 
 @pytest.mark.engine
@@ -268,23 +267,6 @@ def test_invalid_params(engine: Engine) -> None:
     ):
         with pytest.raises(InvalidArgumentError):
             engine.stream(params, _never)
-
-
-@pytest.mark.engine
-def test_concurrent_streams(engine: Engine) -> None:
-    params = [GenerationParams(_user(q), 12) for q in ("What is 2+2?", "Name a fruit.")]
-    expected = ["".join(_run(engine, p)[0]) for p in params]
-    results: dict[int, str] = {}
-
-    def worker(i: int) -> None:
-        results[i] = "".join(_run(engine, params[i])[0])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [results[0], results[1]] == expected
 
 
 def _assert_no_floats(value) -> None:

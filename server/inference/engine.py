@@ -12,6 +12,10 @@ tokenizer would turn them into control tokens and let a message forge role bound
 Text is detokenised incrementally with onnxruntime-genai's ``TokenizerStream``, which returns
 only whole UTF-8 characters (it returns "" while a character's bytes are incomplete).
 
+Concurrent ``stream`` calls are batched by a
+:class:`~encloud.server.inference.scheduler.BatchScheduler` thread that owns every generator
+(see that module for the cohort design and docs/MODEL_PIPELINE.md for the figures).
+
 Known answer (in :meth:`Engine.runtime_event`)::
 
     known_answer = SHA256(E("encloud/v1 known answer", T_1, T_2))
@@ -19,15 +23,16 @@ Known answer (in :meth:`Engine.runtime_event`)::
 
 the token ids greedily decoded (at most ``KNOWN_ANSWER_NEW_TOKENS``, stopping early only at
 eos, which is included) for the fixed chat prompts ``KNOWN_ANSWER_PROMPTS`` (each one user
-turn, rendered with the model's chat template), computed once at load.
+turn, rendered with the model's chat template), computed once at load, batch 1, before the
+scheduler starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import platform
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,17 @@ import onnxruntime_genai as og
 from encloud.client.encoding import encode, sha256, u32
 from encloud.server.errors import InvalidArgumentError, PromptTooLongError
 from encloud.server.inference.manifest import Manifest, verify_model_folder
+from encloud.server.inference.sampling import Sampler
+from encloud.server.inference.scheduler import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_COHORTS,
+    BatchScheduler,
+    GenerationResult,
+    _Request,
+    _stop_holdback,
+    describe,
+    pad_token_id,
+)
 
 ROLES = frozenset({"system", "user", "assistant"})
 ENGINE_NAME = "onnxruntime-genai"
@@ -50,6 +66,7 @@ KNOWN_ANSWER_PROMPTS = (
 KNOWN_ANSWER_NEW_TOKENS = 16
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64
+MAX_STOP_TOKENS = 16
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -84,13 +101,10 @@ class GenerationParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
+    # None or 1.0: off. >1 discourages every token already in the prompt or the answer.
+    repetition_penalty: float | None = None
+    # Token ids that end the answer (finish reason "stop"), beside the model's end tokens.
+    stop_token_ids: tuple[int, ...] = ()
 
 
 def cpu_feature_class() -> str:
@@ -125,32 +139,22 @@ def _onnxruntime_version() -> str:
         return "unknown"
 
 
-def _special_token_strings(folder: Path) -> tuple[str, ...]:
+def _special_tokens(folder: Path) -> dict[str, int]:
+    """The tokenizer's special tokens, content -> id."""
     try:
         tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return ()
-    return tuple(
-        t["content"]
+        return {}
+    return {
+        t["content"]: int(t["id"])
         for t in tok.get("added_tokens", [])
         if t.get("special") and isinstance(t.get("content"), str) and t["content"]
-    )
-
-
-def _stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
+    }
 
 
 class Engine:
     """One loaded model. Create with :meth:`Engine.load`. ``stream`` may be called from several
-    threads; generations are serialised by a lock (batching comes later)."""
+    threads at once; the scheduler thread batches them."""
 
     def __init__(
         self,
@@ -164,6 +168,7 @@ class Engine:
         context_length: int,
         eos_ids: frozenset[int],
         special_tokens: tuple[str, ...],
+        pad_id: int,
     ) -> None:
         self._folder = folder
         self._manifest = manifest
@@ -174,23 +179,49 @@ class Engine:
         self._context_length = context_length
         self._eos_ids = eos_ids
         self._special_tokens = special_tokens
-        self._lock = threading.Lock()
+        self._pad_id = pad_id
+        self._vocab_size = int(model_vocab_size(folder))
         self._known_answer = ""
+        self._scheduler: BatchScheduler | None = None
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, folder: Path, *, threads: int = 2, provider: str = "cpu") -> Engine:
-        """Verify ``folder`` against its manifest, load it, and compute the known answer."""
+    def load(
+        cls,
+        folder: Path,
+        *,
+        threads: int = 2,
+        provider: str = "cpu",
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_cohorts: int = DEFAULT_MAX_COHORTS,
+    ) -> Engine:
+        """Verify ``folder`` against its manifest, load it, compute the known answer and start
+        the scheduler (``max_batch`` requests per cohort, ``max_cohorts`` cohorts at once)."""
         if threads < 1:
             raise ValueError("threads must be at least 1")
         folder = Path(folder)
         manifest = verify_model_folder(folder)
         genai_cfg = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
         context_length = int(genai_cfg["model"]["context_length"])
+        specials = _special_tokens(folder)
+        cfg_eos = genai_cfg["model"].get("eos_token_id", [])
+        cfg_eos = cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]
+        not_pad = frozenset(int(t) for t in (*cfg_eos, genai_cfg["model"].get("bos_token_id", -1)))
+        pad_id = pad_token_id(
+            list(specials.values()), not_pad, int(genai_cfg["model"].get("pad_token_id", 0))
+        )
         cfg = og.Config(str(folder))
+        # The pad token matters only for right-padding batched prompts (see scheduler.py).
         cfg.overlay(
-            json.dumps({"model": {"decoder": {"session_options": _session_options(threads)}}})
+            json.dumps(
+                {
+                    "model": {
+                        "pad_token_id": pad_id,
+                        "decoder": {"session_options": _session_options(threads)},
+                    }
+                }
+            )
         )
         if provider != "cpu":
             cfg.clear_providers()
@@ -207,10 +238,25 @@ class Engine:
             provider=provider,
             context_length=context_length,
             eos_ids=eos_ids,
-            special_tokens=_special_token_strings(folder),
+            special_tokens=tuple(specials),
+            pad_id=pad_id,
         )
         engine._known_answer = engine._compute_known_answer()
+        engine._scheduler = BatchScheduler(
+            model,
+            tokenizer,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            context_length=context_length,
+            max_batch=max_batch,
+            max_cohorts=max_cohorts,
+        )
         return engine
+
+    def close(self) -> None:
+        """Stop the scheduler thread; running generations end with an error."""
+        if self._scheduler is not None:
+            self._scheduler.close()
 
     def _compute_known_answer(self) -> str:
         fields = []
@@ -225,17 +271,16 @@ class Engine:
         params.set_search_options(
             do_sample=False, max_length=min(len(ids) + n, self._context_length)
         )
-        with self._lock:
-            gen = og.Generator(self._model, params)
-            gen.append_tokens(ids)
-            for _ in range(n):
-                if gen.is_done():
-                    break
-                gen.generate_next_token()
-                tok = int(gen.get_next_tokens()[0])
-                yield tok
-                if tok in self._eos_ids:
-                    break
+        gen = og.Generator(self._model, params)
+        gen.append_tokens(ids)
+        for _ in range(n):
+            if gen.is_done():
+                break
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            yield tok
+            if tok in self._eos_ids:
+                break
 
     # ------------------------------------------------------------------ properties
 
@@ -272,9 +317,11 @@ class Engine:
             "decoding": {
                 "default_max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
                 "default_greedy": True,
-                "repetition_penalty": "1.0",
+                "repetition_penalty": "off unless requested",
+                "sampler": "encloud numpy (sampling.py), per request",
                 "chat_template": "manifest",
             },
+            "batching": describe(self._scheduler) if self._scheduler else None,
             "cpu": cpu_feature_class(),
             "known_answer": self._known_answer,
             "known_answer_prompts": list(KNOWN_ANSWER_PROMPTS),
@@ -321,93 +368,60 @@ class Engine:
         ``PromptTooLongError`` at once), then return an iterator of text pieces (whole
         characters, never empty) ending with exactly one :class:`GenerationResult`.
 
-        ``should_stop`` is called before every decode step; when it returns true the generation
-        ends with ``"cancelled"`` and no further step runs. Close or exhaust the iterator: it
-        holds the engine lock while generating.
+        The request joins a batch when the iterator is first advanced. ``should_stop`` is called
+        (on the scheduler thread) before each of this request's decode steps; when it returns
+        true the request leaves the batch with ``"cancelled"`` and no further step runs for it.
+        Closing the iterator early cancels it the same way.
         """
-        _validate(params)
+        _validate(params, self._vocab_size)
         ids = self._encode_messages(params.messages)
         n_prompt = len(ids)
         if n_prompt + 1 > self._context_length:
             raise PromptTooLongError(
                 f"prompt is {n_prompt} tokens; the model's context is {self._context_length}"
             )
-        options: dict[str, object] = {
-            "max_length": min(n_prompt + params.max_new_tokens, self._context_length)
-        }
-        if params.temperature:
-            options.update(
-                do_sample=True,
-                temperature=float(params.temperature),
-                top_p=float(params.top_p) if params.top_p is not None else 1.0,
-                top_k=int(params.top_k) if params.top_k is not None else 0,
-            )
-        else:
-            options["do_sample"] = False
-        if params.seed is not None:
-            options["random_seed"] = int(params.seed)
-        return self._generate(ids, options, params, should_stop)
+        if self._scheduler is None:
+            raise RuntimeError("engine is not started")
+        request = _Request(
+            ids=ids,
+            max_new_tokens=min(params.max_new_tokens, self._context_length - n_prompt),
+            stops=tuple(s for s in params.stop if s),
+            stop_ids=frozenset(params.stop_token_ids),
+            sampler=Sampler(
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                repetition_penalty=params.repetition_penalty,
+                seed=params.seed,
+                prompt_ids=ids.tolist(),
+            ),
+            should_stop=should_stop,
+        )
+        return self._scheduler.submit(request)
 
-    def _generate(
-        self,
-        ids: np.ndarray,
-        options: dict[str, object],
-        params: GenerationParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[str | GenerationResult]:
-        n_prompt = len(ids)
-        stops = tuple(s for s in params.stop if s)
-        completion = 0
-        pending = ""
-        finish = "length"
-        with self._lock:
-            gen_params = og.GeneratorParams(self._model)
-            gen_params.set_search_options(**options)
-            gen = og.Generator(self._model, gen_params)
-            detok = self._tokenizer.create_stream()
-            gen.append_tokens(ids)
-            while True:
-                if should_stop():
-                    finish = "cancelled"
-                    break
-                if completion >= params.max_new_tokens or gen.is_done():
-                    finish = "length"
-                    break
-                gen.generate_next_token()
-                token = int(gen.get_next_tokens()[0])
-                completion += 1
-                if token in self._eos_ids:
-                    finish = "stop"
-                    break
-                piece = detok.decode(token)
-                if not piece:
-                    continue
-                if not stops:
-                    yield piece
-                    continue
-                pending += piece
-                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    if cut:
-                        yield pending[:cut]
-                    pending = ""
-                    finish = "stop"
-                    break
-                keep = _stop_holdback(pending, stops)
-                if len(pending) > keep:
-                    yield pending[: len(pending) - keep]
-                    pending = pending[len(pending) - keep :]
-            del gen
-        if pending:
-            yield pending
-        yield GenerationResult(finish, n_prompt, completion)
+    @contextlib.contextmanager
+    def hold_admission(self) -> Iterator[None]:
+        """Tests and benchmarks: requests submitted while held start together as one batch."""
+        assert self._scheduler is not None
+        with self._scheduler.hold_admission():
+            yield
+
+    @property
+    def scheduler(self) -> BatchScheduler:
+        assert self._scheduler is not None
+        return self._scheduler
+
+
+def model_vocab_size(folder: Path) -> int:
+    cfg = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))
+    return int(cfg["model"]["vocab_size"])
 
 
 def _session_options(threads: int) -> dict[str, object]:
     return {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
 
 
-def _validate(params: GenerationParams) -> None:
+def _validate(params: GenerationParams, vocab_size: int) -> None:
     if not isinstance(params.messages, tuple) or not params.messages:
         raise InvalidArgumentError("messages must be a non-empty tuple of ChatTurn")
     if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
@@ -420,6 +434,12 @@ def _validate(params: GenerationParams) -> None:
         raise InvalidArgumentError("top_k must be a non-negative integer")
     if params.seed is not None and not (0 <= params.seed < 2**31):
         raise InvalidArgumentError("seed must be a non-negative 31-bit integer")
+    if params.repetition_penalty is not None and not (0.0 < params.repetition_penalty <= 10.0):
+        raise InvalidArgumentError("repetition_penalty must be in (0, 10]")
+    if not isinstance(params.stop_token_ids, tuple) or len(params.stop_token_ids) > MAX_STOP_TOKENS:
+        raise InvalidArgumentError(f"at most {MAX_STOP_TOKENS} stop token ids")
+    if any(not isinstance(t, int) or not (0 <= t < vocab_size) for t in params.stop_token_ids):
+        raise InvalidArgumentError("stop token ids must be token ids of the model")
     if len(params.stop) > MAX_STOP_STRINGS or any(
         not isinstance(s, str) or len(s) > MAX_STOP_LENGTH for s in params.stop
     ):
@@ -434,5 +454,6 @@ __all__ = [
     "Engine",
     "GenerationParams",
     "GenerationResult",
+    "_stop_holdback",
     "cpu_feature_class",
 ]
