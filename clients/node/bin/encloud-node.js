@@ -1,0 +1,166 @@
+#!/usr/bin/env node
+'use strict';
+// Runs the Node.js client against a real server and prints one JSON object.
+//
+//   node bin/encloud-node.js --target HOST:PORT --policy POLICY.json [--prompt TEXT]
+//        [--max-new-tokens N] [--attacks]
+//
+// Without --attacks: attest (with the verifier's report), release a fresh key, Infer,
+// StreamInfer, EndSession. With --attacks: the wrong-nonce and stream-tampering attacks,
+// each through the client's test-only hooks (an on-path party's view), each expected to
+// fail with its typed error; the output names the error each attack got.
+const fs = require('node:fs');
+const crypto = require('node:crypto');
+const { EncloudClient, policy: pol } = require('../lib');
+
+function args(argv) {
+  const out = { prompt: 'Name three colours of the rainbow.', maxNewTokens: 16, attacks: false };
+  for (let i = 2; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--target') out.target = argv[++i];
+    else if (a === '--policy') out.policy = argv[++i];
+    else if (a === '--prompt') out.prompt = argv[++i];
+    else if (a === '--max-new-tokens') out.maxNewTokens = Number(argv[++i]);
+    else if (a === '--attacks') out.attacks = true;
+    else throw new Error(`unknown argument ${a}`);
+  }
+  if (!out.target || !out.policy) throw new Error('--target and --policy are required');
+  return out;
+}
+
+async function collect(stream) {
+  const pieces = [];
+  for await (const piece of stream) pieces.push(piece);
+  return pieces;
+}
+
+async function outcome(fn) {
+  try {
+    await fn();
+    return { error: null };
+  } catch (err) {
+    return { error: err.name, check: err.check || null, message: err.message };
+  }
+}
+
+async function endToEnd(opt, policy) {
+  const client = new EncloudClient(opt.target, policy);
+  try {
+    const attestation = await client.attest();
+    const report = client.lastReport.map((r) => `${r.passed ? 'PASS' : 'FAIL'} ${r.name}`);
+    await client.releaseKey();
+    const params = { max_new_tokens: opt.maxNewTokens };
+    const answer = await client.infer([['user', opt.prompt]], params);
+    const stream = client.stream([['user', opt.prompt]], params);
+    const pieces = await collect(stream);
+    const sessionId = client.session.sessionId;
+    await client.endSession();
+    // The ended session is gone on the server: a fresh client naming it is refused.
+    return {
+      ok: true,
+      ak_fingerprint: attestation.akFingerprint,
+      model_digest: attestation.modelDigest.toString('hex'),
+      attest_digest: attestation.attestDigest.toString('hex'),
+      report,
+      infer: { text: answer.text, ...answer.completion },
+      stream: { pieces, text: pieces.join(''), ...stream.completion },
+      session_id: sessionId.toString('hex'),
+    };
+  } finally {
+    client.close();
+  }
+}
+
+async function attacks(opt, policy) {
+  const results = {};
+  const params = { max_new_tokens: opt.maxNewTokens };
+  const ask = [['user', 'Count from one to five.']];
+
+  // Wrong nonce: the quote on the wire is for another nonce than the client drew.
+  const swapped = new EncloudClient(opt.target, policy, {
+    hooks: { attestNonce: () => crypto.randomBytes(32) },
+  });
+  results.wrong_nonce = await outcome(() => swapped.attest());
+  swapped.close();
+
+  // Replayed quote: the reply to an earlier Attest answers a later one.
+  let first = null;
+  const replay = new EncloudClient(opt.target, policy, {
+    hooks: { attestReply: (reply) => (first ? first : (first = reply)) },
+  });
+  await replay.attest();
+  results.replayed_quote = await outcome(() => replay.attest());
+  replay.close();
+
+  // Stream tampering, in one session with a released key.
+  let tamper = null;
+  const client = new EncloudClient(opt.target, policy, {
+    hooks: { streamMessage: (m, i) => (tamper ? tamper(m, i) : m) },
+  });
+  await client.attest();
+  await client.releaseKey();
+  let earlier = [];
+  tamper = (m) => {
+    earlier.push(m);
+    return m;
+  };
+  const baseline = client.stream(ask, params);
+  const pieces = await collect(baseline);
+  results.baseline = { error: null, frames: earlier.length, text: pieces.join('') };
+  const oldFrames = earlier;
+  earlier = [];
+
+  const cases = {
+    drop_final: (m) => (m.type === 4 ? null : m),
+    drop_frame: (m, i) => (i === 1 ? null : m),
+    swap_frames: (() => {
+      let held = null;
+      return (m, i) => {
+        if (i === 0) {
+          held = m;
+          return null;
+        }
+        if (i === 1) return [m, held];
+        return m;
+      };
+    })(),
+    flip_bit: (m, i) => {
+      if (i !== 0) return m;
+      const sealed = Buffer.from(m.sealed);
+      sealed[sealed.length - 1] ^= 1;
+      return { ...m, sealed };
+    },
+    replay_frame_relabelled: (m, i) => (i === 0 ? { ...oldFrames[0], requestId: m.requestId } : m),
+    replay_frame_own_header: (m, i) => (i === 0 ? oldFrames[0] : m),
+    frame_after_final: (m) => (m.type === 4 ? [m, oldFrames[0]] : m),
+    final_forged: (m) => (m.type === 4 ? { ...m, sealed: oldFrames[oldFrames.length - 1].sealed } : m),
+  };
+  for (const [name, fn] of Object.entries(cases)) {
+    tamper = fn;
+    const stream = client.stream(ask, params);
+    results[`stream_${name}`] = await outcome(async () => {
+      await collect(stream);
+      if (!stream.completion) throw new Error('no completion');
+    });
+  }
+  tamper = null;
+  const after = client.stream(ask, params);
+  results.after_attacks = await outcome(() => collect(after));
+  await client.endSession();
+  client.close();
+  return { ok: true, attacks: results };
+}
+
+async function main() {
+  const opt = args(process.argv);
+  const policy = pol.parsePolicy(fs.readFileSync(opt.policy));
+  const result = opt.attacks ? await attacks(opt, policy) : await endToEnd(opt, policy);
+  process.stdout.write(`${JSON.stringify(result)}\n`);
+}
+
+main().catch((err) => {
+  process.stdout.write(
+    `${JSON.stringify({ ok: false, error: err.name, check: err.check || null, message: err.message })}\n`,
+  );
+  process.exit(1);
+});
