@@ -33,7 +33,7 @@ function loadService() {
 const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([k, v]) => [v, k]));
 
 function serviceError(err) {
-  if (!err || err.code === undefined) return err;
+  if (!err || typeof err.code !== 'number') return err;
   const details = err.metadata ? err.metadata.get('grpc-status-details-bin') : [];
   const reason = details.length ? errorReason(details[0]) : '';
   return new E.ServiceError(STATUS_NAMES[err.code] || 'UNKNOWN', err.details || '', reason);
