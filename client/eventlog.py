@@ -67,7 +67,9 @@ class EventRecord:
 
 def canonical_json(obj: object) -> bytes:
     """Sorted keys, no whitespace, ASCII: the bytes measured for JSON-valued events."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
 
 
 def extend(pcr_value: bytes, digest: bytes) -> bytes:
