@@ -88,6 +88,7 @@ class Results:
             "decode": {"encloud": [], "engine_plaintext": [], "llama_cpp": []},
             "handshake_ms": [],
             "handshake_ms_no_audit_sync": [],
+            "handshake_parts_ms": {"handshake_ms": [], "handshake_ms_no_audit_sync": []},
             "verify_us": [],
             "concurrency": {},
             "server_rss": None,
@@ -320,6 +321,7 @@ class Bench:
                     continue
                 sample.pop("start", None)
                 sample.pop("end", None)
+                sample["round"] = i
                 if i >= b.decode_warmup:
                     res.samples["decode"][name].append(sample)
 
@@ -386,11 +388,17 @@ class Bench:
                 for key, client in pair:
                     started = _now()
                     client.attest()
+                    attested = _now()
                     client.release_key()
-                    elapsed = (_now() - started) * 1000.0
+                    released = _now()
+                    elapsed = (released - started) * 1000.0
                     client.end_session()
                     if i >= b.handshake_warmup:
                         res.samples[key].append(elapsed)
+                        # where the time goes: Attest RPC + verify + audit, then ReleaseKey
+                        res.samples["handshake_parts_ms"][key].append(
+                            [(attested - started) * 1000.0, (released - attested) * 1000.0]
+                        )
         finally:
             synced.close()
             unsynced.close()

@@ -67,6 +67,18 @@ def figures_from_samples(samples: Mapping[str, Any]) -> dict[str, Any]:
         100.0 * (1.0 - enc / plain) if enc is not None and plain else None
     )
 
+    # The same ratio per round (encloud and plaintext run back to back in each round), then
+    # the median: less exposed to load that drifts between rounds than the ratio of medians.
+    plain_by_round = {
+        run["round"]: decode_rate(run) for run in decode.get("engine_plaintext") or []
+    }
+    paired = []
+    for run in decode.get("encloud") or []:
+        enc_rate, plain_rate = decode_rate(run), plain_by_round.get(run["round"])
+        if enc_rate is not None and plain_rate:
+            paired.append(100.0 * (1.0 - enc_rate / plain_rate))
+    out["confidential_overhead_pct_paired"] = median(paired)
+
     hs = [float(x) for x in samples.get("handshake_ms", [])]
     out["handshake_ms"] = {"p50": percentile(hs, 50), "p99": percentile(hs, 99)}
     hs_ns = [float(x) for x in samples.get("handshake_ms_no_audit_sync", [])]
