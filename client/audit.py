@@ -455,15 +455,17 @@ def verify_log(
     checkpoints = _read_checkpoints(Path(checkpoints_path), public_key)
     anchored: int | None = None
     good: list[int] = []
-    for cp in sorted(checkpoints, key=lambda c: c.seq):
+    for cp in checkpoints:
         if log_id is None or cp.log_id != log_id:
             raise AuditLogError(f"the checkpoint of entry {cp.seq} is for another log")
-        if cp.seq >= len(records):
-            raise AuditLogError(
-                f"the log ends at entry {len(records) - 1} but a signed checkpoint covers entry "
-                f"{cp.seq}: entries {len(records)}..{cp.seq} were cut off",
-                len(records),
-            )
+    highest = max((cp.seq for cp in checkpoints), default=-1)
+    if highest >= len(records):
+        raise AuditLogError(
+            f"the log ends at entry {len(records) - 1} but a signed checkpoint covers entry "
+            f"{highest}: entries {len(records)}..{highest} were cut off",
+            len(records),
+        )
+    for cp in sorted(checkpoints, key=lambda c: c.seq):
         if cp.head != hashes[cp.seq]:
             since = good[-1] + 1 if good else 0
             raise AuditLogError(
