@@ -1,0 +1,210 @@
+"""Sessions: wipe on end, expiry, fault and shutdown leaves no reference to key objects;
+quotas, idle TTL and the client's own re-attestation through a real server."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from encloud.client.errors import ServiceError
+from encloud.client.handshake import SUITE_V1, new_dek, release_info, seal_key
+from encloud.client.policy import Policy, load_policy
+from encloud.client.session import EncloudClient
+from encloud.server.devstack import ServerProcess, start_swtpm
+from encloud.server.errors import KeyReleaseError, ResourceExhaustedError, SessionNotFoundError
+from encloud.server.limits import PeerRateLimiter, RateLimitedError
+from encloud.server.sessions import SessionState, SessionStore
+from encloud.server.settings import Settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(clock: Clock, **overrides: object) -> SessionStore:
+    return SessionStore(Settings(**overrides), clock=clock)  # type: ignore[arg-type]
+
+
+def _bound(store: SessionStore):  # type: ignore[no-untyped-def]
+    session = store.create(SUITE_V1, os.urandom(32))
+    session.attest_digest = os.urandom(32)  # H_ev: the TPM is not what this test is about
+    info = release_info(SUITE_V1, session.session_id, session.attest_digest)
+    sealed = seal_key(SUITE_V1, session.public_key, new_dek(), os.urandom(32), info)
+    store.admit_bound(session)
+    session.bind(sealed, 3)
+    return session
+
+
+def _references(holder: list[object], index: int) -> int:
+    """References to holder[index] beyond the test's list (and getrefcount's argument).
+
+    sys.getrefcount sees every reference, also from containers that the cyclic
+    GC does not track (gc.get_referrers would miss those).
+    """
+    gc.collect()
+    return sys.getrefcount(holder[index]) - 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cause", ["end", "expiry", "idle", "fault", "shutdown"])
+def test_no_reference_to_key_objects_survives(cause: str) -> None:
+    clock = Clock()
+    store = _store(clock, session_idle_ttl_seconds=60)
+    session = _bound(store)
+    c2s, s2c = session._c2s, session._s2c
+    assert c2s is not None and s2c is not None
+    c2s_ref, s2c_ref = weakref.ref(c2s), weakref.ref(s2c)
+    key_bytes = [c2s._key, s2c._key]
+    aeads = [c2s._aead, s2c._aead]
+    assert all(any(k) for k in key_bytes)
+    del c2s, s2c
+
+    if cause == "end":
+        store.drop(session)
+    elif cause == "expiry":
+        clock.now += session.ttl_seconds
+        store.sweep()
+    elif cause == "idle":
+        clock.now += 61
+        with pytest.raises(SessionNotFoundError):
+            store.get(session.session_id)
+    elif cause == "fault":
+        store.drop(session, "fault")
+    else:
+        store.drop_all()
+
+    assert session.state is SessionState.ENDED
+    assert len(store) == 0
+    gc.collect()
+    assert c2s_ref() is None and s2c_ref() is None
+    assert all(key == bytearray(len(key)) for key in key_bytes)  # overwritten
+    for index in range(2):
+        assert _references(key_bytes, index) == 0
+        assert _references(aeads, index) == 0
+    assert session._private_key is None
+    # Positive control: the same count sees a reference kept on purpose.
+    keeper = {"kept": key_bytes[0]}
+    assert _references(key_bytes, 0) == 1
+    del keeper
+
+
+@pytest.mark.unit
+def test_pending_session_private_key_dropped_after_failed_releases() -> None:
+    store = _store(Clock(), max_release_attempts=2)
+    session = store.create(SUITE_V1, os.urandom(32))
+    session.attest_digest = os.urandom(32)
+    held: list[object] = [session._private_key]
+    assert held[0] is not None
+    for _ in range(2):
+        with pytest.raises(KeyReleaseError):
+            session.bind(os.urandom(96), 2)
+    assert session.state is SessionState.ENDED
+    assert session._private_key is None
+    assert _references(held, 0) == 0
+
+
+@pytest.mark.unit
+def test_quotas_and_rate_limit() -> None:
+    clock = Clock()
+    store = _store(clock, max_pending_sessions=2, max_sessions=1, pending_session_ttl_seconds=5)
+    store.create(SUITE_V1, os.urandom(32))
+    store.create(SUITE_V1, os.urandom(32))
+    with pytest.raises(ResourceExhaustedError):
+        store.create(SUITE_V1, os.urandom(32))
+    clock.now += 5  # pending sessions have their own short TTL
+    _bound(store)
+    with pytest.raises(ResourceExhaustedError):
+        _bound(store)
+
+    limiter = PeerRateLimiter(rate=2.0, burst=3, clock=clock)
+    for _ in range(3):
+        limiter.take("ipv4:10.0.0.1")
+    with pytest.raises(RateLimitedError) as limited:
+        limiter.take("ipv4:10.0.0.1")
+    assert limited.value.retry_after_seconds is not None
+    limiter.take("ipv4:10.0.0.2")  # another peer has its own bucket
+    clock.now += 0.5
+    limiter.take("ipv4:10.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def short_server(model_dir: Path) -> Iterator[tuple[str, Policy]]:
+    with tempfile.TemporaryDirectory(prefix="encloud-sessions-") as tmp:
+        swtpm = start_swtpm(Path(tmp) / "swtpm")
+        server = ServerProcess(
+            Path(tmp),
+            swtpm.tcti,
+            model_dir,
+            session_idle_ttl_seconds=1.5,
+            session_sweep_interval_seconds=0.2,
+            max_sessions=2,
+            attest_burst=3,
+            attest_rate_per_second=0.5,
+        )
+        try:
+            yield server.start(), load_policy(server.policy_path)
+        finally:
+            server.kill()
+            swtpm.stop()
+
+
+@pytest.mark.e2e
+def test_idle_session_is_dropped_and_the_client_reattests(
+    short_server: tuple[str, Policy],
+) -> None:
+    address, policy = short_server
+    told: list[object] = []
+    with EncloudClient(address, policy, on_reattest=told.append) as client:
+        client.attest()
+        client.release_key()
+        first = client._session.session_id  # type: ignore[union-attr]
+        assert client.infer([("user", "Say hi.")], max_new_tokens=4).text
+        time.sleep(2.5)  # past the idle TTL: the server wiped the session
+        assert client.infer([("user", "Say hi.")], max_new_tokens=4).text
+        assert client.reattest_count == 1 and len(told) == 1
+        assert client._session.session_id != first  # type: ignore[union-attr]
+        time.sleep(2.5)
+        assert "".join(client.stream([("user", "Say hi.")], max_new_tokens=4))
+        assert client.reattest_count == 2
+
+
+@pytest.mark.e2e
+def test_max_sessions_and_attest_rate_are_resource_exhausted(
+    short_server: tuple[str, Policy],
+) -> None:
+    address, policy = short_server
+    time.sleep(2.5)  # the other test's sessions are idle-expired
+    clients = [EncloudClient(address, policy, auto_reattest=False) for _ in range(3)]
+    try:
+        clients[0].attest()
+        clients[0].release_key()
+        clients[1].attest()
+        clients[1].release_key()
+        with pytest.raises(ServiceError) as full:
+            clients[2].attest()
+            clients[2].release_key()
+        assert full.value.code == "RESOURCE_EXHAUSTED"
+        refused = None
+        for _ in range(10):  # the per-peer bucket (burst 3, 0.5/s) runs dry
+            try:
+                clients[2].attest()
+            except ServiceError as error:
+                refused = error
+                break
+        assert refused is not None
+        assert refused.code == "RESOURCE_EXHAUSTED" and refused.reason == "RATE_LIMITED"
+    finally:
+        for client in clients:
+            client.close()
