@@ -122,9 +122,7 @@ def test_canary_never_leaks(leak_server: tuple[ServerProcess, Path], model_dir: 
         for key, value in raw.value.trailing_metadata() or ():
             details.append(key.encode() + (value if isinstance(value, bytes) else value.encode()))
 
-    metrics = urllib.request.urlopen(
-        f"http://{server.metrics_address}/metrics", timeout=10
-    ).read()
+    metrics = urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=10).read()
     log = server.log_path.read_bytes()
     assert b"encloud_requests_total" in metrics and b'"serving"' in log
 
