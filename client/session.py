@@ -289,7 +289,7 @@ class EncloudClient:
         )
         return verified
 
-    def release_key(self, dek: bytes | None = None) -> None:
+    def release_key(self, dek: bytes | bytearray | None = None) -> None:
         """Seal the DEK (fresh by default) to the attested session and check the
         server's key confirmation before anything else is sent."""
         session = self._live_session()
