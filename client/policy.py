@@ -24,8 +24,10 @@ Fields:
 - `dev_only` (bool): true for a trust-on-first-use policy that a server wrote
   about itself; such a policy proves nothing to a third party and must never
   be used in production. The verifier does not read it; tools warn on it.
-- `pcr_bank` (string): the PCR bank the quote must cover, "sha256". "sha1" is
-  refused.
+- `pcr_bank` (string): the PCR bank the quote must cover, "sha256" or
+  "sha384". "sha1" is refused. In a SHA-384 bank the workload PCR is replayed
+  with SHA-384 over each event's measured bytes (the log's SHA-256 digests are
+  still checked against the content).
 - `pcr_selection` (list of int): the PCR indices (0-23) the quote must cover,
   exactly, sorted ascending, without duplicates, at least one.
 - `pcr_values` (object): expected values of some selected PCRs, keyed by the
@@ -74,15 +76,16 @@ from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from encloud.client.encoding import sha256
 from encloud.client.errors import PolicyError
 
 POLICY_VERSION = 1
-PCR_BANKS: Mapping[str, int] = MappingProxyType({"sha256": 32})
+PCR_BANKS: Mapping[str, int] = MappingProxyType({"sha256": 32, "sha384": 48})
 """Accepted bank names and their digest sizes."""
-PCR_BANK_ALG: Mapping[str, int] = MappingProxyType({"sha256": 0x000B})
+PCR_BANK_ALG: Mapping[str, int] = MappingProxyType({"sha256": 0x000B, "sha384": 0x000C})
 MAX_PCR_INDEX = 23
 MAX_TTL_SECONDS = 0xFFFFFFFF
 
@@ -261,7 +264,7 @@ def _spki(value: object, field: str) -> bytes:
     try:
         der = base64.b64decode(value, validate=True)
         key = serialization.load_der_public_key(der)
-    except (binascii.Error, ValueError) as err:
+    except (binascii.Error, ValueError, UnsupportedAlgorithm) as err:
         raise _fail(field, "is not base64 of a DER SubjectPublicKeyInfo") from err
     canonical = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -281,7 +284,7 @@ def _root(value: object, field: str) -> bytes:
         raise _fail(field, "must be a PEM string")
     try:
         certs = x509.load_pem_x509_certificates(value.encode("ascii"))
-    except (UnicodeEncodeError, ValueError) as err:
+    except (UnicodeEncodeError, ValueError, UnsupportedAlgorithm) as err:
         raise _fail(field, "is not a PEM certificate") from err
     if len(certs) != 1:
         raise _fail(field, "must hold exactly one certificate")
@@ -332,6 +335,8 @@ def _from_obj(obj: object) -> Policy:
         raise _fail("dev_only", "must be true or false")
 
     bank = obj["pcr_bank"]
+    if not isinstance(bank, str):
+        raise _fail("pcr_bank", f"must be one of {sorted(PCR_BANKS)}")
     if bank == "sha1":
         raise _fail("pcr_bank", "sha1 is refused")
     if bank not in PCR_BANKS:

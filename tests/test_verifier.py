@@ -780,3 +780,62 @@ def test_ak_chain_missing_intermediate_refused():
 def test_ak_chain_garbage_refused():
     sc, _ = _chain_scenario()
     refused(AkUntrustedError, sc, sc.evidence(ak_certificate_chain=(b"\x30\x03abc",)))
+
+
+# --- SHA-384 banks and the remaining strictness checks ----------------------------------------
+
+
+def _sha384_bank_scenario() -> b.Scenario:
+    """A quote of the SHA-384 bank: 48-byte PCR values, workload PCR replayed in SHA-384."""
+    sc = b.make_scenario(_P256)
+    value = bytes(48)
+    for record in sc.records:
+        value = hashlib.sha384(
+            value + hashlib.sha384(record.event.measured_bytes()).digest()
+        ).digest()
+    sc.pcr_values = {i: hashlib.sha384(b"pcr %d" % i).digest() for i in b.SELECTION}
+    sc.pcr_values[b.WORKLOAD_PCR] = value
+    sc.attest_overrides["banks"] = [(b.SHA384, b.SELECTION)]
+    sc.policy = replace(
+        sc.policy, pcr_bank="sha384", pcr_values={0: sc.pcr_values[0], 7: sc.pcr_values[7]}
+    )
+    return sc
+
+
+def test_sha384_bank_verifies():
+    sc = _sha384_bank_scenario()
+    result = run(sc, sc.evidence(pcr_hash_algorithm=b.SHA384))
+    assert result.model_digest == b.MODEL_DIGEST
+    assert len(result.workload_pcr_value) == 48
+
+
+@pytest.mark.attack
+def test_sha384_bank_with_unlogged_extend_refused():
+    sc = _sha384_bank_scenario()
+    sc.pcr_values[b.WORKLOAD_PCR] = hashlib.sha384(
+        sc.pcr_values[b.WORKLOAD_PCR] + bytes(48)
+    ).digest()
+    refused(EventLogReplayError, sc, sc.evidence(pcr_hash_algorithm=b.SHA384))
+
+
+@pytest.mark.attack
+def test_trailing_bytes_in_tpml_pcr_selection_refused():
+    valid = b.pcr_selection([(b.SHA256, b.SELECTION)])
+    parse_pcr_selection(valid)
+    with pytest.raises(MalformedEvidenceError, match="trailing"):
+        parse_pcr_selection(valid + b"\x00")
+
+
+@pytest.mark.attack
+def test_sha1_name_algorithm_of_the_ak_refused():
+    refused(
+        MalformedEvidenceError,
+        b.make_scenario(_P256, ak_public=b.ecc_public(_P256, name_alg=b.SHA1)),
+    )
+
+
+@pytest.mark.attack
+def test_unknown_signature_algorithm_refused(sc):
+    ev = sc.evidence()
+    forged = b.u16(0x001A) + ev.quote_signature[2:]  # TPM_ALG_ECDAA
+    refused(MalformedEvidenceError, sc, replace(ev, quote_signature=forged))
