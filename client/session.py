@@ -73,7 +73,7 @@ FINISH_REASONS = {
     pb.FINISH_REASON_KEY_EXHAUSTED: "key_exhausted",
 }
 NONCE_LENGTH = 32
-SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+SESSION_EXPIRED = "SESSION_EXPIRED"
 
 log = logging.getLogger("encloud.client")
 
@@ -149,10 +149,10 @@ class ChatStream:
         try:
             yield from self._frames()
         except ServiceError as error:
-            # The server no longer knows the session (idle or absolute TTL, restart)
-            # and nothing was received yet: the request never ran, so it is sent
+            # The server expired the session (idle or absolute TTL) and nothing
+            # was received yet: the request never ran, so it is sent
             # again on a fresh session.
-            if self._restart is None or error.reason != SESSION_NOT_FOUND:
+            if self._restart is None or error.reason != SESSION_EXPIRED:
                 raise
             self._current = self._restart()
             yield from self._current
@@ -195,14 +195,16 @@ class EncloudClient:
     """A session with one server.
 
     When the session expires (its TTL on our clock, or the server answers
-    SESSION_NOT_FOUND because it dropped the session: idle TTL, restart) and
+    NOT_FOUND with reason SESSION_EXPIRED: idle or absolute TTL) and
     `auto_reattest` is on, the client attests again, verifies the new evidence
     against the same policy, releases the key again (a fresh DEK, or the
     caller's own DEK if one was given), and sends the request on the new
     session. It tells the caller: `reattest_count` goes up, `on_reattest` is
     called with the new verified attestation, and a log record is written to
     the `encloud.client` logger. A request is only resent when the server did
-    not run it (SESSION_NOT_FOUND is answered before anything is opened).
+    not run it (SESSION_EXPIRED is answered before anything is opened). An
+    unknown session (SESSION_NOT_FOUND: a restarted server, a wrong id) is
+    raised to the caller.
 
     `credentials` makes a TLS (or mutual TLS) channel; without it and without
     `channel`, the channel is plaintext (the envelope still seals content).
@@ -349,9 +351,9 @@ class EncloudClient:
                 pb.InferRequest(session_id=session.session_id, request=_sealed_proto(sealed)),
             )
         except ServiceError as error:
-            if not self.auto_reattest or error.reason != SESSION_NOT_FOUND:
+            if not self.auto_reattest or error.reason != SESSION_EXPIRED:
                 raise
-            self._reattest("the server no longer knows the session")
+            self._reattest("the server expired the session")
             return self.infer(messages, **params)
         assert session.s2c is not None
         payload = session.s2c.open(_sealed(reply.response), MessageType.RESPONSE, request_id, 0)
@@ -371,7 +373,7 @@ class EncloudClient:
         if self.auto_reattest:
 
             def restart() -> ChatStream:
-                self._reattest("the server no longer knows the session")
+                self._reattest("the server expired the session")
                 return self.stream(messages, **params)
 
         return ChatStream(

@@ -47,6 +47,12 @@ class SessionNotFoundError(DomainError):
     reason = "SESSION_NOT_FOUND"
 
 
+class SessionExpiredError(SessionNotFoundError):
+    """The session ran out of time (absolute or idle TTL) and was wiped: attest again."""
+
+    reason = "SESSION_EXPIRED"
+
+
 class SessionStateError(DomainError):
     """The session exists but is not in the state this call needs."""
 

@@ -36,6 +36,7 @@ from encloud.server.errors import (
     KeyReleaseError,
     ReplayedRequestError,
     ResourceExhaustedError,
+    SessionExpiredError,
     SessionNotFoundError,
     SessionStateError,
 )
@@ -43,6 +44,9 @@ from encloud.server.metrics import Metrics
 from encloud.server.settings import Settings
 
 REQUEST_ID_WINDOW = 1024
+# Ids of sessions that expired, remembered so their owner learns "expired" (and re-attests)
+# rather than "unknown". Session ids are random and not secret.
+MAX_EXPIRED_TOMBSTONES = 4096
 
 
 class SessionState(enum.Enum):
@@ -265,6 +269,7 @@ class SessionStore:
         self._clock = clock
         self._metrics = metrics
         self._sessions: dict[bytes, Session] = {}
+        self._expired_ids: dict[bytes, None] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -296,11 +301,13 @@ class SessionStore:
             raise InvalidArgumentError(f"a session id is {SESSION_ID_LENGTH} bytes")
         session = self._sessions.get(session_id)
         if session is None:
+            if session_id in self._expired_ids:
+                raise SessionExpiredError("the session expired; attest again")
             raise SessionNotFoundError("unknown or expired session")
         now = self._clock()
         if self._expired(session, now):
             self._expire(session)
-            raise SessionNotFoundError("unknown or expired session")
+            raise SessionExpiredError("the session expired; attest again")
         session.last_used = now
         return session
 
@@ -353,6 +360,10 @@ class SessionStore:
             for call in session.calls.values():
                 call.cancel.set()
             return
+        if session.state is SessionState.BOUND:
+            self._expired_ids[session.session_id] = None
+            while len(self._expired_ids) > MAX_EXPIRED_TOMBSTONES:
+                del self._expired_ids[next(iter(self._expired_ids))]
         self.drop(session, "expired")
 
     def _expired(self, session: Session, now: float) -> bool:
