@@ -21,6 +21,7 @@ Phases, in order (one real server on loopback, swtpm, the in-process engine, the
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import threading
@@ -29,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.peers import LlamaPeer, PeerUnavailable, llama_cpp_missing_reason
 from bench.perplexity import HELDOUT, heldout_ids, onnx_nll
@@ -67,7 +70,7 @@ class Budget:
 BUDGETS = {
     "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64),
     "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512),
-    "full": Budget("full", 2, 9, 128, 1024, 20, 500, 1000, 1, 3, 128, 15, 5000, 512),
+    "full": Budget("full", 2, 15, 128, 1024, 20, 500, 1000, 1, 3, 128, 15, 5000, 512),
 }
 
 Log = Callable[[str], None]
@@ -275,6 +278,9 @@ class Bench:
                 client.release_key()
                 self._phase(DECODE_KEYS, lambda: self._decode(client, engine, llama))
                 self._phase(["server_peak_rss_mb"], lambda: self._server_rss(client, engine, pid))
+            close = getattr(engine, "close", None)  # the batching engine's scheduler thread
+            if close is not None:
+                close()
             self._phase(HANDSHAKE_KEYS, lambda: self._handshake(address, policy, workdir))
             self._phase(["verify_us.p50"], lambda: self._verify(address, policy))
             self._phase(CONCURRENCY_KEYS, lambda: self._concurrency(address, policy))
@@ -528,16 +534,17 @@ class Bench:
 
         res = self.results
         n = self.budget.ppl_tokens
-        self.log(f"perplexity: {n} tokens of bench/data/heldout.txt, teacher-forced")
-        ids = heldout_ids(model_dir, n)
-        res.notes["perplexity_tokens"] = n
-        res.samples["perplexity"]["encloud"] = onnx_nll(model_dir, ids, self.threads)
+        self.log(f"perplexity: {n} tokens of held-out text, teacher-forced")
+        ids, score, harness, text = _perplexity_harness(model_dir, n, self.threads)
+        res.notes["perplexity"] = {"tokens": n, "harness": harness, "text": text}
+        self.log(f"  harness {harness}, text {text}")
+        res.samples["perplexity"]["encloud"] = score(model_dir)
         if not self.peers:
             res.fail(["perplexity.fp32"], "reference not measured (--no-peers)")
         else:
             try:
                 fp32 = export_model(None, self.cache_root, "fp32", progress=self.log)
-                res.samples["perplexity"]["fp32"] = onnx_nll(fp32, ids, self.threads)
+                res.samples["perplexity"]["fp32"] = score(fp32)
             except Exception as error:  # the export extras may be missing
                 res.fail(
                     ["perplexity.fp32"],
@@ -549,6 +556,36 @@ class Bench:
                 res.samples["perplexity"]["llama_cpp"] = llama.call({"op": "ppl", "ids": ids})
             except PeerUnavailable as error:
                 res.fail(["perplexity.llama_cpp"], str(error))
+
+
+def _perplexity_harness(
+    model_dir: Path, n: int, threads: int
+) -> tuple[list[int], Callable[[Path], dict[str, Any]], str, str]:
+    """The engine's quality gate (encloud.server.inference.quality: its held-out text and its
+    teacher-forced perplexity) where it exists; else bench.perplexity over bench/data/heldout.txt
+    (the same method). Returns the token ids, a scorer of a model folder, the harness and text."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        from encloud.server.inference import quality
+
+        text_path = Path(quality.HELDOUT_TEXT)
+        array = quality.tokenize(model_dir, text_path.read_text(encoding="utf-8"), n)
+        ids = [int(t) for t in array]
+
+        def gate(folder: Path) -> dict[str, Any]:
+            ppl = quality.perplexity(folder, np.asarray(ids, dtype=np.int64), threads)
+            return {"nll_sum": math.log(ppl) * (len(ids) - 1), "predicted": len(ids) - 1}
+
+        shown = text_path.relative_to(root) if text_path.is_relative_to(root) else text_path
+        return ids, gate, "encloud.server.inference.quality", str(shown)
+    except (ImportError, AttributeError, OSError):
+        ids = heldout_ids(model_dir, n)
+        return (
+            ids,
+            lambda folder: onnx_nll(folder, ids, threads),
+            "bench.perplexity",
+            str(HELDOUT.relative_to(root)),
+        )
 
 
 def _concurrent_round(clients: list[Any], n: int) -> list[dict[str, Any]]:
