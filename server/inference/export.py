@@ -44,9 +44,8 @@ from encloud.server.inference.manifest import (
 )
 
 # Builder arguments per precision (see docs/MODEL_PIPELINE.md for each one's speed and
-# perplexity). "int4-q8head": int4 body, with the tied embeddings / lm_head as 8-bit
-# (matmul_mixed_precision=last_matmul:int8), which on the SmolLM2 GGUF re-quantises its Q8_0
-# embeddings on a near-identical grid. "fp16" targets CUDA (onnxruntime-genai-cuda).
+# perplexity). "int4-q8head": int4 body, lm_head 8-bit (matmul_mixed_precision=
+# last_matmul:int8), embeddings untied and kept fp32. "fp16" targets CUDA (onnxruntime-genai-cuda).
 PRECISION_ARGS: dict[str, tuple[str, ...]] = {
     "int4": ("-p", "int4", "-e", "cpu"),
     "int4-q8head": (
@@ -55,6 +54,8 @@ PRECISION_ARGS: dict[str, tuple[str, ...]] = {
         "-e",
         "cpu",
         "--extra_options",
+        # Untied: with shared embeddings the 0.18 builder emits a dangling lm_head input.
+        "shared_embeddings=false",
         "matmul_mixed_precision=last_matmul:int8",
     ),
     "int8": ("-p", "int8", "-e", "cpu"),
