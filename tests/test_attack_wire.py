@@ -585,7 +585,7 @@ def test_release_key_to_an_expired_pending_session_is_not_found(short_ttl_server
         time.sleep(1.5)
         with pytest.raises(ServiceError) as info:
             client.release_key()
-    assert (info.value.code, info.value.reason) == ("NOT_FOUND", "SESSION_NOT_FOUND")
+    assert (info.value.code, info.value.reason) == ("NOT_FOUND", "SESSION_EXPIRED")
 
 
 def test_request_in_an_expired_session_is_not_found(short_ttl_server, tmp_path):
@@ -604,5 +604,5 @@ def test_request_in_an_expired_session_is_not_found(short_ttl_server, tmp_path):
         stub = _stub(address)
         assert _status(lambda: stub.Infer(request)) == (
             grpc.StatusCode.NOT_FOUND,
-            "SESSION_NOT_FOUND",
+            "SESSION_EXPIRED",
         )
