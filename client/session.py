@@ -36,7 +36,7 @@ from encloud.client.envelope import (
     transcript_start,
 )
 from encloud.client.errors import (
-    DecryptError,
+    EnvelopeError,
     KeyConfirmationError,
     ServiceError,
     SessionError,
@@ -325,7 +325,7 @@ class EncloudClient:
         confirm = OpeningKey(bytearray(keys.kc), session.session_id)
         try:
             proof = confirm.open(_sealed(reply.key_confirmation), MessageType.KEY_CONFIRM, 0, 0)
-        except (DecryptError, StreamOrderError) as error:
+        except EnvelopeError as error:
             keys.wipe()
             raise KeyConfirmationError("the server did not prove it holds the key") from error
         finally:

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from encloud.client.envelope import MessageType, Sealed
-from encloud.client.errors import ServiceError
+from encloud.client.errors import KeyConfirmationError, ServiceError
 from encloud.client.session import EncloudClient
 from encloud.client.v1 import encloud_pb2 as pb
 from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
@@ -118,3 +118,24 @@ def test_unknown_session_is_not_found(connect) -> None:
         client.infer([("user", "hello")], max_new_tokens=4)
     assert refused.value.code == "NOT_FOUND"
     assert refused.value.reason == "SESSION_NOT_FOUND"
+
+
+@pytest.mark.attack
+def test_key_confirmation_with_another_header_is_refused(connect, wire) -> None:
+    """A confirmation relabelled as request 1 must fail as a key confirmation,
+    and the derived keys must not be kept."""
+    client = connect()
+    client.attest()
+
+    def relabel(method, msg, _):
+        if method.endswith("ReleaseKey"):
+            forged = pb.ReleaseKeyResponse()
+            forged.CopyFrom(msg)
+            forged.key_confirmation.request_id = 1
+            return forged
+        return msg
+
+    wire.tamper = relabel
+    with pytest.raises(KeyConfirmationError):
+        client.release_key()
+    assert client._session is not None and client._session.keys is None
