@@ -508,14 +508,24 @@ def _generation_request(
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
         request.messages.add(role=ROLES[role], content=content)
-    known = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+    known = {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "repetition_penalty",
+        "stop_token_ids",
+    }
     unknown = set(params) - known
     if unknown:
         raise TypeError(f"unknown generation parameters: {sorted(unknown)}")
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty"):
         if params.get(name) is not None:
             setattr(request, name, params[name])
     request.stop.extend(params.get("stop", ()))
+    request.stop_token_ids.extend(params.get("stop_token_ids", ()))
     return request
 
 

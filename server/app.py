@@ -128,7 +128,12 @@ async def serve(settings: Settings) -> None:
     )
 
     engine = await asyncio.to_thread(
-        Engine.load, settings.model_dir, threads=settings.threads, provider=settings.provider
+        Engine.load,
+        settings.model_dir,
+        threads=settings.threads,
+        provider=settings.provider,
+        max_batch=settings.max_batch,
+        max_cohorts=settings.max_cohorts,
     )
     attestation = await asyncio.to_thread(start_attestation, settings, workload_events(engine))
 
@@ -179,6 +184,7 @@ async def serve(settings: Settings) -> None:
         await sweeper
     service.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
+    engine.close()
     attestation.close()
     if metrics_server is not None:
         metrics_server.shutdown()  # type: ignore[attr-defined]

@@ -101,6 +101,11 @@ def generation_params_from_payload(payload: bytes, settings: Settings) -> Genera
     top_k = request.top_k if request.HasField("top_k") and request.top_k else None
     if len(request.stop) > 8 or any(not s or len(s) > 64 for s in request.stop):
         raise InvalidArgumentError("at most 8 stop strings of 1 to 64 characters")
+    penalty = request.repetition_penalty if request.HasField("repetition_penalty") else None
+    if penalty is not None and not 0.0 < penalty <= 10.0:
+        raise InvalidArgumentError("repetition_penalty must be in (0, 10]")
+    if len(request.stop_token_ids) > 16:
+        raise InvalidArgumentError("at most 16 stop token ids")
     return GenerationParams(
         messages=tuple(turns),
         max_new_tokens=max_new,
@@ -109,6 +114,8 @@ def generation_params_from_payload(payload: bytes, settings: Settings) -> Genera
         top_k=top_k,
         seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop),
+        repetition_penalty=penalty,
+        stop_token_ids=tuple(request.stop_token_ids),
     )
 
 

@@ -138,6 +138,16 @@ class Settings(BaseSettings):
     )
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime provider.")
     threads: int = Field(2, ge=1, le=256, description="Intra-op threads of the engine.")
+    max_batch: int = Field(
+        16, ge=1, le=64, description="Most concurrent streams the engine decodes in one batch."
+    )
+    max_cohorts: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Batches decoded side by side; a late request waits one step per "
+        "running batch.",
+    )
     default_max_new_tokens: int = Field(
         256, ge=1, description="New tokens when a request asks for 0."
     )

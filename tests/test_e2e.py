@@ -139,3 +139,15 @@ def test_key_confirmation_with_another_header_is_refused(connect, wire) -> None:
     with pytest.raises(KeyConfirmationError):
         client.release_key()
     assert client._session is not None and client._session.keys is None
+
+
+def test_repetition_penalty_and_stop_token_ids_reach_the_engine(connect) -> None:
+    client = connect()
+    client.attest()
+    client.release_key()
+    plain = client.infer([("user", PROMPT)], **GREEDY)
+    penalised = client.infer([("user", PROMPT)], repetition_penalty=1.8, **GREEDY)
+    assert penalised.text and penalised.text != plain.text
+    with pytest.raises(ServiceError) as refused:
+        client.infer([("user", PROMPT)], repetition_penalty=50.0, **GREEDY)
+    assert refused.value.code == "INVALID_ARGUMENT"
