@@ -20,7 +20,7 @@ from encloud.client.cli import print_summary, stream_to_terminal
 from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
 from encloud.server.devstack import ServerProcess, start_swtpm
-from encloud.server.inference.export import export_model
+from encloud.server.inference.export import DEFAULT_PRECISION, export_model
 
 
 def cache_root() -> Path:
@@ -29,8 +29,12 @@ def cache_root() -> Path:
 
 def run_demo(prompt: str, max_new_tokens: int) -> int:
     started = time.monotonic()
-    print("[1/3] model: the embedded SmolLM2-135M-Instruct GGUF -> ONNX (int4), cached")
-    model_dir = export_model(None, cache_root(), "int4", progress=lambda m: print(f"      {m}"))
+    print(
+        f"[1/3] model: embedded SmolLM2-135M-Instruct GGUF -> ONNX {DEFAULT_PRECISION}, cached"
+    )
+    model_dir = export_model(
+        None, cache_root(), DEFAULT_PRECISION, progress=lambda m: print(f"      {m}")
+    )
     with tempfile.TemporaryDirectory(prefix="encloud-demo-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o700)

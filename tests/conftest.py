@@ -30,9 +30,10 @@ def cache_root() -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from encloud.server.inference.export import export_model
+    from encloud.server.inference.export import DEFAULT_PRECISION, export_model
 
-    return export_model(None, cache_root(), "int4", progress=lambda _: None)
+    # The precision the server ships with, so the tests serve what users get.
+    return export_model(None, cache_root(), DEFAULT_PRECISION, progress=lambda _: None)
 
 
 @dataclass
