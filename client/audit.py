@@ -192,6 +192,33 @@ def generate_key_files(private_path: Path, public_path: Path) -> None:
 # --- the writer -------------------------------------------------------------------------
 
 
+def attestation_entry(
+    *,
+    server: str,
+    nonce: bytes,
+    quote_attest: bytes,
+    policy_digest: bytes,
+    ak_fingerprint: str | None,
+    model_digest: bytes | None,
+    failed_check: str | None,
+) -> dict[str, Any]:
+    """The entry for one attestation outcome: digests and the outcome, never a secret.
+
+    One function for the library (EncloudClient) and the CLI, so both write the same.
+    """
+    return {
+        "event": "attestation",
+        "server": server,
+        "nonce_sha256": hashlib.sha256(nonce).hexdigest(),
+        "attest_sha256": hashlib.sha256(quote_attest).hexdigest(),
+        "ak_fingerprint": ak_fingerprint,
+        "model_digest": model_digest.hex() if model_digest is not None else None,
+        "policy_sha256": policy_digest.hex(),
+        "outcome": "pass" if failed_check is None else "fail",
+        "failed_check": failed_check,
+    }
+
+
 class AuditLog:
     """Appends entries to a hash-chained log and, with a key, signs checkpoints of it.
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 import time
@@ -51,6 +50,7 @@ from typing import Any
 
 import grpc
 
+from encloud.client.audit import attestation_entry
 from encloud.client.errors import BundleError, ServiceError, VerificationError
 from encloud.client.evidence import Evidence
 from encloud.client.handshake import SUITE_V1, HpkeSuiteId, quote_qualifying_data
@@ -253,17 +253,15 @@ def attest_once(
 
 def audit_entry(bundle: EvidenceBundle, attestation: VerifiedAttestation | None) -> dict[str, Any]:
     """The audit log entry of one attestation (the same fields EncloudClient records)."""
-    return {
-        "event": "attestation",
-        "server": bundle.target,
-        "nonce_sha256": hashlib.sha256(bundle.nonce).hexdigest(),
-        "attest_sha256": hashlib.sha256(bundle.evidence.quote_attest).hexdigest(),
-        "ak_fingerprint": attestation.ak_fingerprint if attestation else None,
-        "model_digest": attestation.model_digest.hex() if attestation else None,
-        "policy_sha256": bundle.policy_sha256.hex(),
-        "outcome": bundle.outcome,
-        "failed_check": bundle.failed_check,
-    }
+    return attestation_entry(
+        server=bundle.target,
+        nonce=bundle.nonce,
+        quote_attest=bundle.evidence.quote_attest,
+        policy_digest=bundle.policy_sha256,
+        ak_fingerprint=attestation.ak_fingerprint if attestation else None,
+        model_digest=attestation.model_digest if attestation else None,
+        failed_check=bundle.failed_check,
+    )
 
 
 def verify_bundle(

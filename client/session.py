@@ -13,7 +13,6 @@ proved that the attested session holds the key.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from encloud.client.audit import AuditLog
+from encloud.client.audit import AuditLog, attestation_entry
 from encloud.client.envelope import (
     MessageType,
     OpeningKey,
@@ -481,17 +480,15 @@ class EncloudClient:
         if self._audit is None:
             return
         self._audit.append(
-            {
-                "event": "attestation",
-                "server": self.target,
-                "nonce_sha256": hashlib.sha256(nonce).hexdigest(),
-                "attest_sha256": hashlib.sha256(evidence.quote_attest).hexdigest(),
-                "ak_fingerprint": verified.ak_fingerprint if verified else None,
-                "model_digest": verified.model_digest.hex() if verified else None,
-                "policy_sha256": self._policy_digest.hex(),
-                "outcome": "pass" if failure is None else "fail",
-                "failed_check": failure.check if failure is not None else None,
-            }
+            attestation_entry(
+                server=self.target,
+                nonce=nonce,
+                quote_attest=evidence.quote_attest,
+                policy_digest=self._policy_digest,
+                ak_fingerprint=verified.ak_fingerprint if verified else None,
+                model_digest=verified.model_digest if verified else None,
+                failed_check=failure.check if failure is not None else None,
+            )
         )
 
 

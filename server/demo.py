@@ -29,9 +29,7 @@ def cache_root() -> Path:
 
 def run_demo(prompt: str, max_new_tokens: int) -> int:
     started = time.monotonic()
-    print(
-        f"[1/3] model: embedded SmolLM2-135M-Instruct GGUF -> ONNX {DEFAULT_PRECISION}, cached"
-    )
+    print(f"[1/3] model: embedded SmolLM2-135M-Instruct GGUF -> ONNX {DEFAULT_PRECISION}, cached")
     model_dir = export_model(
         None, cache_root(), DEFAULT_PRECISION, progress=lambda m: print(f"      {m}")
     )

@@ -45,12 +45,13 @@ class Stack:
     server: Any
     policy: Policy
     address: str
+    model_dir: Path
 
     def restart_server(self) -> None:
         from encloud.server.devstack import ServerProcess
 
         assert self.server.terminate() == 0
-        self.server = ServerProcess(self.workdir, self.swtpm.tcti, self.server.model_dir)
+        self.server = ServerProcess(self.workdir, self.swtpm.tcti, self.model_dir)
         self.address = self.server.start()
 
 
@@ -59,13 +60,12 @@ def _start_stack(workdir: Path, model_dir: Path) -> Stack:
 
     swtpm = start_swtpm(workdir / "swtpm")
     server = ServerProcess(workdir, swtpm.tcti, model_dir)
-    server.model_dir = model_dir  # type: ignore[attr-defined]
     try:
         address = server.start()
     except Exception:
         swtpm.stop()
         raise
-    return Stack(workdir, swtpm, server, load_policy(server.policy_path), address)
+    return Stack(workdir, swtpm, server, load_policy(server.policy_path), address, model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_policy_from_manifest_verifies_a_real_server(stack, tmp_path, capsys) ->
         [
             "policy",
             "from-manifest",
-            str(stack.server.model_dir),
+            str(stack.model_dir),
             "--runtime-event",
             str(runtime),
             "--ak-pin",
@@ -93,7 +93,7 @@ def test_policy_from_manifest_verifies_a_real_server(stack, tmp_path, capsys) ->
 @pytest.mark.engine
 def test_policy_from_manifest_computes_the_runtime_event_locally(stack, tmp_path) -> None:
     out = tmp_path / "policy.json"
-    args = ["policy", "from-manifest", str(stack.server.model_dir), "--compute-runtime"]
+    args = ["policy", "from-manifest", str(stack.model_dir), "--compute-runtime"]
     args += ["--ak-pin", str(_ak_pem(stack, tmp_path)), "-o", str(out)]
     assert main(args) == 0
     assert load_policy(out).allowed_runtime_events == stack.policy.allowed_runtime_events
