@@ -37,6 +37,7 @@ from pathlib import Path
 
 from encloud.client.encoding import encode, sha256
 from encloud.server.inference.manifest import (
+    MANIFEST_NAME,
     ModelIntegrityError,
     build_manifest,
     file_sha256,
@@ -62,8 +63,9 @@ PRECISION_ARGS: dict[str, tuple[str, ...]] = {
     "int8": ("-p", "int8", "-e", "cpu"),
     "fp32": ("-p", "fp32", "-e", "cpu"),
     "fp16": ("-p", "fp16", "-e", "cuda"),
-    # The builder's int4 graph, whose weights are then replaced by the GGUF's own Q4_1 codes and
-    # scales plus an exact per-block correction, and its Q8_0 embeddings (gguf_native.py).
+    # The builder's int4 export (these arguments), whose weights are then replaced by the GGUF's
+    # own Q4_1 codes and scales plus an exact per-block correction, and its Q8_0 embeddings
+    # (gguf_native.py).
     "q4_1-native": ("-p", "int4", "-e", "cpu"),
 }
 PRECISIONS = tuple(PRECISION_ARGS)
@@ -238,7 +240,7 @@ def _carry_gguf_weights(built: Path, gguf: Path, out: Path, progress: Progress) 
     onnx_name = cfg["model"]["decoder"]["filename"]
     out.mkdir(parents=True)
     for p in built.iterdir():
-        if p.is_file() and not p.name.startswith(onnx_name):
+        if p.is_file() and not p.name.startswith(onnx_name) and p.name != MANIFEST_NAME:
             shutil.copy2(p, out / p.name)
     counts = convert(built / onnx_name, gguf, out / onnx_name, onnx_name + ".data")
     progress(f"  {counts} in {time.monotonic() - t:.1f} s")
@@ -333,17 +335,20 @@ def export_model(
     work = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=models))
     try:
         out = work / "onnx"
-        if kind == "gguf":
-            hf = _cached_hf_folder(source, digest, cache_root, versions, progress)
-            progress(f"GGUF -> Hugging Face done in {time.monotonic() - t0:.1f} s")
-        else:
-            hf = source
-        t1 = time.monotonic()
-        built = work / "builder-out" if native else out
-        _run_builder(hf, built, work / "builder-cache", precision, progress)
-        progress(f"ONNX build done in {time.monotonic() - t1:.1f} s")
         if native:
-            _carry_gguf_weights(built, source, out, progress)
+            # The builder's int4 export of the same GGUF (cached and verified like any other)
+            # gives the graph; only its weights are replaced.
+            base = export_model(source, cache_root, "int4", progress)
+            _carry_gguf_weights(base, source, out, progress)
+        else:
+            if kind == "gguf":
+                hf = _cached_hf_folder(source, digest, cache_root, versions, progress)
+                progress(f"GGUF -> Hugging Face done in {time.monotonic() - t0:.1f} s")
+            else:
+                hf = source
+            t1 = time.monotonic()
+            _run_builder(hf, out, work / "builder-cache", precision, progress)
+            progress(f"ONNX build done in {time.monotonic() - t1:.1f} s")
         _strip_runtime_settings(out)
         if template_text is not None:
             (out / "chat_template.jinja").write_text(template_text, encoding="utf-8")
