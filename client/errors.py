@@ -211,3 +211,92 @@ class AuditLogError(EncloudError):
 
 class BundleError(EncloudError):
     """An offline evidence bundle does not parse strictly; the message names the field."""
+
+
+# --- hardware reports (SEV-SNP, Azure HCL, configfs-tsm, TDX) ---------------------------
+
+
+class HardwareReportError(VerificationError):
+    """The CVM's hardware report does not bind the evidence as the policy requires."""
+
+    check = "hardware_report"
+
+
+class HardwareReportFormatError(HardwareReportError):
+    """A hardware report (SEV-SNP report, HCL report, TDX quote) does not parse strictly."""
+
+    check = "hardware_report_parse"
+
+
+class HardwareChainError(HardwareReportError):
+    """The report signer's certificate chain (VCEK -> ASK -> ARK) does not validate to the
+    policy's vendor roots."""
+
+    check = "hardware_chain"
+
+
+class HardwareSignatureError(HardwareReportError):
+    """The hardware report is not signed by the certified key (e.g. an unknown VCEK)."""
+
+    check = "hardware_signature"
+
+
+class ReportDataMismatchError(HardwareReportError):
+    """The report's REPORT_DATA does not bind the runtime claims or this session."""
+
+    check = "report_data"
+
+
+class RuntimeClaimsError(HardwareReportError):
+    """Azure's runtime claims do not carry the quoting AK, or do not meet the policy."""
+
+    check = "runtime_claims"
+
+
+class HardwarePolicyError(HardwareReportError):
+    """A hardware report field is not allowed by the policy."""
+
+    check = "hardware_policy"
+
+
+class DebugEnabledError(HardwarePolicyError):
+    """The guest policy allows debugging: the host could read the guest's memory."""
+
+    check = "hardware_debug"
+
+
+class MeasurementNotAllowedError(HardwarePolicyError):
+    """The launch measurement is not one the policy allows."""
+
+    check = "hardware_measurement"
+
+
+class TcbTooLowError(HardwarePolicyError):
+    """A TCB component (boot loader, TEE, SNP firmware, microcode) is below the policy."""
+
+    check = "hardware_tcb"
+
+
+class VmplError(HardwarePolicyError):
+    """The report comes from another VM privilege level than the policy requires."""
+
+    check = "hardware_vmpl"
+
+
+class HardwareBindingRequiredError(HardwareReportError):
+    """A production policy got evidence without a verified hardware binding (vTPM only)."""
+
+    check = "hardware_binding"
+
+
+class PlatformMismatchError(HardwareReportError):
+    """The evidence's hardware report is of another platform than the policy names,
+    or of one that is refused outright (plain SEV without SNP)."""
+
+    check = "hardware_platform"
+
+
+class PlainSevRefusedError(PlatformMismatchError):
+    """Plain SEV (or SEV-ES) without SNP: no signed report, so no hardware binding at all."""
+
+    check = "hardware_platform"

@@ -24,3 +24,10 @@ class Evidence:
     """The workload event log, CEL-JSON lines (see eventlog.py)."""
     pcr_hash_algorithm: int = TPM_ALG_SHA256
     ak_certificate_chain: tuple[bytes, ...] = field(default_factory=tuple)
+    hardware_kind: str = ""
+    """Which hardware report rides along: "" (none, vTPM only), "azure-hcl", "sev-snp",
+    "tdx" (see encloud.client.hardware.binding)."""
+    hardware_report: bytes = b""
+    """The report exactly as the platform gave it (the HCL report, the configfs-tsm outblob)."""
+    hardware_certificate_chain: tuple[bytes, ...] = field(default_factory=tuple)
+    """The report signer's chain, DER, leaf first: VCEK, ASK[, ARK] for SEV-SNP."""

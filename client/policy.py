@@ -52,12 +52,33 @@ Fields:
     one of these roots at the client's current time (RFC 5280 path
     validation with the Web PKI rules for CA certificates; the leaf's
     extensions are not constrained). Meant for GCP and Azure AK certificates.
-  At least one pinned key or one root is required.
-  - `hardware_report` (optional, object): reserved for requiring the AK to be
-    bound to the CVM's hardware report (SEV-SNP, TDX). Not implemented yet:
-    its presence is refused.
+  At least one pinned key or one root is required, unless a `platform` section
+  binds the AK through the hardware report.
+  - `hardware_report` (optional, object): reserved; its presence is refused.
+    The hardware binding is the top-level `platform` section.
 - `max_session_ttl_seconds` (int): the longest session time-to-live the client
   accepts, 1 to 4294967295.
+- `platform` (optional, object): the CVM platform and its hardware roots. Without
+  it the policy is vTPM-only (development); see docs/ATTESTATION.md, "Hardware
+  binding".
+  - `kind` (string): "azure-sev-snp" (Azure's HCL report in vTPM NV binds the AK),
+    "sev-snp" (a configfs-tsm SEV-SNP report binds the session and the AK; GCP N2D,
+    bare metal) or "tdx" (parsed only; refused in a production policy). "sev" (plain
+    SEV or SEV-ES, without SNP) is refused.
+  - `production` (bool): true refuses evidence without a verified hardware binding.
+  - `amd_roots` (list of PEM strings): the AMD root keys (ARK) a VCEK chain must
+    lead to. In a production policy each must be an AMD ARK (organization
+    "Advanced Micro Devices", common name ARK-Milan, ARK-Genoa or ARK-Turin); test
+    roots are refused there unless a test registered them in its own process
+    (encloud.client.hardware.roots).
+  - `measurements` (list of 96-hex): allowed launch MEASUREMENTs (on Azure, the
+    paravisor's); at least one in a production policy.
+  - `min_tcb` (optional object): `bootloader`, `tee`, `snp`, `microcode` (0-255);
+    every component of the report's REPORTED_TCB must reach it.
+  - `vmpl` (optional int 0-3): the VMPL the report must come from.
+  - `allow_debug` (optional bool, default false): must be false in production.
+  - `azure` (optional object; kind azure-sev-snp): required runtime claims
+    `secure_boot`, `tpm_enabled`, `console_enabled` (bools; absent ones not checked).
 
 `Policy.to_json()` gives the canonical form (sorted keys, no whitespace, ASCII,
 lists sorted, `certificate_roots` re-encoded as PEM and left out when empty)
@@ -72,6 +93,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from types import MappingProxyType
 from typing import Any
 
@@ -81,6 +103,8 @@ from cryptography.hazmat.primitives import serialization
 
 from encloud.client.encoding import sha256
 from encloud.client.errors import PolicyError
+from encloud.client.hardware.roots import is_production_amd_root
+from encloud.client.hardware.sev_snp import TcbVersion
 
 POLICY_VERSION = 1
 PCR_BANKS: Mapping[str, int] = MappingProxyType({"sha256": 32, "sha384": 48})
@@ -103,6 +127,51 @@ _KEYS = frozenset(
         "max_session_ttl_seconds",
     }
 )
+_OPTIONAL_KEYS = frozenset({"platform"})
+_PLATFORM_KEYS = frozenset(
+    {"kind", "production", "amd_roots", "measurements", "min_tcb", "vmpl", "allow_debug", "azure"}
+)
+PLATFORM_KINDS = ("azure-sev-snp", "sev-snp", "tdx")
+_TCB_KEYS = ("bootloader", "tee", "snp", "microcode")
+_AZURE_CLAIMS = {
+    "secure_boot": "secure-boot",
+    "tpm_enabled": "tpm-enabled",
+    "console_enabled": "console-enabled",
+}
+"""Policy key -> the runtime claims' vm-configuration key."""
+
+
+@dataclass(frozen=True)
+class PlatformPolicy:
+    """The `platform` section: which CVM hardware must bind the evidence, and how."""
+
+    kind: str
+    production: bool
+    amd_roots: tuple[bytes, ...] = ()
+    measurements: tuple[bytes, ...] = ()
+    min_tcb: TcbVersion = dc_field(default_factory=lambda: TcbVersion(0, 0, 0, 0))
+    vmpl: int | None = None
+    allow_debug: bool = False
+    azure_claims: Mapping[str, bool] = dc_field(default_factory=lambda: MappingProxyType({}))
+    """vm-configuration key (e.g. "secure-boot") -> required value."""
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "kind": self.kind,
+            "production": self.production,
+            "amd_roots": sorted(_pem(der) for der in self.amd_roots),
+            "measurements": sorted(m.hex() for m in self.measurements),
+            "min_tcb": {k: getattr(self.min_tcb, k) for k in _TCB_KEYS},
+            "allow_debug": self.allow_debug,
+        }
+        if self.vmpl is not None:
+            obj["vmpl"] = self.vmpl
+        if self.azure_claims:
+            names = {v: k for k, v in _AZURE_CLAIMS.items()}
+            obj["azure"] = {names[k]: v for k, v in sorted(self.azure_claims.items())}
+        return obj
+
+
 _AK_KEYS = frozenset({"pinned_public_keys", "certificate_roots", "hardware_report"})
 
 
@@ -123,6 +192,13 @@ class Policy:
     max_session_ttl_seconds: int
     certificate_roots: tuple[bytes, ...] = ()
     """DER of each root certificate an AK certificate chain may lead to."""
+    platform: PlatformPolicy | None = None
+    """The hardware binding; None for a vTPM-only (development) policy."""
+
+    @property
+    def production(self) -> bool:
+        """True when the policy refuses evidence without a verified hardware binding."""
+        return self.platform is not None and self.platform.production
 
     @property
     def pcr_bank_alg(self) -> int:
@@ -137,7 +213,7 @@ class Policy:
         }
         if self.certificate_roots:
             ak["certificate_roots"] = sorted(_pem(der) for der in self.certificate_roots)
-        return {
+        obj: dict[str, Any] = {
             "version": self.version,
             "dev_only": self.dev_only,
             "pcr_bank": self.pcr_bank,
@@ -149,6 +225,9 @@ class Policy:
             "ak": ak,
             "max_session_ttl_seconds": self.max_session_ttl_seconds,
         }
+        if self.platform is not None:
+            obj["platform"] = self.platform.to_obj()
+        return obj
 
     def to_json(self) -> bytes:
         """The canonical JSON: sorted keys, no whitespace, ASCII, lists sorted."""
@@ -188,6 +267,7 @@ def build_policy(
     pcr_values: Mapping[int, bytes] | None = None,
     dev_only: bool = False,
     pcr_bank: str = "sha256",
+    platform: Mapping[str, Any] | None = None,
 ) -> Policy:
     """Build a policy from Python values, validated exactly as a parsed one."""
     obj = {
@@ -205,6 +285,8 @@ def build_policy(
         },
         "max_session_ttl_seconds": max_session_ttl_seconds,
     }
+    if platform is not None:
+        obj["platform"] = dict(platform)
     return _from_obj(obj)
 
 
@@ -291,7 +373,7 @@ def _root(value: object, field: str) -> bytes:
     return certs[0].public_bytes(serialization.Encoding.DER)
 
 
-def _ak(value: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+def _ak(value: object, hardware_bound: bool = False) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     if not isinstance(value, dict):
         raise _fail("ak", "must be an object")
     unknown = sorted(set(value) - _AK_KEYS)
@@ -311,7 +393,7 @@ def _ak(value: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     roots = [_root(r, f"ak.certificate_roots[{i}]") for i, r in enumerate(roots_value)]
     if len(set(roots)) != len(roots):
         raise _fail("ak.certificate_roots", "has duplicates")
-    if not ders and not roots:
+    if not ders and not roots and not hardware_bound:
         raise _fail(
             "ak.pinned_public_keys", "at least one pinned key or certificate root is required"
         )
@@ -321,7 +403,7 @@ def _ak(value: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
 def _from_obj(obj: object) -> Policy:
     if not isinstance(obj, dict):
         raise PolicyError("policy must be a JSON object")
-    unknown = sorted(set(obj) - _KEYS)
+    unknown = sorted(set(obj) - _KEYS - _OPTIONAL_KEYS)
     if unknown:
         raise _fail(unknown[0], "unknown key")
     missing = sorted(_KEYS - set(obj))
@@ -374,8 +456,10 @@ def _from_obj(obj: object) -> Policy:
 
     model_digests = _hex_list(obj, "allowed_model_digests", 32)
     runtime_events = _hex_list(obj, "allowed_runtime_events", 32)
-    pinned, roots = _ak(obj["ak"])
+    # An AK bound by the hardware report needs no pin or root of its own.
+    pinned, roots = _ak(obj["ak"], hardware_bound="platform" in obj)
     ttl = _int(obj, "max_session_ttl_seconds", 1, MAX_TTL_SECONDS)
+    platform = _platform(obj["platform"]) if "platform" in obj else None
 
     return Policy(
         version=POLICY_VERSION,
@@ -389,4 +473,97 @@ def _from_obj(obj: object) -> Policy:
         pinned_public_keys=pinned,
         max_session_ttl_seconds=ttl,
         certificate_roots=roots,
+        platform=platform,
+    )
+
+
+def _bool(obj: Mapping[str, Any], field: str, default: bool | None = None) -> bool:
+    value = obj.get(field.rsplit(".", 1)[-1], default)
+    if not isinstance(value, bool):
+        raise _fail(field, "must be true or false")
+    return value
+
+
+def _platform(value: object) -> PlatformPolicy:
+    if not isinstance(value, dict):
+        raise _fail("platform", "must be an object")
+    unknown = sorted(set(value) - _PLATFORM_KEYS)
+    if unknown:
+        raise _fail(f"platform.{unknown[0]}", "unknown key")
+    kind = value.get("kind")
+    if kind == "sev":
+        raise _fail("platform.kind", "plain SEV without SNP is refused: it has no signed report")
+    if kind not in PLATFORM_KINDS:
+        raise _fail("platform.kind", f"must be one of {list(PLATFORM_KINDS)}")
+    if "production" not in value:
+        raise _fail("platform.production", "missing")
+    production = _bool(value, "platform.production")
+    allow_debug = _bool(value, "platform.allow_debug", False)
+    if production and allow_debug:
+        raise _fail("platform.allow_debug", "a production policy never allows debug")
+    if production and kind == "tdx":
+        raise _fail(
+            "platform.kind",
+            "TDX quotes are parsed but not verified against Intel's chain yet; "
+            "a production policy cannot name tdx",
+        )
+
+    roots_value = value.get("amd_roots", [])
+    if not isinstance(roots_value, list):
+        raise _fail("platform.amd_roots", "must be a list of PEM strings")
+    roots = [_root(r, f"platform.amd_roots[{i}]") for i, r in enumerate(roots_value)]
+    if len(set(roots)) != len(roots):
+        raise _fail("platform.amd_roots", "has duplicates")
+    if kind != "tdx" and not roots:
+        raise _fail("platform.amd_roots", "at least one AMD root (ARK) is required")
+    if production:
+        for i, der in enumerate(roots):
+            if not is_production_amd_root(der):
+                raise _fail(
+                    f"platform.amd_roots[{i}]",
+                    "is not an AMD ARK; a production policy cannot select a test root",
+                )
+
+    raw_measurements = value.get("measurements", [])
+    if not isinstance(raw_measurements, list):
+        raise _fail("platform.measurements", "must be a list of hex strings")
+    measurements = [
+        _hex(m, f"platform.measurements[{i}]", 48) for i, m in enumerate(raw_measurements)
+    ]
+    if len(set(measurements)) != len(measurements):
+        raise _fail("platform.measurements", "has duplicates")
+    if production and not measurements:
+        raise _fail("platform.measurements", "a production policy pins the launch measurement")
+
+    raw_tcb = value.get("min_tcb", {})
+    if not isinstance(raw_tcb, dict) or set(raw_tcb) - set(_TCB_KEYS):
+        raise _fail("platform.min_tcb", f"must be an object with keys from {list(_TCB_KEYS)}")
+    tcb = {
+        k: _int({f"platform.min_tcb.{k}": raw_tcb.get(k, 0)}, f"platform.min_tcb.{k}", 0, 255)
+        for k in _TCB_KEYS
+    }
+
+    vmpl = None
+    if "vmpl" in value:
+        vmpl = _int({"platform.vmpl": value["vmpl"]}, "platform.vmpl", 0, 3)
+
+    claims: dict[str, bool] = {}
+    azure = value.get("azure", {})
+    if not isinstance(azure, dict) or set(azure) - set(_AZURE_CLAIMS):
+        raise _fail("platform.azure", f"must be an object with keys from {sorted(_AZURE_CLAIMS)}")
+    if azure and kind != "azure-sev-snp":
+        raise _fail("platform.azure", "only for kind azure-sev-snp")
+    for key, claim in _AZURE_CLAIMS.items():
+        if key in azure:
+            claims[claim] = _bool(azure, f"platform.azure.{key}")
+
+    return PlatformPolicy(
+        kind=kind,
+        production=production,
+        amd_roots=tuple(sorted(roots)),
+        measurements=tuple(sorted(measurements)),
+        min_tcb=TcbVersion(**tcb),
+        vmpl=vmpl,
+        allow_debug=allow_debug,
+        azure_claims=MappingProxyType(dict(sorted(claims.items()))),
     )

@@ -29,21 +29,39 @@ from encloud.client.errors import (
     AkUntrustedError,
     AttestMagicError,
     AttestTypeError,
+    DebugEnabledError,
     EventDigestError,
     EventLogReplayError,
     EventSequenceError,
+    HardwareBindingRequiredError,
+    HardwareReportFormatError,
+    MeasurementNotAllowedError,
     ModelNotAllowedError,
     NonceMismatchError,
     PcrDigestError,
     PcrSelectionError,
     PcrValueError,
+    PlainSevRefusedError,
+    PlatformMismatchError,
     QualifiedSignerError,
+    ReportDataMismatchError,
+    RuntimeClaimsError,
     RuntimeNotAllowedError,
     SessionTtlError,
     SignatureError,
+    TcbTooLowError,
     VerificationError,
+    VmplError,
 )
 from encloud.client.evidence import Evidence
+from encloud.client.hardware import azure_hcl, sev_snp
+from encloud.client.hardware.binding import (
+    KIND_AZURE_HCL,
+    KIND_SEV,
+    KIND_SEV_SNP,
+    KIND_TDX,
+    session_report_data,
+)
 from encloud.client.policy import Policy, policy_digest
 from encloud.client.tpm_structures import (
     DECRYPT,
@@ -107,6 +125,10 @@ class VerifiedAttestation:
     pcr_values: Mapping[int, bytes]
     policy_digest: bytes
     report: list[CheckResult] = field(default_factory=list)
+    hardware_binding: str = ""
+    """What the hardware report proved ("" when the evidence was vTPM only)."""
+    trust_note: str = ""
+    """Who stays trusted for what, in words (e.g. Google for the vTPM's PCRs on GCP)."""
 
 
 def spki_der(ak_public_bytes: bytes) -> bytes:
@@ -257,12 +279,16 @@ class _Run:
         fingerprint = sha256(spki).hex()
         self.ok(f"{_key_desc(ak)}, fingerprint {fingerprint}")
 
+        hardware = self._hardware(ev, policy, spki)
+
         self.step("ak_trust")
         if spki in policy.pinned_public_keys:
             self.ok(f"AK {fingerprint} is pinned by the policy")
         elif policy.certificate_roots and ev.ak_certificate_chain:
             root = _check_certificate_chain(ev.ak_certificate_chain, policy.certificate_roots, spki)
             self.ok(f"AK {fingerprint} certified by a chain to root {root}")
+        elif hardware.ak_bound:
+            self.ok(f"AK {fingerprint} bound by the {hardware.binding}")
         else:
             raise AkUntrustedError(
                 f"AK {fingerprint} is not pinned by the policy"
@@ -410,7 +436,154 @@ class _Run:
             pcr_values=dict(values),
             policy_digest=policy_digest(policy),
             report=list(self.report),
+            hardware_binding=hardware.binding,
+            trust_note=hardware.note,
         )
+
+    # --- the hardware report ------------------------------------------------------------
+
+    def _hardware(self, ev: Evidence, policy: Policy, ak_spki: bytes) -> _Hardware:
+        """Checks 2a-2j (docs/ATTESTATION.md, "Hardware binding")."""
+        platform = policy.platform
+        kind = ev.hardware_kind
+        if platform is None and not kind:
+            return _Hardware(False, "", _VTPM_ONLY_NOTE)  # a vTPM-only policy: no extra step
+        self.step("hardware_platform")
+        if kind == KIND_SEV:
+            raise PlainSevRefusedError("plain SEV without SNP has no signed report: refused")
+        if platform is None:
+            self.ok(
+                "the policy names no platform: vTPM-only evidence"
+                + (f" (the {kind} report is not checked)" if kind else "")
+            )
+            return _Hardware(False, "", _VTPM_ONLY_NOTE)
+        if not kind or not ev.hardware_report:
+            if platform.production:
+                raise HardwareBindingRequiredError(
+                    "the production policy requires a hardware report binding the evidence; "
+                    "this evidence is vTPM only"
+                )
+            self.ok(f"no hardware report; the dev policy ({platform.kind}) accepts vTPM only")
+            return _Hardware(False, "", _VTPM_ONLY_NOTE)
+        expected = {"azure-sev-snp": KIND_AZURE_HCL, "sev-snp": KIND_SEV_SNP, "tdx": KIND_TDX}
+        if kind != expected[platform.kind]:
+            raise PlatformMismatchError(
+                f"the evidence carries a {kind!r} report, the policy's platform "
+                f"{platform.kind} needs {expected[platform.kind]!r}"
+            )
+        if kind == KIND_TDX:
+            raise HardwareReportFormatError(
+                "TDX quote verification is not implemented (docs/DEPLOY.md)"
+            )
+        self.ok(f"{kind} report for platform {platform.kind}")
+
+        self.step("hardware_report_parse")
+        hcl = None
+        if kind == KIND_AZURE_HCL:
+            hcl = azure_hcl.parse_hcl_report(ev.hardware_report)
+            if hcl.report_type != azure_hcl.REPORT_TYPE_SNP:
+                raise PlatformMismatchError("the HCL report holds a TDX report, not SEV-SNP")
+            report = sev_snp.parse_report(hcl.hardware_report)
+            self.ok(
+                f"HCL report v{hcl.version}: SEV-SNP report v{report.version} and "
+                f"{len(hcl.runtime_claims)} bytes of runtime claims"
+            )
+        else:
+            report = sev_snp.parse_report(ev.hardware_report)
+            self.ok(f"SEV-SNP report v{report.version}")
+
+        self.step("hardware_chain")
+        chain = sev_snp.verify_vcek_chain(ev.hardware_certificate_chain, platform.amd_roots)
+        self.ok(f"VCEK -> ASK -> ARK {chain.ark_subject}")
+
+        self.step("hardware_signature")
+        sev_snp.verify_report_signature(report, chain.vcek)
+        sev_snp.check_vcek_matches(report, chain)
+        self.ok("ECDSA P-384/SHA-384 by the VCEK for this chip and REPORTED_TCB")
+
+        self.step("report_data")
+        if hcl is not None:
+            want = hcl.expected_report_data()
+            what = f"{azure_hcl.HASH_TYPES[hcl.hash_type]}(runtime claims)"
+        else:
+            want = session_report_data(self.q, ev.ak_public)
+            what = "SHA-512(E(report data, Q, AK)): this session's key, nonce and id, and the AK"
+        if not hmac.compare_digest(report.report_data, want):
+            raise ReportDataMismatchError(f"REPORT_DATA is not {what}")
+        self.ok(f"REPORT_DATA = {what}")
+
+        if hcl is not None:
+            self.step("runtime_claims")
+            claims = azure_hcl.parse_runtime_claims(hcl.runtime_claims)
+            if not hmac.compare_digest(claims.ak_spki, ak_spki):
+                raise RuntimeClaimsError("the AK in the runtime claims is not the quoting AK")
+            for claim, required in platform.azure_claims.items():
+                actual = claims.vm_configuration.get(claim)
+                if actual is not required:
+                    raise RuntimeClaimsError(
+                        f"runtime claim {claim} is {actual!r}, the policy requires {required}"
+                    )
+            self.ok(
+                "the runtime claims carry the quoting AK (HCLAkPub)"
+                + "".join(f", {k}={v}" for k, v in platform.azure_claims.items())
+            )
+
+        self.step("hardware_debug")
+        if report.debug and not platform.allow_debug:
+            raise DebugEnabledError("the guest policy allows debug (bit 19): refused")
+        self.ok(f"guest policy 0x{report.policy:x}: debug {'on' if report.debug else 'off'}")
+
+        self.step("hardware_vmpl")
+        if platform.vmpl is not None and report.vmpl != platform.vmpl:
+            raise VmplError(f"report from VMPL {report.vmpl}, the policy requires {platform.vmpl}")
+        self.ok(f"VMPL {report.vmpl}")
+
+        self.step("hardware_measurement")
+        if platform.measurements and report.measurement not in platform.measurements:
+            raise MeasurementNotAllowedError(
+                f"launch measurement {report.measurement.hex()} is not allowed"
+            )
+        self.ok(f"measurement {report.measurement.hex()}")
+
+        self.step("hardware_tcb")
+        low = report.reported_tcb.below(platform.min_tcb)
+        if low:
+            raise TcbTooLowError(
+                f"REPORTED_TCB ({report.reported_tcb}) is below the policy's "
+                f"({platform.min_tcb}) in {', '.join(low)}"
+            )
+        self.ok(f"REPORTED_TCB ({report.reported_tcb}) >= ({platform.min_tcb})")
+
+        if hcl is not None:
+            binding = "Azure HCL report (SEV-SNP)"
+            note = _AZURE_NOTE
+        else:
+            binding = "SEV-SNP report (configfs-tsm)"
+            note = _HOST_VTPM_NOTE
+        self.step("trust")
+        self.ok(note)
+        return _Hardware(True, binding, note)
+
+
+@dataclass(frozen=True)
+class _Hardware:
+    ak_bound: bool
+    binding: str
+    note: str
+
+
+_VTPM_ONLY_NOTE = (
+    "vTPM only: whoever runs the vTPM (possibly the hypervisor) could forge this evidence"
+)
+_AZURE_NOTE = (
+    "the SEV-SNP report binds the AK through Azure's runtime claims; the vTPM runs in "
+    "Azure's paravisor (HCL) inside the guest at VMPL0, covered by the pinned measurement; "
+    "Microsoft stays trusted for the paravisor's code"
+)
+_HOST_VTPM_NOTE = (
+    "the SEV-SNP report binds the session key and the AK to this CPU's guest; the vTPM and "
+    "its PCRs are run by the host (on GCP: Google), which stays trusted for the PCR values"
+)
 
 
 # --- steps ------------------------------------------------------------------------------
