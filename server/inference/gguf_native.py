@@ -171,7 +171,10 @@ def convert(
             new_nodes.extend(
                 [
                     helper.make_node(
-                        "Reshape", [x, f"{base}/shape"], [f"{base}/blocks"], name=f"{base}/Reshape"
+                        "Reshape",
+                        [x, f"{base}/shape"],
+                        [f"{base}/blocks"],
+                        name=f"{base}/Reshape",
                     ),
                     helper.make_node(
                         "ReduceSum",
