@@ -66,6 +66,11 @@ class Swtpm:
         return self._state_dir / SOCKET_NAME
 
     @property
+    def log_path(self) -> Path:
+        """swtpm's own stderr (not secret: it never sees plaintext)."""
+        return self._state_dir / "swtpm.log"
+
+    @property
     def ctrl_socket_path(self) -> Path:
         return self._state_dir / CTRL_SOCKET_NAME
 
@@ -107,13 +112,16 @@ class Swtpm:
             "--flags",
             "not-need-init,startup-clear",
         ]
-        self._process = subprocess.Popen(  # noqa: S603 - fixed argv, resolved binary
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # swtpm writes to stderr as it serves; a pipe nobody drains fills up after
+        # ~2000 commands and blocks swtpm mid-command, so it goes to a file instead.
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(  # noqa: S603 - fixed argv, resolved binary
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
         self._wait_ready()
         return self
 
@@ -123,11 +131,9 @@ class Swtpm:
         delay = 0.001
         while True:
             if self._process.poll() is not None:
-                err = self._process.stderr.read() if self._process.stderr else b""
                 self._process = None
-                raise SwtpmError(
-                    f"swtpm exited with status during start-up: {err.decode(errors='replace')}"
-                )
+                err = self.log_path.read_bytes()[-2000:] if self.log_path.exists() else b""
+                raise SwtpmError(f"swtpm exited during start-up: {err.decode(errors='replace')}")
             if self._socket_answers():
                 return
             if time.monotonic() > deadline:
@@ -159,8 +165,6 @@ class Swtpm:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if process.stderr:
-            process.stderr.close()
 
     def kill(self) -> None:
         """SIGKILL swtpm (fault injection). The state folder stays."""
@@ -170,8 +174,6 @@ class Swtpm:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
-        if process.stderr:
-            process.stderr.close()
 
     def restart(self) -> Swtpm:
         """Stop and start on the same state folder: a TPM reset (PCRs reset, NV survives)."""
