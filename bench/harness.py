@@ -70,8 +70,6 @@ class Budget:
 BUDGETS = {
     "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64),
     "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512),
-    # Handshakes per server stay well under 680: at the 681st Attest of a server's life the
-    # TPM stops answering (UNAVAILABLE after 10 s); reproduced outside the benchmark, reported.
     "full": Budget("full", 2, 11, 128, 1024, 10, 250, 1000, 1, 3, 128, 15, 5000, 512),
 }
 
