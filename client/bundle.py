@@ -25,9 +25,13 @@ An `EvidenceBundle` is that record as one JSON object (version 1):
         "quote_attest": "<base64>", "quote_signature": "<base64>",
         "ak_public": "<base64>", "ak_certificate_chain": ["<base64 DER>", ...],
         "pcr_hash_algorithm": <TPM_ALG_ID>, "pcr_values": {"<index>": "<hex>"},
-        "workload_event_log": "<base64>"
+        "workload_event_log": "<base64>",
+        "hardware_kind": "<kind>", "hardware_report": "<base64>",
+        "hardware_certificate_chain": ["<base64 DER>", ...]
       }
     }
+
+The three hardware keys are present only when the evidence carried a hardware report.
 
 No key and no secret is in it: the session's private key stays in the server
 and no DEK exists yet at attestation time. Re-verifying a bundle proves that
@@ -88,6 +92,7 @@ _EVIDENCE_KEYS = frozenset(
         "workload_event_log",
     }
 )
+_HARDWARE_KEYS = frozenset({"hardware_kind", "hardware_report", "hardware_certificate_chain"})
 MAX_BUNDLE_BYTES = 16 << 20
 
 
@@ -136,6 +141,14 @@ class EvidenceBundle:
                 "workload_event_log": _b64(ev.workload_event_log),
             },
         }
+        if ev.hardware_kind:
+            obj["evidence"].update(  # type: ignore[attr-defined]
+                {
+                    "hardware_kind": ev.hardware_kind,
+                    "hardware_report": _b64(ev.hardware_report),
+                    "hardware_certificate_chain": [_b64(c) for c in ev.hardware_certificate_chain],
+                }
+            )
         return json.dumps(obj, indent=2, sort_keys=True).encode("ascii") + b"\n"
 
 
@@ -207,6 +220,9 @@ def fetch_evidence(
         workload_event_log=ev.workload_event_log,
         pcr_hash_algorithm=ev.pcr_hash_algorithm,
         ak_certificate_chain=tuple(ev.ak_certificate_chain),
+        hardware_kind=ev.hardware_kind,
+        hardware_report=ev.hardware_report,
+        hardware_certificate_chain=tuple(ev.hardware_certificate_chain),
     )
     return AttestReply(
         target,
@@ -378,7 +394,7 @@ def parse_bundle(data: bytes) -> EvidenceBundle:
     ev = obj["evidence"]
     if not isinstance(ev, dict):
         raise _fail("evidence", "must be an object")
-    unknown = sorted(set(ev) - _EVIDENCE_KEYS)
+    unknown = sorted(set(ev) - _EVIDENCE_KEYS - _HARDWARE_KEYS)
     if unknown:
         raise _fail(f"evidence.{unknown[0]}", "unknown key")
     missing = sorted(_EVIDENCE_KEYS - set(ev))
@@ -412,6 +428,7 @@ def parse_bundle(data: bytes) -> EvidenceBundle:
         ak_certificate_chain=tuple(
             _b64f(c, f"evidence.ak_certificate_chain[{i}]") for i, c in enumerate(chain)
         ),
+        **_hardware_fields(ev),
     )
     return EvidenceBundle(
         target=obj["target"],
@@ -426,3 +443,24 @@ def parse_bundle(data: bytes) -> EvidenceBundle:
         failed_check=failed,
         evidence=evidence,
     )
+
+
+def _hardware_fields(ev: dict[str, Any]) -> dict[str, Any]:
+    """The optional hardware keys of a bundle's evidence: all three or none."""
+    present = _HARDWARE_KEYS & set(ev)
+    if not present:
+        return {}
+    if present != _HARDWARE_KEYS:
+        raise _fail(f"evidence.{sorted(_HARDWARE_KEYS - present)[0]}", "missing")
+    kind, chain = ev["hardware_kind"], ev["hardware_certificate_chain"]
+    if not isinstance(kind, str) or not kind or len(kind) > 32:
+        raise _fail("evidence.hardware_kind", "must be a non-empty string")
+    if not isinstance(chain, list):
+        raise _fail("evidence.hardware_certificate_chain", "must be a list")
+    return {
+        "hardware_kind": kind,
+        "hardware_report": _b64f(ev["hardware_report"], "evidence.hardware_report"),
+        "hardware_certificate_chain": tuple(
+            _b64f(c, f"evidence.hardware_certificate_chain[{i}]") for i, c in enumerate(chain)
+        ),
+    }

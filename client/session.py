@@ -557,6 +557,9 @@ def _evidence_from_proto(evidence: pb.Evidence) -> Evidence:
         workload_event_log=evidence.workload_event_log,
         pcr_hash_algorithm=evidence.pcr_hash_algorithm,
         ak_certificate_chain=tuple(evidence.ak_certificate_chain),
+        hardware_kind=evidence.hardware_kind,
+        hardware_report=evidence.hardware_report,
+        hardware_certificate_chain=tuple(evidence.hardware_certificate_chain),
     )
 
 

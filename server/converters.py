@@ -66,6 +66,9 @@ def evidence_to_proto(evidence: Evidence) -> pb.Evidence:
         pcr_hash_algorithm=evidence.pcr_hash_algorithm,
         pcr_values=dict(evidence.pcr_values),
         workload_event_log=evidence.workload_event_log,
+        hardware_kind=evidence.hardware_kind,
+        hardware_report=evidence.hardware_report,
+        hardware_certificate_chain=list(evidence.hardware_certificate_chain),
     )
 
 

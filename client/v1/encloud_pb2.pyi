@@ -243,6 +243,9 @@ class Evidence(_message.Message):
     PCR_HASH_ALGORITHM_FIELD_NUMBER: _builtins.int
     PCR_VALUES_FIELD_NUMBER: _builtins.int
     WORKLOAD_EVENT_LOG_FIELD_NUMBER: _builtins.int
+    HARDWARE_KIND_FIELD_NUMBER: _builtins.int
+    HARDWARE_REPORT_FIELD_NUMBER: _builtins.int
+    HARDWARE_CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
     quote_attest: _builtins.bytes
     """The signed TPMS_ATTEST structure, without its TPM2B size prefix."""
     quote_signature: _builtins.bytes
@@ -256,6 +259,13 @@ class Evidence(_message.Message):
     (docs/PROTOCOL.md), every record that extended the workload PCR since
     the TPM's last reset.
     """
+    hardware_kind: _builtins.str
+    """Which CVM hardware report rides along: "" (none: vTPM only), "azure-hcl"
+    (Azure's HCL report from vTPM NV 0x01400001), "sev-snp" (a configfs-tsm
+    SEV-SNP report whose REPORT_DATA binds this session and the AK), "tdx".
+    """
+    hardware_report: _builtins.bytes
+    """The hardware report exactly as the platform gave it."""
     @_builtins.property
     def ak_certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The AK's X.509 certificate chain, DER, leaf first; empty where the
@@ -265,6 +275,10 @@ class Evidence(_message.Message):
     @_builtins.property
     def pcr_values(self) -> _containers.ScalarMap[_builtins.int, _builtins.bytes]:
         """The values of the quoted PCRs, keyed by PCR index."""
+
+    @_builtins.property
+    def hardware_certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The report signer's certificate chain, DER, leaf first (VCEK, ASK[, ARK])."""
 
     def __init__(
         self,
@@ -276,10 +290,13 @@ class Evidence(_message.Message):
         pcr_hash_algorithm: _builtins.int = ...,
         pcr_values: _abc.Mapping[_builtins.int, _builtins.bytes] | None = ...,
         workload_event_log: _builtins.bytes = ...,
+        hardware_kind: _builtins.str = ...,
+        hardware_report: _builtins.bytes = ...,
+        hardware_certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_certificate_chain", b"ak_certificate_chain", "ak_public", b"ak_public", "pcr_hash_algorithm", b"pcr_hash_algorithm", "pcr_values", b"pcr_values", "quote_attest", b"quote_attest", "quote_signature", b"quote_signature", "workload_event_log", b"workload_event_log"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_certificate_chain", b"ak_certificate_chain", "ak_public", b"ak_public", "hardware_certificate_chain", b"hardware_certificate_chain", "hardware_kind", b"hardware_kind", "hardware_report", b"hardware_report", "pcr_hash_algorithm", b"pcr_hash_algorithm", "pcr_values", b"pcr_values", "quote_attest", b"quote_attest", "quote_signature", b"quote_signature", "workload_event_log", b"workload_event_log"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,8 +32,10 @@ from pathlib import Path
 
 from encloud.client.eventlog import EventRecord, WorkloadEvent, replay, serialize
 from encloud.client.evidence import TPM_ALG_SHA256, Evidence
+from encloud.client.hardware.binding import session_report_data
 from encloud.server.attestation.measure import WorkloadMeasurementError, measure_workload
 from encloud.server.attestation.tpm import Tpm, TpmCommandError
+from encloud.server.attestation.tsm import TsmError, TsmReporter
 from encloud.server.errors import TpmUnavailableError
 
 log = logging.getLogger("encloud.attestation")
@@ -58,6 +60,36 @@ class Remeasure:
         self.reopen = reopen
 
 
+class HardwareSource:
+    """The CVM hardware report that rides with each quote.
+
+    Either a static report read at start-up (Azure's HCL report, which binds the AK
+    through its runtime claims), or a configfs-tsm reporter asked per session for a
+    report whose REPORT_DATA binds the qualifying data and the AK."""
+
+    def __init__(
+        self,
+        kind: str,
+        chain: Sequence[bytes] = (),
+        *,
+        static_report: bytes = b"",
+        tsm: TsmReporter | None = None,
+    ) -> None:
+        self.kind = kind
+        self.chain = tuple(bytes(c) for c in chain)
+        self.static_report = bytes(static_report)
+        self.tsm = tsm
+
+    def report(self, qualifying_data: bytes, ak_public: bytes) -> bytes:
+        if self.tsm is None:
+            return self.static_report
+        try:
+            return self.tsm.report(session_report_data(qualifying_data, ak_public))
+        except TsmError as err:
+            log.error(f"hardware report request failed: {err}")
+            raise TpmUnavailableError("the hardware report is unavailable") from None
+
+
 class TpmAttester:
     def __init__(
         self,
@@ -67,8 +99,10 @@ class TpmAttester:
         *,
         ak_certificate_chain: Sequence[bytes] = (),
         remeasure: Remeasure | None = None,
+        hardware: HardwareSource | None = None,
     ) -> None:
         self._tpm = tpm
+        self._hardware = hardware
         self._pcrs = list(pcr_selection)
         self._ak_public = tpm.ak_public()
         self._chain = tuple(bytes(c) for c in ak_certificate_chain)
@@ -109,6 +143,7 @@ class TpmAttester:
             attest, signature, pcr_values = self._tpm.quote_with_pcrs(qualifying_data, self._pcrs)
             if pcr_values[workload_pcr] != self._replayed:
                 raise TpmUnavailableError("the workload PCR changed while measuring")
+        hw = self._hardware
         return Evidence(
             quote_attest=attest,
             quote_signature=signature,
@@ -117,6 +152,9 @@ class TpmAttester:
             workload_event_log=self._log,
             pcr_hash_algorithm=TPM_ALG_SHA256,
             ak_certificate_chain=self._chain,
+            hardware_kind=hw.kind if hw else "",
+            hardware_report=hw.report(qualifying_data, self._ak_public) if hw else b"",
+            hardware_certificate_chain=hw.chain if hw else (),
         )
 
     def _reconnect(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +20,17 @@ from cryptography.hazmat.primitives import serialization
 
 from encloud.client.encoding import sha256
 from encloud.client.eventlog import WorkloadEvent
-from encloud.server.attestation.attester import Remeasure, TpmAttester
+from encloud.client.hardware.binding import KIND_AZURE_HCL
+from encloud.server.attestation.attester import HardwareSource, Remeasure, TpmAttester
 from encloud.server.attestation.measure import check_workload_pcr, measure_workload
-from encloud.server.attestation.tpm import Tpm
+from encloud.server.attestation.tpm import (
+    AZURE_AK,
+    GCP_AK_ECC,
+    GENERATED_AK,
+    AkSource,
+    Tpm,
+)
+from encloud.server.attestation.tsm import DEFAULT_REPORT_DIR, TsmError, TsmReporter
 from encloud.server.settings import Settings
 
 log = logging.getLogger("encloud.attestation")
@@ -31,6 +40,71 @@ EVENT_LOG_NAME = "workload-eventlog.jsonl"
 
 class AkCertificateError(RuntimeError):
     """The AK certificate in NV (or the chain file) is unusable; the server must not start."""
+
+
+AZURE_HCL_REPORT_NV = 0x01400001
+GCP_AK_CERT_ECC_NV = 0x01C10002
+
+
+class HardwareReportError(RuntimeError):
+    """The platform's hardware report is unusable; the server must not start."""
+
+
+def _extra(settings: Settings, name: str) -> str | None:
+    """A platform setting not (yet) in Settings: the attribute if it exists, else the
+    ENCLOUD_<NAME> environment variable. See docs/DEPLOY.md."""
+    value = getattr(settings, name, None)
+    if value is not None:
+        return str(value)
+    return os.environ.get(f"ENCLOUD_{name.upper()}") or None
+
+
+def ak_source(settings: Settings) -> AkSource:
+    """The AK per platform: Azure's persistent key, GCP's NV template, or our own."""
+    if settings.platform == "azure":
+        return AZURE_AK
+    if settings.platform == "gcp":
+        return GCP_AK_ECC
+    return GENERATED_AK
+
+
+def hardware_source(tpm: Tpm, settings: Settings) -> HardwareSource | None:
+    """The hardware report for the platform, checked before the server starts serving."""
+    chain_file = _extra(settings, "hardware_certificate_chain_file")
+    chain: tuple[bytes, ...] = ()
+    if chain_file is not None:
+        try:
+            certs = x509.load_pem_x509_certificates(Path(chain_file).read_bytes())
+        except (OSError, ValueError) as err:
+            raise HardwareReportError("the hardware certificate chain file is not PEM") from err
+        chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
+    tsm_dir = _extra(settings, "tsm_report_dir")
+    if settings.platform == "azure":
+        from encloud.client.errors import VerificationError
+        from encloud.client.hardware.azure_hcl import parse_hcl_report, parse_runtime_claims
+        from encloud.client.verifier import spki_der
+
+        raw = tpm.read_nv(AZURE_HCL_REPORT_NV)
+        try:
+            hcl = parse_hcl_report(raw)
+            claims = parse_runtime_claims(hcl.runtime_claims)
+        except VerificationError as err:
+            raise HardwareReportError(f"the HCL report in NV is unusable: {err}") from err
+        if claims.ak_spki != spki_der(tpm.ak_public()):
+            raise HardwareReportError("the HCL report's runtime claims name another AK")
+        log.info("Azure HCL report loaded", extra={"certificates": len(chain)})
+        return HardwareSource(KIND_AZURE_HCL, chain, static_report=hcl.raw)
+    if tsm_dir is not None or settings.platform == "gcp":
+        try:
+            reporter = TsmReporter(Path(tsm_dir) if tsm_dir else DEFAULT_REPORT_DIR)
+        except TsmError as err:
+            if tsm_dir is not None:
+                raise HardwareReportError(str(err)) from err
+            log.warning("no configfs-tsm: evidence is vTPM only", extra={"error": str(err)})
+            return None
+        log.info("configfs-tsm reports", extra={"kind": reporter.kind})
+        return HardwareSource(reporter.kind, chain, tsm=reporter)
+    return None
 
 
 class AttestationRuntime:
@@ -52,8 +126,10 @@ def start_attestation(settings: Settings, events: Sequence[WorkloadEvent]) -> At
     """Blocking: call from a worker thread."""
     check_workload_pcr(settings.workload_pcr, settings.allow_resettable_workload_pcr)
 
+    source = ak_source(settings)
+
     def reopen() -> Tpm:
-        return Tpm.open(settings.tcti, timeout=settings.tpm_timeout_seconds)
+        return Tpm.open(settings.tcti, timeout=settings.tpm_timeout_seconds, ak_source=source)
 
     tpm = reopen()
     try:
@@ -67,6 +143,7 @@ def start_attestation(settings: Settings, events: Sequence[WorkloadEvent]) -> At
             allow_resettable=settings.allow_resettable_workload_pcr,
         )
         chain = ak_certificate_chain(tpm, settings)
+        hardware = hardware_source(tpm, settings)
     except BaseException:
         tpm.close()
         raise
@@ -78,7 +155,12 @@ def start_attestation(settings: Settings, events: Sequence[WorkloadEvent]) -> At
         reopen=reopen,
     )
     attester = TpmAttester(
-        tpm, settings.pcr_selection, records, ak_certificate_chain=chain, remeasure=remeasure
+        tpm,
+        settings.pcr_selection,
+        records,
+        ak_certificate_chain=chain,
+        remeasure=remeasure,
+        hardware=hardware,
     )
     runtime = AttestationRuntime(attester, events)
     if settings.dev_policy_path is not None:
@@ -123,13 +205,16 @@ def ak_certificate_chain(tpm: Tpm, settings: Settings) -> tuple[bytes, ...]:
     to start instead. An empty tuple when no NV index is configured (swtpm, generic TPM).
     The hardware-report binding (SEV-SNP, TDX) will ship beside this chain, in its own field.
     """
-    if settings.ak_certificate_nv_index is None:
+    nv_index = settings.ak_certificate_nv_index
+    if nv_index is None and settings.platform == "gcp":
+        nv_index = GCP_AK_CERT_ECC_NV  # the certificate of the ECC AK this server uses
+    if nv_index is None:
         if settings.ak_certificate_chain_file is not None:
             raise AkCertificateError("ak_certificate_chain_file needs ak_certificate_nv_index")
         return ()
     from encloud.client.verifier import spki_der
 
-    raw = tpm.read_nv(settings.ak_certificate_nv_index)
+    raw = tpm.read_nv(nv_index)
     leaf_der = der_prefix(raw)
     try:
         leaf = x509.load_der_x509_certificate(leaf_der)
@@ -137,9 +222,7 @@ def ak_certificate_chain(tpm: Tpm, settings: Settings) -> tuple[bytes, ...]:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     except ValueError as err:
-        raise AkCertificateError(
-            f"NV 0x{settings.ak_certificate_nv_index:08x} does not hold a DER certificate"
-        ) from err
+        raise AkCertificateError(f"NV 0x{nv_index:08x} does not hold a DER certificate") from err
     if leaf_spki != spki_der(tpm.ak_public()):
         raise AkCertificateError("the AK certificate in NV is for another key than this AK")
     chain = [leaf_der]

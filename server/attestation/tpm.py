@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, TypeVar
 
@@ -61,6 +62,7 @@ from tpm2_pytss import (
     TPMS_NV_PUBLIC,
     TPMS_PCR_SELECTION,
     TPMT_HA,
+    TPMT_PUBLIC,
     TSS2_RC,
     TSS2_Exception,
 )
@@ -70,9 +72,14 @@ from encloud.server.errors import TpmUnavailableError
 __all__ = [
     "AK_ATTRIBUTES",
     "AK_TEMPLATE",
+    "AZURE_AK",
     "DEFAULT_NV_ATTRIBUTES",
     "DEFAULT_TIMEOUT",
     "ENDORSEMENT_HIERARCHY",
+    "GCP_AK_ECC",
+    "GCP_AK_RSA",
+    "GENERATED_AK",
+    "AkSource",
     "Quote",
     "Tpm",
     "TpmCommandError",
@@ -107,6 +114,27 @@ _UNAVAILABLE_BASE_RCS = {
     TSS2_RC.BASE_RC_MALFORMED_RESPONSE,
     TSS2_RC.BASE_RC_INSUFFICIENT_RESPONSE,
 }
+
+
+@dataclass(frozen=True)
+class AkSource:
+    """Where the AK comes from on a platform.
+
+    - "generated": a primary ECC P-256 key under the endorsement hierarchy from AK_TEMPLATE
+      (swtpm, a generic TPM);
+    - "persistent": a key the platform made persistent at `handle` (Azure: 0x81000003);
+    - "nv_template": a primary key under the endorsement hierarchy whose TPMT_PUBLIC
+      template the platform keeps in NV `handle` (GCP: 0x01c10003 ECC, 0x01c10001 RSA).
+    """
+
+    kind: str = "generated"
+    handle: int = 0
+
+
+GENERATED_AK = AkSource()
+AZURE_AK = AkSource("persistent", 0x81000003)
+GCP_AK_ECC = AkSource("nv_template", 0x01C10003)
+GCP_AK_RSA = AkSource("nv_template", 0x01C10001)
 
 
 def qualified_name(parent_handle: int, name: bytes) -> bytes:
@@ -226,8 +254,11 @@ class _Worker:
 class Tpm:
     """One ESAPI context, one AK, one lock. Open with `Tpm.open(tcti)`; close when done."""
 
-    def __init__(self, tcti: str, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, tcti: str, timeout: float | None = DEFAULT_TIMEOUT, ak_source: AkSource = GENERATED_AK
+    ) -> None:
         self._tcti = tcti
+        self._ak_source = ak_source
         self._timeout = timeout
         self._lock = threading.Lock()
         self._executor: _Worker | None = None
@@ -239,11 +270,18 @@ class Tpm:
         self._closed = False
 
     @classmethod
-    def open(cls, tcti: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> Tpm:
+    def open(
+        cls,
+        tcti: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        ak_source: AkSource = GENERATED_AK,
+    ) -> Tpm:
         """Connect to the TPM at `tcti` (e.g. `swtpm:path=...`, `device:/dev/tpmrm0`) and
-        create the AK. `timeout` bounds every TPM command in seconds (None: no bound, the
-        command runs on the caller's thread). Raises TpmUnavailableError."""
-        tpm = cls(tcti, timeout)
+        create (or load, per `ak_source`) the AK. `timeout` bounds every TPM command in
+        seconds (None: no bound, the command runs on the caller's thread). Raises
+        TpmUnavailableError."""
+        tpm = cls(tcti, timeout, ak_source)
         if timeout is not None:
             tpm._executor = _Worker()
         try:
@@ -270,7 +308,25 @@ class Tpm:
 
     def _create_ak(self) -> None:
         assert self._ctx is not None
-        template = TPM2B_PUBLIC.parse(AK_TEMPLATE, objectAttributes=AK_ATTRIBUTES, nameAlg="sha256")
+        source = self._ak_source
+        if source.kind == "persistent":
+            handle = self._ctx.tr_from_tpmpublic(source.handle)
+            public, _, _ = self._ctx.read_public(handle)
+            marshalled = public.publicArea.marshal()
+            if self._ak_public is not None and marshalled != self._ak_public:
+                self._ctx.tr_close(handle)
+                raise TpmCommandError("ReadPublic", 0, "the attestation key changed")
+            self._ak = handle
+            self._ak_public = marshalled
+            return
+        if source.kind == "nv_template":
+            raw = self._read_nv_locked(self._ctx, source.handle)
+            area, _ = TPMT_PUBLIC.unmarshal(raw)
+            template = TPM2B_PUBLIC(publicArea=area)
+        else:
+            template = TPM2B_PUBLIC.parse(
+                AK_TEMPLATE, objectAttributes=AK_ATTRIBUTES, nameAlg="sha256"
+            )
         handle, public, _, _, _ = self._ctx.create_primary(
             TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
         )
@@ -519,23 +575,36 @@ class Tpm:
         Authorised with the index's own (empty) auth if it has AUTHREAD, else with the owner."""
 
         def run() -> bytes:
-            ctx = self._ensure_context()
-            handle = ctx.tr_from_tpmpublic(index)
-            try:
-                public, _ = ctx.nv_read_public(handle)
-                attrs = public.nvPublic.attributes
-                size = int(public.nvPublic.dataSize)
-                auth = handle if attrs & TPMA_NV.AUTHREAD else ESYS_TR.OWNER
-                chunk = self._buffer_max(ctx)
-                parts = []
-                for start in range(0, size, chunk):
-                    n = min(chunk, size - start)
-                    parts.append(bytes(ctx.nv_read(handle, n, start, auth)))
-                return b"".join(parts)
-            finally:
-                ctx.tr_close(handle)
+            return self._read_nv_locked(self._ensure_context(), index)
 
         return self._run("NV_Read", run)
+
+    def _read_nv_locked(self, ctx: ESAPI, index: int) -> bytes:
+        handle = ctx.tr_from_tpmpublic(index)
+        try:
+            public, _ = ctx.nv_read_public(handle)
+            attrs = public.nvPublic.attributes
+            size = int(public.nvPublic.dataSize)
+            auth = handle if attrs & TPMA_NV.AUTHREAD else ESYS_TR.OWNER
+            chunk = self._buffer_max(ctx)
+            parts = []
+            for start in range(0, size, chunk):
+                n = min(chunk, size - start)
+                parts.append(bytes(ctx.nv_read(handle, n, start, auth)))
+            return b"".join(parts)
+        finally:
+            ctx.tr_close(handle)
+
+    def make_persistent_ak(self, persistent_handle: int) -> None:
+        """Fixtures and provisioning: EvictControl this TPM's (generated) AK to
+        `persistent_handle` under the owner hierarchy, as Azure keeps its AK at 0x81000003."""
+
+        def run() -> None:
+            ctx = self._ensure_context()
+            assert self._ak is not None
+            ctx.evict_control(ESYS_TR.OWNER, self._ak, persistent_handle)
+
+        self._run("EvictControl", run)
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -553,7 +622,10 @@ class Tpm:
                     assert ctx is not None
                     if self._ak is not None:
                         with contextlib.suppress(TSS2_Exception):
-                            ctx.flush_context(self._ak)
+                            if self._ak_source.kind == "persistent":
+                                ctx.tr_close(self._ak)  # never evict the platform's AK
+                            else:
+                                ctx.flush_context(self._ak)
                     self._drop_context()
 
                 if executor is None:

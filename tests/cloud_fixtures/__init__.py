@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,9 +233,12 @@ def jwk(public_key: Any, kid: str) -> dict[str, Any]:
     }
 
 
-def runtime_claims(ak_public_key: Any, **config: Any) -> bytes:
-    """Runtime claims as Azure's HCL writes them (JSON; keys HCLAkPub, HCLEkPub)."""
-    ek = rsa.generate_private_key(65537, 2048).public_key()
+def runtime_claims(ak_public_key: Any, *, ek: Any = None, **config: Any) -> bytes:
+    """Runtime claims as Azure's HCL writes them (JSON; keys HCLAkPub, HCLEkPub).
+
+    Azure's EK is RSA-2048; swtpm's NV indices hold at most 2048 bytes, so the end-to-end
+    fixture passes a P-256 EK to fit the whole HCL report in one index."""
+    ek = ek or _rsa_ek()
     vm_config = {
         "console-enabled": False,
         "root-cert-thumbprint": "test",
@@ -250,6 +254,11 @@ def runtime_claims(ak_public_key: Any, **config: Any) -> bytes:
         "user-data": "00" * 64,
     }
     return json.dumps(claims, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=1)
+def _rsa_ek() -> rsa.RSAPublicKey:
+    return rsa.generate_private_key(65537, 2048).public_key()
 
 
 def hcl_report(snp: bytes, claims: bytes, *, report_type: int = 2, hash_type: int = 1) -> bytes:
@@ -335,16 +344,27 @@ class FakeTsm:
         return self
 
     def _serve(self) -> None:
+        # A FIFO writer that reopens at once would find the last reader still there and
+        # serve twice; so each report waits for a new inblob (the server writes inblob,
+        # then opens outblob, after it closed the previous outblob).
         generation = 0
+        inblob = self.entry / "inblob"
+        seen = (inblob.stat().st_mtime_ns, b"")
         while not self._stop:
-            with open(self.entry / "outblob", "wb") as out:  # blocks until a reader opens
+            current = (inblob.stat().st_mtime_ns, inblob.read_bytes())
+            if current == seen or not current[1]:
+                time.sleep(0.002)
+                continue
+            seen = current
+            with open(self.entry / "outblob", "wb") as out:  # blocks until the reader opens
                 if self._stop:
                     return
-                inblob = (self.entry / "inblob").read_bytes()
                 generation += 1
-                (self.entry / "generation").write_text(f"{generation}\n")
-                self.served.append(inblob)
-                out.write(self.make_report(inblob))
+                tmp = self.entry / ".generation.tmp"
+                tmp.write_text(f"{generation}\n")
+                tmp.replace(self.entry / "generation")  # atomically, as configfs reads are
+                self.served.append(current[1])
+                out.write(self.make_report(current[1]))
 
     def stop(self) -> None:
         self._stop = True
