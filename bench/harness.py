@@ -194,13 +194,13 @@ class Bench:
         self.results = Results()
 
     def run(self) -> Results:
-        from encloud.server.inference.export import export_model
+        from encloud.server.inference.export import DEFAULT_PRECISION, export_model
 
         os.environ.setdefault("TSS2_LOG", "all+NONE")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         res = self.results
         res.notes["server_settings"] = {k: str(v) for k, v in self.server_settings.items()}
-        model_dir = export_model(None, self.cache_root, "int4", progress=self.log)
+        model_dir = export_model(None, self.cache_root, DEFAULT_PRECISION, progress=self.log)
         res.notes["model_dir"] = str(model_dir)
         with tempfile.TemporaryDirectory(prefix="encloud-bench-") as tmp:
             workdir = Path(tmp)
