@@ -123,6 +123,17 @@ class Settings(BaseSettings):
         None,
         description="PEM file of intermediate certificates sent after the AK certificate.",
     )
+    tsm_report_dir: Path | None = Field(
+        None,
+        description="configfs-tsm report folder (e.g. /sys/kernel/config/tsm/report); when "
+        "set, every Attest ships a hardware report whose REPORT_DATA binds the session and "
+        "the AK.",
+    )
+    hardware_certificate_chain_file: Path | None = Field(
+        None,
+        description="PEM chain of the hardware report's signer, leaf first (VCEK, ASK, ARK), "
+        "shipped in the evidence.",
+    )
     tpm_timeout_seconds: float = Field(
         10.0, gt=0, description="Longest wait for one TPM command before UNAVAILABLE."
     )

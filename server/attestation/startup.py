@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,15 +49,6 @@ class HardwareReportError(RuntimeError):
     """The platform's hardware report is unusable; the server must not start."""
 
 
-def _extra(settings: Settings, name: str) -> str | None:
-    """A platform setting not (yet) in Settings: the attribute if it exists, else the
-    ENCLOUD_<NAME> environment variable. See docs/DEPLOY.md."""
-    value = getattr(settings, name, None)
-    if value is not None:
-        return str(value)
-    return os.environ.get(f"ENCLOUD_{name.upper()}") or None
-
-
 def ak_source(settings: Settings) -> AkSource:
     """The AK per platform: Azure's persistent key, GCP's NV template, or our own."""
     if settings.platform == "azure":
@@ -70,15 +60,15 @@ def ak_source(settings: Settings) -> AkSource:
 
 def hardware_source(tpm: Tpm, settings: Settings) -> HardwareSource | None:
     """The hardware report for the platform, checked before the server starts serving."""
-    chain_file = _extra(settings, "hardware_certificate_chain_file")
+    chain_file = settings.hardware_certificate_chain_file
     chain: tuple[bytes, ...] = ()
     if chain_file is not None:
         try:
-            certs = x509.load_pem_x509_certificates(Path(chain_file).read_bytes())
+            certs = x509.load_pem_x509_certificates(chain_file.read_bytes())
         except (OSError, ValueError) as err:
             raise HardwareReportError("the hardware certificate chain file is not PEM") from err
         chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
-    tsm_dir = _extra(settings, "tsm_report_dir")
+    tsm_dir = settings.tsm_report_dir
     if settings.platform == "azure":
         from encloud.client.errors import VerificationError
         from encloud.client.hardware.azure_hcl import parse_hcl_report, parse_runtime_claims
@@ -96,7 +86,7 @@ def hardware_source(tpm: Tpm, settings: Settings) -> HardwareSource | None:
         return HardwareSource(KIND_AZURE_HCL, chain, static_report=hcl.raw)
     if tsm_dir is not None or settings.platform == "gcp":
         try:
-            reporter = TsmReporter(Path(tsm_dir) if tsm_dir else DEFAULT_REPORT_DIR)
+            reporter = TsmReporter(tsm_dir if tsm_dir is not None else DEFAULT_REPORT_DIR)
         except TsmError as err:
             if tsm_dir is not None:
                 raise HardwareReportError(str(err)) from err
