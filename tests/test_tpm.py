@@ -437,3 +437,19 @@ def test_thousands_of_commands_do_not_wedge_swtpm(swtpm) -> None:
     finally:
         tpm.close()
     assert swtpm.log_path.stat().st_size > 0
+
+
+def test_quote_with_pcrs_follows_an_extend_after_caching(tpm: Tpm) -> None:
+    """The PCR values cached from one quote are not reused once a PCR has moved."""
+    first = tpm.quote_with_pcrs(NONCE, POLICY_PCRS)
+    again = tpm.quote_with_pcrs(NONCE, POLICY_PCRS)
+    assert again.pcrs == first.pcrs
+    tpm.extend(15, hashlib.sha256(b"another event").digest())
+    moved = tpm.quote_with_pcrs(NONCE, POLICY_PCRS)
+    assert (
+        moved.pcrs[15]
+        == hashlib.sha256(first.pcrs[15] + hashlib.sha256(b"another event").digest()).digest()
+    )
+    attest, _ = TPMS_ATTEST.unmarshal(moved.attest)
+    digest = hashlib.sha256(b"".join(moved.pcrs[i] for i in POLICY_PCRS)).digest()
+    assert bytes(attest.attested.quote.pcrDigest) == digest
