@@ -23,7 +23,7 @@ from pathlib import Path
 from encloud.client.loadgen import run_load
 from encloud.client.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
-from encloud.server.inference.export import export_model
+from encloud.server.inference.export import DEFAULT_PRECISION, export_model
 
 
 def rss_kib(pid: int) -> int:
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
     cache = Path(os.environ.get("ENCLOUD_CACHE_ROOT", Path.home() / ".cache" / "encloud"))
-    model_dir = export_model(None, cache, "int4", progress=lambda _: None)
+    model_dir = export_model(None, cache, DEFAULT_PRECISION, progress=lambda _: None)
     with tempfile.TemporaryDirectory(prefix="encloud-soak-") as tmp:
         root = Path(tmp)
         swtpm = start_swtpm(root / "swtpm")
