@@ -418,11 +418,11 @@ class Bench:
     def _verify(self, address: str, policy: Any) -> None:
         import grpc
 
-        from encloud.client.evidence import Evidence
         from encloud.client.handshake import SUITE_V1, quote_qualifying_data
         from encloud.client.v1 import encloud_pb2 as pb
         from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
         from encloud.client.verifier import verify
+        from encloud.client.wire import evidence_from_proto
 
         self.log(f"verify: {self.budget.verify_runs} runs on one quote")
         nonce = os.urandom(32)
@@ -436,16 +436,7 @@ class Bench:
                 ),
                 timeout=60,
             )
-        ev = reply.evidence
-        evidence = Evidence(
-            quote_attest=ev.quote_attest,
-            quote_signature=ev.quote_signature,
-            ak_public=ev.ak_public,
-            pcr_values=dict(ev.pcr_values),
-            workload_event_log=ev.workload_event_log,
-            pcr_hash_algorithm=ev.pcr_hash_algorithm,
-            ak_certificate_chain=tuple(ev.ak_certificate_chain),
-        )
+        evidence = evidence_from_proto(reply.evidence)
         expected = quote_qualifying_data(
             SUITE_V1, nonce, reply.session_public_key, reply.session_id, reply.ttl_seconds
         )

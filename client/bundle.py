@@ -60,6 +60,7 @@ from encloud.client.evidence import Evidence
 from encloud.client.handshake import SUITE_V1, HpkeSuiteId, quote_qualifying_data
 from encloud.client.policy import Policy, policy_digest
 from encloud.client.verifier import CheckResult, VerifiedAttestation, verify_with_report
+from encloud.client.wire import evidence_from_proto
 
 BUNDLE_VERSION = 1
 BUNDLE_KIND = "encloud-evidence-bundle"
@@ -211,19 +212,7 @@ def fetch_evidence(
     finally:
         if own_channel:
             channel.close()
-    ev = reply.evidence
-    evidence = Evidence(
-        quote_attest=ev.quote_attest,
-        quote_signature=ev.quote_signature,
-        ak_public=ev.ak_public,
-        pcr_values=dict(ev.pcr_values),
-        workload_event_log=ev.workload_event_log,
-        pcr_hash_algorithm=ev.pcr_hash_algorithm,
-        ak_certificate_chain=tuple(ev.ak_certificate_chain),
-        hardware_kind=ev.hardware_kind,
-        hardware_report=ev.hardware_report,
-        hardware_certificate_chain=tuple(ev.hardware_certificate_chain),
-    )
+    evidence = evidence_from_proto(reply.evidence)
     return AttestReply(
         target,
         suite,

@@ -52,14 +52,12 @@ from encloud.client.policy import Policy, load_policy
 from encloud.client.session import (
     NONCE_LENGTH,
     _check_final,
-    _evidence_from_proto,
     _generation_request,
-    _sealed,
-    _sealed_proto,
 )
 from encloud.client.v1 import encloud_pb2 as pb
 from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
 from encloud.client.verifier import verify_with_report
+from encloud.client.wire import evidence_from_proto, sealed_from_proto, sealed_to_proto
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ class AioSession:
             suite, nonce, reply.session_public_key, reply.session_id, reply.ttl_seconds
         )
         verified, _report, failure = verify_with_report(
-            _evidence_from_proto(reply.evidence),
+            evidence_from_proto(reply.evidence),
             self._policy,
             expected_qualifying_data=expected,
             session_ttl_seconds=reply.ttl_seconds,
@@ -179,7 +177,9 @@ class AioSession:
         )
         confirm = OpeningKey(keys.kc, reply.session_id)
         try:
-            proof = confirm.open(_sealed(release.key_confirmation), MessageType.KEY_CONFIRM, 0, 0)
+            proof = confirm.open(
+                sealed_from_proto(release.key_confirmation), MessageType.KEY_CONFIRM, 0, 0
+            )
         finally:
             confirm.wipe()
         if not hmac.compare_digest(proof, h_hs):
@@ -203,11 +203,11 @@ class AioSession:
         seq = 0
         finish = ""
         call = self._stub.StreamInfer(
-            pb.StreamInferRequest(session_id=self.session_id, request=_sealed_proto(sealed)),
+            pb.StreamInferRequest(session_id=self.session_id, request=sealed_to_proto(sealed)),
             timeout=self._timeout,
         )
         async for response in call:
-            message = _sealed(response.frame)
+            message = sealed_from_proto(response.frame)
             if finish:
                 raise TruncatedStreamError("a frame arrived after the final frame")
             if message.type == MessageType.FRAME:
@@ -235,7 +235,7 @@ class AioSession:
         sealed = self._c2s.seal(MessageType.END, request_id, 0, b"")
         try:
             await self._stub.EndSession(
-                pb.EndSessionRequest(session_id=self.session_id, end=_sealed_proto(sealed)),
+                pb.EndSessionRequest(session_id=self.session_id, end=sealed_to_proto(sealed)),
                 timeout=self._timeout,
             )
         finally:

@@ -63,6 +63,7 @@ from encloud.client.policy import Policy, policy_digest
 from encloud.client.v1 import encloud_pb2 as pb
 from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
 from encloud.client.verifier import VerifiedAttestation, verify_with_report
+from encloud.client.wire import evidence_from_proto, sealed_from_proto, sealed_to_proto
 
 ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 FINISH_REASONS = {
@@ -163,7 +164,7 @@ class ChatStream:
             for response in self._responses:
                 if self.completion is not None:
                     raise StreamOrderError("a frame arrived after the final frame")
-                sealed = _sealed(response.frame)
+                sealed = sealed_from_proto(response.frame)
                 if sealed.type == MessageType.FRAME:
                     payload = self._opener.open(sealed, MessageType.FRAME, self._request_id, seq)
                     self._transcript = transcript_next(self._transcript, seq, payload)
@@ -263,7 +264,7 @@ class EncloudClient:
         )
         reply = self._call(self._stub.Attest, request)
         received_at = time.monotonic()
-        evidence = _evidence_from_proto(reply.evidence)
+        evidence = evidence_from_proto(reply.evidence)
         expected = quote_qualifying_data(
             suite, nonce, reply.session_public_key, reply.session_id, reply.ttl_seconds
         )
@@ -323,7 +324,9 @@ class EncloudClient:
         )
         confirm = OpeningKey(bytearray(keys.kc), session.session_id)
         try:
-            proof = confirm.open(_sealed(reply.key_confirmation), MessageType.KEY_CONFIRM, 0, 0)
+            proof = confirm.open(
+                sealed_from_proto(reply.key_confirmation), MessageType.KEY_CONFIRM, 0, 0
+            )
         except EnvelopeError as error:
             keys.wipe()
             raise KeyConfirmationError("the server did not prove it holds the key") from error
@@ -347,7 +350,7 @@ class EncloudClient:
         try:
             reply = self._call(
                 self._stub.Infer,
-                pb.InferRequest(session_id=session.session_id, request=_sealed_proto(sealed)),
+                pb.InferRequest(session_id=session.session_id, request=sealed_to_proto(sealed)),
             )
         except ServiceError as error:
             if not self.auto_reattest or error.reason != SESSION_EXPIRED:
@@ -355,7 +358,9 @@ class EncloudClient:
             self._reattest("the server expired the session")
             return self.infer(messages, **params)
         assert session.s2c is not None
-        payload = session.s2c.open(_sealed(reply.response), MessageType.RESPONSE, request_id, 0)
+        payload = session.s2c.open(
+            sealed_from_proto(reply.response), MessageType.RESPONSE, request_id, 0
+        )
         response = pb.GenerationResponse.FromString(payload)
         expected = transcript_start(session.session_id, request_id, sealed.data)
         completion = _check_final(response.final, expected)
@@ -364,7 +369,7 @@ class EncloudClient:
     def stream(self, messages: Sequence[Message], **params: Any) -> ChatStream:
         session, request_id, sealed = self._seal_request(messages, params)
         responses = self._stub.StreamInfer(
-            pb.StreamInferRequest(session_id=session.session_id, request=_sealed_proto(sealed)),
+            pb.StreamInferRequest(session_id=session.session_id, request=sealed_to_proto(sealed)),
             timeout=self._timeout,
         )
         assert session.s2c is not None
@@ -397,7 +402,7 @@ class EncloudClient:
         try:
             self._call(
                 self._stub.EndSession,
-                pb.EndSessionRequest(session_id=session.session_id, end=_sealed_proto(sealed)),
+                pb.EndSessionRequest(session_id=session.session_id, end=sealed_to_proto(sealed)),
             )
         finally:
             self._drop_session()
@@ -533,34 +538,6 @@ def _check_final(final: pb.GenerationFinal, expected_transcript: bytes) -> Compl
     if reason is None:
         raise StreamOrderError("the final frame has no valid finish reason")
     return Completion(reason, final.usage.prompt_tokens, final.usage.completion_tokens)
-
-
-def _sealed(message: pb.SealedMessage) -> Sealed:
-    return Sealed(message.type, message.request_id, message.seq, message.sealed)
-
-
-def _sealed_proto(sealed: Sealed) -> pb.SealedMessage:
-    return pb.SealedMessage(
-        type=sealed.type,  # type: ignore[arg-type]
-        request_id=sealed.request_id,
-        seq=sealed.seq,
-        sealed=sealed.data,
-    )
-
-
-def _evidence_from_proto(evidence: pb.Evidence) -> Evidence:
-    return Evidence(
-        quote_attest=evidence.quote_attest,
-        quote_signature=evidence.quote_signature,
-        ak_public=evidence.ak_public,
-        pcr_values=dict(evidence.pcr_values),
-        workload_event_log=evidence.workload_event_log,
-        pcr_hash_algorithm=evidence.pcr_hash_algorithm,
-        ak_certificate_chain=tuple(evidence.ak_certificate_chain),
-        hardware_kind=evidence.hardware_kind,
-        hardware_report=evidence.hardware_report,
-        hardware_certificate_chain=tuple(evidence.hardware_certificate_chain),
-    )
 
 
 def _service_error(error: grpc.RpcError) -> ServiceError:

@@ -6,10 +6,13 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from encloud.client.envelope import Sealed
-from encloud.client.evidence import Evidence
-from encloud.client.handshake import HpkeSuiteId
 from encloud.client.v1 import encloud_pb2 as pb
+from encloud.client.wire import (  # noqa: F401 - the servicer converts through here
+    evidence_to_proto,
+    sealed_from_proto,
+    sealed_to_proto,
+    suite_from_proto,
+)
 from encloud.server.errors import (
     InvalidArgumentError,
     InvalidRequestPayloadError,
@@ -38,38 +41,6 @@ def parse(message_type: type[M], data: bytes) -> M:
     except DecodeError:
         raise MalformedMessageError("the request is not a valid protobuf message") from None
     return message
-
-
-def suite_from_proto(suite: pb.HpkeSuite) -> HpkeSuiteId:
-    return HpkeSuiteId(suite.kem_id, suite.kdf_id, suite.aead_id)
-
-
-def sealed_from_proto(message: pb.SealedMessage) -> Sealed:
-    return Sealed(message.type, message.request_id, message.seq, message.sealed)
-
-
-def sealed_to_proto(sealed: Sealed) -> pb.SealedMessage:
-    return pb.SealedMessage(
-        type=sealed.type,  # type: ignore[arg-type]
-        request_id=sealed.request_id,
-        seq=sealed.seq,
-        sealed=sealed.data,
-    )
-
-
-def evidence_to_proto(evidence: Evidence) -> pb.Evidence:
-    return pb.Evidence(
-        quote_attest=evidence.quote_attest,
-        quote_signature=evidence.quote_signature,
-        ak_public=evidence.ak_public,
-        ak_certificate_chain=list(evidence.ak_certificate_chain),
-        pcr_hash_algorithm=evidence.pcr_hash_algorithm,
-        pcr_values=dict(evidence.pcr_values),
-        workload_event_log=evidence.workload_event_log,
-        hardware_kind=evidence.hardware_kind,
-        hardware_report=evidence.hardware_report,
-        hardware_certificate_chain=list(evidence.hardware_certificate_chain),
-    )
 
 
 def generation_params_from_payload(payload: bytes, settings: Settings) -> GenerationParams:
