@@ -4,11 +4,31 @@
 # fails if running this script would change it.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON="${PYTHON:-.venv/bin/python}"
+# The project's environment if ./dev made one; else a small tool environment
+# (.codegen-venv) with the generator versions pinned in requirements/dev.lock, so
+# the output is the same wherever this runs.
+pinned() { grep -m1 "^$1==" requirements/dev.lock | cut -d' ' -f1; }
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then
+    PYTHON=.venv/bin/python
+  else
+    PYTHON=.codegen-venv/bin/python
+    if ! [ -x "$PYTHON" ] || ! "$PYTHON" -c "import grpc_tools, mypy_protobuf" 2>/dev/null; then
+      python3 -m venv .codegen-venv
+      "$PYTHON" -m pip install --quiet "$(pinned grpcio-tools)" "$(pinned grpcio)" \
+        "$(pinned protobuf)" "$(pinned mypy-protobuf)" "$(pinned types-protobuf)"
+    fi
+  fi
+fi
+if ! "$PYTHON" -c "import grpc_tools, mypy_protobuf" 2>/dev/null; then
+  echo "codegen.sh: $PYTHON lacks grpcio-tools and mypy-protobuf" >&2
+  exit 1
+fi
+
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-PATH="$(dirname "$PYTHON"):$PATH" "$PYTHON" -m grpc_tools.protoc \
+PATH="$(dirname "$(command -v "$PYTHON")"):$PATH" "$PYTHON" -m grpc_tools.protoc \
   --proto_path=proto \
   --python_out="$out" \
   --mypy_out="$out" \
