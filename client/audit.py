@@ -358,12 +358,24 @@ class AuditLog:
         """(next seq, hash of the last line, the last line) of the log on disk."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return 0, GENESIS, None
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            raise AuditLogError("the audit log's last entry is incomplete; refusing to append")
-        last = data[:-1].rsplit(b"\n", 1)[-1]
+        last = _last_line(self.path)
         record = parse_line(last)
         return record["seq"] + 1, hashlib.sha256(last).digest(), last
+
+
+def _last_line(path: Path, chunk: int = 4096) -> bytes:
+    """The last line, read backwards from the end: appends stay O(1) as the log grows."""
+    with path.open("rb") as handle:
+        pos = handle.seek(0, os.SEEK_END)
+        tail = b""  # the bytes from pos to the end of the file
+        while pos > 0 and b"\n" not in tail[:-1]:
+            step = min(chunk, pos)
+            pos -= step
+            handle.seek(pos)
+            tail = handle.read(step) + tail
+    if not tail.endswith(b"\n"):
+        raise AuditLogError("the audit log's last entry is incomplete; refusing to append")
+    return tail[:-1].rsplit(b"\n", 1)[-1]
 
 
 def _check_entry(entry: Mapping[str, Any]) -> None:
