@@ -16,8 +16,9 @@ from typing import Any
 
 import grpc
 import pytest
+from stack import Stack, running_stack
 
-from encloud.client.policy import Policy, load_policy
+from encloud.client.policy import Policy
 from encloud.client.session import EncloudClient
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -36,55 +37,21 @@ def model_dir() -> Path:
     return export_model(None, cache_root(), DEFAULT_PRECISION, progress=lambda _: None)
 
 
-@dataclass
-class Stack:
-    """swtpm plus a running server process, and the dev policy it wrote."""
-
-    workdir: Path
-    swtpm: Any
-    server: Any
-    policy: Policy
-    address: str
-    model_dir: Path
-
-    def restart_server(self) -> None:
-        from encloud.server.devstack import ServerProcess
-
-        assert self.server.terminate() == 0
-        self.server = ServerProcess(self.workdir, self.swtpm.tcti, self.model_dir)
-        self.address = self.server.start()
-
-
-def _start_stack(workdir: Path, model_dir: Path) -> Stack:
-    from encloud.server.devstack import ServerProcess, start_swtpm
-
-    swtpm = start_swtpm(workdir / "swtpm")
-    server = ServerProcess(workdir, swtpm.tcti, model_dir)
-    try:
-        address = server.start()
-    except Exception:
-        swtpm.stop()
-        raise
-    return Stack(workdir, swtpm, server, load_policy(server.policy_path), address, model_dir)
-
-
 @pytest.fixture(scope="module")
 def stack(model_dir: Path) -> Iterator[Stack]:
     """One server per test module (start-up loads the model: a few seconds)."""
-    with tempfile.TemporaryDirectory(prefix="encloud-test-") as tmp:
-        running = _start_stack(Path(tmp), model_dir)
+    with (
+        tempfile.TemporaryDirectory(prefix="encloud-test-") as tmp,
+        running_stack(Path(tmp), model_dir) as running,
+    ):
         yield running
-        running.server.kill()
-        running.swtpm.stop()
 
 
 @pytest.fixture
 def fresh_stack(model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
     """A server of the test's own, for tests that restart or kill it."""
-    running = _start_stack(tmp_path, model_dir)
-    yield running
-    running.server.kill()
-    running.swtpm.stop()
+    with running_stack(tmp_path, model_dir) as running:
+        yield running
 
 
 # --- the wire --------------------------------------------------------------------

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from stack import running_stack
 from tokenizers import Tokenizer
 
 from encloud.client.errors import ServiceError
 from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
-from encloud.server.devstack import ServerProcess, start_swtpm
+from encloud.server.devstack import ServerProcess
 
 pytestmark = pytest.mark.leaks
 
@@ -59,21 +60,14 @@ def leak_server(model_dir: Path) -> Iterator[tuple[ServerProcess, Path]]:
     with tempfile.TemporaryDirectory(prefix="encloud-leaks-") as tmp:
         root = Path(tmp)
         (root / "tmp").mkdir()
-        swtpm = start_swtpm(root / "swtpm")
-        server = ServerProcess(
+        with running_stack(
             root,
-            swtpm.tcti,
             model_dir,
             extra_env={"TMPDIR": str(root / "tmp")},
             max_prompt_tokens=256,
             log_level="DEBUG",
-        )
-        try:
-            server.start()
-            yield server, root
-        finally:
-            server.kill()
-            swtpm.stop()
+        ) as stack:
+            yield stack.server, root
 
 
 def test_canary_never_leaks(leak_server: tuple[ServerProcess, Path], model_dir: Path) -> None:

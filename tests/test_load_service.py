@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stack import running_stack
 
 from encloud.client.loadgen import run_load
-from encloud.client.policy import Policy, load_policy
-from encloud.server.devstack import ServerProcess, start_swtpm
+from encloud.client.policy import Policy
 
 pytestmark = pytest.mark.load
 
@@ -36,22 +36,13 @@ def prompt(client: int, index: int) -> str:
 
 @pytest.fixture(scope="module")
 def loaded_server(model_dir: Path) -> Iterator[tuple[str, Policy]]:
-    with tempfile.TemporaryDirectory(prefix="encloud-load-") as tmp:
-        swtpm = start_swtpm(Path(tmp) / "swtpm")
-        server = ServerProcess(
-            Path(tmp),
-            swtpm.tcti,
-            model_dir,
-            max_pending_sessions=256,
-            attest_burst=256,
-            max_sessions=512,
-        )
-        try:
-            address = server.start()
-            yield address, load_policy(server.policy_path)
-        finally:
-            server.kill()
-            swtpm.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="encloud-load-") as tmp,
+        running_stack(
+            Path(tmp), model_dir, max_pending_sessions=256, attest_burst=256, max_sessions=512
+        ) as stack,
+    ):
+        yield stack.address, stack.policy
 
 
 def test_64_clients_each_get_their_own_correct_answers(

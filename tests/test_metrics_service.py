@@ -12,11 +12,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from stack import running_stack
 
 from encloud.client.errors import ServiceError
 from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
-from encloud.server.devstack import ServerProcess, start_swtpm
+from encloud.server.devstack import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +26,8 @@ ALLOWED_LABELS = {"method", "code", "reason", "finish_reason", "state", "cause",
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("metrics")
-    swtpm = start_swtpm(root / "swtpm")
-    process = ServerProcess(root, swtpm.tcti, model_dir, reflection="true")
-    try:
-        process.start()
-        yield process
-    finally:
-        process.kill()
-        swtpm.stop()
+    with running_stack(tmp_path_factory.mktemp("metrics"), model_dir, reflection="true") as stack:
+        yield stack.server
 
 
 def test_metrics_count_requests_errors_tokens_and_sessions(server: ServerProcess) -> None:

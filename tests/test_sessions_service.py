@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stack import running_stack
 
 from encloud.client.errors import ServiceError
 from encloud.client.handshake import SUITE_V1, new_dek, release_info, seal_key
-from encloud.client.policy import Policy, load_policy
+from encloud.client.policy import Policy
 from encloud.client.session import EncloudClient
-from encloud.server.devstack import ServerProcess, start_swtpm
 from encloud.server.errors import KeyReleaseError, ResourceExhaustedError, SessionNotFoundError
 from encloud.server.limits import PeerRateLimiter, RateLimitedError
 from encloud.server.sessions import SessionState, SessionStore
@@ -141,23 +141,19 @@ def test_quotas_and_rate_limit() -> None:
 
 @pytest.fixture(scope="module")
 def short_server(model_dir: Path) -> Iterator[tuple[str, Policy]]:
-    with tempfile.TemporaryDirectory(prefix="encloud-sessions-") as tmp:
-        swtpm = start_swtpm(Path(tmp) / "swtpm")
-        server = ServerProcess(
+    with (
+        tempfile.TemporaryDirectory(prefix="encloud-sessions-") as tmp,
+        running_stack(
             Path(tmp),
-            swtpm.tcti,
             model_dir,
             session_idle_ttl_seconds=1.5,
             session_sweep_interval_seconds=0.2,
             max_sessions=2,
             attest_burst=3,
             attest_rate_per_second=0.5,
-        )
-        try:
-            yield server.start(), load_policy(server.policy_path)
-        finally:
-            server.kill()
-            swtpm.stop()
+        ) as stack,
+    ):
+        yield stack.address, stack.policy
 
 
 @pytest.mark.e2e

@@ -1,0 +1,46 @@
+"""A real server stack for tests: swtpm plus a server process and its dev policy."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encloud.client.policy import Policy, load_policy
+
+
+@dataclass
+class Stack:
+    """swtpm plus a running server process, and the dev policy it wrote."""
+
+    workdir: Path
+    swtpm: Any
+    server: Any
+    policy: Policy
+    address: str
+    model_dir: Path
+
+    def restart_server(self) -> None:
+        from encloud.server.devstack import ServerProcess
+
+        assert self.server.terminate() == 0
+        self.server = ServerProcess(self.workdir, self.swtpm.tcti, self.model_dir)
+        self.address = self.server.start()
+
+
+@contextlib.contextmanager
+def running_stack(workdir: Path, model_dir: Path, **settings: Any) -> Iterator[Stack]:
+    """swtpm and a server in `workdir` with extra server settings (and `extra_env`),
+    killed on exit. Fixtures that need a server of their own build on this."""
+    from encloud.server.devstack import ServerProcess, start_swtpm
+
+    swtpm = start_swtpm(workdir / "swtpm")
+    server = ServerProcess(workdir, swtpm.tcti, model_dir, **settings)
+    try:
+        address = server.start()
+        yield Stack(workdir, swtpm, server, load_policy(server.policy_path), address, model_dir)
+    finally:
+        server.kill()
+        swtpm.stop()
