@@ -138,6 +138,18 @@ class PolicyError(EncloudError):
     """A policy file is invalid; the message names the field."""
 
 
+class PolicyIncompleteError(VerificationError, PolicyError):
+    """A policy leaves out something it must state (a production policy's AK trust,
+    hardware roots, boot PCR pins, ...). `gaps` lists every missing item; the verifier
+    raises it before it reads any evidence."""
+
+    check = "policy"
+
+    def __init__(self, gaps: list[str]) -> None:
+        super().__init__("the policy is incomplete: " + "; ".join(gaps))
+        self.gaps = list(gaps)
+
+
 # --- key release and envelope ---------------------------------------------------
 
 

@@ -103,7 +103,7 @@ from cryptography.hazmat.primitives import serialization
 
 from encloud.client.encoding import sha256
 from encloud.client.errors import PolicyError
-from encloud.client.hardware.roots import is_production_amd_root
+from encloud.client.hardware.roots import is_production_amd_root, register_test_root
 from encloud.client.hardware.sev_snp import TcbVersion
 
 POLICY_VERSION = 1
@@ -127,7 +127,7 @@ _KEYS = frozenset(
         "max_session_ttl_seconds",
     }
 )
-_OPTIONAL_KEYS = frozenset({"platform"})
+_OPTIONAL_KEYS = frozenset({"platform", "pcr_waivers"})
 _PLATFORM_KEYS = frozenset(
     {"kind", "production", "amd_roots", "measurements", "min_tcb", "vmpl", "allow_debug", "azure"}
 )
@@ -149,7 +149,8 @@ class PlatformPolicy:
     production: bool
     amd_roots: tuple[bytes, ...] = ()
     measurements: tuple[bytes, ...] = ()
-    min_tcb: TcbVersion = dc_field(default_factory=lambda: TcbVersion(0, 0, 0, 0))
+    min_tcb: TcbVersion | None = None
+    """None when the policy states no minimum (every component 0)."""
     vmpl: int | None = None
     allow_debug: bool = False
     azure_claims: Mapping[str, bool] = dc_field(default_factory=lambda: MappingProxyType({}))
@@ -161,9 +162,10 @@ class PlatformPolicy:
             "production": self.production,
             "amd_roots": sorted(_pem(der) for der in self.amd_roots),
             "measurements": sorted(m.hex() for m in self.measurements),
-            "min_tcb": {k: getattr(self.min_tcb, k) for k in _TCB_KEYS},
             "allow_debug": self.allow_debug,
         }
+        if self.min_tcb is not None:
+            obj["min_tcb"] = {k: getattr(self.min_tcb, k) for k in _TCB_KEYS}
         if self.vmpl is not None:
             obj["vmpl"] = self.vmpl
         if self.azure_claims:
@@ -172,7 +174,31 @@ class PlatformPolicy:
         return obj
 
 
-_AK_KEYS = frozenset({"pinned_public_keys", "certificate_roots", "hardware_report"})
+_AK_KEYS = frozenset({"pinned_public_keys", "certificate_roots", "hardware_report", "gce"})
+_GCE_KEYS = {
+    "project_id": str,
+    "project_number": int,
+    "zone": str,
+    "instance_id": int,
+    "instance_name": str,
+}
+
+
+@dataclass(frozen=True)
+class GcePin:
+    """`ak.gce`: the GCE instance identity an AK certificate from Google's CA must carry.
+
+    Google's vTPM CA certifies every customer's VMs; only this pin tells yours apart.
+    The project (id or number) is required; zone and instance narrow it further."""
+
+    project_id: str | None = None
+    project_number: int | None = None
+    zone: str | None = None
+    instance_id: int | None = None
+    instance_name: str | None = None
+
+    def to_obj(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _GCE_KEYS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -194,6 +220,13 @@ class Policy:
     """DER of each root certificate an AK certificate chain may lead to."""
     platform: PlatformPolicy | None = None
     """The hardware binding; None for a vTPM-only (development) policy."""
+    gce: GcePin | None = None
+    """`ak.gce`: the GCE identity a Google-issued AK certificate must carry."""
+    pcr_waivers: Mapping[int, str] = dc_field(default_factory=lambda: MappingProxyType({}))
+    """Selected PCRs deliberately left unpinned, each with the reason (printed in reports)."""
+    unsafe_test_roots: tuple[bytes, ...] = ()
+    """TESTS ONLY: DER roots this policy object treats as vendor roots (AMD ARKs) in
+    production checks. Never serialised: no file can carry it."""
 
     @property
     def production(self) -> bool:
@@ -213,6 +246,9 @@ class Policy:
         }
         if self.certificate_roots:
             ak["certificate_roots"] = sorted(_pem(der) for der in self.certificate_roots)
+        ak_obj: dict[str, Any] = dict(ak)
+        if self.gce is not None:
+            ak_obj["gce"] = self.gce.to_obj()
         obj: dict[str, Any] = {
             "version": self.version,
             "dev_only": self.dev_only,
@@ -222,9 +258,11 @@ class Policy:
             "workload_pcr": self.workload_pcr,
             "allowed_model_digests": sorted(d.hex() for d in self.allowed_model_digests),
             "allowed_runtime_events": sorted(d.hex() for d in self.allowed_runtime_events),
-            "ak": ak,
+            "ak": ak_obj,
             "max_session_ttl_seconds": self.max_session_ttl_seconds,
         }
+        if self.pcr_waivers:
+            obj["pcr_waivers"] = {str(i): why for i, why in sorted(self.pcr_waivers.items())}
         if self.platform is not None:
             obj["platform"] = self.platform.to_obj()
         return obj
@@ -241,18 +279,21 @@ def policy_digest(policy: Policy) -> bytes:
     return sha256(policy.to_json())
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
+def load_policy(path: str | os.PathLike[str], *, unsafe_test_roots: Iterable[bytes] = ()) -> Policy:
     with open(path, "rb") as f:
-        return parse_policy(f.read())
+        return parse_policy(f.read(), unsafe_test_roots=unsafe_test_roots)
 
 
-def parse_policy(data: bytes) -> Policy:
-    """Parse and validate a policy; any problem raises PolicyError naming the field."""
+def parse_policy(data: bytes, *, unsafe_test_roots: Iterable[bytes] = ()) -> Policy:
+    """Parse and validate a policy; any problem raises PolicyError naming the field.
+
+    `unsafe_test_roots` (TESTS ONLY): DER roots this one policy object accepts as vendor
+    roots in production checks."""
     try:
         obj = json.loads(data, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as err:
         raise PolicyError(f"policy is not valid JSON: {err}") from err
-    return _from_obj(obj)
+    return _from_obj(obj, tuple(unsafe_test_roots))
 
 
 def build_policy(
@@ -268,6 +309,9 @@ def build_policy(
     dev_only: bool = False,
     pcr_bank: str = "sha256",
     platform: Mapping[str, Any] | None = None,
+    gce: Mapping[str, Any] | None = None,
+    pcr_waivers: Mapping[int, str] | None = None,
+    unsafe_test_roots: Iterable[bytes] = (),
 ) -> Policy:
     """Build a policy from Python values, validated exactly as a parsed one."""
     obj = {
@@ -285,9 +329,13 @@ def build_policy(
         },
         "max_session_ttl_seconds": max_session_ttl_seconds,
     }
+    if gce is not None:
+        obj["ak"]["gce"] = dict(gce)
+    if pcr_waivers:
+        obj["pcr_waivers"] = {str(i): why for i, why in pcr_waivers.items()}
     if platform is not None:
         obj["platform"] = dict(platform)
-    return _from_obj(obj)
+    return _from_obj(obj, tuple(unsafe_test_roots))
 
 
 # --- validation ---------------------------------------------------------------------
@@ -373,6 +421,25 @@ def _root(value: object, field: str) -> bytes:
     return certs[0].public_bytes(serialization.Encoding.DER)
 
 
+def _gce(value: object) -> GcePin:
+    if not isinstance(value, dict):
+        raise _fail("ak.gce", "must be an object")
+    unknown = sorted(set(value) - set(_GCE_KEYS))
+    if unknown:
+        raise _fail(f"ak.gce.{unknown[0]}", "unknown key")
+    for key, kind in _GCE_KEYS.items():
+        if key not in value:
+            continue
+        item = value[key]
+        if kind is int and (not _is_int(item) or not 0 <= item < 2**63):
+            raise _fail(f"ak.gce.{key}", "must be a non-negative integer")
+        if kind is str and (not isinstance(item, str) or not item):
+            raise _fail(f"ak.gce.{key}", "must be a non-empty string")
+    if "project_id" not in value and "project_number" not in value:
+        raise _fail("ak.gce", "must pin the project (project_id or project_number)")
+    return GcePin(**value)
+
+
 def _ak(value: object, hardware_bound: bool = False) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     if not isinstance(value, dict):
         raise _fail("ak", "must be an object")
@@ -400,7 +467,7 @@ def _ak(value: object, hardware_bound: bool = False) -> tuple[tuple[bytes, ...],
     return tuple(sorted(ders)), tuple(sorted(roots))
 
 
-def _from_obj(obj: object) -> Policy:
+def _from_obj(obj: object, unsafe_test_roots: tuple[bytes, ...] = ()) -> Policy:
     if not isinstance(obj, dict):
         raise PolicyError("policy must be a JSON object")
     unknown = sorted(set(obj) - _KEYS - _OPTIONAL_KEYS)
@@ -458,7 +525,12 @@ def _from_obj(obj: object) -> Policy:
     runtime_events = _hex_list(obj, "allowed_runtime_events", 32)
     # An AK bound by the hardware report needs no pin or root of its own.
     pinned, roots = _ak(obj["ak"], hardware_bound="platform" in obj)
+    gce = _gce(obj["ak"]["gce"]) if "gce" in obj["ak"] else None
+    waivers = _waivers(obj.get("pcr_waivers", {}), selection, workload_pcr, pcr_values)
     ttl = _int(obj, "max_session_ttl_seconds", 1, MAX_TTL_SECONDS)
+    # Old behaviour, replaced in the next commit: tests' roots went into a process registry.
+    for der in unsafe_test_roots:
+        register_test_root(der)
     platform = _platform(obj["platform"]) if "platform" in obj else None
 
     return Policy(
@@ -474,7 +546,31 @@ def _from_obj(obj: object) -> Policy:
         max_session_ttl_seconds=ttl,
         certificate_roots=roots,
         platform=platform,
+        gce=gce,
+        pcr_waivers=MappingProxyType(dict(sorted(waivers.items()))),
+        unsafe_test_roots=unsafe_test_roots,
     )
+
+
+def _waivers(
+    value: object, selection: list[int], workload_pcr: int, pinned: Mapping[int, bytes]
+) -> dict[int, str]:
+    if not isinstance(value, dict):
+        raise _fail("pcr_waivers", "must be an object of index -> reason")
+    waivers: dict[int, str] = {}
+    for key, why in value.items():
+        field = f"pcr_waivers.{key}"
+        if not key.isascii() or not key.isdigit() or str(int(key)) != key:
+            raise _fail(field, "key must be a PCR index in decimal")
+        index = int(key)
+        if index not in selection:
+            raise _fail(field, "PCR is not in pcr_selection")
+        if index == workload_pcr or index in pinned:
+            raise _fail(field, "a pinned or workload PCR cannot be waived")
+        if not isinstance(why, str) or not why.strip():
+            raise _fail(field, "must give the reason as a non-empty string")
+        waivers[index] = why
+    return waivers
 
 
 def _bool(obj: Mapping[str, Any], field: str, default: bool | None = None) -> bool:
@@ -535,13 +631,17 @@ def _platform(value: object) -> PlatformPolicy:
     if production and not measurements:
         raise _fail("platform.measurements", "a production policy pins the launch measurement")
 
-    raw_tcb = value.get("min_tcb", {})
-    if not isinstance(raw_tcb, dict) or set(raw_tcb) - set(_TCB_KEYS):
-        raise _fail("platform.min_tcb", f"must be an object with keys from {list(_TCB_KEYS)}")
-    tcb = {
-        k: _int({f"platform.min_tcb.{k}": raw_tcb.get(k, 0)}, f"platform.min_tcb.{k}", 0, 255)
-        for k in _TCB_KEYS
-    }
+    min_tcb = None
+    if "min_tcb" in value:
+        raw_tcb = value["min_tcb"]
+        if not isinstance(raw_tcb, dict) or set(raw_tcb) != set(_TCB_KEYS):
+            raise _fail("platform.min_tcb", f"must be an object with the keys {list(_TCB_KEYS)}")
+        min_tcb = TcbVersion(
+            **{
+                k: _int({f"platform.min_tcb.{k}": raw_tcb[k]}, f"platform.min_tcb.{k}", 0, 255)
+                for k in _TCB_KEYS
+            }
+        )
 
     vmpl = None
     if "vmpl" in value:
@@ -562,7 +662,7 @@ def _platform(value: object) -> PlatformPolicy:
         production=production,
         amd_roots=tuple(sorted(roots)),
         measurements=tuple(sorted(measurements)),
-        min_tcb=TcbVersion(**tcb),
+        min_tcb=min_tcb,
         vmpl=vmpl,
         allow_debug=allow_debug,
         azure_claims=MappingProxyType(dict(sorted(claims.items()))),

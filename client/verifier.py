@@ -546,13 +546,14 @@ class _Run:
         self.ok(f"measurement {report.measurement.hex()}")
 
         self.step("hardware_tcb")
-        low = report.reported_tcb.below(platform.min_tcb)
+        min_tcb = platform.min_tcb or sev_snp.TcbVersion(0, 0, 0, 0)
+        low = report.reported_tcb.below(min_tcb)
         if low:
             raise TcbTooLowError(
                 f"REPORTED_TCB ({report.reported_tcb}) is below the policy's "
-                f"({platform.min_tcb}) in {', '.join(low)}"
+                f"({min_tcb}) in {', '.join(low)}"
             )
-        self.ok(f"REPORTED_TCB ({report.reported_tcb}) >= ({platform.min_tcb})")
+        self.ok(f"REPORTED_TCB ({report.reported_tcb}) >= ({min_tcb})")
 
         if hcl is not None:
             binding = "Azure HCL report (SEV-SNP)"

@@ -232,6 +232,9 @@ def renumber(records: list[eventlog.EventRecord]) -> list[eventlog.EventRecord]:
 # --- whole scenarios ----------------------------------------------------------------------
 
 SELECTION = [0, 1, 2, 3, 4, 5, 6, 7, 14, 15]
+PRODUCTION_SELECTION = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 14, 15]
+"""Covers every PCR a production policy must pin (firmware, boot loader, kernel, initrd,
+command line: encloud.client.policy.BOOT_PCRS)."""
 WORKLOAD_PCR = 15
 NONCE_Q = hashlib.sha256(b"qualifying data").digest()
 TTL = 600
@@ -295,6 +298,7 @@ def make_scenario(
     sig_hash: int = SHA256,
     sig_scheme: int | None = None,
     startups: list[tuple[bytes, dict[str, Any]]] | None = None,
+    selection: list[int] = SELECTION,
 ) -> Scenario:
     key = key or ec.generate_private_key(ec.SECP256R1())
     if ak_public is None:
@@ -304,10 +308,10 @@ def make_scenario(
             else rsa_public(key, scheme=sig_scheme or RSASSA, scheme_hash=sig_hash)
         )
     records = event_records(startups or [(MODEL_DIGEST, RUNTIME_EVENT)], WORKLOAD_PCR)
-    pcr_values = {i: static_pcr_value(i) for i in SELECTION}
+    pcr_values = {i: static_pcr_value(i) for i in selection}
     pcr_values[WORKLOAD_PCR] = eventlog.replay(records)
     policy = build_policy(
-        pcr_selection=SELECTION,
+        pcr_selection=selection,
         pcr_values={0: pcr_values[0], 7: pcr_values[7]},
         workload_pcr=WORKLOAD_PCR,
         allowed_model_digests=[MODEL_DIGEST],

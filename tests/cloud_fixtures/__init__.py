@@ -373,3 +373,182 @@ class FakeTsm:
             os.close(fd)
         except OSError:
             pass
+
+
+# --- GCE vTPM AK certificates -------------------------------------------------------------
+
+GCE_IDENTITY_OID = "1.3.6.1.4.1.11129.2.1.21"
+"""Google's instance-identity extension in GCE vTPM EK/AK certificates."""
+GCE_IDENTITY = {
+    "zone": "europe-west4-a",
+    "project_number": 123456789012,
+    "project_id": "encloud-prod",
+    "instance_id": 4242424242424242424,
+    "instance_name": "encloud-cvm-1",
+}
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    if len(body) < 0x80:
+        return bytes([tag, len(body)]) + body
+    size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _der_integer(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+
+
+def gce_instance_info(
+    *,
+    zone: str,
+    project_number: int,
+    project_id: str,
+    instance_id: int,
+    instance_name: str,
+    is_production: bool | None = True,
+) -> bytes:
+    """The extension's DER value, as go-tpm-tools' gceInstanceInfo marshals it: SEQUENCE {
+    zone UTF8String, projectNumber INTEGER, projectId UTF8String, instanceId INTEGER,
+    instanceName UTF8String, [0] EXPLICIT SEQUENCE { [0] securityVersion INTEGER OPTIONAL,
+    [1] isProduction BOOLEAN OPTIONAL } OPTIONAL }."""
+    body = (
+        _der(0x0C, zone.encode())
+        + _der_integer(project_number)
+        + _der(0x0C, project_id.encode())
+        + _der_integer(instance_id)
+        + _der(0x0C, instance_name.encode())
+    )
+    if is_production is not None:
+        props = _der(0xA0, _der_integer(0)) + _der(
+            0xA1, _der(0x01, b"\xff" if is_production else b"\x00")
+        )
+        body += _der(0xA0, _der(0x30, props))
+    return _der(0x30, body)
+
+
+@functools.lru_cache(maxsize=1)
+def _gce_ca_keys() -> tuple[ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey]:
+    return ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+
+def _gce_name(cn: str) -> x509.Name:
+    # Google's vTPM CA names itself O=Google LLC; this TEST root imitates the name only.
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Google LLC"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Google Cloud"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _gce_cert(
+    subject: x509.Name,
+    public_key: Any,
+    issuer: x509.Name,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    extension: bytes | None = None,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+    if extension is not None:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier(GCE_IDENTITY_OID), extension),
+            critical=False,
+        )
+    return builder.sign(signer, hashes.SHA256())
+
+
+@functools.lru_cache(maxsize=1)
+def gce_ca() -> tuple[x509.Certificate, x509.Certificate]:
+    """A TEST 'EK/AK CA Root' and 'EK/AK CA Intermediate' named like Google's vTPM CA."""
+    root_key, inter_key = _gce_ca_keys()
+    root_name = _gce_name("EK/AK CA Root (encloud TEST)")
+    inter_name = _gce_name("EK/AK CA Intermediate (encloud TEST)")
+    root = _gce_cert(root_name, root_key.public_key(), root_name, root_key, ca=True)
+    inter = _gce_cert(inter_name, inter_key.public_key(), root_name, root_key, ca=True)
+    return root, inter
+
+
+def gce_root_der() -> bytes:
+    return gce_ca()[0].public_bytes(serialization.Encoding.DER)
+
+
+def gce_ak_chain(
+    ak_public_key: Any, *, is_production: bool | None = True, **identity: Any
+) -> tuple[bytes, ...]:
+    """AK leaf (with the instance-identity extension) then the intermediate, DER."""
+    _, inter = gce_ca()
+    _, inter_key = _gce_ca_keys()
+    info = gce_instance_info(**{**GCE_IDENTITY, **identity}, is_production=is_production)
+    leaf = _gce_cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "encloud-cvm-1 AK")]),
+        ak_public_key,
+        inter.subject,
+        inter_key,
+        ca=False,
+        extension=info,
+    )
+    return tuple(c.public_bytes(serialization.Encoding.DER) for c in (leaf, inter))
+
+
+# --- complete production policies -------------------------------------------------------------
+
+
+def production_policy(
+    base: Any,
+    pcr_values: dict[int, bytes],
+    kind: str = "azure-sev-snp",
+    *,
+    pinned_public_keys: tuple[bytes, ...] = (),
+    roots: tuple[bytes, ...] = (),
+    gce: dict[str, Any] | None = None,
+    waivers: dict[int, str] | None = None,
+    test_roots: tuple[bytes, ...] | None = None,
+    **platform_extra: Any,
+) -> Any:
+    """A complete production policy on `base`'s selection, model and runtime: every selected
+    PCR but the workload PCR and the waived ones pinned to `pcr_values`, the test AMD root
+    accepted for this policy only (`unsafe_test_roots`)."""
+    from encloud.client.policy import build_policy
+
+    waivers = waivers or {}
+    pins = {
+        i: pcr_values[i] for i in base.pcr_selection if i != base.workload_pcr and i not in waivers
+    }
+    return build_policy(
+        pcr_selection=base.pcr_selection,
+        pcr_values=pins,
+        pcr_waivers=waivers,
+        workload_pcr=base.workload_pcr,
+        allowed_model_digests=base.allowed_model_digests,
+        allowed_runtime_events=base.allowed_runtime_events,
+        pinned_public_keys=pinned_public_keys,
+        certificate_roots=roots,
+        gce=gce,
+        max_session_ttl_seconds=base.max_session_ttl_seconds,
+        platform=platform_policy(kind, production=True, **platform_extra),
+        unsafe_test_roots=(hierarchy().ark_der(),) if test_roots is None else test_roots,
+    )
