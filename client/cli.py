@@ -162,10 +162,23 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from encloud.client.policy import load_policy, policy_digest
+    from encloud.client.policy import parse_policy, policy_digest, policy_problems
 
-    policy = load_policy(args.file)
-    print(f"{args.file}: valid policy, version {policy.version}")
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as err:
+        print(f"encloud: cannot read {args.file}: {err.strerror}", file=sys.stderr)
+        return 2
+    problems = policy_problems(data)
+    if problems:
+        print(f"{args.file}: NOT usable: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    policy = parse_policy(data)
+    kind = "vTPM only" if policy.platform is None else policy.platform.kind
+    mode = "production" if policy.production else "dev"
+    print(f"{args.file}: complete {mode} policy ({kind}), version {policy.version}")
     print(f"  digest: {policy_digest(policy).hex()}")
     print(
         f"  bank {policy.pcr_bank}, PCRs {list(policy.pcr_selection)}, workload PCR "
@@ -182,6 +195,10 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     print(f"  longest session TTL accepted: {policy.max_session_ttl_seconds} s")
     if policy.dev_only:
         print("  WARNING: dev_only: trust on first use, never for production", file=sys.stderr)
+    for index, why in policy.pcr_waivers.items():
+        print(f"  WAIVED: PCR {index} is not pinned: {why}")
+    if policy.gce is not None:
+        print(f"  GCE identity pinned: {policy.gce.to_obj()}")
     if not policy.pcr_values:
         print("  WARNING: no PCR values pinned", file=sys.stderr)
     return 0

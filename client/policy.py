@@ -2,7 +2,11 @@
 
 A policy is one JSON object, version 1. Every key below is required unless
 marked optional; an unknown key, a duplicate key or a value of the wrong type
-is refused with a PolicyError naming the field.
+is refused with a PolicyError naming the field. A policy that parses but
+leaves out something it must state (policy_gaps: AK trust, the GCE project for
+Google's CA, and for a production policy its hardware roots, measurement,
+minimum TCB, VMPL and boot PCR pins) is refused with PolicyIncompleteError,
+which lists every gap.
 
     {
       "version": 1,
@@ -14,7 +18,9 @@ is refused with a PolicyError naming the field.
       "allowed_model_digests": ["<64 hex>"],
       "allowed_runtime_events": ["<64 hex>"],
       "ak": {"pinned_public_keys": ["<base64 DER SubjectPublicKeyInfo>"],
-             "certificate_roots": ["-----BEGIN CERTIFICATE-----\\n..."]},
+             "certificate_roots": ["-----BEGIN CERTIFICATE-----\\n..."],
+             "gce": {"project_id": "my-project"}},
+      "pcr_waivers": {"5": "why PCR 5 is not pinned"},
       "max_session_ttl_seconds": 3600
     }
 
@@ -27,7 +33,8 @@ Fields:
 - `pcr_bank` (string): the PCR bank the quote must cover, "sha256" or
   "sha384". "sha1" is refused. In a SHA-384 bank the workload PCR is replayed
   with SHA-384 over each event's measured bytes (the log's SHA-256 digests are
-  still checked against the content).
+  still checked against the content). The encloud server extends and quotes
+  sha256 only, so `policy_problems` (and `encloud policy check`) refuse sha384.
 - `pcr_selection` (list of int): the PCR indices (0-23) the quote must cover,
   exactly, sorted ascending, without duplicates, at least one.
 - `pcr_values` (object): expected values of some selected PCRs, keyed by the
@@ -52,30 +59,44 @@ Fields:
     one of these roots at the client's current time (RFC 5280 path
     validation with the Web PKI rules for CA certificates; the leaf's
     extensions are not constrained). Meant for GCP and Azure AK certificates.
-  At least one pinned key or one root is required, unless a `platform` section
-  binds the AK through the hardware report.
+  - `gce` (optional, object): the GCE instance identity a Google-issued AK
+    certificate must carry (its extension 1.3.6.1.4.1.11129.2.1.21):
+    `project_id` (string) and/or `project_number` (int), at least one of the
+    two; optionally `zone`, `instance_id` (int), `instance_name`. Required
+    when a root names Google (organization "Google LLC"), since Google's vTPM
+    CA certifies every customer's VMs.
+  At least one pinned key or one root is required, except for kind
+  azure-sev-snp, where the paravisor's VMPL-0 report carries the AK.
   - `hardware_report` (optional, object): reserved; its presence is refused.
     The hardware binding is the top-level `platform` section.
 - `max_session_ttl_seconds` (int): the longest session time-to-live the client
   accepts, 1 to 4294967295.
+- `pcr_waivers` (optional, object): selected PCRs deliberately left unpinned,
+  keyed by index in decimal, each with its reason (a non-empty string);
+  printed in every verification report. A pinned PCR, the workload PCR and
+  the boot PCRs (BOOT_PCRS) cannot be waived.
 - `platform` (optional, object): the CVM platform and its hardware roots. Without
   it the policy is vTPM-only (development); see docs/ATTESTATION.md, "Hardware
   binding".
   - `kind` (string): "azure-sev-snp" (Azure's HCL report in vTPM NV binds the AK),
-    "sev-snp" (a configfs-tsm SEV-SNP report binds the session and the AK; GCP N2D,
-    bare metal) or "tdx" (parsed only; refused in a production policy). "sev" (plain
-    SEV or SEV-ES, without SNP) is refused.
-  - `production` (bool): true refuses evidence without a verified hardware binding.
+    "sev-snp" (a configfs-tsm SEV-SNP report, whose REPORT_DATA the guest chose, binds
+    the session key only, never AK trust; GCP N2D, bare metal) or "tdx" (parsed only;
+    refused in a production policy). "sev" (plain SEV or SEV-ES, without SNP) is refused.
+  - `production` (bool): true refuses evidence without a verified hardware report,
+    and requires a complete policy (policy_gaps): AK trust, AMD roots that are AMD
+    ARKs, measurements, min_tcb, vmpl, every boot PCR pinned, every other selected
+    PCR pinned or waived.
   - `amd_roots` (list of PEM strings): the AMD root keys (ARK) a VCEK chain must
     lead to. In a production policy each must be an AMD ARK (organization
-    "Advanced Micro Devices", common name ARK-Milan, ARK-Genoa or ARK-Turin); test
-    roots are refused there unless a test registered them in its own process
-    (encloud.client.hardware.roots).
+    "Advanced Micro Devices", common name ARK-Milan, ARK-Genoa or ARK-Turin); a
+    test root only for a policy object built with `unsafe_test_roots`.
   - `measurements` (list of 96-hex): allowed launch MEASUREMENTs (on Azure, the
     paravisor's); at least one in a production policy.
-  - `min_tcb` (optional object): `bootloader`, `tee`, `snp`, `microcode` (0-255);
-    every component of the report's REPORTED_TCB must reach it.
-  - `vmpl` (optional int 0-3): the VMPL the report must come from.
+  - `min_tcb` (optional object, required in production): all four of `bootloader`,
+    `tee`, `snp`, `microcode` (0-255); every component of the report's REPORTED_TCB
+    must reach it.
+  - `vmpl` (optional int 0-3, required in production): the VMPL the report must
+    come from. For azure-sev-snp it must be 0, and 0 is enforced when it is absent.
   - `allow_debug` (optional bool, default false): must be false in production.
   - `azure` (optional object; kind azure-sev-snp): required runtime claims
     `secure_boot`, `tpm_enabled`, `console_enabled` (bools; absent ones not checked).
@@ -102,8 +123,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from encloud.client.encoding import sha256
-from encloud.client.errors import PolicyError
-from encloud.client.hardware.roots import is_production_amd_root, register_test_root
+from encloud.client.errors import PolicyError, PolicyIncompleteError
+from encloud.client.hardware.gce import is_google_root
+from encloud.client.hardware.roots import is_production_amd_root
 from encloud.client.hardware.sev_snp import TcbVersion
 
 POLICY_VERSION = 1
@@ -112,6 +134,23 @@ PCR_BANKS: Mapping[str, int] = MappingProxyType({"sha256": 32, "sha384": 48})
 PCR_BANK_ALG: Mapping[str, int] = MappingProxyType({"sha256": 0x000B, "sha384": 0x000C})
 MAX_PCR_INDEX = 23
 MAX_TTL_SECONDS = 0xFFFFFFFF
+SERVER_PCR_BANKS = frozenset({"sha256"})
+"""The banks an encloud server extends and quotes: a policy naming another cannot pass."""
+BOOT_PCRS: Mapping[int, str] = MappingProxyType(
+    {
+        0: "the firmware code (SRTM)",
+        2: "option ROM and UEFI driver code",
+        4: "the boot loader and the kernel or UKI image the firmware starts",
+        7: "the Secure Boot state and keys",
+        8: "the kernel command line (GRUB)",
+        9: "the kernel and initrd (GRUB, and the kernel's own initrd measurement)",
+        11: "the UKI sections: kernel, initrd, command line (systemd-stub)",
+        12: "command-line overrides and credentials (systemd-stub)",
+    }
+)
+"""PCRs a production policy must pin: on Azure and GCP the launch measurement is the
+cloud's firmware, the same for every tenant, so only these tell your image from an
+attacker's. Never waived (docs/ATTESTATION.md, "Complete production policies")."""
 
 _KEYS = frozenset(
     {
@@ -279,6 +318,116 @@ def policy_digest(policy: Policy) -> bytes:
     return sha256(policy.to_json())
 
 
+def policy_gaps(policy: Policy) -> list[str]:
+    """Everything the policy leaves out that it must state, one line each ([] = complete).
+
+    Every policy states how the AK is trusted and, when its AK roots include Google's vTPM
+    CA, which GCE project it accepts. A production policy (platform.production) also states
+    the AMD roots (AMD ARKs, or this object's unsafe_test_roots), launch measurements,
+    minimum TCB and VMPL, and pins every boot PCR (BOOT_PCRS); every other selected PCR is
+    pinned or waived. parse_policy refuses a policy with gaps, and the verifier re-checks
+    before it reads evidence."""
+    gaps: list[str] = []
+    platform = policy.platform
+    azure = platform is not None and platform.kind == "azure-sev-snp"
+    if not policy.pinned_public_keys and not policy.certificate_roots and not azure:
+        gaps.append(
+            "ak: no pinned key and no certificate root: nothing establishes AK trust (a "
+            "hardware report vouches for the AK only on azure-sev-snp)"
+        )
+    if policy.gce is None and any(is_google_root(r) for r in policy.certificate_roots):
+        gaps.append(
+            "ak.gce: Google's vTPM CA certifies every customer's VMs; pin your project "
+            "(project_id or project_number)"
+        )
+    if platform is not None and not platform.amd_roots and platform.kind != "tdx":
+        gaps.append("platform.amd_roots: no AMD root (ARK) to verify the VCEK chain against")
+    if platform is None or not platform.production:
+        return gaps
+    if policy.dev_only:
+        gaps.append("dev_only: a production policy is not a trust-on-first-use policy")
+    trusted = set(policy.unsafe_test_roots)
+    for i, der in enumerate(platform.amd_roots):
+        if der not in trusted and not is_production_amd_root(der):
+            gaps.append(f"platform.amd_roots[{i}]: not an AMD ARK (a test root?)")
+    if not platform.measurements:
+        gaps.append("platform.measurements: no launch measurement pinned")
+    if platform.min_tcb is None:
+        gaps.append("platform.min_tcb: no minimum TCB (bootloader, tee, snp, microcode)")
+    if platform.vmpl is None and platform.kind in ("sev-snp", "azure-sev-snp"):
+        gaps.append("platform.vmpl: the VMPL the report must come from is not stated")
+    if policy.workload_pcr in BOOT_PCRS:
+        gaps.append(
+            f"workload_pcr: PCR {policy.workload_pcr} covers {BOOT_PCRS[policy.workload_pcr]}"
+        )
+    for index, what in BOOT_PCRS.items():
+        if index == policy.workload_pcr:
+            continue
+        if index not in policy.pcr_selection:
+            gaps.append(f"pcr_selection: PCR {index} ({what}) is not quoted")
+        elif index not in policy.pcr_values:
+            gaps.append(f"pcr_values: PCR {index} ({what}) is not pinned")
+    for index in policy.pcr_selection:
+        if index in BOOT_PCRS or index == policy.workload_pcr:
+            continue
+        if index not in policy.pcr_values and index not in policy.pcr_waivers:
+            gaps.append(f"pcr_values: PCR {index} is selected but neither pinned nor waived")
+    return gaps
+
+
+def policy_problems(data: bytes) -> list[str]:
+    """Every problem of a policy file, for `encloud policy check` ([] = usable with an
+    encloud server): each missing field, else the first format error, then every gap
+    (policy_gaps, on placeholders for the missing fields) and a PCR bank the server never
+    extends."""
+    try:
+        obj = json.loads(data, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as err:
+        return [f"policy is not valid JSON: {err}"]
+    if not isinstance(obj, dict):
+        return ["policy must be a JSON object"]
+    problems = [f"{key}: missing ({why})" for key, why in _REQUIRED_WHY.items() if key not in obj]
+    filled = {**_PLACEHOLDERS, **obj}
+    try:
+        policy = _from_obj(filled, check_gaps=False)
+    except PolicyError as err:
+        return [*problems, str(err)]
+    problems += policy_gaps(policy)
+    if policy.pcr_bank not in SERVER_PCR_BANKS:
+        problems.append(
+            f"pcr_bank: {policy.pcr_bank} is never extended by the server (it measures and "
+            "quotes sha256 only), so the workload PCR stays zero there and no quote matches"
+        )
+    return problems
+
+
+_REQUIRED_WHY = {
+    "version": "the format version, 1",
+    "dev_only": "true only for a trust-on-first-use policy",
+    "pcr_bank": "the PCR bank the quote covers: sha256",
+    "pcr_selection": "the PCRs every quote must cover",
+    "pcr_values": "the pinned values of the boot and platform PCRs",
+    "workload_pcr": "the PCR the model and runtime events are measured into",
+    "allowed_model_digests": "the models you accept",
+    "allowed_runtime_events": "the runtime configurations you accept",
+    "ak": "how the attestation key is trusted: pinned keys or certificate roots",
+    "max_session_ttl_seconds": "the longest session you accept",
+}
+_PLACEHOLDERS: dict[str, Any] = {
+    "version": POLICY_VERSION,
+    "dev_only": False,
+    "pcr_bank": "sha256",
+    "pcr_selection": [15],
+    "pcr_values": {},
+    "workload_pcr": 15,
+    "allowed_model_digests": ["00" * 32],
+    "allowed_runtime_events": ["00" * 32],
+    "ak": {},
+    "max_session_ttl_seconds": 1,
+}
+"""Stand-ins for missing fields, so that policy_problems can list the gaps of the rest."""
+
+
 def load_policy(path: str | os.PathLike[str], *, unsafe_test_roots: Iterable[bytes] = ()) -> Policy:
     with open(path, "rb") as f:
         return parse_policy(f.read(), unsafe_test_roots=unsafe_test_roots)
@@ -440,7 +589,7 @@ def _gce(value: object) -> GcePin:
     return GcePin(**value)
 
 
-def _ak(value: object, hardware_bound: bool = False) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+def _ak(value: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     if not isinstance(value, dict):
         raise _fail("ak", "must be an object")
     unknown = sorted(set(value) - _AK_KEYS)
@@ -460,14 +609,12 @@ def _ak(value: object, hardware_bound: bool = False) -> tuple[tuple[bytes, ...],
     roots = [_root(r, f"ak.certificate_roots[{i}]") for i, r in enumerate(roots_value)]
     if len(set(roots)) != len(roots):
         raise _fail("ak.certificate_roots", "has duplicates")
-    if not ders and not roots and not hardware_bound:
-        raise _fail(
-            "ak.pinned_public_keys", "at least one pinned key or certificate root is required"
-        )
     return tuple(sorted(ders)), tuple(sorted(roots))
 
 
-def _from_obj(obj: object, unsafe_test_roots: tuple[bytes, ...] = ()) -> Policy:
+def _from_obj(
+    obj: object, unsafe_test_roots: tuple[bytes, ...] = (), *, check_gaps: bool = True
+) -> Policy:
     if not isinstance(obj, dict):
         raise PolicyError("policy must be a JSON object")
     unknown = sorted(set(obj) - _KEYS - _OPTIONAL_KEYS)
@@ -523,17 +670,13 @@ def _from_obj(obj: object, unsafe_test_roots: tuple[bytes, ...] = ()) -> Policy:
 
     model_digests = _hex_list(obj, "allowed_model_digests", 32)
     runtime_events = _hex_list(obj, "allowed_runtime_events", 32)
-    # An AK bound by the hardware report needs no pin or root of its own.
-    pinned, roots = _ak(obj["ak"], hardware_bound="platform" in obj)
+    pinned, roots = _ak(obj["ak"])
     gce = _gce(obj["ak"]["gce"]) if "gce" in obj["ak"] else None
     waivers = _waivers(obj.get("pcr_waivers", {}), selection, workload_pcr, pcr_values)
     ttl = _int(obj, "max_session_ttl_seconds", 1, MAX_TTL_SECONDS)
-    # Old behaviour, replaced in the next commit: tests' roots went into a process registry.
-    for der in unsafe_test_roots:
-        register_test_root(der)
     platform = _platform(obj["platform"]) if "platform" in obj else None
 
-    return Policy(
+    policy = Policy(
         version=POLICY_VERSION,
         dev_only=obj["dev_only"],
         pcr_bank=bank,
@@ -550,6 +693,10 @@ def _from_obj(obj: object, unsafe_test_roots: tuple[bytes, ...] = ()) -> Policy:
         pcr_waivers=MappingProxyType(dict(sorted(waivers.items()))),
         unsafe_test_roots=unsafe_test_roots,
     )
+    gaps = policy_gaps(policy) if check_gaps else []
+    if gaps:
+        raise PolicyIncompleteError(gaps)
+    return policy
 
 
 def _waivers(
@@ -567,6 +714,8 @@ def _waivers(
             raise _fail(field, "PCR is not in pcr_selection")
         if index == workload_pcr or index in pinned:
             raise _fail(field, "a pinned or workload PCR cannot be waived")
+        if index in BOOT_PCRS:
+            raise _fail(field, f"PCR {index} covers {BOOT_PCRS[index]}; it is never waived")
         if not isinstance(why, str) or not why.strip():
             raise _fail(field, "must give the reason as a non-empty string")
         waivers[index] = why
@@ -610,15 +759,6 @@ def _platform(value: object) -> PlatformPolicy:
     roots = [_root(r, f"platform.amd_roots[{i}]") for i, r in enumerate(roots_value)]
     if len(set(roots)) != len(roots):
         raise _fail("platform.amd_roots", "has duplicates")
-    if kind != "tdx" and not roots:
-        raise _fail("platform.amd_roots", "at least one AMD root (ARK) is required")
-    if production:
-        for i, der in enumerate(roots):
-            if not is_production_amd_root(der):
-                raise _fail(
-                    f"platform.amd_roots[{i}]",
-                    "is not an AMD ARK; a production policy cannot select a test root",
-                )
 
     raw_measurements = value.get("measurements", [])
     if not isinstance(raw_measurements, list):
@@ -628,8 +768,6 @@ def _platform(value: object) -> PlatformPolicy:
     ]
     if len(set(measurements)) != len(measurements):
         raise _fail("platform.measurements", "has duplicates")
-    if production and not measurements:
-        raise _fail("platform.measurements", "a production policy pins the launch measurement")
 
     min_tcb = None
     if "min_tcb" in value:
@@ -646,6 +784,12 @@ def _platform(value: object) -> PlatformPolicy:
     vmpl = None
     if "vmpl" in value:
         vmpl = _int({"platform.vmpl": value["vmpl"]}, "platform.vmpl", 0, 3)
+        if kind == "azure-sev-snp" and vmpl != 0:
+            raise _fail(
+                "platform.vmpl",
+                "must be 0 for azure-sev-snp: only the paravisor at VMPL 0 puts the AK in the "
+                "report",
+            )
 
     claims: dict[str, bool] = {}
     azure = value.get("azure", {})

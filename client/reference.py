@@ -171,7 +171,7 @@ def policy_from_manifest(
     pinned_public_keys: Iterable[bytes] = (),
     certificate_roots: Iterable[bytes] = (),
     pcr_values: Mapping[int, bytes] | None = None,
-    pcr_selection: Iterable[int] = (0, 1, 2, 3, 4, 5, 6, 7, 15),
+    pcr_selection: Iterable[int] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 14, 15),
     workload_pcr: int = 15,
     max_session_ttl_seconds: int = 900,
 ) -> Policy:

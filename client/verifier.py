@@ -43,6 +43,7 @@ from encloud.client.errors import (
     PcrValueError,
     PlainSevRefusedError,
     PlatformMismatchError,
+    PolicyIncompleteError,
     QualifiedSignerError,
     ReportDataMismatchError,
     RuntimeClaimsError,
@@ -54,7 +55,7 @@ from encloud.client.errors import (
     VmplError,
 )
 from encloud.client.evidence import Evidence
-from encloud.client.hardware import azure_hcl, sev_snp
+from encloud.client.hardware import azure_hcl, gce, sev_snp
 from encloud.client.hardware.binding import (
     KIND_AZURE_HCL,
     KIND_SEV,
@@ -62,7 +63,7 @@ from encloud.client.hardware.binding import (
     KIND_TDX,
     session_report_data,
 )
-from encloud.client.policy import Policy, policy_digest
+from encloud.client.policy import GcePin, Policy, policy_digest, policy_gaps
 from encloud.client.tpm_structures import (
     DECRYPT,
     FIXED_PARENT,
@@ -160,12 +161,22 @@ def verify(
     suite, session key, session id and TTL; `session_ttl_seconds` is the TTL the
     server offered. Checks, in order (report name, error raised):
 
+    0. policy: the policy is complete (encloud.client.policy.policy_gaps: AK trust
+       stated, the GCE project pinned for Google's CA, and for a production policy
+       the hardware roots, measurement, minimum TCB, VMPL and every boot PCR pinned),
+       checked before any evidence is read (PolicyIncompleteError).
     1. ak_parse: ak_public is a strict TPMT_PUBLIC of an RSA 2048/3072 or ECC
        P-256/P-384 key (MalformedEvidenceError).
+       (With a `platform` section, the hardware checks of docs/ATTESTATION.md run
+       here, between ak_parse and ak_trust.)
     2. ak_trust: the AK's DER SubjectPublicKeyInfo equals a key pinned in the
-       policy, or else the evidence's AK certificate chain (DER, leaf first)
+       policy; or else the evidence's AK certificate chain (DER, leaf first)
        has a leaf for exactly this key and validates, at the current time, to
-       one of the policy's certificate roots (AkUntrustedError).
+       one of the policy's certificate roots, and a GCE instance identity in the
+       leaf matches the policy's `ak.gce` pin (a GCE leaf needs the pin); or else,
+       on azure-sev-snp only, the paravisor's VMPL-0 report carries this AK in its
+       runtime claims. A guest-chosen report (configfs-tsm, GCP) never vouches for
+       the AK (AkUntrustedError).
     3. ak_attributes: restricted, sign, fixedTPM and fixedParent are set and
        decrypt is clear; the symmetric algorithm is NULL; the key has a signing
        scheme (AkAttributesError).
@@ -272,6 +283,12 @@ class _Run:
     def run(self) -> VerifiedAttestation:
         ev, policy = self.evidence, self.policy
 
+        self.step("policy")
+        gaps = policy_gaps(policy)
+        if gaps:
+            raise PolicyIncompleteError(gaps)
+        self.ok(_policy_summary(policy))
+
         self.step("ak_parse")
         ak = parse_public(ev.ak_public)
         key = ak.public_key()
@@ -282,18 +299,7 @@ class _Run:
         hardware = self._hardware(ev, policy, spki)
 
         self.step("ak_trust")
-        if spki in policy.pinned_public_keys:
-            self.ok(f"AK {fingerprint} is pinned by the policy")
-        elif policy.certificate_roots and ev.ak_certificate_chain:
-            root = _check_certificate_chain(ev.ak_certificate_chain, policy.certificate_roots, spki)
-            self.ok(f"AK {fingerprint} certified by a chain to root {root}")
-        elif hardware.ak_bound:
-            self.ok(f"AK {fingerprint} bound by the {hardware.binding}")
-        else:
-            raise AkUntrustedError(
-                f"AK {fingerprint} is not pinned by the policy"
-                + (" and no certificate chain came with it" if policy.certificate_roots else "")
-            )
+        self.ok(self._ak_trust(ev, policy, spki, fingerprint, hardware))
 
         self.step("ak_attributes")
         _check_ak_attributes(ak)
@@ -357,7 +363,10 @@ class _Run:
                 raise PcrValueError(
                     f"PCR {index} is {values[index].hex()}, the policy pins {expected.hex()}"
                 )
-        self.ok(f"pinned PCRs {sorted(policy.pcr_values)} have their values")
+        self.ok(
+            f"pinned PCRs {sorted(policy.pcr_values)} have their values"
+            + "".join(f"; PCR {i} waived: {why}" for i, why in policy.pcr_waivers.items())
+        )
 
         self.step("event_log_format")
         records = eventlog.parse(ev.workload_event_log)
@@ -440,6 +449,31 @@ class _Run:
             trust_note=hardware.note,
         )
 
+    # --- AK trust -------------------------------------------------------------------------
+
+    def _ak_trust(
+        self, ev: Evidence, policy: Policy, spki: bytes, fingerprint: str, hardware: _Hardware
+    ) -> str:
+        """A pin, a certificate chain to the policy's roots (plus the GCE identity pin), or
+        Azure's paravisor binding; nothing else. A guest-chosen report never vouches."""
+        if spki in policy.pinned_public_keys:
+            return f"AK {fingerprint} is pinned by the policy"
+        if policy.certificate_roots and ev.ak_certificate_chain:
+            root = _check_certificate_chain(ev.ak_certificate_chain, policy.certificate_roots, spki)
+            identity = _check_gce_identity(ev.ak_certificate_chain[0], policy.gce)
+            return f"AK {fingerprint} certified by a chain to root {root}{identity}"
+        if hardware.ak_bound:
+            return f"AK {fingerprint} bound by the {hardware.binding}"
+        why = "is not pinned by the policy"
+        if policy.certificate_roots:
+            why += " and no certificate chain came with it"
+        if ev.hardware_kind and ev.hardware_report:
+            why += (
+                f"; a {ev.hardware_kind} report's REPORT_DATA is chosen by the guest, so it "
+                "does not vouch for the AK"
+            )
+        raise AkUntrustedError(f"AK {fingerprint} {why}")
+
     # --- the hardware report ------------------------------------------------------------
 
     def _hardware(self, ev: Evidence, policy: Policy, ak_spki: bytes) -> _Hardware:
@@ -507,10 +541,18 @@ class _Run:
             what = f"{azure_hcl.HASH_TYPES[hcl.hash_type]}(runtime claims)"
         else:
             want = session_report_data(self.q, ev.ak_public)
-            what = "SHA-512(E(report data, Q, AK)): this session's key, nonce and id, and the AK"
+            what = "SHA-512(E(report data, Q, AK))"
         if not hmac.compare_digest(report.report_data, want):
             raise ReportDataMismatchError(f"REPORT_DATA is not {what}")
-        self.ok(f"REPORT_DATA = {what}")
+        if hcl is not None:
+            self.ok(f"REPORT_DATA = {what}, written by the paravisor at VMPL 0")
+        else:
+            self.ok(
+                f"REPORT_DATA = {what}: proves only that some SEV-SNP guest with this launch "
+                "measurement holds this session key (on GCP, whose firmware measurement every "
+                "tenant shares: some GCP confidential guest holds this session key); the "
+                "guest chose REPORT_DATA, so it does not vouch for the AK"
+            )
 
         if hcl is not None:
             self.step("runtime_claims")
@@ -534,8 +576,11 @@ class _Run:
         self.ok(f"guest policy 0x{report.policy:x}: debug {'on' if report.debug else 'off'}")
 
         self.step("hardware_vmpl")
-        if platform.vmpl is not None and report.vmpl != platform.vmpl:
-            raise VmplError(f"report from VMPL {report.vmpl}, the policy requires {platform.vmpl}")
+        # Azure: only the paravisor at VMPL 0 writes the AK into the claims REPORT_DATA
+        # hashes; from any other VMPL the guest chose it. So 0, whatever the policy says.
+        required = 0 if hcl is not None else platform.vmpl
+        if required is not None and report.vmpl != required:
+            raise VmplError(f"report from VMPL {report.vmpl}, the policy requires {required}")
         self.ok(f"VMPL {report.vmpl}")
 
         self.step("hardware_measurement")
@@ -559,11 +604,11 @@ class _Run:
             binding = "Azure HCL report (SEV-SNP)"
             note = _AZURE_NOTE
         else:
-            binding = "SEV-SNP report (configfs-tsm)"
+            binding = "SEV-SNP report (configfs-tsm): session key only"
             note = _HOST_VTPM_NOTE
         self.step("trust")
         self.ok(note)
-        return _Hardware(True, binding, note)
+        return _Hardware(hcl is not None, binding, note)
 
 
 @dataclass(frozen=True)
@@ -582,8 +627,10 @@ _AZURE_NOTE = (
     "Microsoft stays trusted for the paravisor's code"
 )
 _HOST_VTPM_NOTE = (
-    "the SEV-SNP report binds the session key and the AK to this CPU's guest; the vTPM and "
-    "its PCRs are run by the host (on GCP: Google), which stays trusted for the PCR values"
+    "the SEV-SNP report proves only that some guest with the pinned launch measurement (on "
+    "GCP: some GCP confidential guest) holds this session key; the AK is trusted by its pin "
+    "or certificate chain; the vTPM and its PCRs are run by the host (on GCP: Google), which "
+    "stays trusted for the PCR values"
 )
 
 
@@ -663,6 +710,42 @@ def _check_certificate_chain(
     except x509_verification.VerificationError as err:
         raise AkUntrustedError(f"the AK certificate chain does not validate: {err}") from err
     return verified.chain[-1].subject.rfc4514_string()
+
+
+def _check_gce_identity(leaf_der: bytes, pin: GcePin | None) -> str:
+    """The GCE instance identity in the AK certificate must match the policy's pin; a GCE
+    certificate under a policy without a pin is refused (Google's CA certifies everyone)."""
+    try:
+        identity = gce.identity_of(leaf_der)
+    except gce.GceIdentityFormatError as err:
+        raise AkUntrustedError(f"the AK certificate's GCE identity does not parse: {err}") from err
+    if pin is None:
+        if identity is not None:
+            raise AkUntrustedError(
+                "the AK certificate is a GCE one; the policy must pin the project (ak.gce)"
+            )
+        return ""
+    if identity is None:
+        raise AkUntrustedError("the AK certificate carries no GCE instance identity")
+    if not identity.is_production:
+        raise AkUntrustedError("the AK certificate's GCE identity is not marked production")
+    for name, wanted in pin.to_obj().items():
+        actual = getattr(identity, name)
+        if actual != wanted:
+            raise AkUntrustedError(
+                f"the AK certificate is for GCE {name} {actual!r}, the policy pins {wanted!r}"
+            )
+    return f", GCE project {identity.project_id} ({identity.project_number})" + (
+        f" instance {identity.instance_name} ({identity.instance_id}) in {identity.zone}"
+    )
+
+
+def _policy_summary(policy: Policy) -> str:
+    platform = policy.platform
+    kind = "vTPM-only" if platform is None else platform.kind
+    mode = "production" if policy.production else "dev"
+    waived = "".join(f"; PCR {i} waived: {why}" for i, why in policy.pcr_waivers.items())
+    return f"complete {mode} policy ({kind}){waived}"
 
 
 def _check_scheme(ak: AkPublic, sig: Signature) -> None:

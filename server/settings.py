@@ -106,8 +106,10 @@ class Settings(BaseSettings):
     )
     workload_pcr: int = Field(15, ge=0, le=23, description="PCR the workload is measured into.")
     pcr_selection: list[int] = Field(
-        default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7, 15],
-        description="SHA-256 PCRs every quote covers; must include the workload PCR.",
+        default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 14, 15],
+        description="SHA-256 PCRs every quote covers; must include the workload PCR. The default "
+        "covers every boot PCR a production policy pins (firmware 0, 2; boot loader 4; Secure "
+        "Boot 7; kernel, initrd and command line 8, 9, 11, 12) and 1, 3, 5, 6, 14.",
     )
     platform: Literal["swtpm", "tpm", "azure", "gcp"] = Field(
         "tpm",

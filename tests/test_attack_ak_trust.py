@@ -28,9 +28,6 @@ from encloud.client.verifier import verify, verify_with_report
 
 pytestmark = [pytest.mark.cloud]
 
-HOLE = pytest.mark.xfail(
-    strict=True, reason="the hole of the outside review; fixed in the next commit"
-)
 GCE_PIN = {"project_id": cf.GCE_IDENTITY["project_id"]}
 
 
@@ -78,7 +75,6 @@ def _azure_policy(sc: b.Scenario, **kwargs: Any) -> Policy:
 # --- complete production policies still verify genuine evidence ---------------------------
 
 
-@HOLE
 def test_complete_production_gcp_policy_verifies_genuine_evidence(sc) -> None:
     evidence = _snp_evidence(sc, ak_certificate_chain=cf.gce_ak_chain(sc.key.public_key()))
     attestation, report, error = verify_with_report(
@@ -105,7 +101,6 @@ def test_complete_production_azure_policy_verifies_genuine_evidence(sc) -> None:
     assert attestation is not None and attestation.hardware_binding.startswith("Azure")
 
 
-@HOLE
 def test_waived_pcrs_are_printed_in_every_report(sc) -> None:
     policy = _azure_policy(sc, waivers={5: "GPT changes with the disk size"})
     _, report, error = verify_with_report(
@@ -121,7 +116,6 @@ def test_waived_pcrs_are_printed_in_every_report(sc) -> None:
 # --- attacks ----------------------------------------------------------------------------
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_software_ak_with_a_genuine_snp_report_and_no_chain(sc) -> None:
     # The review's scenario: the attacker's own SNP VM binds a software key (given TPM AK
@@ -133,7 +127,6 @@ def test_attack_software_ak_with_a_genuine_snp_report_and_no_chain(sc) -> None:
         _verify(evidence, _gcp_policy(sc))
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_gcp_ak_chain_from_another_project(sc) -> None:
     chain = cf.gce_ak_chain(sc.key.public_key(), project_id="attacker-project", project_number=7)
@@ -141,7 +134,6 @@ def test_attack_gcp_ak_chain_from_another_project(sc) -> None:
         _verify(_snp_evidence(sc, ak_certificate_chain=chain), _gcp_policy(sc))
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_gcp_ak_chain_marked_non_production(sc) -> None:
     chain = cf.gce_ak_chain(sc.key.public_key(), is_production=False)
@@ -149,14 +141,12 @@ def test_attack_gcp_ak_chain_marked_non_production(sc) -> None:
         _verify(_snp_evidence(sc, ak_certificate_chain=chain), _gcp_policy(sc))
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_google_ca_without_a_project_pin(sc) -> None:
     with pytest.raises(PolicyIncompleteError, match=r"ak\.gce"):
         _gcp_policy(sc, gce=None)
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_azure_report_from_vmpl_1_under_a_policy_that_omits_vmpl(sc) -> None:
     # Below VMPL 0 the guest, not the paravisor, chose REPORT_DATA: the AK binding is void.
@@ -176,7 +166,6 @@ def test_attack_azure_report_from_vmpl_1_under_a_policy_that_omits_vmpl(sc) -> N
         _verify(_azure_evidence(sc, vmpl=1), dev)
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_production_policy_without_boot_pcr_pins(sc) -> None:
     complete = _azure_policy(sc)
@@ -196,14 +185,12 @@ def test_attack_production_policy_without_boot_pcr_pins(sc) -> None:
     assert [r.name for r in report] == ["policy"]
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_waiver_of_pcr_4(sc) -> None:
     with pytest.raises(PolicyError, match="PCR 4"):
         _azure_policy(sc, waivers={4: "the boot loader changes often"})
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_test_root_named_by_a_production_policy_after_another_test_accepted_it(
     sc,
@@ -220,7 +207,6 @@ def test_attack_test_root_named_by_a_production_policy_after_another_test_accept
         _verify(_azure_evidence(sc), stripped)
 
 
-@HOLE
 @pytest.mark.attack
 def test_attack_snp_report_for_an_unpinned_ak_under_a_dev_sev_snp_policy(sc) -> None:
     # Even a dev policy gives no AK trust to a configfs-tsm report: the AK must be pinned.

@@ -123,6 +123,48 @@ def test_policy_check_names_the_bad_field(tmp_path, capsys) -> None:
     assert "policy field 'workload_pcr'" in capsys.readouterr().err
 
 
+@pytest.mark.unit
+def test_policy_check_lists_every_gap_of_a_bare_production_policy(tmp_path) -> None:
+    # As a user runs it: the installed command, its exit status and what it prints.
+    import subprocess
+    import sys
+
+    path = tmp_path / "bare.json"
+    path.write_text('{"version": 1, "platform": {"kind": "sev-snp", "production": true}}')
+    run = subprocess.run(
+        [sys.executable, "-m", "encloud.client.cli", "policy", "check", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr + run.stdout
+    for item in (
+        "pcr_selection: missing",
+        "ak: missing",
+        "ak: no pinned key and no certificate root",
+        "platform.amd_roots:",
+        "platform.measurements:",
+        "platform.min_tcb:",
+        "platform.vmpl:",
+        *(f"PCR {i} (" for i in (0, 2, 4, 7, 8, 9, 11, 12)),
+    ):
+        assert item in run.stderr, item
+
+
+@pytest.mark.unit
+def test_policy_check_refuses_a_bank_the_server_never_extends(tmp_path, capsys) -> None:
+    from test_policy import valid_obj
+
+    obj = valid_obj()
+    obj["pcr_bank"] = "sha384"
+    obj["pcr_values"] = {}
+    path = tmp_path / "sha384.json"
+    path.write_text(json.dumps(obj))
+    assert main(["policy", "check", str(path)]) == 1
+    assert "pcr_bank: sha384 is never extended by the server" in capsys.readouterr().err
+
+
 def test_attest_save_and_verify_offline(stack, tmp_path, capsys) -> None:
     policy = tmp_path / "policy.json"
     policy.write_bytes(stack.server.policy_path.read_bytes())

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import cloud_fixtures as cf
 import pytest
-import tpm_builders as b
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.errors import MeasurementNotAllowedError, ReportDataMismatchError
+from encloud.client.errors import (
+    AkUntrustedError,
+    MeasurementNotAllowedError,
+    ReportDataMismatchError,
+)
 from encloud.client.hardware.binding import session_report_data
-from encloud.client.hardware.roots import register_test_root
-from encloud.client.policy import Policy, build_policy, load_policy
+from encloud.client.policy import Policy, load_policy
 from encloud.client.session import EncloudClient
 from encloud.client.tpm_structures import parse_public
 
@@ -36,19 +38,16 @@ def _pem(ders) -> bytes:
     )
 
 
-def _production(dev: Policy, platform: dict, *, roots: tuple[bytes, ...] = ()) -> Policy:
-    register_test_root(cf.hierarchy().ark_der())
-    return build_policy(
-        pcr_selection=dev.pcr_selection,
-        pcr_values=dict(dev.pcr_values),
-        workload_pcr=dev.workload_pcr,
-        allowed_model_digests=dev.allowed_model_digests,
-        allowed_runtime_events=dev.allowed_runtime_events,
-        pinned_public_keys=(),
-        certificate_roots=roots,
-        max_session_ttl_seconds=dev.max_session_ttl_seconds,
-        platform=platform,
-    )
+GCE_PIN = {"project_id": cf.GCE_IDENTITY["project_id"], "instance_id": 4242424242424242424}
+
+
+def _production(dev: Policy, kind: str = "azure-sev-snp", **kwargs) -> Policy:
+    """A complete production policy: the dev policy's PCR values (swtpm's, as a measured image
+    would publish them) pinned, the test AMD root accepted for this policy object only."""
+    if kind == "sev-snp":
+        kwargs.setdefault("roots", (cf.gce_root_der(),))
+        kwargs.setdefault("gce", GCE_PIN)
+    return cf.production_policy(dev, dict(dev.pcr_values), kind, **kwargs)
 
 
 def _provision_azure(state: Path) -> None:
@@ -94,7 +93,7 @@ def azure_server(tmp_path: Path, model_dir: Path):
 
 def test_azure_end_to_end_under_a_production_policy(azure_server, tmp_path) -> None:
     address, dev = azure_server
-    policy = _production(dev, cf.platform_policy(production=True))
+    policy = _production(dev)
     with EncloudClient(address, policy, audit_log=tmp_path / "a.jsonl") as client:
         attestation = client.attest()
         report = {r.name: r.detail for r in client.last_report}
@@ -106,9 +105,9 @@ def test_azure_end_to_end_under_a_production_policy(azure_server, tmp_path) -> N
 @pytest.mark.attack
 def test_azure_measurement_below_the_policy_is_refused(azure_server) -> None:
     address, dev = azure_server
-    platform = cf.platform_policy(production=True, measurements=["ab" * 48])
+    policy = _production(dev, measurements=["ab" * 48])
     with (
-        EncloudClient(address, _production(dev, platform), audit_log=None) as client,
+        EncloudClient(address, policy, audit_log=None) as client,
         pytest.raises(MeasurementNotAllowedError),
     ):
         client.attest()
@@ -117,8 +116,9 @@ def test_azure_measurement_below_the_policy_is_refused(azure_server) -> None:
 # --- GCP: AK from the NV template, AK certificate, configfs-tsm SEV-SNP report ------------
 
 
-def _provision_gcp(state: Path) -> tuple[bytes, bytes]:
-    """Template + AK certificate in GCP's NV layout; returns (vTPM root DER, intermediate)."""
+def _provision_gcp(state: Path) -> bytes:
+    """Template + AK certificate (with the GCE instance identity) in GCP's NV layout;
+    returns the intermediate certificate (DER) the server sends after it."""
     from tpm2_pytss import TPM2B_PUBLIC
 
     from encloud.server.attestation.swtpm import Swtpm
@@ -127,12 +127,6 @@ def _provision_gcp(state: Path) -> tuple[bytes, bytes]:
     template = TPM2B_PUBLIC.parse(
         AK_TEMPLATE, objectAttributes=AK_ATTRIBUTES, nameAlg="sha256"
     ).publicArea.marshal()
-    root_key = ec.generate_private_key(ec.SECP256R1())
-    inter_key = ec.generate_private_key(ec.SECP256R1())
-    root = b.certificate("Test GCE Root", root_key.public_key(), "Test GCE Root", root_key, ca=True)
-    inter = b.certificate(
-        "Test GCE Intermediate", inter_key.public_key(), "Test GCE Root", root_key, ca=True
-    )
     sw = Swtpm(state).start()
     try:
         with Tpm.open(sw.tcti) as tpm:
@@ -140,19 +134,19 @@ def _provision_gcp(state: Path) -> tuple[bytes, bytes]:
             tpm.write_nv(cf.GCP_AK_TEMPLATE_ECC_NV, template)
         with Tpm.open(sw.tcti, ak_source=GCP_AK_ECC) as tpm:
             ak = parse_public(tpm.ak_public()).public_key()
-            leaf = b.certificate("Test GCE AK", ak, "Test GCE Intermediate", inter_key, ca=False)
+            leaf, inter = cf.gce_ak_chain(ak)
             tpm.define_nv(cf.GCP_AK_CERT_ECC_NV, len(leaf) + 32)
             tpm.write_nv(cf.GCP_AK_CERT_ECC_NV, leaf + bytes(32))
     finally:
         sw.stop()
-    return root, inter
+    return inter
 
 
 @pytest.fixture
 def gcp_server(tmp_path: Path, model_dir: Path):
     from encloud.server.devstack import ServerProcess, start_swtpm
 
-    root, inter = _provision_gcp(tmp_path / "swtpm")
+    inter = _provision_gcp(tmp_path / "swtpm")
     h = cf.hierarchy()
     vcek_chain = tmp_path / "vcek-chain.pem"
     vcek_chain.write_bytes(_pem(cf.vcek_chain(h, h.vcek(cf.vcek_key()))))
@@ -179,7 +173,7 @@ def gcp_server(tmp_path: Path, model_dir: Path):
     )
     try:
         address = server.start()
-        yield address, load_policy(server.policy_path), root, tsm, state
+        yield address, load_policy(server.policy_path), tsm, state
     finally:
         server.kill()
         swtpm.stop()
@@ -187,12 +181,14 @@ def gcp_server(tmp_path: Path, model_dir: Path):
 
 
 def test_gcp_end_to_end_with_a_session_bound_snp_report(gcp_server, tmp_path) -> None:
-    address, dev, root, tsm, _ = gcp_server
-    policy = _production(dev, cf.platform_policy("sev-snp", production=True), roots=(root,))
+    address, dev, tsm, _ = gcp_server
+    policy = _production(dev, "sev-snp")
     with EncloudClient(address, policy, audit_log=tmp_path / "a.jsonl") as client:
         attestation = client.attest()
         report = {r.name: r.detail for r in client.last_report}
-    assert "certified by a chain to root CN=Test GCE Root" in report["ak_trust"]
+    assert "EK/AK CA Root (encloud TEST)" in report["ak_trust"]
+    assert "GCE project encloud-prod" in report["ak_trust"]
+    assert "session key only" in attestation.hardware_binding
     assert "Google" in attestation.trust_note
     # One configfs-tsm request for the one session; the verifier checked its REPORT_DATA.
     assert len(tsm.served) == 1 and len(tsm.served[0]) == 64
@@ -201,11 +197,23 @@ def test_gcp_end_to_end_with_a_session_bound_snp_report(gcp_server, tmp_path) ->
 
 @pytest.mark.attack
 def test_gcp_report_data_for_another_session_is_refused(gcp_server) -> None:
-    address, dev, root, _, state = gcp_server
+    address, dev, _, state = gcp_server
     state["report_data"] = session_report_data(b"\x01" * 32, b"another AK")
-    policy = _production(dev, cf.platform_policy("sev-snp", production=True), roots=(root,))
+    policy = _production(dev, "sev-snp")
     with (
         EncloudClient(address, policy, audit_log=None) as client,
         pytest.raises(ReportDataMismatchError),
+    ):
+        client.attest()
+
+
+@pytest.mark.attack
+def test_gcp_ak_certified_for_another_project_is_refused(gcp_server) -> None:
+    # A genuine GCE AK certificate, but for a VM of a project this policy does not accept.
+    address, dev, _, _ = gcp_server
+    policy = _production(dev, "sev-snp", gce={"project_id": "someone-elses-project"})
+    with (
+        EncloudClient(address, policy, audit_log=None) as client,
+        pytest.raises(AkUntrustedError, match="project_id"),
     ):
         client.attest()

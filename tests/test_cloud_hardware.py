@@ -35,7 +35,6 @@ from encloud.client.errors import (
 )
 from encloud.client.hardware import azure_hcl, sev_snp
 from encloud.client.hardware.binding import session_report_data
-from encloud.client.hardware.roots import register_test_root
 from encloud.client.policy import Policy, build_policy, parse_policy
 from encloud.client.verifier import verify, verify_with_report
 
@@ -141,10 +140,12 @@ def test_azure_hcl_report_binds_the_ak(sc) -> None:
 
 
 def test_session_bound_snp_report_passes_and_names_the_vtpm_operator(sc) -> None:
-    policy = _policy(sc, cf.platform_policy("sev-snp"))
+    # The report binds the session key only; the AK is trusted by its pin.
+    policy = _policy(sc, cf.platform_policy("sev-snp"), pin=True)
     attestation = _verify(sc, snp_evidence(sc), policy)
     assert "Google" in attestation.trust_note
     assert "host" in attestation.trust_note
+    assert "session key only" in attestation.hardware_binding
 
 
 def test_the_ark_may_be_left_out_of_the_shipped_chain(sc) -> None:
@@ -258,7 +259,11 @@ def test_attack_report_data_not_matching_the_runtime_claims(sc) -> None:
 def test_attack_report_data_not_matching_the_session(sc) -> None:
     stale = session_report_data(hashlib.sha256(b"another session").digest(), sc.ak_public)
     with pytest.raises(ReportDataMismatchError):
-        _verify(sc, snp_evidence(sc, report_data=stale), _policy(sc, cf.platform_policy("sev-snp")))
+        _verify(
+            sc,
+            snp_evidence(sc, report_data=stale),
+            _policy(sc, cf.platform_policy("sev-snp"), pin=True),
+        )
 
 
 @pytest.mark.attack
@@ -266,7 +271,11 @@ def test_attack_session_report_for_another_ak(sc) -> None:
     other = b.ecc_public(ec.generate_private_key(ec.SECP256R1()))
     data = session_report_data(b.NONCE_Q, other)
     with pytest.raises(ReportDataMismatchError):
-        _verify(sc, snp_evidence(sc, report_data=data), _policy(sc, cf.platform_policy("sev-snp")))
+        _verify(
+            sc,
+            snp_evidence(sc, report_data=data),
+            _policy(sc, cf.platform_policy("sev-snp"), pin=True),
+        )
 
 
 @pytest.mark.attack
@@ -305,9 +314,11 @@ def test_attack_console_enabled_in_runtime_claims(sc) -> None:
 
 
 @pytest.mark.attack
-def test_attack_vtpm_only_evidence_under_a_production_policy(sc) -> None:
-    register_test_root(cf.hierarchy().ark_der())
-    policy = _policy(sc, cf.platform_policy(production=True), pin=True)
+def test_attack_vtpm_only_evidence_under_a_production_policy() -> None:
+    sc = b.make_scenario(selection=b.PRODUCTION_SELECTION)
+    policy = cf.production_policy(
+        sc.policy, sc.pcr_values, pinned_public_keys=sc.policy.pinned_public_keys
+    )
     with pytest.raises(HardwareBindingRequiredError):
         _verify(sc, sc.evidence(), policy)
     _verify(sc, azure_evidence(sc), policy)  # the same policy with the binding passes
@@ -335,14 +346,13 @@ def test_attack_report_of_another_platform(sc) -> None:
         _verify(sc, snp_evidence(sc), _policy(sc, cf.platform_policy()))
 
 
-def test_production_policy_refuses_a_test_root_by_default(sc) -> None:
-    other = cf.hierarchy("Other")  # never registered
+def test_production_policy_refuses_a_test_root_by_default() -> None:
+    sc = b.make_scenario(selection=b.PRODUCTION_SELECTION)
     with pytest.raises(PolicyError, match="not an AMD ARK"):
-        _policy(sc, cf.platform_policy(production=True, h=other))
+        cf.production_policy(sc.policy, sc.pcr_values, test_roots=())
 
 
 def test_production_policy_refuses_debug_and_tdx(sc) -> None:
-    register_test_root(cf.hierarchy().ark_der())
     with pytest.raises(PolicyError, match="debug"):
         _policy(sc, cf.platform_policy(production=True, allow_debug=True))
     with pytest.raises(PolicyError, match="TDX"):

@@ -7,8 +7,10 @@ docs/DEPLOY.md). The subject check is a guard against selecting a test root by
 accident, not a substitute for pinning: the policy still holds the exact certificate,
 and a VCEK chain must verify against its key.
 
-Tests that need a production policy signed by a test root register that root in their
-own process with `register_test_root`; nothing read from a file or the network can.
+There is no process-wide registry of accepted roots: a test that needs a production policy
+over a test root passes it to that one policy object (`parse_policy(...,
+unsafe_test_roots=...)`), so it can never leak into another check in the same process, and
+nothing read from a file or the network can set it.
 """
 
 from __future__ import annotations
@@ -19,17 +21,9 @@ from cryptography.x509.oid import NameOID
 AMD_ORGANIZATION = "Advanced Micro Devices"
 AMD_ARK_NAMES = frozenset({"ARK-Milan", "ARK-Genoa", "ARK-Turin"})
 
-_test_roots: set[bytes] = set()
-
-
-def register_test_root(der: bytes) -> None:
-    """TESTS ONLY: let production policies in this process name this root (DER)."""
-    _test_roots.add(bytes(der))
-
 
 def is_production_amd_root(der: bytes) -> bool:
-    if der in _test_roots:
-        return True
+    """True when the certificate (DER) is named as one of AMD's ARKs."""
     cert = x509.load_der_x509_certificate(der)
 
     def names(oid: x509.ObjectIdentifier) -> list[str]:

@@ -3,7 +3,7 @@
 - a test "AMD" hierarchy: ARK and ASK are RSA-4096 certificates signed with
   RSASSA-PSS/SHA-384 (as AMD's are), the VCEK an ECDSA P-384 key carrying AMD's TCB
   and hwID extensions; the subjects say TEST, so no production policy accepts them
-  unless a test registers the root (encloud.client.hardware.roots.register_test_root);
+  unless a test passes the root to its own policy object (`unsafe_test_roots`);
 - SEV-SNP ATTESTATION_REPORTs laid out per AMD's SEV-SNP ABI (0x4A0 bytes, signature
   at 0x2A0, R and S little-endian, 72 bytes each), written independently of the
   client's parser;
