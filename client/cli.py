@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEM file of root certificates for AK certificate chains (repeatable)",
     )
     fm.add_argument("--pcr-values", type=Path, help='JSON {"<index>": "<hex>"} to pin')
-    fm.add_argument("--pcr-selection", default="0,1,2,3,4,5,6,7,15", help="quoted PCRs")
+    fm.add_argument(
+        "--pcr-selection", default="0,1,2,3,4,5,6,7,8,9,11,12,14,15", help="quoted PCRs"
+    )
     fm.add_argument("--workload-pcr", type=int, default=15)
     fm.add_argument("--max-session-ttl", type=int, default=900, help="seconds")
     fm.set_defaults(func=cmd_policy_from_manifest)

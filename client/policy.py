@@ -61,8 +61,10 @@ Fields:
     extensions are not constrained). Meant for GCP and Azure AK certificates.
   - `gce` (optional, object): the GCE instance identity a Google-issued AK
     certificate must carry (its extension 1.3.6.1.4.1.11129.2.1.21):
-    `project_id` (string) and/or `project_number` (int), at least one of the
-    two; optionally `zone`, `instance_id` (int), `instance_name`. Required
+    `project_id` (string) and/or `project_number` (a decimal string), at least
+    one of the two; optionally `zone`, `instance_id` (a decimal string: GCE
+    ids exceed 2^53, where JSON parsers of other languages round),
+    `instance_name`. Required
     when a root names Google (organization "Google LLC"), since Google's vTPM
     CA certifies every customer's VMs.
   At least one pinned key or one root is required, except for kind
@@ -237,7 +239,16 @@ class GcePin:
     instance_name: str | None = None
 
     def to_obj(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _GCE_KEYS if getattr(self, k) is not None}
+        """The JSON form: ids as decimal strings."""
+        return {
+            k: str(v) if _GCE_KEYS[k] is int else v
+            for k in _GCE_KEYS
+            if (v := getattr(self, k)) is not None
+        }
+
+    def pinned(self) -> dict[str, str | int]:
+        """The pinned identity fields with their typed values."""
+        return {k: v for k in _GCE_KEYS if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
@@ -580,13 +591,26 @@ def _gce(value: object) -> GcePin:
         if key not in value:
             continue
         item = value[key]
-        if kind is int and (not _is_int(item) or not 0 <= item < 2**63):
-            raise _fail(f"ak.gce.{key}", "must be a non-negative integer")
+        # Numbers as decimal strings: GCE ids exceed 2^53, past which JSON parsers in other
+        # languages (JavaScript's among them) silently round.
+        if kind is int and (
+            not isinstance(item, str)
+            or not item.isascii()
+            or not item.isdigit()
+            or str(int(item)) != item
+            or int(item) >= 2**63
+        ):
+            raise _fail(f"ak.gce.{key}", "must be a decimal string below 2^63")
         if kind is str and (not isinstance(item, str) or not item):
             raise _fail(f"ak.gce.{key}", "must be a non-empty string")
     if "project_id" not in value and "project_number" not in value:
         raise _fail("ak.gce", "must pin the project (project_id or project_number)")
-    return GcePin(**value)
+    return GcePin(**{k: int(v) if _GCE_KEYS[k] is int else v for k, v in value.items()})
+
+
+def gce_pin_from_obj(value: object) -> GcePin:
+    """Parse an `ak.gce` object (PolicyError naming the field on any problem)."""
+    return _gce(value)
 
 
 def _ak(value: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:

@@ -460,7 +460,7 @@ class _Run:
             return f"AK {fingerprint} is pinned by the policy"
         if policy.certificate_roots and ev.ak_certificate_chain:
             root = _check_certificate_chain(ev.ak_certificate_chain, policy.certificate_roots, spki)
-            identity = _check_gce_identity(ev.ak_certificate_chain[0], policy.gce)
+            identity = check_gce_identity(ev.ak_certificate_chain[0], policy.gce)
             return f"AK {fingerprint} certified by a chain to root {root}{identity}"
         if hardware.ak_bound:
             return f"AK {fingerprint} bound by the {hardware.binding}"
@@ -712,7 +712,7 @@ def _check_certificate_chain(
     return verified.chain[-1].subject.rfc4514_string()
 
 
-def _check_gce_identity(leaf_der: bytes, pin: GcePin | None) -> str:
+def check_gce_identity(leaf_der: bytes, pin: GcePin | None) -> str:
     """The GCE instance identity in the AK certificate must match the policy's pin; a GCE
     certificate under a policy without a pin is refused (Google's CA certifies everyone)."""
     try:
@@ -729,7 +729,7 @@ def _check_gce_identity(leaf_der: bytes, pin: GcePin | None) -> str:
         raise AkUntrustedError("the AK certificate carries no GCE instance identity")
     if not identity.is_production:
         raise AkUntrustedError("the AK certificate's GCE identity is not marked production")
-    for name, wanted in pin.to_obj().items():
+    for name, wanted in pin.pinned().items():
         actual = getattr(identity, name)
         if actual != wanted:
             raise AkUntrustedError(
@@ -857,6 +857,7 @@ __all__ = [
     "CheckResult",
     "VerifiedAttestation",
     "ak_fingerprint",
+    "check_gce_identity",
     "format_report",
     "spki_der",
     "verify",

@@ -38,7 +38,7 @@ def _pem(ders) -> bytes:
     )
 
 
-GCE_PIN = {"project_id": cf.GCE_IDENTITY["project_id"], "instance_id": 4242424242424242424}
+GCE_PIN = {"project_id": cf.GCE_IDENTITY["project_id"], "instance_id": "4242424242424242424"}
 
 
 def _production(dev: Policy, kind: str = "azure-sev-snp", **kwargs) -> Policy:

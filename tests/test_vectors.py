@@ -361,3 +361,33 @@ def test_evidence_negative(case: dict[str, Any]) -> None:
     with pytest.raises(errors.VerificationError) as refused:
         _verify(v, case)
     assert type(refused.value).__name__ == case["error"]
+
+
+# --- policy completeness and the GCE identity (policy.json) -------------------------------
+
+
+@pytest.mark.parametrize("case", load("policy")["policies"], ids=lambda c: c["name"])
+def test_policy_vectors(case: dict[str, Any]) -> None:
+    data = case["policy"].encode()
+    if case["expect"] == "complete":
+        parse_policy(data)
+    elif case["expect"] == "incomplete":
+        with pytest.raises(errors.PolicyIncompleteError) as info:
+            parse_policy(data)
+        assert info.value.gaps == case["gaps"]
+    else:
+        with pytest.raises(errors.PolicyError, match=f"policy field '{case['field']}'"):
+            parse_policy(data)
+
+
+@pytest.mark.parametrize("case", load("policy")["gce_identity"], ids=lambda c: c["name"])
+def test_gce_identity_vectors(case: dict[str, Any]) -> None:
+    from encloud.client.policy import gce_pin_from_obj
+    from encloud.client.verifier import check_gce_identity
+
+    pin = gce_pin_from_obj(case["pin"]) if case["pin"] is not None else None
+    if case["expect"] == "ok":
+        check_gce_identity(b(case["leaf"]), pin)
+    else:
+        with pytest.raises(error_class(case["expect"])):
+            check_gce_identity(b(case["leaf"]), pin)

@@ -52,7 +52,7 @@ from encloud.client.v1 import encloud_pb2 as pb
 from encloud.server.inference.manifest import compute_model_digest
 
 HERE = Path(__file__).resolve().parent
-FILES = ("encoding", "handshake", "envelope", "stream", "eventlog", "evidence")
+FILES = ("encoding", "handshake", "envelope", "stream", "eventlog", "evidence", "policy")
 
 
 def seed(label: str, n: int = 32) -> bytes:
@@ -1564,6 +1564,380 @@ def evidence_vectors() -> dict[str, Any]:
 # --- main -------------------------------------------------------------------------------------
 
 
+# --- policies: the rules every client applies before it reads evidence -------------------
+
+VECTOR_EPOCH = (2025, 1, 1)
+
+
+def vector_certificate(
+    label: str,
+    subject: list[tuple[Any, str]],
+    *,
+    issuer: tuple[list[tuple[Any, str]], ec.EllipticCurvePrivateKey] | None = None,
+    ca: bool = True,
+    extensions: list[tuple[str, bytes]] = (),  # type: ignore[assignment]
+) -> bytes:
+    """A deterministic DER certificate (fixed key, serial, dates; RFC 6979 ECDSA)."""
+    import datetime
+
+    from cryptography import x509
+
+    key = ec_key(f"certificate {label}")
+    name = x509.Name([x509.NameAttribute(oid, value) for oid, value in subject])
+    issuer_name, issuer_key = (
+        (name, key)
+        if issuer is None
+        else (
+            x509.Name([x509.NameAttribute(oid, value) for oid, value in issuer[0]]),
+            issuer[1],
+        )
+    )
+    start = datetime.datetime(*VECTOR_EPOCH, tzinfo=datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(int.from_bytes(seed(f"serial {label}", 8), "big") >> 1)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=365 * 30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    for oid, value in extensions:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), critical=False
+        )
+    cert = builder.sign(issuer_key, hashes.SHA256(), ecdsa_deterministic=True)
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _pem(der: bytes) -> str:
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _der_tlv(tag: int, body: bytes) -> bytes:
+    assert len(body) < 0x10000
+    if len(body) < 0x80:
+        return bytes([tag, len(body)]) + body
+    size = len(body).to_bytes(1 if len(body) < 0x100 else 2, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _der_int(value: int) -> bytes:
+    return _der_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+
+
+def gce_identity_der(project_id: str, project_number: int, *, production: bool | None) -> bytes:
+    body = (
+        _der_tlv(0x0C, b"europe-west4-a")
+        + _der_int(project_number)
+        + _der_tlv(0x0C, project_id.encode())
+        + _der_int(4242424242424242424)
+        + _der_tlv(0x0C, b"encloud-cvm-1")
+    )
+    if production is not None:
+        props = _der_tlv(0xA0, _der_int(1)) + _der_tlv(
+            0xA1, _der_tlv(0x01, b"\xff" if production else b"\x00")
+        )
+        body += _der_tlv(0xA0, _der_tlv(0x30, props))
+    return _der_tlv(0x30, body)
+
+
+def policy_vectors() -> dict[str, Any]:
+    from cryptography.x509.oid import NameOID
+
+    from encloud.client.errors import PolicyError, PolicyIncompleteError
+    from encloud.client.policy import BOOT_PCRS, parse_policy
+    from encloud.client.verifier import check_gce_identity
+
+    o, cn = NameOID.ORGANIZATION_NAME, NameOID.COMMON_NAME
+    google = [(o, "Google LLC"), (cn, "EK/AK CA Root")]
+    certificates = {
+        "google_root": vector_certificate("google root", google),
+        "vendor_root": vector_certificate(
+            "vendor root", [(o, "Example TPM Vendor"), (cn, "AK CA")]
+        ),
+        "amd_ark": vector_certificate(
+            "amd ark", [(o, "Advanced Micro Devices"), (cn, "ARK-Milan")]
+        ),
+        "test_ark": vector_certificate("test ark", [(o, "encloud TEST"), (cn, "ARK-Test")]),
+    }
+    pem = {name: _pem(der) for name, der in certificates.items()}
+    selection = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 14, 15]
+
+    def base(**changes: Any) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "version": 1,
+            "dev_only": False,
+            "pcr_bank": "sha256",
+            "pcr_selection": selection,
+            "pcr_values": {str(i): hx(pcr_value(i)) for i in selection if i != 15},
+            "workload_pcr": 15,
+            "allowed_model_digests": [hx(MODEL_DIGEST)],
+            "allowed_runtime_events": [hx(sha256(RUNTIME_DATA))],
+            "ak": {"pinned_public_keys": [base64.b64encode(spki(AK)).decode("ascii")]},
+            "max_session_ttl_seconds": 3600,
+        }
+        obj.update(changes)
+        return obj
+
+    def platform(kind: str = "sev-snp", **changes: Any) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "kind": kind,
+            "production": True,
+            "amd_roots": [pem["amd_ark"]],
+            "measurements": [hx(seed("launch measurement", 48))],
+            "min_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
+            "vmpl": 0,
+        }
+        obj.update(changes)
+        return {k: v for k, v in obj.items() if v is not None}
+
+    google_ak = {"certificate_roots": [pem["google_root"]], "gce": {"project_id": "encloud-prod"}}
+    unpinned_boot = {k: v for k, v in base()["pcr_values"].items() if int(k) not in BOOT_PCRS}
+    cases: list[tuple[str, str, dict[str, Any], str]] = [
+        ("dev_pinned", "a dev policy pinning the AK", base(), "complete"),
+        (
+            "dev_vendor_root",
+            "a dev policy trusting a vendor AK CA",
+            base(ak={"certificate_roots": [pem["vendor_root"]]}),
+            "complete",
+        ),
+        ("no_ak_trust", "neither a pin nor a root", base(ak={}), "incomplete"),
+        (
+            "google_root_without_project",
+            "Google's CA certifies every customer",
+            base(ak={"certificate_roots": [pem["google_root"]]}),
+            "incomplete",
+        ),
+        (
+            "google_root_with_project",
+            "Google's CA and the project pin",
+            base(ak=google_ak),
+            "complete",
+        ),
+        (
+            "gce_pin_without_project",
+            "a GCE pin must name the project",
+            base(ak={"certificate_roots": [pem["google_root"]], "gce": {"instance_id": "7"}}),
+            "invalid",
+        ),
+        (
+            "gce_pin_unknown_key",
+            "unknown key in the GCE pin",
+            base(ak={**google_ak, "gce": {"project_id": "p", "region": "x"}}),
+            "invalid",
+        ),
+        (
+            "gce_pin_number_as_json_integer",
+            "ids are decimal strings, exact in every language",
+            base(ak={**google_ak, "gce": {"project_number": 123456789012}}),
+            "invalid",
+        ),
+        (
+            "production_gcp_complete",
+            "GCP: Google's CA + project, AMD ARK, all pins",
+            base(ak=google_ak, platform=platform()),
+            "complete",
+        ),
+        (
+            "production_azure_complete",
+            "Azure: the VMPL-0 HCL report carries the AK",
+            base(ak={}, platform=platform("azure-sev-snp")),
+            "complete",
+        ),
+        (
+            "production_azure_without_vmpl",
+            "production needs vmpl stated",
+            base(ak={}, platform=platform("azure-sev-snp", vmpl=None)),
+            "incomplete",
+        ),
+        (
+            "azure_vmpl_1",
+            "Azure's AK binding holds only at VMPL 0",
+            base(ak={}, platform=platform("azure-sev-snp", production=False, vmpl=1)),
+            "invalid",
+        ),
+        (
+            "production_bare",
+            "a production platform on a policy that states nothing else",
+            base(ak={}, pcr_values={}, platform={"kind": "sev-snp", "production": True}),
+            "incomplete",
+        ),
+        (
+            "production_no_boot_pins",
+            "boot PCRs unpinned",
+            base(pcr_values=unpinned_boot, platform=platform()),
+            "incomplete",
+        ),
+        (
+            "production_boot_pcr_not_selected",
+            "boot PCRs not even quoted",
+            base(
+                pcr_selection=[0, 1, 2, 3, 4, 5, 6, 7, 15],
+                pcr_values={str(i): hx(pcr_value(i)) for i in range(8)},
+                platform=platform(),
+            ),
+            "incomplete",
+        ),
+        (
+            "production_unpinned_pcr_5",
+            "a non-boot PCR neither pinned nor waived",
+            base(
+                pcr_values={k: v for k, v in base()["pcr_values"].items() if k != "5"},
+                platform=platform(),
+            ),
+            "incomplete",
+        ),
+        (
+            "production_waived_pcr_5",
+            "a non-boot PCR waived with its reason",
+            base(
+                pcr_values={k: v for k, v in base()["pcr_values"].items() if k != "5"},
+                pcr_waivers={"5": "GPT differs per disk size"},
+                platform=platform(),
+            ),
+            "complete",
+        ),
+        (
+            "waiver_of_pcr_4",
+            "a boot PCR is never waived",
+            base(
+                pcr_values={k: v for k, v in base()["pcr_values"].items() if k != "4"},
+                pcr_waivers={"4": "boot loader updates"},
+                platform=platform(),
+            ),
+            "invalid",
+        ),
+        (
+            "waiver_without_reason",
+            "a waiver gives its reason",
+            base(
+                pcr_values={k: v for k, v in base()["pcr_values"].items() if k != "5"},
+                pcr_waivers={"5": " "},
+            ),
+            "invalid",
+        ),
+        (
+            "production_test_root",
+            "a test root is not an AMD ARK",
+            base(platform=platform(amd_roots=[pem["test_ark"]])),
+            "incomplete",
+        ),
+        (
+            "production_dev_only",
+            "a production policy is not trust on first use",
+            base(dev_only=True, platform=platform()),
+            "incomplete",
+        ),
+        (
+            "production_partial_min_tcb",
+            "min_tcb names all four components",
+            base(platform=platform(min_tcb={"snp": 8})),
+            "invalid",
+        ),
+        (
+            "dev_platform_without_roots",
+            "a platform needs an AMD root",
+            base(platform=platform(production=False, amd_roots=[])),
+            "incomplete",
+        ),
+    ]
+    policies = []
+    for name, description, obj, intent in cases:
+        text = json.dumps(obj, sort_keys=True)
+        entry: dict[str, Any] = {"name": name, "description": description, "policy": text}
+        try:
+            parse_policy(text.encode())
+            entry["expect"] = "complete"
+        except PolicyIncompleteError as err:
+            entry["expect"], entry["gaps"] = "incomplete", err.gaps
+        except PolicyError as err:
+            entry["expect"], entry["error"] = "invalid", str(err)
+            entry["field"] = str(err).split("'")[1]
+        assert entry["expect"] == intent, (name, entry)
+        policies.append(entry)
+
+    # The GCE identity in an AK certificate against a policy's ak.gce pin (check 2).
+    ca_key = ec_key("certificate gce intermediate")
+    ca_name = [(o, "Google LLC"), (cn, "EK/AK CA Intermediate")]
+
+    def leaf(label: str, identity: bytes | None) -> bytes:
+        ext = [("1.3.6.1.4.1.11129.2.1.21", identity)] if identity is not None else []
+        return vector_certificate(
+            f"gce leaf {label}", [(cn, "AK")], issuer=(ca_name, ca_key), ca=False, extensions=ext
+        )
+
+    ours = leaf("ours", gce_identity_der("encloud-prod", 123456789012, production=True))
+    identity_cases = [
+        ("project_matches", ours, {"project_id": "encloud-prod"}, True),
+        (
+            "project_and_instance_match",
+            ours,
+            {
+                "project_number": "123456789012",
+                "instance_id": "4242424242424242424",
+                "instance_name": "encloud-cvm-1",
+            },
+            True,
+        ),
+        (
+            "another_project",
+            leaf("theirs", gce_identity_der("attacker", 7, production=True)),
+            {"project_id": "encloud-prod"},
+            False,
+        ),
+        ("another_instance", ours, {"project_id": "encloud-prod", "instance_id": "1"}, False),
+        (
+            "not_production",
+            leaf("dev", gce_identity_der("encloud-prod", 123456789012, production=False)),
+            {"project_id": "encloud-prod"},
+            False,
+        ),
+        (
+            "no_security_properties",
+            leaf("bare", gce_identity_der("encloud-prod", 123456789012, production=None)),
+            {"project_id": "encloud-prod"},
+            False,
+        ),
+        ("no_identity_but_pinned", leaf("none", None), {"project_id": "encloud-prod"}, False),
+        ("identity_but_no_pin", ours, None, False),
+        ("no_identity_no_pin", leaf("none", None), None, True),
+        ("malformed_identity", leaf("junk", b"\x30\x03\x0c\x05a"), {"project_id": "p"}, False),
+    ]
+    identities = []
+    from encloud.client.errors import AkUntrustedError
+    from encloud.client.policy import gce_pin_from_obj
+
+    for name, der, pin, passes in identity_cases:
+        try:
+            check_gce_identity(der, gce_pin_from_obj(pin) if pin is not None else None)
+            ok = True
+        except AkUntrustedError:
+            ok = False
+        assert ok == passes, name
+        identities.append(
+            {
+                "name": name,
+                "leaf": hx(der),
+                "pin": pin,
+                "expect": "ok" if ok else "AkUntrustedError",
+            }
+        )
+    return {
+        "description": "policy completeness (parse_policy; docs/PROTOCOL.md, 'Complete policies') "
+        "and the GCE identity check of ak_trust. expect: complete (a client that does not "
+        "implement the policy's platform section refuses it instead), incomplete (exactly "
+        "these gap lines, in order), invalid (a PolicyError naming the field).",
+        "certificates": pem,
+        "policies": policies,
+        "gce_identity": identities,
+    }
+
+
 def build() -> dict[str, str]:
     """Every vector file's exact text, by file stem."""
     handshake, keys = handshake_vectors()
@@ -1574,6 +1948,7 @@ def build() -> dict[str, str]:
         "stream": stream_vectors(keys),
         "eventlog": eventlog_vectors(),
         "evidence": evidence_vectors(),
+        "policy": policy_vectors(),
     }
     assert tuple(docs) == FILES
     return {

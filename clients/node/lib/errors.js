@@ -51,7 +51,19 @@ function sub(name, parent) {
   return errors[name];
 }
 
-sub('PolicyError', EncloudError);
+const PolicyError = sub('PolicyError', EncloudError);
+
+/** A policy that parses but leaves out what it must state; `gaps` lists every item. */
+class PolicyIncompleteError extends PolicyError {
+  constructor(gaps) {
+    super(`policy: the policy is incomplete: ${gaps.join('; ')}`);
+    this.gaps = [...gaps];
+    this.check = 'policy';
+  }
+}
+errors.PolicyIncompleteError = PolicyIncompleteError;
+/** A policy using a rule this client does not implement: refused, never skipped. */
+sub('UnsupportedPolicyError', PolicyError);
 sub('KeyOpenError', EncloudError);
 sub('KeyConfirmationError', EncloudError);
 const EnvelopeError = sub('EnvelopeError', EncloudError);

@@ -9,6 +9,7 @@ module.exports = {
   tpm: require('./tpm'),
   policy: require('./policy'),
   verifier: require('./verifier'),
+  gce: require('./gce'),
   stream: require('./stream'),
   proto: require('./proto'),
 };

@@ -6,6 +6,8 @@ const E = require('./errors');
 const { sha256, hash, equal } = require('./encoding');
 const tpm = require('./tpm');
 const eventlog = require('./eventlog');
+const { checkGceIdentity } = require('./gce');
+const { isParsed } = require('./policy');
 
 const { C } = tpm;
 const subtle = crypto.webcrypto.subtle;
@@ -223,6 +225,12 @@ async function verify(ev, policy, { expectedQualifyingData, sessionTtlSeconds })
   const ok = (name, detail) => report.push({ name, passed: true, detail });
   let step = 'start';
   try {
+    step = 'policy';
+    // Completeness and the rules this client implements are enforced by parsePolicy, which
+    // marks what it returns; a hand-built object may skip them, so it is refused.
+    if (!isParsed(policy)) throw new E.PolicyIncompleteError(['policy: not made by parsePolicy']);
+    ok(step, 'complete (parsePolicy)');
+
     step = 'ak_parse';
     const ak = tpm.parsePublic(ev.akPublic);
     const akSpki = spkiOf(ak);
@@ -234,7 +242,8 @@ async function verify(ev, policy, { expectedQualifyingData, sessionTtlSeconds })
       ok(step, `AK ${fingerprint} is pinned by the policy`);
     } else if (policy.certificateRoots.length && ev.akCertificateChain.length) {
       const root = checkCertificateChain(ev.akCertificateChain, policy.certificateRoots, akSpki);
-      ok(step, `AK ${fingerprint} certified by a chain to ${root}`);
+      const identity = checkGceIdentity(ev.akCertificateChain[0], policy.gce);
+      ok(step, `AK ${fingerprint} certified by a chain to ${root}${identity}`);
     } else {
       throw new E.AkUntrustedError(`AK ${fingerprint} is not pinned by the policy`);
     }

@@ -203,7 +203,7 @@ test('evidence: the valid quote verifies', async () => {
     assert.equal(got.modelDigest.toString('hex'), c.expect.model_digest);
     assert.equal(got.runtimeEvent.toString('hex'), c.expect.runtime_event);
     assert.equal(got.workloadPcrValue.toString('hex'), c.expect.workload_pcr_value);
-    assert.ok(got.report.every((r) => r.passed) && got.report.length === 20);
+    assert.ok(got.report.every((r) => r.passed) && got.report.length === 21);
   }
 });
 
@@ -212,4 +212,53 @@ test('evidence: every attack is refused with its typed error', async (t) => {
   for (const c of v.negative) {
     await t.test(c.name, () => rejectsWith(verifyCase(v, c), c.error));
   }
+});
+
+test('policy: completeness rules, the same gap lines as the reference', async (t) => {
+  const v = load('policy');
+  for (const c of v.policies) {
+    await t.test(c.name, () => {
+      let error = null;
+      let parsed = null;
+      try {
+        parsed = pol.parsePolicy(c.policy);
+      } catch (err) {
+        error = err;
+      }
+      const hasPlatform = 'platform' in JSON.parse(c.policy);
+      if (c.expect === 'complete' && !hasPlatform) {
+        assert.equal(error, null, error && error.message);
+        assert.ok(pol.isParsed(parsed));
+      } else if (c.expect === 'complete') {
+        // No hardware-report verification here: refused, never passed.
+        assert.ok(error instanceof E.UnsupportedPolicyError, error && error.message);
+      } else if (c.expect === 'incomplete') {
+        assert.ok(error instanceof E.PolicyIncompleteError, error && error.message);
+        assert.deepEqual(error.gaps, c.gaps);
+      } else {
+        assert.ok(error instanceof E.PolicyError && !(error instanceof E.PolicyIncompleteError), error && error.message);
+        assert.ok(error.message.includes(`policy field '${c.field}'`), error.message);
+      }
+    });
+  }
+});
+
+test('policy: the GCE identity of an AK certificate against ak.gce', async (t) => {
+  const v = load('policy');
+  for (const c of v.gce_identity) {
+    await t.test(c.name, () => {
+      const pin = c.pin === null ? null : pol.parseGce(c.pin);
+      if (c.expect === 'ok') lib.gce.checkGceIdentity(b(c.leaf), pin);
+      else assert.throws(() => lib.gce.checkGceIdentity(b(c.leaf), pin), (err) => err.name === c.expect);
+    });
+  }
+});
+
+test('verifier: a policy object not made by parsePolicy is refused', async () => {
+  const v = load('evidence');
+  const c = v.positive[0];
+  const hand = { ...pol.parsePolicy(v.policies[c.policy]) };
+  const cl = c.client;
+  const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
+  await rejectsWith(verifier.verify(evidence(c.evidence), hand, { expectedQualifyingData: q, sessionTtlSeconds: cl.ttl_seconds }), 'PolicyIncompleteError');
 });
