@@ -474,7 +474,13 @@ def build_policy(
     unsafe_test_roots: Iterable[bytes] = (),
 ) -> Policy:
     """Build a policy from Python values, validated exactly as a parsed one."""
-    obj = {
+    ak: dict[str, Any] = {
+        "pinned_public_keys": [base64.b64encode(k).decode("ascii") for k in pinned_public_keys],
+        "certificate_roots": [_pem(der) for der in certificate_roots],
+    }
+    if gce is not None:
+        ak["gce"] = dict(gce)
+    obj: dict[str, Any] = {
         "version": POLICY_VERSION,
         "dev_only": dev_only,
         "pcr_bank": pcr_bank,
@@ -483,14 +489,9 @@ def build_policy(
         "workload_pcr": workload_pcr,
         "allowed_model_digests": [d.hex() for d in allowed_model_digests],
         "allowed_runtime_events": [d.hex() for d in allowed_runtime_events],
-        "ak": {
-            "pinned_public_keys": [base64.b64encode(k).decode("ascii") for k in pinned_public_keys],
-            "certificate_roots": [_pem(der) for der in certificate_roots],
-        },
+        "ak": ak,
         "max_session_ttl_seconds": max_session_ttl_seconds,
     }
-    if gce is not None:
-        obj["ak"]["gce"] = dict(gce)
     if pcr_waivers:
         obj["pcr_waivers"] = {str(i): why for i, why in pcr_waivers.items()}
     if platform is not None:
@@ -605,7 +606,15 @@ def _gce(value: object) -> GcePin:
             raise _fail(f"ak.gce.{key}", "must be a non-empty string")
     if "project_id" not in value and "project_number" not in value:
         raise _fail("ak.gce", "must pin the project (project_id or project_number)")
-    return GcePin(**{k: int(v) if _GCE_KEYS[k] is int else v for k, v in value.items()})
+    number = value.get("project_number")
+    instance = value.get("instance_id")
+    return GcePin(
+        project_id=value.get("project_id"),
+        project_number=None if number is None else int(number),
+        zone=value.get("zone"),
+        instance_id=None if instance is None else int(instance),
+        instance_name=value.get("instance_name"),
+    )
 
 
 def gce_pin_from_obj(value: object) -> GcePin:

@@ -578,9 +578,9 @@ class _Run:
         self.step("hardware_vmpl")
         # Azure: only the paravisor at VMPL 0 writes the AK into the claims REPORT_DATA
         # hashes; from any other VMPL the guest chose it. So 0, whatever the policy says.
-        required = 0 if hcl is not None else platform.vmpl
-        if required is not None and report.vmpl != required:
-            raise VmplError(f"report from VMPL {report.vmpl}, the policy requires {required}")
+        wanted_vmpl = 0 if hcl is not None else platform.vmpl
+        if wanted_vmpl is not None and report.vmpl != wanted_vmpl:
+            raise VmplError(f"report from VMPL {report.vmpl}, the policy requires {wanted_vmpl}")
         self.ok(f"VMPL {report.vmpl}")
 
         self.step("hardware_measurement")
