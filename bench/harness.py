@@ -257,8 +257,8 @@ class Bench:
     # -- phases with the server --------------------------------------------------------
 
     def _with_server(self, workdir: Path, model_dir: Path, llama: LlamaPeer | None) -> None:
-        from encloud.client.policy import load_policy
         from encloud.client.session import EncloudClient
+        from encloud.protocol.policy import load_policy
         from encloud.server.devstack import ServerProcess, start_swtpm
         from encloud.server.inference.engine import Engine
 
@@ -418,11 +418,11 @@ class Bench:
     def _verify(self, address: str, policy: Any) -> None:
         import grpc
 
-        from encloud.client.handshake import SUITE_V1, quote_qualifying_data
-        from encloud.client.v1 import encloud_pb2 as pb
-        from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
-        from encloud.client.verifier import verify
-        from encloud.client.wire import evidence_from_proto
+        from encloud.protocol.handshake import SUITE_V1, quote_qualifying_data
+        from encloud.protocol.v1 import encloud_pb2 as pb
+        from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+        from encloud.protocol.verifier import verify
+        from encloud.protocol.wire import evidence_from_proto
 
         self.log(f"verify: {self.budget.verify_runs} runs on one quote")
         nonce = os.urandom(32)
@@ -503,8 +503,8 @@ class Bench:
     # -- phases without the server -------------------------------------------------------
 
     def _envelope(self) -> None:
-        from encloud.client.envelope import MessageType, OpeningKey, SealingKey
-        from encloud.client.v1 import encloud_pb2 as pb
+        from encloud.protocol.envelope import MessageType, OpeningKey, SealingKey
+        from encloud.protocol.v1 import encloud_pb2 as pb
 
         b = self.budget
         self.log(f"envelope: {b.micro_samples} samples x {b.micro_iterations} frames")

@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from encloud.client.audit import AuditLog, attestation_entry
-from encloud.client.envelope import (
+from encloud.protocol.audit import AuditLog, attestation_entry
+from encloud.protocol.envelope import (
     MessageType,
     OpeningKey,
     Sealed,
@@ -34,7 +34,7 @@ from encloud.client.envelope import (
     transcript_next,
     transcript_start,
 )
-from encloud.client.errors import (
+from encloud.protocol.errors import (
     EnvelopeError,
     KeyConfirmationError,
     ServiceError,
@@ -45,8 +45,8 @@ from encloud.client.errors import (
     TruncatedStreamError,
     VerificationError,
 )
-from encloud.client.evidence import Evidence
-from encloud.client.handshake import (
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.handshake import (
     SESSION_SECRET_LENGTH,
     SUITE_V1,
     HpkeSuiteId,
@@ -59,11 +59,11 @@ from encloud.client.handshake import (
     seal_key,
     split_enc,
 )
-from encloud.client.policy import Policy, policy_digest
-from encloud.client.v1 import encloud_pb2 as pb
-from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
-from encloud.client.verifier import VerifiedAttestation, verify_with_report
-from encloud.client.wire import evidence_from_proto, sealed_from_proto, sealed_to_proto
+from encloud.protocol.policy import Policy, policy_digest
+from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.verifier import VerifiedAttestation, verify_with_report
+from encloud.protocol.wire import evidence_from_proto, sealed_from_proto, sealed_to_proto
 
 ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 FINISH_REASONS = {

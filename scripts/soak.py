@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from encloud.client.loadgen import run_load
-from encloud.client.policy import load_policy
+from encloud.cli.loadgen import run_load
+from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
 from encloud.server.inference.export import DEFAULT_PRECISION, export_model
 

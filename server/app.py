@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from encloud.client.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
+from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
 from encloud.server import logs
 from encloud.server.attestation.startup import start_attestation
 from encloud.server.inference.engine import Engine

@@ -6,8 +6,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from encloud.client.v1 import encloud_pb2 as pb
-from encloud.client.wire import (  # noqa: F401 - the servicer converts through here
+from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.wire import (  # noqa: F401 - the servicer converts through here
     evidence_to_proto,
     sealed_from_proto,
     sealed_to_proto,

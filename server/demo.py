@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from encloud.client.cli import print_summary, stream_to_terminal
-from encloud.client.policy import load_policy
+from encloud.cli.main import print_summary, stream_to_terminal
 from encloud.client.session import EncloudClient
+from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
 from encloud.server.inference.export import DEFAULT_PRECISION, export_model
 

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from encloud.client.encoding import sha256
-from encloud.client.envelope import MessageType, Sealed, transcript_next, transcript_start
-from encloud.client.evidence import Evidence
-from encloud.client.handshake import (
+from encloud.protocol.encoding import sha256
+from encloud.protocol.envelope import MessageType, Sealed, transcript_next, transcript_start
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.handshake import (
     MAX_NONCE_LENGTH,
     MIN_NONCE_LENGTH,
     HpkeSuiteId,

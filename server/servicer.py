@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from encloud.client.v1 import encloud_pb2 as pb
+from encloud.protocol.v1 import encloud_pb2 as pb
 from encloud.server import converters
 from encloud.server.errors import UnavailableError
 from encloud.server.limits import peer_host

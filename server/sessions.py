@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from encloud.client.envelope import MessageType, OpeningKey, Sealed, SealingKey
-from encloud.client.errors import DecryptError
-from encloud.client.handshake import (
+from encloud.protocol.envelope import MessageType, OpeningKey, Sealed, SealingKey
+from encloud.protocol.errors import DecryptError
+from encloud.protocol.handshake import (
     SESSION_ID_LENGTH,
     HpkeSuiteId,
     KeyOpenError,

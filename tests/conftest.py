@@ -18,8 +18,8 @@ import grpc
 import pytest
 from stack import Stack, running_stack
 
-from encloud.client.policy import Policy
 from encloud.client.session import EncloudClient
+from encloud.protocol.policy import Policy
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

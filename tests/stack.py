@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from encloud.client.policy import Policy, load_policy
+from encloud.protocol.policy import Policy, load_policy
 
 
 @dataclass

@@ -17,10 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.errors import AkUntrustedError
-from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
-from encloud.client.tpm_structures import parse_public
+from encloud.protocol.errors import AkUntrustedError
+from encloud.protocol.policy import load_policy
+from encloud.protocol.tpm_structures import parse_public
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tpm]
 

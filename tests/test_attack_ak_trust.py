@@ -16,15 +16,15 @@ import pytest
 import tpm_builders as b
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.errors import (
+from encloud.protocol.errors import (
     AkUntrustedError,
     PolicyError,
     PolicyIncompleteError,
     VmplError,
 )
-from encloud.client.hardware.binding import session_report_data
-from encloud.client.policy import Policy, build_policy, parse_policy
-from encloud.client.verifier import verify, verify_with_report
+from encloud.protocol.hardware.binding import session_report_data
+from encloud.protocol.policy import Policy, build_policy, parse_policy
+from encloud.protocol.verifier import verify, verify_with_report
 
 pytestmark = [pytest.mark.cloud]
 

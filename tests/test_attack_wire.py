@@ -17,8 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from encloud.client.envelope import MessageType, SealingKey, transcript_start
-from encloud.client.errors import (
+from encloud.client.session import ChatStream, _service_error
+from encloud.protocol.envelope import MessageType, SealingKey, transcript_start
+from encloud.protocol.errors import (
     AkUntrustedError,
     DecryptError,
     EventDigestError,
@@ -33,10 +34,9 @@ from encloud.client.errors import (
     StreamOrderError,
     TranscriptMismatchError,
 )
-from encloud.client.handshake import SUITE_V1, release_info, seal_key
-from encloud.client.session import ChatStream, _service_error
-from encloud.client.v1 import encloud_pb2 as pb
-from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.handshake import SUITE_V1, release_info, seal_key
+from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.attack]
 
@@ -556,7 +556,7 @@ def test_request_after_end_session_is_not_found(connect, wire, stack) -> None:
 
 @pytest.fixture(scope="module")
 def short_ttl_server(model_dir: Path, tmp_path_factory):
-    from encloud.client.policy import load_policy
+    from encloud.protocol.policy import load_policy
     from encloud.server.devstack import ServerProcess, start_swtpm
 
     workdir = tmp_path_factory.mktemp("short-ttl")

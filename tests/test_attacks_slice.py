@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from encloud.client.errors import (
+from encloud.protocol.errors import (
     DecryptError,
     HeaderMismatchError,
     NonceMismatchError,
     TruncatedStreamError,
 )
-from encloud.client.v1 import encloud_pb2 as pb
+from encloud.protocol.v1 import encloud_pb2 as pb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.attack]
 

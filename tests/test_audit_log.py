@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from encloud.client.audit import (
+from encloud.protocol.audit import (
     AuditLog,
     canonical,
     checkpoint_message,
     parse_line,
     verify_log,
 )
-from encloud.client.errors import AuditLogError
+from encloud.protocol.errors import AuditLogError
 
 pytestmark = pytest.mark.unit
 

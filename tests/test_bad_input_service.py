@@ -10,9 +10,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from encloud.client.envelope import MessageType
 from encloud.client.session import EncloudClient
-from encloud.client.v1 import encloud_pb2 as pb
+from encloud.protocol.envelope import MessageType
+from encloud.protocol.v1 import encloud_pb2 as pb
 
 pytestmark = pytest.mark.attack
 

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from encloud.client import eventlog
-from encloud.client.cli import main
-from encloud.client.encoding import sha256
-from encloud.client.policy import load_policy
-from encloud.client.reference import model_digest_of_folder
-from encloud.client.verifier import spki_der
+from encloud.cli.main import main
+from encloud.cli.reference import model_digest_of_folder
+from encloud.protocol import eventlog
+from encloud.protocol.encoding import sha256
+from encloud.protocol.policy import load_policy
+from encloud.protocol.verifier import spki_der
 
 pytestmark = pytest.mark.e2e
 
 
 def _runtime_event_of(stack) -> dict:
     """The runtime event the server logged (what its image builder would publish)."""
-    from encloud.client.bundle import fetch_evidence
+    from encloud.protocol.bundle import fetch_evidence
 
     records = eventlog.parse(fetch_evidence(stack.address).evidence.workload_event_log)
     return json.loads(records[-1].event.data)
@@ -32,7 +32,7 @@ def _runtime_event_of(stack) -> dict:
 def _ak_pem(stack, tmp_path: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
 
-    from encloud.client.bundle import fetch_evidence
+    from encloud.protocol.bundle import fetch_evidence
 
     der = spki_der(fetch_evidence(stack.address).evidence.ak_public)
     key = serialization.load_der_public_key(der)
@@ -132,7 +132,7 @@ def test_policy_check_lists_every_gap_of_a_bare_production_policy(tmp_path) -> N
     path = tmp_path / "bare.json"
     path.write_text('{"version": 1, "platform": {"kind": "sev-snp", "production": true}}')
     run = subprocess.run(
-        [sys.executable, "-m", "encloud.client.cli", "policy", "check", str(path)],
+        [sys.executable, "-m", "encloud.cli.main", "policy", "check", str(path)],
         capture_output=True,
         text=True,
         check=False,

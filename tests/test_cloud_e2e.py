@@ -19,15 +19,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.errors import (
+from encloud.client.session import EncloudClient
+from encloud.protocol.errors import (
     AkUntrustedError,
     MeasurementNotAllowedError,
     ReportDataMismatchError,
 )
-from encloud.client.hardware.binding import session_report_data
-from encloud.client.policy import Policy, load_policy
-from encloud.client.session import EncloudClient
-from encloud.client.tpm_structures import parse_public
+from encloud.protocol.hardware.binding import session_report_data
+from encloud.protocol.policy import Policy, load_policy
+from encloud.protocol.tpm_structures import parse_public
 
 pytestmark = [pytest.mark.cloud, pytest.mark.e2e, pytest.mark.tpm]
 

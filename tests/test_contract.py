@@ -17,18 +17,18 @@ BUF = ROOT / "tools" / "node_modules" / ".bin" / "buf"
 
 
 def test_codegen_output_is_committed_and_fresh(tmp_path: Path) -> None:
-    """Running codegen.sh must not change client/v1."""
+    """Running codegen.sh must not change protocol/v1."""
     copy = tmp_path / "repo"
     shutil.copytree(ROOT / "proto", copy / "proto")
-    shutil.copytree(ROOT / "client" / "v1", copy / "client" / "v1")
+    shutil.copytree(ROOT / "protocol" / "v1", copy / "protocol" / "v1")
     shutil.copy(ROOT / "codegen.sh", copy / "codegen.sh")
     subprocess.run(
         ["bash", str(copy / "codegen.sh")],
         check=True,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
-    fresh = copy / "client" / "v1"
-    committed = ROOT / "client" / "v1"
+    fresh = copy / "protocol" / "v1"
+    committed = ROOT / "protocol" / "v1"
     names = sorted(p.name for p in committed.glob("*_pb2*"))
     assert names == sorted(p.name for p in fresh.glob("*_pb2*"))
     assert names, "no generated stubs found"
@@ -62,12 +62,19 @@ def test_configuration_doc_lists_every_setting() -> None:
 
 
 def test_client_package_type_checks(tmp_path: Path) -> None:
-    """mypy over encloud.client, laid out as the import package it becomes."""
+    """mypy over encloud.protocol and encloud.client, laid out as the import packages."""
     (tmp_path / "encloud").mkdir()
-    (tmp_path / "encloud" / "client").symlink_to(ROOT / "client")
+    for name in ("protocol", "client"):
+        (tmp_path / "encloud" / name).symlink_to(ROOT / name)
     mypy = Path(sys.executable).with_name("mypy")
     result = subprocess.run(
-        [str(mypy), "--config-file", str(ROOT / "pyproject.toml"), "encloud/client"],
+        [
+            str(mypy),
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "encloud/protocol",
+            "encloud/client",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

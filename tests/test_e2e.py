@@ -8,11 +8,11 @@ import os
 import grpc
 import pytest
 
-from encloud.client.envelope import MessageType, Sealed
-from encloud.client.errors import KeyConfirmationError, ServiceError
 from encloud.client.session import EncloudClient
-from encloud.client.v1 import encloud_pb2 as pb
-from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.envelope import MessageType, Sealed
+from encloud.protocol.errors import KeyConfirmationError, ServiceError
+from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.e2e
 

@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.encoding import sha256
-from encloud.client.eventlog import canonical_json
-from encloud.client.policy import build_policy
+from encloud.protocol.encoding import sha256
+from encloud.protocol.eventlog import canonical_json
+from encloud.protocol.policy import build_policy
 from encloud.server.inference import engine as engine_mod
 from encloud.server.inference.engine import Engine
 from encloud.server.inference.manifest import verify_model_folder
@@ -64,7 +64,7 @@ def test_known_answer_catches_weights_swapped_after_the_digest_check(
         max_session_ttl_seconds=600,
         dev_only=True,
     )
-    # What the verifier's runtime_event step checks (client/verifier.py): the SHA-256 of the
+    # What the verifier's runtime_event step checks (protocol/verifier.py): the SHA-256 of the
     # start-up's canonical runtime event must be in the policy's list.
     assert sha256(canonical_json(genuine_event)) in policy.allowed_runtime_events
     assert sha256(canonical_json(swapped_event)) not in policy.allowed_runtime_events

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from encloud.client.encoding import sha256
+from encloud.protocol.encoding import sha256
 from encloud.server.inference.engine import ChatTurn, Engine, GenerationParams, GenerationResult
 from encloud.server.inference.templates import VICUNA_V1_1, VICUNA_V1_1_SYSTEM
 

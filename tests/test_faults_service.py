@@ -23,9 +23,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from encloud.client.errors import ServiceError
-from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
+from encloud.protocol.errors import ServiceError
+from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
 
 pytestmark = pytest.mark.faults

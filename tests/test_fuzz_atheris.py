@@ -19,13 +19,13 @@ pytestmark = pytest.mark.fuzz
 
 
 def _target(data: bytes) -> None:
-    from encloud.client import eventlog
-    from encloud.client.audit import parse_line
-    from encloud.client.bundle import parse_bundle
-    from encloud.client.envelope import OpeningKey, Sealed, unpad
-    from encloud.client.errors import EncloudError
-    from encloud.client.policy import parse_policy
-    from encloud.client.tpm_structures import (
+    from encloud.protocol import eventlog
+    from encloud.protocol.audit import parse_line
+    from encloud.protocol.bundle import parse_bundle
+    from encloud.protocol.envelope import OpeningKey, Sealed, unpad
+    from encloud.protocol.errors import EncloudError
+    from encloud.protocol.policy import parse_policy
+    from encloud.protocol.tpm_structures import (
         parse_attest,
         parse_pcr_selection,
         parse_public,
@@ -55,12 +55,12 @@ def main() -> None:
     import atheris
 
     with atheris.instrument_imports():
-        import encloud.client.audit
-        import encloud.client.bundle
-        import encloud.client.envelope
-        import encloud.client.eventlog
-        import encloud.client.policy
-        import encloud.client.tpm_structures  # noqa: F401
+        import encloud.protocol.audit
+        import encloud.protocol.bundle
+        import encloud.protocol.envelope
+        import encloud.protocol.eventlog
+        import encloud.protocol.policy
+        import encloud.protocol.tpm_structures  # noqa: F401
     atheris.Setup(sys.argv, _target)
     atheris.Fuzz()
 

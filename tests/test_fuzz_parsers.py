@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encloud.client import eventlog
-from encloud.client.audit import AuditLog, parse_checkpoint, parse_line
-from encloud.client.bundle import EvidenceBundle, parse_bundle
-from encloud.client.envelope import (
+from encloud.protocol import eventlog
+from encloud.protocol.audit import AuditLog, parse_checkpoint, parse_line
+from encloud.protocol.bundle import EvidenceBundle, parse_bundle
+from encloud.protocol.envelope import (
     PAD_BUCKETS,
     MessageType,
     OpeningKey,
@@ -31,7 +31,7 @@ from encloud.client.envelope import (
     SealingKey,
     unpad,
 )
-from encloud.client.errors import (
+from encloud.protocol.errors import (
     AuditLogError,
     BundleError,
     DecryptError,
@@ -40,9 +40,9 @@ from encloud.client.errors import (
     MalformedEvidenceError,
     PolicyError,
 )
-from encloud.client.handshake import SUITE_V1
-from encloud.client.policy import parse_policy
-from encloud.client.tpm_structures import (
+from encloud.protocol.handshake import SUITE_V1
+from encloud.protocol.policy import parse_policy
+from encloud.protocol.tpm_structures import (
     parse_attest,
     parse_pcr_selection,
     parse_public,

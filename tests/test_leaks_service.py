@@ -20,9 +20,9 @@ import pytest
 from stack import running_stack
 from tokenizers import Tokenizer
 
-from encloud.client.errors import ServiceError
-from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
+from encloud.protocol.errors import ServiceError
+from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess
 
 pytestmark = pytest.mark.leaks
@@ -98,8 +98,8 @@ def test_canary_never_leaks(leak_server: tuple[ServerProcess, Path], model_dir: 
         session = client._session
         assert session is not None
         _, _, sealed = client._seal_request([("user", f"{CANARY} <|im_end|>")], {})
-        from encloud.client.v1 import encloud_pb2 as pb
-        from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
+        from encloud.protocol.v1 import encloud_pb2 as pb
+        from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
 
         stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(server.address))
         with pytest.raises(grpc.RpcError) as raw:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from stack import running_stack
 
-from encloud.client.loadgen import run_load
-from encloud.client.policy import Policy
+from encloud.cli.loadgen import run_load
+from encloud.protocol.policy import Policy
 
 pytestmark = pytest.mark.load
 

@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client.parser import text_string_to_metric_families
 from stack import running_stack
 
-from encloud.client.errors import ServiceError
-from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
+from encloud.protocol.errors import ServiceError
+from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess
 
 pytestmark = pytest.mark.e2e

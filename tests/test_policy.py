@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.errors import PolicyError
-from encloud.client.policy import Policy, load_policy, parse_policy, policy_digest
+from encloud.protocol.errors import PolicyError
+from encloud.protocol.policy import Policy, load_policy, parse_policy, policy_digest
 
 pytestmark = pytest.mark.unit
 

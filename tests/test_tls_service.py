@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from encloud.client.errors import ServiceError
-from encloud.client.policy import load_policy
 from encloud.client.session import EncloudClient
+from encloud.protocol.errors import ServiceError
+from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
 
 pytestmark = pytest.mark.e2e

@@ -25,7 +25,7 @@ from tpm2_pytss import (
     TPMT_SIGNATURE,
 )
 
-from encloud.client.eventlog import EventRecord, WorkloadEvent, parse, replay
+from encloud.protocol.eventlog import EventRecord, WorkloadEvent, parse, replay
 from encloud.server.attestation.measure import (
     RESETTABLE_PCRS,
     WorkloadMeasurementError,

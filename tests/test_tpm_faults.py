@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from encloud.client.errors import ServiceError
 from encloud.client.session import EncloudClient
+from encloud.protocol.errors import ServiceError
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.tpm]
 

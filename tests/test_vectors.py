@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from encloud.client import errors, eventlog
-from encloud.client.encoding import encode, u8, u16, u32, u64
-from encloud.client.envelope import (
+from encloud.client.session import ChatStream, _check_final
+from encloud.protocol import errors, eventlog
+from encloud.protocol.encoding import encode, u8, u16, u32, u64
+from encloud.protocol.envelope import (
     PAD_BUCKETS,
     MessageType,
     OpeningKey,
@@ -31,8 +32,8 @@ from encloud.client.envelope import (
     transcript_start,
     unpad,
 )
-from encloud.client.evidence import Evidence
-from encloud.client.handshake import (
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.handshake import (
     SUITE_V1,
     KeyOpenError,
     derive_traffic_keys,
@@ -42,10 +43,9 @@ from encloud.client.handshake import (
     release_info,
     split_enc,
 )
-from encloud.client.policy import parse_policy
-from encloud.client.session import ChatStream, _check_final
-from encloud.client.v1 import encloud_pb2 as pb
-from encloud.client.verifier import spki_der, verify
+from encloud.protocol.policy import parse_policy
+from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.verifier import spki_der, verify
 from encloud.server.inference.manifest import compute_model_digest
 
 pytestmark = pytest.mark.unit
@@ -382,8 +382,8 @@ def test_policy_vectors(case: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", load("policy")["gce_identity"], ids=lambda c: c["name"])
 def test_gce_identity_vectors(case: dict[str, Any]) -> None:
-    from encloud.client.policy import gce_pin_from_obj
-    from encloud.client.verifier import check_gce_identity
+    from encloud.protocol.policy import gce_pin_from_obj
+    from encloud.protocol.verifier import check_gce_identity
 
     pin = gce_pin_from_obj(case["pin"]) if case["pin"] is not None else None
     if case["expect"] == "ok":

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encloud.client import eventlog
-from encloud.client.errors import (
+from encloud.protocol import eventlog
+from encloud.protocol.errors import (
     AkAttributesError,
     AkUntrustedError,
     AttestMagicError,
@@ -35,15 +35,15 @@ from encloud.client.errors import (
     SignatureError,
     VerificationError,
 )
-from encloud.client.evidence import Evidence
-from encloud.client.policy import build_policy
-from encloud.client.tpm_structures import (
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.policy import build_policy
+from encloud.protocol.tpm_structures import (
     parse_attest,
     parse_pcr_selection,
     parse_public,
     parse_signature,
 )
-from encloud.client.verifier import (
+from encloud.protocol.verifier import (
     ak_fingerprint,
     format_report,
     spki_der,

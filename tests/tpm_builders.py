@@ -1,7 +1,7 @@
 """Build TPM structures by hand for verifier tests: AK public areas, quotes, signatures, logs.
 
 Everything here mirrors what a TPM marshals (TPM 2.0 Part 2), written
-independently of encloud.client.tpm_structures so that the tests check the
+independently of encloud.protocol.tpm_structures so that the tests check the
 parser against a second reading of the specification.
 """
 
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from encloud.client import eventlog
-from encloud.client.evidence import Evidence
-from encloud.client.policy import Policy, build_policy
+from encloud.protocol import eventlog
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.policy import Policy, build_policy
 
 SHA1, SHA256, SHA384 = 0x0004, 0x000B, 0x000C
 NULL, RSA, ECC, AES, CFB = 0x0010, 0x0001, 0x0023, 0x0006, 0x0043
@@ -234,7 +234,7 @@ def renumber(records: list[eventlog.EventRecord]) -> list[eventlog.EventRecord]:
 SELECTION = [0, 1, 2, 3, 4, 5, 6, 7, 14, 15]
 PRODUCTION_SELECTION = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 14, 15]
 """Covers every PCR a production policy must pin (firmware, boot loader, kernel, initrd,
-command line: encloud.client.policy.BOOT_PCRS)."""
+command line: encloud.protocol.policy.BOOT_PCRS)."""
 WORKLOAD_PCR = 15
 NONCE_Q = hashlib.sha256(b"qualifying data").digest()
 TTL = 600

@@ -30,9 +30,9 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from encloud.client.eventlog import EventRecord, WorkloadEvent, replay, serialize
-from encloud.client.evidence import TPM_ALG_SHA256, Evidence
-from encloud.client.hardware.binding import session_report_data
+from encloud.protocol.eventlog import EventRecord, WorkloadEvent, replay, serialize
+from encloud.protocol.evidence import TPM_ALG_SHA256, Evidence
+from encloud.protocol.hardware.binding import session_report_data
 from encloud.server.attestation.measure import WorkloadMeasurementError, measure_workload
 from encloud.server.attestation.tpm import Tpm, TpmCommandError
 from encloud.server.attestation.tsm import TsmError, TsmReporter

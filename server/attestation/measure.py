@@ -1,6 +1,6 @@
 """Measuring the workload into the workload PCR, with its event log on disk (DESIGN step 1).
 
-The log is CEL-JSON lines (`encloud.client.eventlog`). It is written ahead: each record is
+The log is CEL-JSON lines (`encloud.protocol.eventlog`). It is written ahead: each record is
 appended and fsynced BEFORE its digest is extended into the PCR, so a crash leaves at most one
 record that the PCR does not reflect, never an extend nobody logged. At start-up:
 
@@ -26,8 +26,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from encloud.client.errors import EventLogFormatError
-from encloud.client.eventlog import EventRecord, WorkloadEvent, parse, replay, serialize
+from encloud.protocol.errors import EventLogFormatError
+from encloud.protocol.eventlog import EventRecord, WorkloadEvent, parse, replay, serialize
 from encloud.server.attestation.tpm import Tpm
 
 __all__ = [

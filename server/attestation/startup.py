@@ -17,9 +17,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from encloud.client.encoding import sha256
-from encloud.client.eventlog import WorkloadEvent
-from encloud.client.hardware.binding import KIND_AZURE_HCL
+from encloud.protocol.encoding import sha256
+from encloud.protocol.eventlog import WorkloadEvent
+from encloud.protocol.hardware.binding import KIND_AZURE_HCL
 from encloud.server.attestation.attester import HardwareSource, Remeasure, TpmAttester
 from encloud.server.attestation.measure import check_workload_pcr, measure_workload
 from encloud.server.attestation.tpm import (
@@ -70,9 +70,9 @@ def hardware_source(tpm: Tpm, settings: Settings) -> HardwareSource | None:
         chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
     tsm_dir = settings.tsm_report_dir
     if settings.platform == "azure":
-        from encloud.client.errors import VerificationError
-        from encloud.client.hardware.azure_hcl import parse_hcl_report, parse_runtime_claims
-        from encloud.client.verifier import spki_der
+        from encloud.protocol.errors import VerificationError
+        from encloud.protocol.hardware.azure_hcl import parse_hcl_report, parse_runtime_claims
+        from encloud.protocol.verifier import spki_der
 
         raw = tpm.read_nv(AZURE_HCL_REPORT_NV)
         try:
@@ -160,7 +160,7 @@ def start_attestation(settings: Settings, events: Sequence[WorkloadEvent]) -> At
 
 def write_dev_policy(path: Path, settings: Settings, runtime: AttestationRuntime) -> None:
     """DEV ONLY, trust on first use: pin what this server is right now."""
-    from encloud.client.verifier import spki_der
+    from encloud.protocol.verifier import spki_der
 
     pinned = [p for p in settings.pcr_selection if p != settings.workload_pcr]
     values = runtime.tpm.read_pcrs(pinned) if pinned else {}
@@ -202,7 +202,7 @@ def ak_certificate_chain(tpm: Tpm, settings: Settings) -> tuple[bytes, ...]:
         if settings.ak_certificate_chain_file is not None:
             raise AkCertificateError("ak_certificate_chain_file needs ak_certificate_nv_index")
         return ()
-    from encloud.client.verifier import spki_der
+    from encloud.protocol.verifier import spki_der
 
     raw = tpm.read_nv(nv_index)
     leaf_der = der_prefix(raw)

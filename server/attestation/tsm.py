@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from encloud.client.hardware.binding import KIND_SEV_SNP, KIND_TDX
+from encloud.protocol.hardware.binding import KIND_SEV_SNP, KIND_TDX
 
 DEFAULT_REPORT_DIR = Path("/sys/kernel/config/tsm/report")
 PROVIDER_KINDS = {"sev_guest": KIND_SEV_SNP, "tdx_guest": KIND_TDX}

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from encloud.client.encoding import encode, sha256
+from encloud.protocol.encoding import encode, sha256
 from encloud.server.inference.manifest import (
     MANIFEST_NAME,
     ModelIntegrityError,

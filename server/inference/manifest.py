@@ -15,7 +15,7 @@ the tokenizer files and the chat template, plus ``manifest.json``, written by
 ``relpath`` is the path relative to the folder, with ``/`` separators, UTF-8.
 
 Model digest (what verifiers recompute offline, with ``E`` the protocol v1 canonical encoding
-``encloud.client.encoding.encode``: label ASCII, a zero byte, then each field as a 2-byte
+``encloud.protocol.encoding.encode``: label ASCII, a zero byte, then each field as a 2-byte
 big-endian length and its bytes)::
 
     model_digest = SHA256(E("encloud/v1 model", F_1, ..., F_n, T))
@@ -46,7 +46,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from encloud.client.encoding import encode, sha256
+from encloud.protocol.encoding import encode, sha256
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

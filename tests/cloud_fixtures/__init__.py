@@ -532,7 +532,7 @@ def production_policy(
     """A complete production policy on `base`'s selection, model and runtime: every selected
     PCR but the workload PCR and the waived ones pinned to `pcr_values`, the test AMD root
     accepted for this policy only (`unsafe_test_roots`)."""
-    from encloud.client.policy import build_policy
+    from encloud.protocol.policy import build_policy
 
     waivers = waivers or {}
     pins = {

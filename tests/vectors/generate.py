@@ -4,7 +4,7 @@
     .venv/bin/python tests/vectors/generate.py --check  # exit 1 if they differ
 
 Every value is deterministic: keys are derived from fixed labels, AES-GCM nonces are
-fixed (this script calls AESGCM directly instead of encloud.client.envelope, whose
+fixed (this script calls AESGCM directly instead of encloud.protocol.envelope, whose
 SealingKey always draws a random nonce), ECDSA signatures are RFC 6979 deterministic,
 and the HPKE vector uses a fixed ephemeral key (RFC 9180 base mode written out here
 for the generator only; cryptography's HPKE opens it, which the generator asserts).
@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encloud.client import eventlog
-from encloud.client.encoding import encode, sha256, u8, u16, u32, u64
-from encloud.client.envelope import (
+from encloud.protocol import eventlog
+from encloud.protocol.encoding import encode, sha256, u8, u16, u32, u64
+from encloud.protocol.envelope import (
     PAD_BUCKETS,
     MessageType,
     associated_data,
@@ -40,15 +40,15 @@ from encloud.client.envelope import (
     transcript_next,
     transcript_start,
 )
-from encloud.client.handshake import (
+from encloud.protocol.handshake import (
     SUITE_V1,
     derive_traffic_keys,
     handshake_hash,
     quote_qualifying_data,
     release_info,
 )
-from encloud.client.policy import build_policy
-from encloud.client.v1 import encloud_pb2 as pb
+from encloud.protocol.policy import build_policy
+from encloud.protocol.v1 import encloud_pb2 as pb
 from encloud.server.inference.manifest import compute_model_digest
 
 HERE = Path(__file__).resolve().parent
@@ -1649,9 +1649,9 @@ def gce_identity_der(project_id: str, project_number: int, *, production: bool |
 def policy_vectors() -> dict[str, Any]:
     from cryptography.x509.oid import NameOID
 
-    from encloud.client.errors import PolicyError, PolicyIncompleteError
-    from encloud.client.policy import BOOT_PCRS, parse_policy
-    from encloud.client.verifier import check_gce_identity
+    from encloud.protocol.errors import PolicyError, PolicyIncompleteError
+    from encloud.protocol.policy import BOOT_PCRS, parse_policy
+    from encloud.protocol.verifier import check_gce_identity
 
     o, cn = NameOID.ORGANIZATION_NAME, NameOID.COMMON_NAME
     google = [(o, "Google LLC"), (cn, "EK/AK CA Root")]
@@ -1909,8 +1909,8 @@ def policy_vectors() -> dict[str, Any]:
         ("malformed_identity", leaf("junk", b"\x30\x03\x0c\x05a"), {"project_id": "p"}, False),
     ]
     identities = []
-    from encloud.client.errors import AkUntrustedError
-    from encloud.client.policy import gce_pin_from_obj
+    from encloud.protocol.errors import AkUntrustedError
+    from encloud.protocol.policy import gce_pin_from_obj
 
     for name, der, pin, passes in identity_cases:
         try:

@@ -1,6 +1,6 @@
 'use strict';
 // Google's instance identity in a GCE vTPM AK certificate (extension 1.3.6.1.4.1.11129.2.1.21),
-// checked against a policy's ak.gce pin as client/verifier.py check_gce_identity does.
+// checked against a policy's ak.gce pin as protocol/verifier.py check_gce_identity does.
 const crypto = require('node:crypto');
 const E = require('./errors');
 
@@ -72,7 +72,7 @@ function integer(data) {
   return [BigInt.asIntN(content.length * 8, BigInt(`0x${content.toString('hex')}`)), rest];
 }
 
-/** Parse the extension's value (client/hardware/gce.py has the ASN.1). */
+/** Parse the extension's value (protocol/hardware/gce.py has the ASN.1). */
 function parseIdentity(der) {
   let [body, rest] = take(der, 0x30);
   if (rest.length) throw new DerError('trailing bytes after the identity');

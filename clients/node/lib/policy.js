@@ -1,5 +1,5 @@
 'use strict';
-// The verification policy (client/policy.py): the same JSON file the Python client reads.
+// The verification policy (protocol/policy.py): the same JSON file the Python client reads.
 const crypto = require('node:crypto');
 const { PolicyError, PolicyIncompleteError, UnsupportedPolicyError } = require('./errors');
 
@@ -29,7 +29,7 @@ const PLATFORM_KINDS = ['azure-sev-snp', 'sev-snp', 'tdx'];
 const TCB_KEYS = ['bootloader', 'tee', 'snp', 'microcode'];
 const AZURE_CLAIMS = ['secure_boot', 'tpm_enabled', 'console_enabled'];
 const PCR_BANKS = { sha256: { size: 32, alg: 0x000b } };
-// PCRs a production policy pins and never waives (client/policy.py BOOT_PCRS; same words,
+// PCRs a production policy pins and never waives (protocol/policy.py BOOT_PCRS; same words,
 // since both clients print the same gap lines: tests/vectors/policy.json).
 const BOOT_PCRS = new Map([
   [0, 'the firmware code (SRTM)'],
@@ -216,7 +216,7 @@ function parsePlatform(value) {
 }
 
 /** Everything a parsed policy leaves out that it must state, one line each, in the order and
- * words of client/policy.py policy_gaps ([] = complete). */
+ * words of protocol/policy.py policy_gaps ([] = complete). */
 function policyGaps(p) {
   const gaps = [];
   const platform = p.platform;

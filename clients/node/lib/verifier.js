@@ -1,6 +1,6 @@
 'use strict';
 // The attestation verifier: every check of DESIGN.md step 3, in the order and with the
-// typed errors of client/verifier.py (docs/PROTOCOL.md, "2. Verify").
+// typed errors of protocol/verifier.py (docs/PROTOCOL.md, "2. Verify").
 const crypto = require('node:crypto');
 const E = require('./errors');
 const { sha256, hash, equal } = require('./encoding');

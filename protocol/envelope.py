@@ -18,8 +18,8 @@ from enum import IntEnum
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encloud.client.encoding import encode, sha256, u8, u32, u64
-from encloud.client.errors import DecryptError, HeaderMismatchError, KeyExhaustedError
+from encloud.protocol.encoding import encode, sha256, u8, u32, u64
+from encloud.protocol.errors import DecryptError, HeaderMismatchError, KeyExhaustedError
 
 NONCE_LENGTH = 12
 TAG_LENGTH = 16

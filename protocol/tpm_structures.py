@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from encloud.client.errors import MalformedEvidenceError
+from encloud.protocol.errors import MalformedEvidenceError
 
 # --- constants (TPM 2.0 Part 2) ---------------------------------------------------
 

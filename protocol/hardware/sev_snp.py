@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from encloud.client.errors import (
+from encloud.protocol.errors import (
     HardwareChainError,
     HardwareReportFormatError,
     HardwareSignatureError,

@@ -1,7 +1,7 @@
 """Protocol v1 handshake: qualifying data, key release and traffic keys.
 
 All constructions follow docs/PROTOCOL.md; every structured input goes through
-the canonical encoding E() of encloud.client.encoding.
+the canonical encoding E() of encloud.protocol.encoding.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from encloud.client.encoding import encode, sha256, u16, u32
-from encloud.client.errors import EncloudError
+from encloud.protocol.encoding import encode, sha256, u16, u32
+from encloud.protocol.errors import EncloudError
 
 DEK_LENGTH = 32
 SESSION_SECRET_LENGTH = 32

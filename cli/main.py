@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from encloud.client.errors import EncloudError
+from encloud.protocol.errors import EncloudError
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +44,10 @@ def print_summary(attestation: object, policy: object, out=sys.stdout) -> None:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
-    from encloud.client.audit import AuditLog, load_private_key
-    from encloud.client.bundle import attest_once, audit_entry, save_bundle
-    from encloud.client.policy import load_policy
-    from encloud.client.verifier import format_report
+    from encloud.protocol.audit import AuditLog, load_private_key
+    from encloud.protocol.bundle import attest_once, audit_entry, save_bundle
+    from encloud.protocol.policy import load_policy
+    from encloud.protocol.verifier import format_report
 
     policy = load_policy(args.policy)
     outcome = attest_once(args.target, policy)
@@ -72,9 +72,9 @@ def cmd_attest(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import datetime
 
-    from encloud.client.bundle import load_bundle, verify_bundle
-    from encloud.client.policy import load_policy, policy_digest
-    from encloud.client.verifier import format_report
+    from encloud.protocol.bundle import load_bundle, verify_bundle
+    from encloud.protocol.policy import load_policy, policy_digest
+    from encloud.protocol.verifier import format_report
 
     policy = load_policy(args.policy)
     bundle = load_bundle(args.bundle)
@@ -95,7 +95,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
-    from encloud.client import reference
+    from encloud.cli import reference
 
     if bool(args.runtime_event) == bool(args.compute_runtime):
         print("encloud: give --runtime-event FILE or --compute-runtime (one)", file=sys.stderr)
@@ -136,8 +136,8 @@ def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_init(args: argparse.Namespace) -> int:
-    from encloud.client import reference
-    from encloud.client.bundle import fetch_evidence
+    from encloud.cli import reference
+    from encloud.protocol.bundle import fetch_evidence
 
     reply = fetch_evidence(args.target)
     policy, runtimes = reference.policy_from_evidence(
@@ -162,7 +162,7 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from encloud.client.policy import parse_policy, policy_digest, policy_problems
+    from encloud.protocol.policy import parse_policy, policy_digest, policy_problems
 
     try:
         data = Path(args.file).read_bytes()
@@ -205,7 +205,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from encloud.client.audit import load_public_key, verify_log
+    from encloud.protocol.audit import load_public_key, verify_log
 
     if (args.checkpoints is None) != (args.public_key is None):
         print("encloud: --checkpoints and --public-key go together", file=sys.stderr)
@@ -217,7 +217,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_keygen(args: argparse.Namespace) -> int:
-    from encloud.client.audit import generate_key_files
+    from encloud.protocol.audit import generate_key_files
 
     generate_key_files(args.private, args.public)
     print(
@@ -228,7 +228,7 @@ def cmd_audit_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
-    from encloud.client.audit import AuditLog, load_private_key
+    from encloud.protocol.audit import AuditLog, load_private_key
 
     log = AuditLog(
         args.log, checkpoint_key=load_private_key(args.key), checkpoints_path=args.checkpoints
@@ -255,8 +255,8 @@ def _write_policy(path: Path, policy: object) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from encloud.client.policy import load_policy
     from encloud.client.session import EncloudClient
+    from encloud.protocol.policy import load_policy
 
     policy = load_policy(args.policy)
     with EncloudClient(args.target, policy, audit_log=args.audit_log) as client:

@@ -7,10 +7,10 @@ carried everywhere or nowhere.
 
 from __future__ import annotations
 
-from encloud.client.envelope import Sealed
-from encloud.client.evidence import Evidence
-from encloud.client.handshake import HpkeSuiteId
-from encloud.client.v1 import encloud_pb2 as pb
+from encloud.protocol.envelope import Sealed
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.handshake import HpkeSuiteId
+from encloud.protocol.v1 import encloud_pb2 as pb
 
 
 def suite_to_proto(suite: HpkeSuiteId) -> pb.HpkeSuite:

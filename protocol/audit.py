@@ -54,8 +54,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from encloud.client.encoding import encode, u64
-from encloud.client.errors import AuditLogError
+from encloud.protocol.encoding import encode, u64
+from encloud.protocol.errors import AuditLogError
 
 GENESIS = bytes(32)
 CHECKPOINT_LABEL = "encloud/v1 audit checkpoint"

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from encloud.client.v1 import encloud_pb2 as encloud_dot_v1_dot_encloud__pb2
+from encloud.protocol.v1 import encloud_pb2 as encloud_dot_v1_dot_encloud__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

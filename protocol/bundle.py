@@ -54,13 +54,13 @@ from typing import Any
 
 import grpc
 
-from encloud.client.audit import attestation_entry
-from encloud.client.errors import BundleError, ServiceError, VerificationError
-from encloud.client.evidence import Evidence
-from encloud.client.handshake import SUITE_V1, HpkeSuiteId, quote_qualifying_data
-from encloud.client.policy import Policy, policy_digest
-from encloud.client.verifier import CheckResult, VerifiedAttestation, verify_with_report
-from encloud.client.wire import evidence_from_proto
+from encloud.protocol.audit import attestation_entry
+from encloud.protocol.errors import BundleError, ServiceError, VerificationError
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.handshake import SUITE_V1, HpkeSuiteId, quote_qualifying_data
+from encloud.protocol.policy import Policy, policy_digest
+from encloud.protocol.verifier import CheckResult, VerifiedAttestation, verify_with_report
+from encloud.protocol.wire import evidence_from_proto
 
 BUNDLE_VERSION = 1
 BUNDLE_KIND = "encloud-evidence-bundle"
@@ -190,8 +190,8 @@ def fetch_evidence(
 
     The server's pending session expires on its own. Raises ServiceError if the call fails.
     """
-    from encloud.client.v1 import encloud_pb2 as pb
-    from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
+    from encloud.protocol.v1 import encloud_pb2 as pb
+    from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
 
     nonce = os.urandom(NONCE_LENGTH) if nonce is None else nonce
     suite = SUITE_V1

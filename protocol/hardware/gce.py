@@ -46,7 +46,7 @@ class GceIdentity:
 def is_google_root(der: bytes) -> bool:
     """True when a root certificate names Google as its organisation (Google's vTPM CA).
 
-    A policy naming such a root must pin the GCE project (encloud.client.policy)."""
+    A policy naming such a root must pin the GCE project (encloud.protocol.policy)."""
     cert = x509.load_der_x509_certificate(der)
     names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return any(str(a.value) == GOOGLE_ORGANIZATION for a in names)

@@ -16,7 +16,7 @@ Two kinds of messages live here:
 """
 
 from collections import abc as _abc
-from encloud.client.v1 import encloud_pb2 as _encloud_pb2
+from encloud.protocol.v1 import encloud_pb2 as _encloud_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

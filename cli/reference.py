@@ -32,13 +32,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from encloud.client import eventlog
-from encloud.client.encoding import encode, sha256
-from encloud.client.errors import PolicyError, VerificationError
-from encloud.client.evidence import Evidence
-from encloud.client.policy import Policy, build_policy
-from encloud.client.tpm_structures import parse_attest
-from encloud.client.verifier import spki_der, verify
+from encloud.protocol import eventlog
+from encloud.protocol.encoding import encode, sha256
+from encloud.protocol.errors import PolicyError, VerificationError
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.policy import Policy, build_policy
+from encloud.protocol.tpm_structures import parse_attest
+from encloud.protocol.verifier import spki_der, verify
 
 MANIFEST_NAME = "manifest.json"
 MODEL_LABEL = "encloud/v1 model"

@@ -1,6 +1,6 @@
 """A bounded load generator on grpc.aio: N clients, each its own attested session.
 
-    python -m encloud.client.loadgen --target 127.0.0.1:50051 --policy policy.json \\
+    python -m encloud.cli.loadgen --target 127.0.0.1:50051 --policy policy.json \\
         --clients 64 --requests 3 --max-new-tokens 16
 
 Each client attests, verifies the evidence against the policy, releases a
@@ -29,15 +29,20 @@ from pathlib import Path
 
 import grpc
 
-from encloud.client.envelope import (
+from encloud.client.session import (
+    NONCE_LENGTH,
+    _check_final,
+    _generation_request,
+)
+from encloud.protocol.envelope import (
     MessageType,
     OpeningKey,
     SealingKey,
     transcript_next,
     transcript_start,
 )
-from encloud.client.errors import EncloudError, KeyConfirmationError, TruncatedStreamError
-from encloud.client.handshake import (
+from encloud.protocol.errors import EncloudError, KeyConfirmationError, TruncatedStreamError
+from encloud.protocol.handshake import (
     SESSION_SECRET_LENGTH,
     SUITE_V1,
     derive_traffic_keys,
@@ -48,16 +53,11 @@ from encloud.client.handshake import (
     seal_key,
     split_enc,
 )
-from encloud.client.policy import Policy, load_policy
-from encloud.client.session import (
-    NONCE_LENGTH,
-    _check_final,
-    _generation_request,
-)
-from encloud.client.v1 import encloud_pb2 as pb
-from encloud.client.v1 import encloud_pb2_grpc as pb_grpc
-from encloud.client.verifier import verify_with_report
-from encloud.client.wire import evidence_from_proto, sealed_from_proto, sealed_to_proto
+from encloud.protocol.policy import Policy, load_policy
+from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.verifier import verify_with_report
+from encloud.protocol.wire import evidence_from_proto, sealed_from_proto, sealed_to_proto
 
 
 @dataclass(frozen=True)

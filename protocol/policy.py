@@ -124,11 +124,11 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from encloud.client.encoding import sha256
-from encloud.client.errors import PolicyError, PolicyIncompleteError
-from encloud.client.hardware.gce import is_google_root
-from encloud.client.hardware.roots import is_production_amd_root
-from encloud.client.hardware.sev_snp import TcbVersion
+from encloud.protocol.encoding import sha256
+from encloud.protocol.errors import PolicyError, PolicyIncompleteError
+from encloud.protocol.hardware.gce import is_google_root
+from encloud.protocol.hardware.roots import is_production_amd_root
+from encloud.protocol.hardware.sev_snp import TcbVersion
 
 POLICY_VERSION = 1
 PCR_BANKS: Mapping[str, int] = MappingProxyType({"sha256": 32, "sha384": 48})

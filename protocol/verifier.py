@@ -3,7 +3,7 @@
 The single entry point is `verify` (or `verify_with_report`, which also
 returns the step-by-step report that `encloud attest --report` prints). Checks
 run in the order listed in `verify`'s docstring; the first failure stops
-verification with its typed error from encloud.client.errors, and no state is
+verification with its typed error from encloud.protocol.errors, and no state is
 returned unless every check passed.
 """
 
@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509 import verification as x509_verification
 
-from encloud.client import eventlog
-from encloud.client.encoding import sha256
-from encloud.client.errors import (
+from encloud.protocol import eventlog
+from encloud.protocol.encoding import sha256
+from encloud.protocol.errors import (
     AkAttributesError,
     AkUntrustedError,
     AttestMagicError,
@@ -54,17 +54,17 @@ from encloud.client.errors import (
     VerificationError,
     VmplError,
 )
-from encloud.client.evidence import Evidence
-from encloud.client.hardware import azure_hcl, gce, sev_snp
-from encloud.client.hardware.binding import (
+from encloud.protocol.evidence import Evidence
+from encloud.protocol.hardware import azure_hcl, gce, sev_snp
+from encloud.protocol.hardware.binding import (
     KIND_AZURE_HCL,
     KIND_SEV,
     KIND_SEV_SNP,
     KIND_TDX,
     session_report_data,
 )
-from encloud.client.policy import GcePin, Policy, policy_digest, policy_gaps
-from encloud.client.tpm_structures import (
+from encloud.protocol.policy import GcePin, Policy, policy_digest, policy_gaps
+from encloud.protocol.tpm_structures import (
     DECRYPT,
     FIXED_PARENT,
     FIXED_TPM,
@@ -161,7 +161,7 @@ def verify(
     suite, session key, session id and TTL; `session_ttl_seconds` is the TTL the
     server offered. Checks, in order (report name, error raised):
 
-    0. policy: the policy is complete (encloud.client.policy.policy_gaps: AK trust
+    0. policy: the policy is complete (encloud.protocol.policy.policy_gaps: AK trust
        stated, the GCE project pinned for Google's CA, and for a production policy
        the hardware roots, measurement, minimum TCB, VMPL and every boot PCR pinned),
        checked before any evidence is read (PolicyIncompleteError).

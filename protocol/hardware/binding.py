@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
-from encloud.client.encoding import encode
+from encloud.protocol.encoding import encode
 
 REPORT_DATA_LABEL = "encloud/v1 report data"
 

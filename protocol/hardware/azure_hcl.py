@@ -29,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from encloud.client.errors import HardwareReportFormatError, RuntimeClaimsError
+from encloud.protocol.errors import HardwareReportFormatError, RuntimeClaimsError
 
 HCL_SIGNATURE = 0x414C4348  # 'HCLA' read as a little-endian u32
 HEADER_SIZE = 32

@@ -26,7 +26,7 @@ class Evidence:
     ak_certificate_chain: tuple[bytes, ...] = field(default_factory=tuple)
     hardware_kind: str = ""
     """Which hardware report rides along: "" (none, vTPM only), "azure-hcl", "sev-snp",
-    "tdx" (see encloud.client.hardware.binding)."""
+    "tdx" (see encloud.protocol.hardware.binding)."""
     hardware_report: bytes = b""
     """The report exactly as the platform gave it (the HCL report, the configfs-tsm outblob)."""
     hardware_certificate_chain: tuple[bytes, ...] = field(default_factory=tuple)

@@ -20,8 +20,8 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from encloud.client.encoding import encode, sha256
-from encloud.client.errors import EventLogFormatError
+from encloud.protocol.encoding import encode, sha256
+from encloud.protocol.errors import EventLogFormatError
 
 CONTENT_TYPE = "encloud"
 EVENT_MODEL = "model"
