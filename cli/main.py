@@ -316,7 +316,7 @@ def cmd_serve(_: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from encloud.server.demo import run_demo
+    from encloud.cli.demo import run_demo
 
     return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens)
 

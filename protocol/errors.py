@@ -2,7 +2,7 @@
 
 Verification errors carry the name of the check that failed and what differed,
 never a key or a plaintext. The server maps its own domain errors to gRPC
-status codes in encloud.server.errors; the client maps gRPC status codes back
+status codes in encloud.server.status; the client maps gRPC status codes back
 to these classes in encloud.client.session.
 """
 

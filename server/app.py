@@ -24,11 +24,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
 from encloud.server import logs
-from encloud.server.attestation.startup import start_attestation
+from encloud.server.attestation.startup import AttestationConfig, start_attestation
+from encloud.server.core import InferenceCore
+from encloud.server.grpc_servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from encloud.server.inference.engine import Engine
 from encloud.server.metrics import Metrics
-from encloud.server.service import InferenceService
-from encloud.server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from encloud.server.sessions import SessionStore
 from encloud.server.settings import Settings
 
@@ -43,6 +43,25 @@ def workload_events(engine: Engine) -> list[WorkloadEvent]:
         WorkloadEvent(EVENT_MODEL, engine.model_digest),
         WorkloadEvent(EVENT_RUNTIME, canonical_json(engine.runtime_event())),
     ]
+
+
+def attestation_config(settings: Settings) -> AttestationConfig:
+    """The attestation side's plain configuration, taken from the one settings object."""
+    return AttestationConfig(
+        tcti=settings.tcti,
+        tpm_timeout_seconds=settings.tpm_timeout_seconds,
+        platform=settings.platform,
+        state_dir=settings.state_dir,
+        workload_pcr=settings.workload_pcr,
+        pcr_selection=list(settings.pcr_selection),
+        allow_resettable_workload_pcr=settings.allow_resettable_workload_pcr,
+        ak_certificate_nv_index=settings.ak_certificate_nv_index,
+        ak_certificate_chain_file=settings.ak_certificate_chain_file,
+        hardware_certificate_chain_file=settings.hardware_certificate_chain_file,
+        tsm_report_dir=settings.tsm_report_dir,
+        dev_policy_path=settings.dev_policy_path,
+        session_ttl_seconds=settings.session_ttl_seconds,
+    )
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -86,7 +105,7 @@ async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
         await servicer.set(name, status)
 
 
-async def _sweep_sessions(service: InferenceService, interval: float) -> None:
+async def _sweep_sessions(service: InferenceCore, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         service.sweep()
@@ -135,13 +154,15 @@ async def serve(settings: Settings) -> None:
         max_batch=settings.max_batch,
         max_cohorts=settings.max_cohorts,
     )
-    attestation = await asyncio.to_thread(start_attestation, settings, workload_events(engine))
+    attestation = await asyncio.to_thread(
+        start_attestation, attestation_config(settings), workload_events(engine)
+    )
 
     executor = ThreadPoolExecutor(
         max_workers=settings.generation_workers, thread_name_prefix="engine"
     )
     sessions = SessionStore(settings, metrics=metrics)
-    service = InferenceService(settings, attestation.attester, engine, sessions, executor, metrics)
+    service = InferenceCore(settings, attestation.attester, engine, sessions, executor, metrics)
     servicer.attach(service)
     sweeper = asyncio.create_task(_sweep_sessions(service, settings.session_sweep_interval_seconds))
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)

@@ -87,8 +87,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(
-                    f"server exited with {self.process.returncode}; log: {self.log_path}"
+                    f"server exited with {self.process.returncode}; log: {self.log_path}\n{tail}"
                 )
             if time.monotonic() > deadline:
                 self.kill()

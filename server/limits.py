@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from encloud.server.errors import ResourceExhaustedError
+from encloud.protocol.faults import ResourceExhaustedError
 
 MAX_TRACKED_PEERS = 10_000
 

@@ -20,6 +20,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from encloud.protocol.envelope import MessageType, OpeningKey, Sealed, SealingKey
 from encloud.protocol.errors import DecryptError
+from encloud.protocol.faults import (
+    EnvelopeRejectedError,
+    InvalidArgumentError,
+    KeyReleaseError,
+    ReplayedRequestError,
+    ResourceExhaustedError,
+    SessionExpiredError,
+    SessionNotFoundError,
+    SessionStateError,
+)
 from encloud.protocol.handshake import (
     SESSION_ID_LENGTH,
     HpkeSuiteId,
@@ -29,16 +39,6 @@ from encloud.protocol.handshake import (
     open_key,
     release_info,
     split_enc,
-)
-from encloud.server.errors import (
-    EnvelopeRejectedError,
-    InvalidArgumentError,
-    KeyReleaseError,
-    ReplayedRequestError,
-    ResourceExhaustedError,
-    SessionExpiredError,
-    SessionNotFoundError,
-    SessionStateError,
 )
 from encloud.server.metrics import Metrics
 from encloud.server.settings import Settings

@@ -21,12 +21,14 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from encloud.server.errors import DomainError
+from encloud.protocol.faults import DomainError, Kind
 from encloud.server.metrics import Metrics
 
 log = logging.getLogger("encloud.status")
 
 ERROR_DOMAIN = "encloud.v1"
+STATUS_CODES: dict[Kind, grpc.StatusCode] = {kind: grpc.StatusCode[kind.value] for kind in Kind}
+"""Each transport-neutral fault kind's gRPC status code: the only place they meet."""
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 Req = TypeVar("Req")
@@ -71,7 +73,11 @@ async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> 
     """Abort the RPC with the status for `error`. Always raises."""
     if isinstance(error, DomainError):
         await _abort(
-            context, error.code, error.message, error.reason, retry=error.retry_after_seconds
+            context,
+            STATUS_CODES[error.kind],
+            error.message,
+            error.reason,
+            retry=error.retry_after_seconds,
         )
     correlation_id = uuid.uuid4().hex
     frames = traceback.extract_tb(error.__traceback__)
@@ -103,7 +109,7 @@ def _record(servicer: Any, method: str, code: grpc.StatusCode, reason: str = "")
 
 def _outcome(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, DomainError):
-        return error.code, error.reason
+        return STATUS_CODES[error.kind], error.reason
     if isinstance(error, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "CANCELLED"
     return grpc.StatusCode.INTERNAL, "INTERNAL"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from encloud.server.errors import InvalidArgumentError, PromptTooLongError
+from encloud.protocol.faults import InvalidArgumentError, PromptTooLongError
 from encloud.server.inference.engine import (
     ChatTurn,
     Engine,

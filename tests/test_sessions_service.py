@@ -17,9 +17,9 @@ from stack import running_stack
 
 from encloud.client.session import EncloudClient
 from encloud.protocol.errors import ServiceError
+from encloud.protocol.faults import KeyReleaseError, ResourceExhaustedError, SessionNotFoundError
 from encloud.protocol.handshake import SUITE_V1, new_dek, release_info, seal_key
 from encloud.protocol.policy import Policy
-from encloud.server.errors import KeyReleaseError, ResourceExhaustedError, SessionNotFoundError
 from encloud.server.limits import PeerRateLimiter, RateLimitedError
 from encloud.server.sessions import SessionState, SessionStore
 from encloud.server.settings import Settings

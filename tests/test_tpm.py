@@ -26,6 +26,7 @@ from tpm2_pytss import (
 )
 
 from encloud.protocol.eventlog import EventRecord, WorkloadEvent, parse, replay
+from encloud.protocol.faults import TpmUnavailableError
 from encloud.server.attestation.measure import (
     RESETTABLE_PCRS,
     WorkloadMeasurementError,
@@ -35,7 +36,6 @@ from encloud.server.attestation.measure import (
 )
 from encloud.server.attestation.swtpm import Swtpm
 from encloud.server.attestation.tpm import Tpm, TpmCommandError
-from encloud.server.errors import TpmUnavailableError
 
 pytestmark = pytest.mark.tpm
 

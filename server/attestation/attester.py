@@ -32,11 +32,11 @@ from pathlib import Path
 
 from encloud.protocol.eventlog import EventRecord, WorkloadEvent, replay, serialize
 from encloud.protocol.evidence import TPM_ALG_SHA256, Evidence
+from encloud.protocol.faults import TpmUnavailableError
 from encloud.protocol.hardware.binding import session_report_data
 from encloud.server.attestation.measure import WorkloadMeasurementError, measure_workload
 from encloud.server.attestation.tpm import Tpm, TpmCommandError
 from encloud.server.attestation.tsm import TsmError, TsmReporter
-from encloud.server.errors import TpmUnavailableError
 
 log = logging.getLogger("encloud.attestation")
 

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -30,11 +31,30 @@ from encloud.server.attestation.tpm import (
     Tpm,
 )
 from encloud.server.attestation.tsm import DEFAULT_REPORT_DIR, TsmError, TsmReporter
-from encloud.server.settings import Settings
 
 log = logging.getLogger("encloud.attestation")
 
 EVENT_LOG_NAME = "workload-eventlog.jsonl"
+
+
+@dataclass(frozen=True)
+class AttestationConfig:
+    """What the attestation side needs, as plain values (app.py fills it from the settings,
+    so this package never reads the server's configuration)."""
+
+    tcti: str
+    tpm_timeout_seconds: float
+    platform: str
+    state_dir: Path
+    workload_pcr: int
+    pcr_selection: list[int]
+    allow_resettable_workload_pcr: bool = False
+    ak_certificate_nv_index: int | None = None
+    ak_certificate_chain_file: Path | None = None
+    hardware_certificate_chain_file: Path | None = None
+    tsm_report_dir: Path | None = None
+    dev_policy_path: Path | None = None
+    session_ttl_seconds: int = 900
 
 
 class AkCertificateError(RuntimeError):
@@ -49,7 +69,7 @@ class HardwareReportError(RuntimeError):
     """The platform's hardware report is unusable; the server must not start."""
 
 
-def ak_source(settings: Settings) -> AkSource:
+def ak_source(settings: AttestationConfig) -> AkSource:
     """The AK per platform: Azure's persistent key, GCP's NV template, or our own."""
     if settings.platform == "azure":
         return AZURE_AK
@@ -58,7 +78,7 @@ def ak_source(settings: Settings) -> AkSource:
     return GENERATED_AK
 
 
-def hardware_source(tpm: Tpm, settings: Settings) -> HardwareSource | None:
+def hardware_source(tpm: Tpm, settings: AttestationConfig) -> HardwareSource | None:
     """The hardware report for the platform, checked before the server starts serving."""
     chain_file = settings.hardware_certificate_chain_file
     chain: tuple[bytes, ...] = ()
@@ -112,7 +132,9 @@ class AttestationRuntime:
         self.attester.close()
 
 
-def start_attestation(settings: Settings, events: Sequence[WorkloadEvent]) -> AttestationRuntime:
+def start_attestation(
+    settings: AttestationConfig, events: Sequence[WorkloadEvent]
+) -> AttestationRuntime:
     """Blocking: call from a worker thread."""
     check_workload_pcr(settings.workload_pcr, settings.allow_resettable_workload_pcr)
 
@@ -158,7 +180,7 @@ def start_attestation(settings: Settings, events: Sequence[WorkloadEvent]) -> At
     return runtime
 
 
-def write_dev_policy(path: Path, settings: Settings, runtime: AttestationRuntime) -> None:
+def write_dev_policy(path: Path, settings: AttestationConfig, runtime: AttestationRuntime) -> None:
     """DEV ONLY, trust on first use: pin what this server is right now."""
     from encloud.protocol.verifier import spki_der
 
@@ -186,7 +208,7 @@ def write_dev_policy(path: Path, settings: Settings, runtime: AttestationRuntime
     log.warning("wrote a DEV-ONLY trust-on-first-use policy", extra={"path": str(path)})
 
 
-def ak_certificate_chain(tpm: Tpm, settings: Settings) -> tuple[bytes, ...]:
+def ak_certificate_chain(tpm: Tpm, settings: AttestationConfig) -> tuple[bytes, ...]:
     """The AK certificate from NV (DER, leaf first) and the intermediates from the chain file.
 
     Cloud vTPMs keep the AK certificate in an NV index, sometimes padded after the DER, so

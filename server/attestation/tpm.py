@@ -67,7 +67,7 @@ from tpm2_pytss import (
     TSS2_Exception,
 )
 
-from encloud.server.errors import TpmUnavailableError
+from encloud.protocol.faults import TpmUnavailableError
 
 __all__ = [
     "AK_ATTRIBUTES",

@@ -41,7 +41,7 @@ import numpy as np
 import onnxruntime_genai as og
 
 from encloud.protocol.encoding import encode, sha256, u32
-from encloud.server.errors import InvalidArgumentError, PromptTooLongError
+from encloud.protocol.faults import InvalidArgumentError, PromptTooLongError
 from encloud.server.inference.manifest import Manifest, verify_model_folder
 from encloud.server.inference.sampling import Sampler
 from encloud.server.inference.scheduler import (

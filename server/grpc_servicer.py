@@ -1,4 +1,4 @@
-"""The gRPC servicer: bytes in, protobuf parsed, domain call, protobuf out. No logic lives here.
+"""The gRPC servicer: bytes in, protobuf parsed, a call into the core, protobuf out.
 
 Requests arrive as raw bytes (the handlers are registered without a
 deserializer), so a malformed protobuf is parsed in converters and answered
@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from encloud.protocol.faults import UnavailableError
 from encloud.protocol.v1 import encloud_pb2 as pb
-from encloud.server import converters
-from encloud.server.errors import UnavailableError
+from encloud.server import grpc_converters as converters
+from encloud.server.core import InferenceCore
 from encloud.server.limits import peer_host
 from encloud.server.metrics import Metrics
-from encloud.server.service import InferenceService
 from encloud.server.status import stream_errors, unary_errors
 
 SERVICE_NAME = "encloud.v1.InferenceService"
@@ -26,15 +26,15 @@ SERVICE_NAME = "encloud.v1.InferenceService"
 class InferenceServicer:
     """Registered before the server starts; calls are UNAVAILABLE until attach()."""
 
-    def __init__(self, metrics: Metrics, service: InferenceService | None = None) -> None:
+    def __init__(self, metrics: Metrics, service: InferenceCore | None = None) -> None:
         self.metrics = metrics
-        self._ready: InferenceService | None = service
+        self._ready: InferenceCore | None = service
 
-    def attach(self, service: InferenceService) -> None:
+    def attach(self, service: InferenceCore) -> None:
         self._ready = service
 
     @property
-    def _service(self) -> InferenceService:
+    def _service(self) -> InferenceCore:
         if self._ready is None:
             raise UnavailableError("the server is starting: model and TPM not ready")
         return self._ready

@@ -1,20 +1,37 @@
-"""Domain errors of the server and the one place they become gRPC statuses.
+"""The faults a server reports, transport-neutral: a kind and a stable reason.
 
-Each domain error carries its status code and a stable ErrorInfo reason. Its
-message is written for the caller and must never contain a prompt, an answer,
-a key or an internal detail. Anything else that escapes a handler becomes
-INTERNAL with a generic message and a correlation id that is also logged.
+Each fault's kind is one of the canonical error kinds (the google.rpc.Code
+names, which gRPC and HTTP/JSON gateways share) and its reason the stable
+ErrorInfo reason of docs/ERRORS.md. The transport picks its status code at
+the edge (encloud.server.status for gRPC); the server's lower layers raise
+these without knowing any transport. The message is written for the caller and
+must never contain a prompt, an answer, a key, a size of either or an internal
+detail. Anything else that escapes a handler becomes INTERNAL with a generic
+message and a correlation id that is also logged.
 """
 
 from __future__ import annotations
 
-import grpc
+import enum
+
+
+class Kind(enum.Enum):
+    """Canonical error kinds (google.rpc.Code names)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
 
 
 class DomainError(Exception):
-    """An error the caller can act on. Subclasses fix the code and reason."""
+    """An error the caller can act on. Subclasses fix the kind and reason."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    kind: Kind = Kind.INTERNAL
     reason: str = "INTERNAL"
     retry_after_seconds: float | None = None
 
@@ -24,7 +41,7 @@ class DomainError(Exception):
 
 
 class InvalidArgumentError(DomainError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = Kind.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
 
@@ -43,7 +60,7 @@ class MalformedMessageError(InvalidArgumentError):
 
 
 class SessionNotFoundError(DomainError):
-    code = grpc.StatusCode.NOT_FOUND
+    kind = Kind.NOT_FOUND
     reason = "SESSION_NOT_FOUND"
 
 
@@ -56,37 +73,37 @@ class SessionExpiredError(SessionNotFoundError):
 class SessionStateError(DomainError):
     """The session exists but is not in the state this call needs."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = Kind.FAILED_PRECONDITION
     reason = "SESSION_STATE"
 
 
 class KeyReleaseError(DomainError):
     """The sealed key did not open. One generic message, whatever the cause."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = Kind.PERMISSION_DENIED
     reason = "KEY_RELEASE_FAILED"
 
 
 class EnvelopeRejectedError(DomainError):
     """A sealed message failed authentication, padding or header checks."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = Kind.PERMISSION_DENIED
     reason = "ENVELOPE_REJECTED"
 
 
 class ReplayedRequestError(DomainError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    kind = Kind.ALREADY_EXISTS
     reason = "REQUEST_ID_REUSED"
 
 
 class ResourceExhaustedError(DomainError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = Kind.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
     retry_after_seconds = 1.0
 
 
 class UnavailableError(DomainError):
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = Kind.UNAVAILABLE
     reason = "UNAVAILABLE"
 
 

@@ -6,17 +6,17 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from encloud.protocol.faults import (
+    InvalidArgumentError,
+    InvalidRequestPayloadError,
+    MalformedMessageError,
+)
 from encloud.protocol.v1 import encloud_pb2 as pb
 from encloud.protocol.wire import (  # noqa: F401 - the servicer converts through here
     evidence_to_proto,
     sealed_from_proto,
     sealed_to_proto,
     suite_from_proto,
-)
-from encloud.server.errors import (
-    InvalidArgumentError,
-    InvalidRequestPayloadError,
-    MalformedMessageError,
 )
 from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
 from encloud.server.settings import Settings

@@ -1,4 +1,4 @@
-"""The confidential inference service: domain logic behind the gRPC servicer.
+"""The confidential inference core: the domain logic behind the gRPC servicer.
 
 Takes and returns domain types only (bytes, Sealed, Evidence); the servicer
 translates protobuf. Every plaintext lives only inside these methods, between
@@ -19,15 +19,7 @@ from typing import Protocol
 from encloud.protocol.encoding import sha256
 from encloud.protocol.envelope import MessageType, Sealed, transcript_next, transcript_start
 from encloud.protocol.evidence import Evidence
-from encloud.protocol.handshake import (
-    MAX_NONCE_LENGTH,
-    MIN_NONCE_LENGTH,
-    HpkeSuiteId,
-    is_supported,
-    quote_qualifying_data,
-)
-from encloud.server import converters
-from encloud.server.errors import (
+from encloud.protocol.faults import (
     DomainError,
     InvalidArgumentError,
     PromptTooLongError,
@@ -35,6 +27,14 @@ from encloud.server.errors import (
     SessionStateError,
     UnavailableError,
 )
+from encloud.protocol.handshake import (
+    MAX_NONCE_LENGTH,
+    MIN_NONCE_LENGTH,
+    HpkeSuiteId,
+    is_supported,
+    quote_qualifying_data,
+)
+from encloud.server import grpc_converters as converters
 from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
 from encloud.server.limits import PeerRateLimiter, ServerBusyError
 from encloud.server.metrics import Metrics
@@ -74,7 +74,7 @@ class _Failed:
 _END = object()
 
 
-class InferenceService:
+class InferenceCore:
     def __init__(
         self,
         settings: Settings,
