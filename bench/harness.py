@@ -15,7 +15,8 @@ Phases, in order (one real server on loopback, swtpm, the in-process engine, the
 5. concurrency: N clients, each with its own attested session, stream at once behind a barrier,
    for N in 1, 4, 8, 16; total completion tokens over the round's wall time.
 6. envelope: seal and open of one token frame (padding, associated data, AES-256-GCM).
-7. perplexity: after the server stopped, teacher-forced over bench/data/heldout.txt.
+7. perplexity: after the server stopped, the quality gate's teacher-forced perplexity
+   (encloud.server.inference.quality, over tests/data/heldout_prose.txt).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from bench.peers import LlamaPeer, PeerUnavailable, llama_cpp_missing_reason
-from bench.perplexity import HELDOUT, heldout_ids, onnx_nll
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 FRAME_TEXT = " lighthouse"
@@ -257,7 +257,7 @@ class Bench:
     # -- phases with the server --------------------------------------------------------
 
     def _with_server(self, workdir: Path, model_dir: Path, llama: LlamaPeer | None) -> None:
-        from encloud.client.session import EncloudClient
+        from encloud.client import NO_AUDIT, Client
         from encloud.protocol.policy import load_policy
         from encloud.server.devstack import ServerProcess, start_swtpm
         from encloud.server.inference.engine import Engine
@@ -276,7 +276,7 @@ class Bench:
                 {k: str(v) for k, v in engine.runtime_event().get("versions", {}).items()}
             )
             self.results.notes["cpu_features"] = engine.runtime_event().get("cpu")
-            with EncloudClient(address, policy, timeout_seconds=600.0) as client:
+            with Client(address, policy, audit_log=NO_AUDIT, timeout=600.0) as client:
                 client.attest()
                 client.release_key()
                 self._phase(DECODE_KEYS, lambda: self._decode(client, engine, llama))
@@ -336,10 +336,11 @@ class Bench:
             self.log(f"  round {i + 1}/{total} done")
 
     def _server_rss(self, client: Any, engine: Any, pid: int) -> None:
+        from encloud.server.inference import quality
         from encloud.server.inference.engine import ChatTurn
 
         context = self.budget.rss_context
-        words = HELDOUT.read_text(encoding="utf-8").split() * 4
+        words = Path(quality.HELDOUT_TEXT).read_text(encoding="utf-8").split() * 4
         target = context - 24
 
         def count(n_words: int) -> int:
@@ -375,7 +376,7 @@ class Bench:
         }
 
     def _handshake(self, address: str, policy: Any, workdir: Path) -> None:
-        from encloud.client.session import EncloudClient
+        from encloud.client import Client
 
         b = self.budget
         res = self.results
@@ -384,9 +385,9 @@ class Bench:
         # The audit log's durability is read from the environment when a client is built with
         # only a path: the default ("entry", fsync per entry) and "batch" (fsync every 16).
         with _audit_env(None):
-            synced = EncloudClient(address, policy, audit_log=workdir / "audit-synced.jsonl")
+            synced = Client(address, policy, audit_log=workdir / "audit-synced.jsonl")
         with _audit_env("batch"):
-            unsynced = EncloudClient(address, policy, audit_log=workdir / "audit-unsynced.jsonl")
+            unsynced = Client(address, policy, audit_log=workdir / "audit-unsynced.jsonl")
         res.notes["handshake_audit"] = {
             "handshake_ms": "audit durability default (ENCLOUD_AUDIT_DURABILITY unset: entry)",
             "handshake_ms_no_audit_sync": "ENCLOUD_AUDIT_DURABILITY=batch",
@@ -416,49 +417,34 @@ class Bench:
             unsynced.close()
 
     def _verify(self, address: str, policy: Any) -> None:
-        import grpc
-
-        from encloud.protocol.handshake import SUITE_V1, quote_qualifying_data
-        from encloud.protocol.v1 import encloud_pb2 as pb
-        from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+        from encloud.client import NO_AUDIT, Client
         from encloud.protocol.verifier import verify
-        from encloud.protocol.wire import evidence_from_proto
 
         self.log(f"verify: {self.budget.verify_runs} runs on one quote")
-        nonce = os.urandom(32)
-        with grpc.insecure_channel(address) as channel:
-            reply = pb_grpc.InferenceServiceStub(channel).Attest(
-                pb.AttestRequest(
-                    nonce=nonce,
-                    suite=pb.HpkeSuite(
-                        kem_id=SUITE_V1.kem_id, kdf_id=SUITE_V1.kdf_id, aead_id=SUITE_V1.aead_id
-                    ),
-                ),
-                timeout=60,
-            )
-        evidence = evidence_from_proto(reply.evidence)
-        expected = quote_qualifying_data(
-            SUITE_V1, nonce, reply.session_public_key, reply.session_id, reply.ttl_seconds
-        )
+        with Client(address, policy, audit_log=NO_AUDIT) as client:
+            client.attest()  # the one attest path; its evidence is verified again below
+            attempt = client.last_attempt
+        assert attempt is not None
+        expected = attempt.qualifying_data()
         for i in range(self.budget.verify_runs + 5):
             started = _now()
             verify(
-                evidence,
+                attempt.evidence,
                 policy,
                 expected_qualifying_data=expected,
-                session_ttl_seconds=reply.ttl_seconds,
+                session_ttl_seconds=attempt.ttl_seconds,
             )
             if i >= 5:
                 self.results.samples["verify_us"].append((_now() - started) * 1e6)
 
     def _concurrency(self, address: str, policy: Any) -> None:
-        from encloud.client.session import EncloudClient
+        from encloud.client import NO_AUDIT, Client
 
         b = self.budget
         res = self.results
         self.log(f"concurrency {LEVELS}: {b.conc_rounds} round(s) of {b.conc_new_tokens} tokens")
         clients = [
-            EncloudClient(address, policy, timeout_seconds=600.0) for _ in range(max(LEVELS))
+            Client(address, policy, audit_log=NO_AUDIT, timeout=600.0) for _ in range(max(LEVELS))
         ]
         try:
             for client in clients:
@@ -558,31 +544,22 @@ class Bench:
 def _perplexity_harness(
     model_dir: Path, n: int, threads: int
 ) -> tuple[list[int], Callable[[Path], dict[str, Any]], str, str]:
-    """The engine's quality gate (encloud.server.inference.quality: its held-out text and its
-    teacher-forced perplexity) where it exists; else bench.perplexity over bench/data/heldout.txt
-    (the same method). Returns the token ids, a scorer of a model folder, the harness and text."""
+    """The one perplexity (encloud.server.inference.quality: its held-out text, its
+    teacher-forced method). Returns the token ids, a scorer of a model folder, the harness
+    and the text."""
+    from encloud.server.inference import quality
+
     root = Path(__file__).resolve().parent.parent
-    try:
-        from encloud.server.inference import quality
+    text_path = Path(quality.HELDOUT_TEXT)
+    array = quality.tokenize(model_dir, text_path.read_text(encoding="utf-8"), n)
+    ids = [int(t) for t in array]
 
-        text_path = Path(quality.HELDOUT_TEXT)
-        array = quality.tokenize(model_dir, text_path.read_text(encoding="utf-8"), n)
-        ids = [int(t) for t in array]
+    def gate(folder: Path) -> dict[str, Any]:
+        ppl = quality.perplexity(folder, np.asarray(ids, dtype=np.int64), threads)
+        return {"nll_sum": math.log(ppl) * (len(ids) - 1), "predicted": len(ids) - 1}
 
-        def gate(folder: Path) -> dict[str, Any]:
-            ppl = quality.perplexity(folder, np.asarray(ids, dtype=np.int64), threads)
-            return {"nll_sum": math.log(ppl) * (len(ids) - 1), "predicted": len(ids) - 1}
-
-        shown = text_path.relative_to(root) if text_path.is_relative_to(root) else text_path
-        return ids, gate, "encloud.server.inference.quality", str(shown)
-    except (ImportError, AttributeError, OSError):
-        ids = heldout_ids(model_dir, n)
-        return (
-            ids,
-            lambda folder: onnx_nll(folder, ids, threads),
-            "bench.perplexity",
-            str(HELDOUT.relative_to(root)),
-        )
+    shown = text_path.relative_to(root) if text_path.is_relative_to(root) else text_path
+    return ids, gate, "encloud.server.inference.quality", str(shown)
 
 
 def _concurrent_round(clients: list[Any], n: int) -> list[dict[str, Any]]:

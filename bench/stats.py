@@ -18,6 +18,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from encloud.cli.stats import percentile  # the one percentile of the project's tools
+
 ENGINES = ("encloud", "engine_plaintext", "llama_cpp")
 PPL_MODELS = ("encloud", "fp32", "llama_cpp")
 LEVELS = ("1", "4", "8", "16")
@@ -25,15 +27,6 @@ LEVELS = ("1", "4", "8", "16")
 
 def median(values: Sequence[float]) -> float | None:
     return float(statistics.median(values)) if values else None
-
-
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
-    return float(ordered[rank - 1])
 
 
 def decode_rate(run: Mapping[str, Any]) -> float | None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from encloud.cli.main import print_summary, stream_to_terminal
-from encloud.client.session import EncloudClient
+from encloud.client import Client
 from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
 from encloud.server.inference.export import DEFAULT_PRECISION, export_model
@@ -45,7 +45,7 @@ def run_demo(prompt: str, max_new_tokens: int) -> int:
             policy = load_policy(server.policy_path)
             print("[3/3] encrypted chat")
             audit = Path(".encloud/audit.jsonl").resolve()
-            with EncloudClient(address, policy, audit_log=audit) as client:
+            with Client(address, policy, audit_log=audit) as client:
                 attest_started = time.monotonic()
                 attestation = client.attest()
                 print_summary(attestation, policy)

@@ -44,28 +44,42 @@ def print_summary(attestation: object, policy: object, out=sys.stdout) -> None:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
+    from encloud.client import NO_AUDIT, Client
     from encloud.protocol.audit import AuditLog, load_private_key
-    from encloud.protocol.bundle import attest_once, audit_entry, save_bundle
+    from encloud.protocol.bundle import bundle_from_attempt, save_bundle
+    from encloud.protocol.errors import VerificationError
     from encloud.protocol.policy import load_policy
     from encloud.protocol.verifier import format_report
 
     policy = load_policy(args.policy)
-    outcome = attest_once(args.target, policy)
+    audit: AuditLog | None = None
     if args.audit_log is not None:
         key = load_private_key(args.audit_checkpoint_key) if args.audit_checkpoint_key else None
         audit = AuditLog(
             args.audit_log, checkpoint_key=key, checkpoints_path=args.audit_checkpoints
         )
-        audit.append(audit_entry(outcome.bundle, outcome.attestation))
-        audit.close()
+    try:
+        with Client(
+            args.target, policy, audit_log=audit if audit is not None else NO_AUDIT
+        ) as client:
+            try:
+                attestation = client.attest()
+            except VerificationError:
+                attestation = None
+            attempt = client.last_attempt
+    finally:
+        if audit is not None:
+            audit.close()
+    assert attempt is not None
     if args.report:
-        print(format_report(outcome.report))
+        print(format_report(attempt.report))
     if args.save is not None:
-        save_bundle(args.save, outcome.bundle)
-        print(f"evidence bundle ({outcome.bundle.outcome}) saved to {args.save}")
-    if outcome.error is not None:
-        raise outcome.error
-    print_summary(outcome.attestation, policy)
+        bundle = bundle_from_attempt(attempt)
+        save_bundle(args.save, bundle)
+        print(f"evidence bundle ({bundle.outcome}) saved to {args.save}")
+    if attempt.failure is not None:
+        raise attempt.failure
+    print_summary(attestation, policy)
     return 0
 
 
@@ -137,12 +151,12 @@ def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
 
 def cmd_policy_init(args: argparse.Namespace) -> int:
     from encloud.cli import reference
-    from encloud.protocol.bundle import fetch_evidence
+    from encloud.client import first_use_evidence
 
-    reply = fetch_evidence(args.target)
+    reply = first_use_evidence(args.target)
     policy, runtimes = reference.policy_from_evidence(
         reply.evidence,
-        qualifying_data=reply.qualifying_data(),
+        qualifying_data=reply.qualifying_data,
         ttl_seconds=reply.ttl_seconds,
         workload_pcr=args.workload_pcr,
     )
@@ -255,11 +269,11 @@ def _write_policy(path: Path, policy: object) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from encloud.client.session import EncloudClient
+    from encloud.client import Client
     from encloud.protocol.policy import load_policy
 
     policy = load_policy(args.policy)
-    with EncloudClient(args.target, policy, audit_log=args.audit_log) as client:
+    with Client(args.target, policy, audit_log=args.audit_log) as client:
         attestation = client.attest()
         print_summary(attestation, policy)
         client.release_key()

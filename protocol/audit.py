@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 import threading
 import time
@@ -54,12 +53,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from encloud.protocol.canonical import MAX_SAFE_INTEGER, rfc8785_dumps, strict_loads
 from encloud.protocol.encoding import encode, u64
 from encloud.protocol.errors import AuditLogError
 
 GENESIS = bytes(32)
 CHECKPOINT_LABEL = "encloud/v1 audit checkpoint"
-MAX_SAFE_INTEGER = 2**53 - 1
 LOG_ID_LENGTH = 16
 RESERVED_FIELDS = frozenset({"seq", "prev", "time", "log_id"})
 _FORBIDDEN_NAME_PARTS = ("key", "secret", "dek", "prompt", "plaintext", "password")
@@ -73,50 +72,37 @@ Durability = Literal["entry", "batch"]
 
 
 def canonical(value: Any) -> bytes:
-    """The RFC 8785 canonical JSON of `value`; ValueError for anything outside our types."""
-    return _canon(value).encode("utf-8")
+    """The RFC 8785 canonical JSON of `value`; ValueError for anything outside the log's
+    types (strings, safe integers, booleans, null, lists, objects: no floats)."""
+    _check_types(value)
+    return rfc8785_dumps(value)
 
 
-def _canon(value: Any) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
+def _check_types(value: Any) -> None:
+    if value is None or isinstance(value, bool | str):
+        return
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
             raise ValueError("integers in the audit log must stay below 2^53")
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return
     if isinstance(value, list | tuple):
-        return "[" + ",".join(_canon(v) for v in value) + "]"
+        for item in value:
+            _check_types(item)
+        return
     if isinstance(value, Mapping):
         if not all(isinstance(k, str) for k in value):
             raise ValueError("object keys must be strings")
-        keys = sorted(value, key=lambda k: k.encode("utf-16-be"))
-        return (
-            "{"
-            + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{_canon(value[k])}" for k in keys)
-            + "}"
-        )
+        for item in value.values():
+            _check_types(item)
+        return
     raise ValueError(f"{type(value).__name__} values are not allowed in the audit log")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def parse_line(line: bytes, seq_hint: int | None = None) -> dict[str, Any]:
     """Parse one entry line strictly (canonical JSON object with seq, prev and time)."""
     where = f"entry at line {seq_hint + 1}" if seq_hint is not None else "entry"
     try:
-        obj = json.loads(
-            line.decode("utf-8"),
-            parse_float=lambda _: _reject_constant("a float"),
-            parse_constant=_reject_constant,
-        )
+        obj = strict_loads(line, allow_floats=False)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise AuditLogError(f"{where} is not JSON", seq_hint) from err
     if not isinstance(obj, dict):
@@ -204,7 +190,7 @@ def attestation_entry(
 ) -> dict[str, Any]:
     """The entry for one attestation outcome: digests and the outcome, never a secret.
 
-    One function for the library (EncloudClient) and the CLI, so both write the same.
+    One function for every caller (encloud.protocol.attest.audit_entry), so all write the same.
     """
     return {
         "event": "attestation",
@@ -228,7 +214,6 @@ class AuditLog:
         self,
         path: Path | str,
         *,
-        sync: bool | None = None,
         durability: Durability | None = None,
         batch_size: int = 16,
         checkpoint_key: Ed25519PrivateKey | None = None,
@@ -238,10 +223,7 @@ class AuditLog:
         self.path = Path(path)
         env = os.environ
         if durability is None:
-            if sync is not None:
-                durability = "entry" if sync else "batch"
-            else:
-                durability = "batch" if env.get("ENCLOUD_AUDIT_DURABILITY") == "batch" else "entry"
+            durability = "batch" if env.get("ENCLOUD_AUDIT_DURABILITY") == "batch" else "entry"
         if durability not in ("entry", "batch"):
             raise ValueError("durability must be 'entry' or 'batch'")
         self.durability: Durability = durability
@@ -262,10 +244,6 @@ class AuditLog:
         self._lock = threading.Lock()
         self._unsynced = 0
         self._since_checkpoint = 0
-
-    @property
-    def sync(self) -> bool:
-        return self.durability == "entry"
 
     def append(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Append one entry; return it as written (with seq, prev and time)."""
@@ -426,14 +404,6 @@ class AuditVerification:
         )
 
 
-def verify_chain(path: Path) -> int:
-    """Check sequence numbers and hash links; return the number of entries.
-
-    Raises AuditLogError naming the first entry that breaks the chain.
-    """
-    return verify_log(path).entries
-
-
 def verify_log(
     path: Path | str,
     checkpoints_path: Path | str | None = None,
@@ -529,11 +499,7 @@ def parse_checkpoint(line: bytes, public_key: Ed25519PublicKey, index: int = 0) 
     """Parse one checkpoint line strictly and verify its signature."""
     where = f"checkpoint {index + 1}"
     try:
-        obj = json.loads(
-            line.decode("utf-8"),
-            parse_float=lambda _: _reject_constant("a float"),
-            parse_constant=_reject_constant,
-        )
+        obj = strict_loads(line, allow_floats=False)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise AuditLogError(f"{where} is not JSON") from err
     if not isinstance(obj, dict) or set(obj) != _CHECKPOINT_KEYS:

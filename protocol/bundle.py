@@ -1,10 +1,10 @@
-"""Attest without a session, and offline evidence bundles.
+"""Offline evidence bundles: one attestation, kept to be verified again later.
 
-`attest_once` performs one Attest call with the generated stub and verifies
-the reply against a policy, exactly as `EncloudClient.attest` does, but keeps
-everything needed to verify it again later: the evidence, the client's nonce
-and suite, the server's session values (public key, session id, TTL) from
-which the qualifying data Q is recomputed, and the policy digest.
+A bundle keeps everything needed to re-run verification without a server: the
+evidence, the client's nonce and suite, the server's session values (public key,
+session id, TTL) from which the qualifying data Q is recomputed, and the policy
+digest. `bundle_from_attempt` makes one from an attestation of the one attest path
+(encloud.protocol.attest; the client's `last_attempt`).
 
 An `EvidenceBundle` is that record as one JSON object (version 1):
 
@@ -45,26 +45,21 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from encloud.protocol.audit import attestation_entry
-from encloud.protocol.errors import BundleError, ServiceError, VerificationError
+from encloud.protocol.attest import Attempt
+from encloud.protocol.canonical import strict_loads
+from encloud.protocol.errors import BundleError, VerificationError
 from encloud.protocol.evidence import Evidence
-from encloud.protocol.handshake import SUITE_V1, HpkeSuiteId, quote_qualifying_data
-from encloud.protocol.policy import Policy, policy_digest
+from encloud.protocol.handshake import HpkeSuiteId, quote_qualifying_data
+from encloud.protocol.policy import Policy
 from encloud.protocol.verifier import CheckResult, VerifiedAttestation, verify_with_report
-from encloud.protocol.wire import evidence_from_proto
 
 BUNDLE_VERSION = 1
 BUNDLE_KIND = "encloud-evidence-bundle"
-NONCE_LENGTH = 32
 _KEYS = frozenset(
     {
         "version",
@@ -153,119 +148,20 @@ class EvidenceBundle:
         return json.dumps(obj, indent=2, sort_keys=True).encode("ascii") + b"\n"
 
 
-@dataclass(frozen=True)
-class AttestOutcome:
-    bundle: EvidenceBundle
-    attestation: VerifiedAttestation | None
-    report: list[CheckResult]
-    error: VerificationError | None
-
-
-@dataclass(frozen=True)
-class AttestReply:
-    """One Attest exchange: the client's own values and what the server answered."""
-
-    target: str
-    suite: HpkeSuiteId
-    nonce: bytes
-    session_id: bytes
-    session_public_key: bytes
-    ttl_seconds: int
-    evidence: Evidence
-
-    def qualifying_data(self) -> bytes:
-        return quote_qualifying_data(
-            self.suite, self.nonce, self.session_public_key, self.session_id, self.ttl_seconds
-        )
-
-
-def fetch_evidence(
-    target: str,
-    *,
-    channel: grpc.Channel | None = None,
-    timeout_seconds: float = 60.0,
-    nonce: bytes | None = None,
-) -> AttestReply:
-    """One Attest call with a fresh nonce; nothing verified yet, nothing released.
-
-    The server's pending session expires on its own. Raises ServiceError if the call fails.
-    """
-    from encloud.protocol.v1 import encloud_pb2 as pb
-    from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
-
-    nonce = os.urandom(NONCE_LENGTH) if nonce is None else nonce
-    suite = SUITE_V1
-    own_channel = channel is None
-    channel = channel or grpc.insecure_channel(target)
-    try:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        request = pb.AttestRequest(
-            nonce=nonce,
-            suite=pb.HpkeSuite(kem_id=suite.kem_id, kdf_id=suite.kdf_id, aead_id=suite.aead_id),
-        )
-        try:
-            reply = stub.Attest(request, timeout=timeout_seconds)
-        except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-            details = error.details() if isinstance(error, grpc.Call) else ""
-            raise ServiceError(code.name, details or "") from None
-    finally:
-        if own_channel:
-            channel.close()
-    evidence = evidence_from_proto(reply.evidence)
-    return AttestReply(
-        target,
-        suite,
-        nonce,
-        reply.session_id,
-        reply.session_public_key,
-        reply.ttl_seconds,
-        evidence,
-    )
-
-
-def attest_once(
-    target: str,
-    policy: Policy,
-    *,
-    channel: grpc.Channel | None = None,
-    timeout_seconds: float = 60.0,
-    nonce: bytes | None = None,
-) -> AttestOutcome:
-    """One Attest call, verified against `policy` as EncloudClient.attest verifies it."""
-    reply = fetch_evidence(target, channel=channel, timeout_seconds=timeout_seconds, nonce=nonce)
-    attestation, report, error = verify_with_report(
-        reply.evidence,
-        policy,
-        expected_qualifying_data=reply.qualifying_data(),
-        session_ttl_seconds=reply.ttl_seconds,
-    )
-    bundle = EvidenceBundle(
-        target=target,
-        time=int(time.time()),
-        suite=reply.suite,
-        nonce=reply.nonce,
-        session_id=reply.session_id,
-        session_public_key=reply.session_public_key,
-        ttl_seconds=reply.ttl_seconds,
-        policy_sha256=policy_digest(policy),
-        outcome="pass" if error is None else "fail",
-        failed_check=error.check if error is not None else None,
-        evidence=reply.evidence,
-    )
-    return AttestOutcome(bundle, attestation, report, error)
-
-
-def audit_entry(bundle: EvidenceBundle, attestation: VerifiedAttestation | None) -> dict[str, Any]:
-    """The audit log entry of one attestation (the same fields EncloudClient records)."""
-    return attestation_entry(
-        server=bundle.target,
-        nonce=bundle.nonce,
-        quote_attest=bundle.evidence.quote_attest,
-        policy_digest=bundle.policy_sha256,
-        ak_fingerprint=attestation.ak_fingerprint if attestation else None,
-        model_digest=attestation.model_digest if attestation else None,
-        failed_check=bundle.failed_check,
+def bundle_from_attempt(attempt: Attempt) -> EvidenceBundle:
+    """The bundle of one attestation (encloud.protocol.attest), pass or fail."""
+    return EvidenceBundle(
+        target=attempt.target,
+        time=attempt.verified_at,
+        suite=attempt.suite,
+        nonce=attempt.nonce,
+        session_id=attempt.session_id,
+        session_public_key=attempt.session_public_key,
+        ttl_seconds=attempt.ttl_seconds,
+        policy_sha256=attempt.policy_sha256,
+        outcome="pass" if attempt.failure is None else "fail",
+        failed_check=attempt.failure.check if attempt.failure is not None else None,
+        evidence=attempt.evidence,
     )
 
 
@@ -298,15 +194,6 @@ def load_bundle(path: Path | str) -> EvidenceBundle:
 
 def _fail(field: str, why: str) -> BundleError:
     return BundleError(f"bundle field {field!r}: {why}")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
 
 
 def _b64(data: bytes) -> str:
@@ -352,7 +239,7 @@ def parse_bundle(data: bytes) -> EvidenceBundle:
     if len(data) > MAX_BUNDLE_BYTES:
         raise BundleError(f"bundle larger than {MAX_BUNDLE_BYTES} bytes")
     try:
-        obj = json.loads(data, object_pairs_hook=_no_duplicates)
+        obj = strict_loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise BundleError(f"bundle is not valid JSON: {err}") from err
     if not isinstance(obj, dict):

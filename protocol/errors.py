@@ -3,7 +3,7 @@
 Verification errors carry the name of the check that failed and what differed,
 never a key or a plaintext. The server maps its own domain errors to gRPC
 status codes in encloud.server.status; the client maps gRPC status codes back
-to these classes in encloud.client.session.
+to ServiceError in encloud.client._status.
 """
 
 from __future__ import annotations
@@ -169,10 +169,6 @@ class HeaderMismatchError(EnvelopeError):
     """A sealed message's clear header (type, request id, seq) is not the expected one."""
 
 
-class ReplayError(EnvelopeError):
-    """A request id was used before or is too far behind the highest seen."""
-
-
 class StreamOrderError(EnvelopeError):
     """Stream frames arrived out of order, duplicated, or after the final frame."""
 
@@ -201,12 +197,21 @@ class SessionExpiredError(SessionError):
 
 
 class ServiceError(EncloudError):
-    """The server refused a call; `code` is the gRPC status code name."""
+    """The server refused a call: `code` is the status code's name (e.g. "NOT_FOUND"),
+    `reason` the ErrorInfo reason of docs/ERRORS.md ("" when the server sent none), and
+    `retry_after_seconds` the RetryInfo delay when the server said when to try again."""
 
-    def __init__(self, code: str, message: str, reason: str = "") -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        reason: str = "",
+        retry_after_seconds: float | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.reason = reason
+        self.retry_after_seconds = retry_after_seconds
 
 
 # --- audit log and evidence bundles -----------------------------------------------------

@@ -103,8 +103,8 @@ Fields:
   - `azure` (optional object; kind azure-sev-snp): required runtime claims
     `secure_boot`, `tpm_enabled`, `console_enabled` (bools; absent ones not checked).
 
-`Policy.to_json()` gives the canonical form (sorted keys, no whitespace, ASCII,
-lists sorted, `certificate_roots` re-encoded as PEM and left out when empty)
+`Policy.to_json()` gives the canonical form (RFC 8785: sorted keys, no whitespace,
+UTF-8; lists sorted, `certificate_roots` re-encoded as PEM and left out when empty)
 and `policy_digest()` is its SHA-256, stable across load/save.
 """
 
@@ -112,7 +112,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -124,6 +123,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from encloud.protocol.canonical import rfc8785_dumps, strict_loads
 from encloud.protocol.encoding import sha256
 from encloud.protocol.errors import PolicyError, PolicyIncompleteError
 from encloud.protocol.hardware.gce import is_google_root
@@ -318,10 +318,8 @@ class Policy:
         return obj
 
     def to_json(self) -> bytes:
-        """The canonical JSON: sorted keys, no whitespace, ASCII, lists sorted."""
-        return json.dumps(
-            self.to_obj(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
-        ).encode("ascii")
+        """The canonical JSON (RFC 8785) of the canonical object (lists sorted)."""
+        return rfc8785_dumps(self.to_obj())
 
 
 def policy_digest(policy: Policy) -> bytes:
@@ -392,8 +390,8 @@ def policy_problems(data: bytes) -> list[str]:
     (policy_gaps, on placeholders for the missing fields) and a PCR bank the server never
     extends."""
     try:
-        obj = json.loads(data, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as err:
+        obj = strict_loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         return [f"policy is not valid JSON: {err}"]
     if not isinstance(obj, dict):
         return ["policy must be a JSON object"]
@@ -450,8 +448,8 @@ def parse_policy(data: bytes, *, unsafe_test_roots: Iterable[bytes] = ()) -> Pol
     `unsafe_test_roots` (TESTS ONLY): DER roots this one policy object accepts as vendor
     roots in production checks."""
     try:
-        obj = json.loads(data, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as err:
+        obj = strict_loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise PolicyError(f"policy is not valid JSON: {err}") from err
     return _from_obj(obj, tuple(unsafe_test_roots))
 
@@ -500,19 +498,6 @@ def build_policy(
 
 
 # --- validation ---------------------------------------------------------------------
-
-
-class _DuplicateKeyError(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKeyError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
 
 
 def _fail(field: str, why: str) -> PolicyError:

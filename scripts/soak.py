@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from encloud.cli.loadgen import run_load
+from encloud.client import NO_AUDIT
 from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
 from encloud.server.inference.export import DEFAULT_PRECISION, export_model
@@ -66,6 +67,7 @@ def main() -> int:
                         requests_per_client=args.requests,
                         max_new_tokens=args.max_new_tokens,
                         duration_seconds=max(1.0, deadline - time.monotonic()),
+                        audit_log=NO_AUDIT,
                     )
                 )
                 rounds += 1

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from stack import Stack, running_stack
 
-from encloud.client.session import EncloudClient
+from encloud.client import Client
 from encloud.protocol.policy import Policy
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -154,15 +154,15 @@ def wire() -> Wire:
 
 
 @pytest.fixture
-def connect(stack: Stack, wire: Wire, tmp_path: Path) -> Iterator[Callable[..., EncloudClient]]:
+def connect(stack: Stack, wire: Wire, tmp_path: Path) -> Iterator[Callable[..., Client]]:
     """Makes clients of the module's server whose wire the test can see."""
-    clients: list[EncloudClient] = []
+    clients: list[Client] = []
 
-    def make(policy: Policy | None = None, address: str | None = None) -> EncloudClient:
+    def make(policy: Policy | None = None, address: str | None = None) -> Client:
         channel = grpc.intercept_channel(
             grpc.insecure_channel(address or stack.address), RecordingInterceptor(wire)
         )
-        client = EncloudClient(
+        client = Client(
             address or stack.address,
             policy or stack.policy,
             audit_log=tmp_path / "audit.jsonl",

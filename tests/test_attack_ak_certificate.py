@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import AkUntrustedError
 from encloud.protocol.policy import load_policy
 from encloud.protocol.tpm_structures import parse_public
@@ -101,7 +101,7 @@ def certified_server(tmp_path: Path, model_dir: Path):
 
 def test_ak_certificate_from_nv_verifies_to_the_root(certified_server, tmp_path) -> None:
     address, policy = certified_server
-    with EncloudClient(address, policy, audit_log=tmp_path / "a.jsonl") as client:
+    with Client(address, policy, audit_log=tmp_path / "a.jsonl") as client:
         attestation = client.attest()
         report = {r.name: r.detail for r in client.last_report}
     assert "certified by a chain to root CN=Test vTPM Root" in report["ak_trust"]
@@ -113,8 +113,8 @@ def test_ak_certificate_from_an_untrusted_root_is_refused(certified_server, tmp_
     address, policy = certified_server
     other = b.ak_certificate_chain(ec.generate_private_key(ec.SECP256R1()))
     with (
-        EncloudClient(
-            address, replace(policy, certificate_roots=(other.root,)), audit_log=None
+        Client(
+            address, replace(policy, certificate_roots=(other.root,)), audit_log=NO_AUDIT
         ) as client,
         pytest.raises(AkUntrustedError),
     ):

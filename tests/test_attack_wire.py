@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from encloud.client.session import ChatStream, _service_error
+from encloud.client._status import service_error
 from encloud.protocol.envelope import MessageType, SealingKey, transcript_start
 from encloud.protocol.errors import (
     AkUntrustedError,
@@ -34,6 +35,7 @@ from encloud.protocol.errors import (
     StreamOrderError,
     TranscriptMismatchError,
 )
+from encloud.protocol.generation import StreamReader
 from encloud.protocol.handshake import SUITE_V1, release_info, seal_key
 from encloud.protocol.v1 import encloud_pb2 as pb
 from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
@@ -51,7 +53,7 @@ def _status(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     error = info.value
-    return error.code(), _service_error(error).reason
+    return error.code(), service_error(error).reason
 
 
 def _replace_attest(field_fn):
@@ -316,21 +318,27 @@ def test_client_request_reflected_back_as_a_frame_is_refused(connect, wire) -> N
     assert sent
 
 
-def _replay_stream(client, wire, arrange) -> ChatStream:
+def _replay_stream(client, wire, arrange) -> Iterator[str]:
     """Run a real stream, then hand the client its own recorded frames rearranged."""
     frames = _stream_frames(client, wire)
     request = pb.StreamInferRequest.FromString(
         [d for m, d in wire.sent if m.endswith("StreamInfer")][-1]
     ).request
     session = client._session
-    responses = iter([pb.StreamInferResponse(frame=f) for f in arrange(frames)])
-    return ChatStream(
-        responses,
+    reader = StreamReader(
         session.s2c,
         request.request_id,
         transcript_start(session.session_id, request.request_id, request.sealed),
-        _service_error,
     )
+
+    def pieces() -> Iterator[str]:
+        for frame in arrange(frames):
+            text = reader.feed(frame)
+            if text is not None:
+                yield text
+        reader.finish()
+
+    return pieces()
 
 
 def test_frames_reordered_are_refused(connect, wire) -> None:
@@ -573,9 +581,9 @@ def short_ttl_server(model_dir: Path, tmp_path_factory):
 
 
 def _client(address, policy, tmp_path):
-    from encloud.client.session import EncloudClient
+    from encloud.client import Client
 
-    return EncloudClient(address, policy, audit_log=tmp_path / "audit.jsonl")
+    return Client(address, policy, audit_log=tmp_path / "audit.jsonl")
 
 
 def test_release_key_to_an_expired_pending_session_is_not_found(short_ttl_server, tmp_path):

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from encloud.client.session import EncloudClient
+from encloud.client import Client
 from encloud.protocol.envelope import MessageType
 from encloud.protocol.v1 import encloud_pb2 as pb
 
@@ -53,7 +53,7 @@ def _invalid_utf8_request() -> bytes:
 
 
 def test_each_bad_input_gets_its_code_and_others_keep_working(
-    stack, connect: Callable[..., EncloudClient]
+    stack, connect: Callable[..., Client]
 ) -> None:
     bystander = connect()
     bystander.attest()
@@ -120,7 +120,7 @@ def test_each_bad_input_gets_its_code_and_others_keep_working(
 
     victim = connect()
     victim.attest()
-    session = victim._session
+    session = victim.last_attempt  # attested, key not released: a pending session
     assert session is not None
     for length in (0, 31, 32, 95, 4096):
         release = pb.ReleaseKeyRequest(session_id=session.session_id, sealed_key=os.urandom(length))

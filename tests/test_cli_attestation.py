@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 def _runtime_event_of(stack) -> dict:
     """The runtime event the server logged (what its image builder would publish)."""
-    from encloud.protocol.bundle import fetch_evidence
+    from encloud.client import first_use_evidence as fetch_evidence
 
     records = eventlog.parse(fetch_evidence(stack.address).evidence.workload_event_log)
     return json.loads(records[-1].event.data)
@@ -32,7 +32,7 @@ def _runtime_event_of(stack) -> dict:
 def _ak_pem(stack, tmp_path: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
 
-    from encloud.protocol.bundle import fetch_evidence
+    from encloud.client import first_use_evidence as fetch_evidence
 
     der = spki_der(fetch_evidence(stack.address).evidence.ak_public)
     key = serialization.load_der_public_key(der)

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import (
     AkUntrustedError,
     MeasurementNotAllowedError,
@@ -94,7 +94,7 @@ def azure_server(tmp_path: Path, model_dir: Path):
 def test_azure_end_to_end_under_a_production_policy(azure_server, tmp_path) -> None:
     address, dev = azure_server
     policy = _production(dev)
-    with EncloudClient(address, policy, audit_log=tmp_path / "a.jsonl") as client:
+    with Client(address, policy, audit_log=tmp_path / "a.jsonl") as client:
         attestation = client.attest()
         report = {r.name: r.detail for r in client.last_report}
     assert attestation.hardware_binding == "Azure HCL report (SEV-SNP)"
@@ -107,7 +107,7 @@ def test_azure_measurement_below_the_policy_is_refused(azure_server) -> None:
     address, dev = azure_server
     policy = _production(dev, measurements=["ab" * 48])
     with (
-        EncloudClient(address, policy, audit_log=None) as client,
+        Client(address, policy, audit_log=NO_AUDIT) as client,
         pytest.raises(MeasurementNotAllowedError),
     ):
         client.attest()
@@ -183,7 +183,7 @@ def gcp_server(tmp_path: Path, model_dir: Path):
 def test_gcp_end_to_end_with_a_session_bound_snp_report(gcp_server, tmp_path) -> None:
     address, dev, tsm, _ = gcp_server
     policy = _production(dev, "sev-snp")
-    with EncloudClient(address, policy, audit_log=tmp_path / "a.jsonl") as client:
+    with Client(address, policy, audit_log=tmp_path / "a.jsonl") as client:
         attestation = client.attest()
         report = {r.name: r.detail for r in client.last_report}
     assert "EK/AK CA Root (encloud TEST)" in report["ak_trust"]
@@ -201,7 +201,7 @@ def test_gcp_report_data_for_another_session_is_refused(gcp_server) -> None:
     state["report_data"] = session_report_data(b"\x01" * 32, b"another AK")
     policy = _production(dev, "sev-snp")
     with (
-        EncloudClient(address, policy, audit_log=None) as client,
+        Client(address, policy, audit_log=NO_AUDIT) as client,
         pytest.raises(ReportDataMismatchError),
     ):
         client.attest()
@@ -213,7 +213,7 @@ def test_gcp_ak_certified_for_another_project_is_refused(gcp_server) -> None:
     address, dev, _, _ = gcp_server
     policy = _production(dev, "sev-snp", gce={"project_id": "someone-elses-project"})
     with (
-        EncloudClient(address, policy, audit_log=None) as client,
+        Client(address, policy, audit_log=NO_AUDIT) as client,
         pytest.raises(AkUntrustedError, match="project_id"),
     ):
         client.attest()

@@ -8,7 +8,7 @@ import os
 import grpc
 import pytest
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 from encloud.protocol.envelope import MessageType, Sealed
 from encloud.protocol.errors import KeyConfirmationError, ServiceError
 from encloud.protocol.v1 import encloud_pb2 as pb
@@ -72,7 +72,7 @@ def test_attest_release_chat_end(connect, wire, stack) -> None:
             assert form not in captured
 
     # A request sealed under the session's keys is refused once the session ended.
-    _, _, late = client._seal_request([("user", "too late")], GREEDY)
+    _, late, _ = client._seal(client._session, [("user", "too late")], GREEDY)
     session_id = session.session_id
     client.end_session()
     stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(stack.address))
@@ -91,13 +91,13 @@ def test_attest_release_chat_end(connect, wire, stack) -> None:
 
 def test_restart_against_same_tpm_still_verifies(fresh_stack) -> None:
     policy = fresh_stack.policy
-    with EncloudClient(fresh_stack.address, policy) as client:
+    with Client(fresh_stack.address, policy, audit_log=NO_AUDIT) as client:
         first = client.attest()
     assert len(first.events) == 2
 
     fresh_stack.restart_server()
 
-    with EncloudClient(fresh_stack.address, policy) as client:
+    with Client(fresh_stack.address, policy, audit_log=NO_AUDIT) as client:
         again = client.attest()
         client.release_key()
         answer = client.infer([("user", "Say hello.")], max_new_tokens=8)
@@ -111,13 +111,27 @@ def test_restart_against_same_tpm_still_verifies(fresh_stack) -> None:
 
 def test_unknown_session_is_not_found(connect) -> None:
     client = connect()
+    client.auto_reattest = False
     client.attest()
     client.release_key()
-    client._session.session_id = os.urandom(16)  # type: ignore[union-attr]
+    client._session.attempt.session_id = os.urandom(16)  # type: ignore[union-attr]
     with pytest.raises(ServiceError) as refused:
         client.infer([("user", "hello")], max_new_tokens=4)
     assert refused.value.code == "NOT_FOUND"
     assert refused.value.reason == "SESSION_NOT_FOUND"
+
+
+def test_a_lost_session_is_attested_again_and_the_request_sent_once_more(connect) -> None:
+    # SESSION_NOT_FOUND is answered before anything is opened: nothing ran, so the client
+    # attests again (verifying the new evidence) and resends under the new session.
+    client = connect()
+    client.attest()
+    client.release_key()
+    lost = os.urandom(16)
+    client._session.attempt.session_id = lost  # type: ignore[union-attr]
+    answer = client.infer([("user", "hello")], max_new_tokens=4)
+    assert answer.completion.finish_reason in {"stop", "length"}
+    assert client.reattest_count == 1 and client.session_id != lost
 
 
 @pytest.mark.attack
@@ -138,7 +152,7 @@ def test_key_confirmation_with_another_header_is_refused(connect, wire) -> None:
     wire.tamper = relabel
     with pytest.raises(KeyConfirmationError):
         client.release_key()
-    assert client._session is not None and client._session.keys is None
+    assert client.session_id is None  # the derived keys were not kept
 
 
 def test_repetition_penalty_and_stop_token_ids_reach_the_engine(connect) -> None:

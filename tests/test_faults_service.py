@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import ServiceError
 from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
@@ -80,8 +80,8 @@ class Server:
         self.policy = load_policy(self.process.policy_path)
         return address
 
-    def client(self, **kwargs: object) -> EncloudClient:
-        client = EncloudClient(self.process.address, self.policy, **kwargs)  # type: ignore[arg-type]
+    def client(self, **kwargs: object) -> Client:
+        client = Client(self.process.address, self.policy, audit_log=NO_AUDIT, **kwargs)  # type: ignore[arg-type]
         client.attest()
         client.release_key()
         return client
@@ -132,7 +132,7 @@ def test_client_disconnect_stops_the_generation(server: Server) -> None:
     metrics = server.process.metrics_address
     before = cancel_steps(wait_idle(metrics))
     channel = grpc.insecure_channel(server.process.address)
-    client = EncloudClient(server.process.address, server.policy, channel=channel)
+    client = Client(server.process.address, server.policy, channel=channel, audit_log=NO_AUDIT)
     client.attest()
     client.release_key()
     pieces = iter(client.stream([("user", LONG_PROMPT)], **LONG))
@@ -148,11 +148,10 @@ def test_client_disconnect_stops_the_generation(server: Server) -> None:
 def test_passed_deadline_stops_the_generation(server: Server) -> None:
     metrics = server.process.metrics_address
     before = cancel_steps(wait_idle(metrics))
-    with server.client(timeout_seconds=60.0) as client:
-        client._timeout = 0.5  # this call only: far shorter than 400 tokens take
+    with server.client(timeout=60.0) as client:
         with pytest.raises(ServiceError) as expired:
-            list(client.stream([("user", LONG_PROMPT)], **LONG))
-        client._timeout = 60.0
+            # this call's own deadline: far shorter than 400 tokens take
+            list(client.stream([("user", LONG_PROMPT)], timeout=0.5, **LONG))
         assert expired.value.code == "DEADLINE_EXCEEDED"
         after = cancel_steps(wait_idle(metrics))
         assert after[0] == before[0] + 1

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 
 pytestmark = pytest.mark.interop
 
@@ -114,7 +114,7 @@ def test_node_client_end_to_end(node_client: str, stack: Any) -> None:
     assert out["stream"]["finishReason"] == out["infer"]["finishReason"]
 
     # The Python client, same server and prompt, gets the same answer and the same AK.
-    with EncloudClient(stack.address, stack.policy) as client:
+    with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
         attestation = client.attest()
         client.release_key()
         answer = client.infer([("user", PROMPT)], max_new_tokens=MAX_NEW_TOKENS)

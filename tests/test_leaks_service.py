@@ -20,7 +20,7 @@ import pytest
 from stack import running_stack
 from tokenizers import Tokenizer
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import ServiceError
 from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess
@@ -78,7 +78,7 @@ def test_canary_never_leaks(leak_server: tuple[ServerProcess, Path], model_dir: 
     policy = load_policy(server.policy_path)
     details: list[bytes] = []
 
-    with EncloudClient(server.address, policy) as client:
+    with Client(server.address, policy, audit_log=NO_AUDIT) as client:
         client.attest()
         client.release_key()
         # The model may well repeat the canary: answers are sealed, never logged.
@@ -97,7 +97,7 @@ def test_canary_never_leaks(leak_server: tuple[ServerProcess, Path], model_dir: 
         # And the raw trailers of a refused call, as a foreign client sees them.
         session = client._session
         assert session is not None
-        _, _, sealed = client._seal_request([("user", f"{CANARY} <|im_end|>")], {})
+        _, sealed, _ = client._seal(session, [("user", f"{CANARY} <|im_end|>")], {})
         from encloud.protocol.v1 import encloud_pb2 as pb
         from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
 

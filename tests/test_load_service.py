@@ -20,6 +20,7 @@ import pytest
 from stack import running_stack
 
 from encloud.cli.loadgen import run_load
+from encloud.client import NO_AUDIT
 from encloud.protocol.policy import Policy
 
 pytestmark = pytest.mark.load
@@ -46,9 +47,10 @@ def loaded_server(model_dir: Path) -> Iterator[tuple[str, Policy]]:
 
 
 def test_64_clients_each_get_their_own_correct_answers(
-    loaded_server: tuple[str, Policy],
+    loaded_server: tuple[str, Policy], tmp_path: Path
 ) -> None:
     address, policy = loaded_server
+    audit = tmp_path / "load-audit.jsonl"
     report = asyncio.run(
         run_load(
             address,
@@ -58,8 +60,11 @@ def test_64_clients_each_get_their_own_correct_answers(
             max_new_tokens=MAX_NEW_TOKENS,
             prompt=prompt,
             timeout_seconds=600,
+            audit_log=audit,
         )
     )
+    # Every client's attestation is in the audit log, as for any other client.
+    assert audit.read_text().count('"outcome":"pass"') == CLIENTS
     print("load:", json.dumps(report.summary()))
     assert not report.errors, report.errors
     assert len(report.results) == CLIENTS * REQUESTS
@@ -79,6 +84,7 @@ def test_64_clients_each_get_their_own_correct_answers(
                 requests_per_client=REQUESTS,
                 max_new_tokens=MAX_NEW_TOKENS,
                 prompt=lambda _c, i, client=client: prompt(client, i),
+                audit_log=NO_AUDIT,
             )
             assert not single.errors, single.errors
             answers.update({r.prompt: r.text for r in single.results})

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client.parser import text_string_to_metric_families
 from stack import running_stack
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import ServiceError
 from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess
@@ -32,7 +32,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def test_metrics_count_requests_errors_tokens_and_sessions(server: ServerProcess) -> None:
     policy = load_policy(server.policy_path)
-    with EncloudClient(server.address, policy) as client:
+    with Client(server.address, policy, audit_log=NO_AUDIT) as client:
         client.attest()
         client.release_key()
         assert "".join(client.stream([("user", "Say hi.")], max_new_tokens=6))

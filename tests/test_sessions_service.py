@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from stack import running_stack
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client, RetryPolicy
 from encloud.protocol.errors import ServiceError
 from encloud.protocol.faults import KeyReleaseError, ResourceExhaustedError, SessionNotFoundError
 from encloud.protocol.handshake import SUITE_V1, new_dek, release_info, seal_key
@@ -162,7 +162,7 @@ def test_idle_session_is_dropped_and_the_client_reattests(
 ) -> None:
     address, policy = short_server
     told: list[object] = []
-    with EncloudClient(address, policy, on_reattest=told.append) as client:
+    with Client(address, policy, on_reattest=told.append, audit_log=NO_AUDIT) as client:
         client.attest()
         client.release_key()
         first = client._session.session_id  # type: ignore[union-attr]
@@ -182,7 +182,17 @@ def test_max_sessions_and_attest_rate_are_resource_exhausted(
 ) -> None:
     address, policy = short_server
     time.sleep(2.5)  # the other test's sessions are idle-expired
-    clients = [EncloudClient(address, policy, auto_reattest=False) for _ in range(3)]
+    # No retries: this test looks at the server's own refusals.
+    clients = [
+        Client(
+            address,
+            policy,
+            audit_log=NO_AUDIT,
+            auto_reattest=False,
+            retry=RetryPolicy(max_retries=0, max_reattests=0),
+        )
+        for _ in range(3)
+    ]
     try:
         clients[0].attest()
         clients[0].release_key()

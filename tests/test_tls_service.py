@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from encloud.client.session import EncloudClient
+from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import ServiceError
 from encloud.protocol.policy import load_policy
 from encloud.server.devstack import ServerProcess, start_swtpm
@@ -125,7 +125,7 @@ def test_mutual_tls_admits_only_callers_with_a_certificate(
     policy = load_policy(mtls_server.policy_path)
     address = mtls_server.address
     good = grpc.ssl_channel_credentials(pki["ca"], pki["client_key"], pki["client"])
-    with EncloudClient(address, policy, credentials=good) as client:
+    with Client(address, policy, credentials=good, audit_log=NO_AUDIT) as client:
         client.attest()
         client.release_key()
         assert client.infer([("user", "Say hi.")], max_new_tokens=4).text
@@ -135,11 +135,11 @@ def test_mutual_tls_admits_only_callers_with_a_certificate(
         grpc.ssl_channel_credentials(pki["ca"], pki["rogue_key"], pki["rogue"]),
     ]
     for credentials in refused_credentials:
-        with EncloudClient(address, policy, credentials=credentials, timeout_seconds=10) as c:
+        with Client(address, policy, credentials=credentials, timeout=10, audit_log=NO_AUDIT) as c:
             with pytest.raises(ServiceError) as refused:
                 c.attest()
             assert refused.value.code == "UNAVAILABLE"
-    with EncloudClient(address, policy, timeout_seconds=10) as plain:
+    with Client(address, policy, timeout=10, audit_log=NO_AUDIT) as plain:
         with pytest.raises(ServiceError) as refused:
             plain.attest()
         assert refused.value.code == "UNAVAILABLE"

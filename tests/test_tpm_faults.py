@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from encloud.client.session import EncloudClient
+from encloud.client import Client
 from encloud.protocol.errors import ServiceError
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.tpm]
@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.tpm]
 ASK = [("user", "Say hello.")]
 
 
-def _client(stack, tmp_path) -> EncloudClient:
-    return EncloudClient(stack.address, stack.policy, audit_log=tmp_path / "audit.jsonl")
+def _client(stack, tmp_path) -> Client:
+    return Client(stack.address, stack.policy, audit_log=tmp_path / "audit.jsonl")
 
 
 def test_tpm_gone_attest_unavailable_sessions_live_then_tpm_back(fresh_stack, tmp_path) -> None:

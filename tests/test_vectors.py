@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from encloud.client.session import ChatStream, _check_final
 from encloud.protocol import errors, eventlog
 from encloud.protocol.encoding import encode, u8, u16, u32, u64
 from encloud.protocol.envelope import (
@@ -33,6 +32,7 @@ from encloud.protocol.envelope import (
     unpad,
 )
 from encloud.protocol.evidence import Evidence
+from encloud.protocol.generation import StreamReader, check_final
 from encloud.protocol.handshake import (
     SUITE_V1,
     KeyOpenError,
@@ -150,7 +150,7 @@ def test_hpke_negative(case: dict[str, Any]) -> None:
     "case", load("handshake")["key_confirmation_negative"], ids=lambda c: c["name"]
 )
 def test_key_confirmation_negative(case: dict[str, Any]) -> None:
-    """What EncloudClient.release_key does with the reply, on the vector's bytes."""
+    """What Client.release_key does with the reply, on the vector's bytes."""
     v = load("handshake")
     opener = OpeningKey(bytearray(b(v["k_kc"])), b(v["session_id"]))
 
@@ -239,9 +239,9 @@ def _run_stream(v: dict[str, Any], messages: list[dict[str, Any]]) -> tuple[list
         )
         for m in messages
     )
-    stream = ChatStream(responses, opener, v["request_id"], b(v["transcripts"][0]), None)
-    pieces = list(stream)
-    return pieces, stream.completion
+    reader = StreamReader(opener, v["request_id"], b(v["transcripts"][0]))
+    pieces = [text for r in responses if (text := reader.feed(r.frame)) is not None]
+    return pieces, reader.finish()
 
 
 @pytest.mark.parametrize("case", load("stream")["cases"], ids=lambda c: c["name"])
@@ -270,7 +270,7 @@ def test_infer_response() -> None:
     payload = opener.open(sealed(infer["response"]), MessageType.RESPONSE, infer["request_id"], 0)
     assert payload == b(infer["response_payload"])
     response = pb.GenerationResponse.FromString(payload)
-    completion = _check_final(response.final, t0)
+    completion = check_final(response.final, t0)
     assert response.text == infer["expect"]["text"]
     assert completion.finish_reason == infer["expect"]["finish_reason"]
 

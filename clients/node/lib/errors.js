@@ -70,7 +70,6 @@ const EnvelopeError = sub('EnvelopeError', EncloudError);
 for (const name of [
   'DecryptError',
   'HeaderMismatchError',
-  'ReplayError',
   'StreamOrderError',
   'TruncatedStreamError',
   'TranscriptMismatchError',

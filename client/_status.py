@@ -1,0 +1,31 @@
+"""gRPC statuses back into encloud's errors: the client's mirror of encloud.server.status."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from encloud.protocol.errors import ServiceError
+
+
+def service_error(error: grpc.RpcError) -> ServiceError:
+    """A failed call as a ServiceError: the status code, the server's message, and the
+    ErrorInfo reason and RetryInfo delay from the google.rpc.Status trailer when present
+    (grpc.aio's AioRpcError has the same accessors as a blocking call)."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message = (error.details() if hasattr(error, "details") else "") or ""
+    reason = ""
+    retry: float | None = None
+    try:
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    except ValueError:  # a details trailer that contradicts the status: ignore it
+        status = None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        delay = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            reason = info.reason
+        elif detail.Unpack(delay):
+            retry = delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9
+    return ServiceError(code.name, message, reason, retry)

@@ -1,0 +1,332 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from encloud.protocol import attest as attest_path
+from encloud.protocol.errors import ServiceError, SessionError
+from encloud.protocol.generation import Answer, Completion, Message, StreamReader, open_answer
+from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.verifier import VerifiedAttestation
+from encloud.protocol.wire import sealed_to_proto
+
+from ._base import DEFAULT_TIMEOUT_SECONDS, AuditArg, ClientState, PolicyArg
+from ._retry import CallBudget, RetryPolicy, Verdict
+from ._status import service_error
+
+T = TypeVar("T")
+END_TIMEOUT_SECONDS = 2.0
+
+
+class Client(ClientState):
+    """A confidential chat with one encloud server, blocking.
+
+    >>> from encloud.client import Client, NO_AUDIT
+    >>> with Client("127.0.0.1:50051", "policy.json", audit_log="audit.jsonl") as client:
+    ...     answer = client.infer([("user", "Hello")], max_new_tokens=32)
+    ...     for piece in client.stream([("user", "Tell me more")]):
+    ...         print(piece, end="")
+
+    The first call attests the server, verifies the evidence against the policy, writes
+    the outcome to the audit log, releases a fresh AES-256 data key (or yours, given to
+    `release_key`) and checks the server's key confirmation; nothing is sent before.
+    Call `attest()` first to look at the attestation before any key leaves.
+
+    `policy` is a Policy or the path of a policy file. `audit_log` is required: a path,
+    an AuditLog, or NO_AUDIT to keep none. `timeout` is each call's deadline in seconds
+    (None: none); every method takes its own `timeout` too. Failed calls are retried
+    only when the status proves nothing was processed (encloud.client._retry; at most
+    `retry.max_retries` retries and `retry.max_reattests` re-attestations per call, all
+    within its deadline). When a session expires or is lost and `auto_reattest` is on,
+    the client ends the old session, attests again against the same policy, releases
+    the key again and tells you: `reattest_count` goes up and `on_reattest` is called.
+    `credentials` makes a TLS or mutual-TLS channel; `channel` uses yours.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        policy: PolicyArg,
+        *,
+        audit_log: AuditArg,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+        retry: RetryPolicy | None = None,
+        auto_reattest: bool = True,
+        on_reattest: Callable[[VerifiedAttestation], None] | None = None,
+    ) -> None:
+        super().__init__(
+            target, policy, audit_log, timeout, retry or RetryPolicy(), auto_reattest, on_reattest
+        )
+        self._own_channel = channel is None
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, credentials)
+                if credentials is not None
+                else grpc.insecure_channel(target)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.InferenceServiceStub(channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- attestation and key release ---------------------------------------------------
+
+    def attest(self, *, timeout: float | None = None) -> VerifiedAttestation:
+        """Start a session and verify its evidence against the policy, releasing nothing.
+
+        Raises the VerificationError subclass of the failed check; every outcome goes into
+        the audit log, and `last_report` / `last_attempt` keep what was checked."""
+        budget = self._budget(timeout)
+        return self._with_retries(
+            budget, lambda: self._take(self._drive(self._handshake(release=False), budget)), False
+        )
+
+    def release_key(
+        self, dek: bytes | bytearray | None = None, *, timeout: float | None = None
+    ) -> None:
+        """Release a data key to the attested session: a fresh one, or your 32-byte `dek`
+        (kept to release again on re-attestation, wiped on close)."""
+        if self._attested is None:
+            raise SessionError(
+                "the key was already released to this session"
+                if self._session is not None
+                else "attest first"
+            )
+        self._keep_caller_dek(dek)
+        budget = self._budget(timeout)
+        attempt = self._attested
+        session = self._with_retries(
+            budget,
+            lambda: self._drive(attest_path.release_key(attempt, self._caller_dek), budget),
+            False,
+        )
+        self._attested = None
+        self._session = session
+
+    # --- inference ----------------------------------------------------------------------
+
+    def infer(
+        self, messages: Sequence[Message], *, timeout: float | None = None, **params: Any
+    ) -> Answer:
+        """One sealed request, one sealed answer bound to it by its transcript hash."""
+        budget = self._budget(timeout)
+
+        def once() -> Answer:
+            session = self._ensure_session(budget)
+            request_id, sealed, transcript = self._seal(session, messages, params)
+            request = pb.InferRequest(
+                session_id=session.session_id, request=sealed_to_proto(sealed)
+            )
+            reply = self._rpc(self._stub.Infer, request, budget)
+            return open_answer(reply.response, session.s2c, request_id, transcript)
+
+        return self._with_retries(budget, once)
+
+    def stream(
+        self, messages: Sequence[Message], *, timeout: float | None = None, **params: Any
+    ) -> ChatStream:
+        """A streamed answer: iterate for its text pieces, then read `.completion`.
+
+        `timeout` is the deadline of the whole stream."""
+        return ChatStream(self, messages, params, self._budget(timeout))
+
+    # --- end ------------------------------------------------------------------------------
+
+    def end_session(self, *, timeout: float | None = None) -> None:
+        """Seal an END so the server drops the session's keys; then drop ours."""
+        session = self._session
+        try:
+            if session is not None:
+                end = pb.EndSessionRequest(
+                    session_id=session.session_id, end=sealed_to_proto(self._seal_end(session))
+                )
+                self._rpc(self._stub.EndSession, end, self._budget(timeout))
+        finally:
+            self._drop_session()
+
+    def close(self) -> None:
+        try:
+            if self._session is not None:
+                self.end_session(timeout=END_TIMEOUT_SECONDS)
+        except (ServiceError, SessionError):
+            pass  # the server may already have dropped it; our keys are wiped anyway
+        finally:
+            self._drop_session()
+            self._wipe_caller_dek()
+            if self._own_channel:
+                self._channel.close()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _budget(self, timeout: float | None) -> CallBudget:
+        return CallBudget(self.retry, self.timeout if timeout is None else timeout)
+
+    def _ensure_session(self, budget: CallBudget) -> attest_path.Session:
+        session = self._live_session()
+        if session is not None:
+            return session
+        if self._attested is not None:  # attested by the caller; the key goes now
+            session = self._drive(attest_path.release_key(self._attested, self._caller_dek), budget)
+            self._attested = None
+            self._session = session
+            return session
+        self._require_key()
+        reattesting = self.last_attempt is not None
+        self._take(self._drive(self._handshake(release=True), budget))
+        if reattesting:
+            self._reattested("the session's time-to-live ran out")
+        assert self._session is not None
+        return self._session
+
+    def _reattest(self, budget: CallBudget, why: str) -> None:
+        """End the old session (best effort), then a new verified session with the key."""
+        old = self._session
+        if old is not None:
+            try:
+                end = pb.EndSessionRequest(
+                    session_id=old.session_id, end=sealed_to_proto(self._seal_end(old))
+                )
+                self._stub.EndSession(end, timeout=END_TIMEOUT_SECONDS)
+            except grpc.RpcError:
+                pass
+        self._drop_session()
+        self._take(self._drive(self._handshake(release=True), budget))
+        self._reattested(why)
+
+    def _with_retries(self, budget: CallBudget, once: Callable[[], T], reattest: bool = True) -> T:
+        while True:
+            try:
+                return once()
+            except ServiceError as error:
+                failure = error
+            self._after_failure(budget, failure, reattest)
+
+    def _after_failure(self, budget: CallBudget, error: ServiceError, reattest: bool) -> None:
+        verdict, delay = budget.next_step(error, reattest_allowed=reattest and self.auto_reattest)
+        self.retry_count += 1
+        if verdict is Verdict.REATTEST:
+            self._reattest(budget, f"the server answered {error.reason}")
+        if delay:
+            time.sleep(delay)
+
+    def _drive(self, steps: Generator[Any, Any, T], budget: CallBudget) -> T:
+        """Run one of the protocol's generators, making each RPC it asks for."""
+        try:
+            call = next(steps)
+            while True:
+                method = (
+                    self._stub.Attest
+                    if isinstance(call, attest_path.AttestCall)
+                    else (self._stub.ReleaseKey)
+                )
+                call = steps.send(self._rpc(method, call.request, budget))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _rpc(method: Any, request: Any, budget: CallBudget) -> Any:
+        try:
+            return method(request, timeout=budget.remaining())
+        except grpc.RpcError as error:
+            raise service_error(error) from None
+
+
+class ChatStream:
+    """The text pieces of a streamed answer; `.completion` once it ended.
+
+    Frames are checked as they arrive (encloud.protocol.generation.StreamReader). Before
+    the first frame a retryable failure sends the request again, sealed under a new
+    request id; after it, a failure ends the stream with its error: an answer is never
+    sent twice, and a stream without its final frame is a TruncatedStreamError, never a
+    short answer."""
+
+    def __init__(
+        self,
+        client: Client,
+        messages: Sequence[Message],
+        params: dict[str, Any],
+        budget: CallBudget,
+    ) -> None:
+        self._client = client
+        self._messages = messages
+        self._params = params
+        self._budget = budget
+        self._call: Any = None
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        client = self._client
+        while True:
+            reader: StreamReader | None = None
+            try:
+                session = client._ensure_session(self._budget)
+                request_id, sealed, transcript = client._seal(session, self._messages, self._params)
+                reader = StreamReader(session.s2c, request_id, transcript)
+                self._call = client._stub.StreamInfer(
+                    pb.StreamInferRequest(
+                        session_id=session.session_id, request=sealed_to_proto(sealed)
+                    ),
+                    timeout=self._budget.remaining(),
+                )
+                for response in self._call:
+                    text = reader.feed(response.frame)
+                    if text is not None:
+                        yield text
+                self.completion = reader.finish()
+                return
+            except grpc.RpcError as rpc_error:
+                failure = service_error(rpc_error)
+                if reader is not None and reader.frames > 0:
+                    raise failure from None
+            except ServiceError as error:
+                failure = error
+            client._after_failure(self._budget, failure, True)
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+
+def first_use_evidence(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+) -> attest_path.FirstUseEvidence:
+    """DEV ONLY: what a server shows about itself, unverified (trust on first use).
+
+    One Attest with a fresh nonce; nothing is verified and nothing released (the server's
+    pending session expires on its own). For `encloud policy init` and tests that need a
+    server's own values; never a substitute for `Client.attest`."""
+    channel = (
+        grpc.secure_channel(target, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(target)
+    )
+    try:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        steps = attest_path.first_use_evidence()
+        call = next(steps)
+        try:
+            reply = stub.Attest(call.request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise service_error(error) from None
+        try:
+            steps.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        raise AssertionError("first_use_evidence asks for one call")
+    finally:
+        channel.close()

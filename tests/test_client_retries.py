@@ -1,0 +1,190 @@
+"""The client's retry rules, against a relay in front of the real server that injects statuses.
+
+A call is sent again only when its status proves nothing was processed (encloud.client._retry):
+RESOURCE_EXHAUSTED with RetryInfo, UNAVAILABLE sent by the server, a lost or expired session
+before the first frame. Each retry is sealed under a fresh request id; at most 3 retries and
+1 re-attestation per call, all within its deadline; a stream is never retried after its
+first frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from relay import Fault, Relay
+
+from encloud.client import NO_AUDIT, AsyncClient, Client, ServiceError
+from encloud.protocol.v1 import encloud_pb2 as pb
+
+pytestmark = pytest.mark.e2e
+
+ASK = [("user", "Say hello.")]
+BUSY = Fault(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", "SERVER_BUSY", retry_after=0.05)
+DRAINING = Fault(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", "UNAVAILABLE")
+EXPIRED = Fault(grpc.StatusCode.NOT_FOUND, "the session expired", "SESSION_EXPIRED")
+
+
+@pytest.fixture
+def relay(stack) -> Iterator[Relay]:
+    relay = Relay(stack.address).start()
+    yield relay
+    relay.stop()
+
+
+def _client(relay: Relay, stack, **kwargs) -> Client:
+    return Client(relay.address, stack.policy, audit_log=NO_AUDIT, **kwargs)
+
+
+def _infer_ids(relay: Relay) -> list[int]:
+    return [pb.InferRequest.FromString(r).request.request_id for r in relay.of("Infer")]
+
+
+def _stream_ids(relay: Relay) -> list[int]:
+    return [pb.StreamInferRequest.FromString(r).request.request_id for r in relay.of("StreamInfer")]
+
+
+def test_resource_exhausted_with_retry_info_is_retried_under_fresh_request_ids(
+    relay, stack
+) -> None:
+    relay.plan["Infer"] = [BUSY, BUSY]
+    with _client(relay, stack) as client:
+        answer = client.infer(ASK, max_new_tokens=4)
+        assert answer.completion.finish_reason in {"stop", "length"}
+        assert client.retry_count == 2
+    ids = _infer_ids(relay)
+    assert len(ids) == 3 and len(set(ids)) == 3  # three attempts, three request ids
+
+
+def test_unavailable_from_the_server_is_retried_for_attest(relay, stack) -> None:
+    relay.plan["Attest"] = [DRAINING]
+    with _client(relay, stack) as client:
+        client.infer(ASK, max_new_tokens=2)
+        assert client.retry_count == 1
+    assert len(relay.of("Attest")) == 2
+
+
+def test_an_expired_session_is_ended_attested_again_and_the_request_resent(relay, stack) -> None:
+    relay.plan["Infer"] = [EXPIRED]
+    with _client(relay, stack) as client:
+        client.attest()
+        client.release_key()
+        first = client.session_id
+        client.infer(ASK, max_new_tokens=2)
+        assert client.reattest_count == 1 and client.session_id != first
+    assert len(relay.of("Attest")) == 2
+    # The old session was ended with a sealed END before the new one was attested.
+    ends = [pb.EndSessionRequest.FromString(r).session_id for r in relay.of("EndSession")]
+    assert first in ends
+
+
+def test_at_most_three_retries_then_the_error(relay, stack) -> None:
+    relay.plan["Infer"] = [BUSY] * 5
+    with _client(relay, stack) as client, pytest.raises(ServiceError) as refused:
+        client.infer(ASK, max_new_tokens=2)
+    assert refused.value.reason == "SERVER_BUSY"
+    assert len(relay.of("Infer")) == 4  # the call and 3 retries
+
+
+def test_at_most_one_reattestation_per_call(relay, stack) -> None:
+    relay.plan["Infer"] = [EXPIRED, EXPIRED]
+    with _client(relay, stack) as client, pytest.raises(ServiceError) as refused:
+        client.infer(ASK, max_new_tokens=2)
+    assert refused.value.reason == "SESSION_EXPIRED"
+    assert client.reattest_count == 1
+
+
+def test_a_retry_delay_past_the_deadline_is_not_waited_for(relay, stack) -> None:
+    slow = Fault(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", "SERVER_BUSY", retry_after=30.0)
+    with _client(relay, stack) as client:
+        client.attest()
+        client.release_key()
+        relay.plan["Infer"] = [slow]
+        started = time.monotonic()
+        with pytest.raises(ServiceError) as refused:
+            client.infer(ASK, max_new_tokens=2, timeout=2.0)
+        assert time.monotonic() - started < 2.0
+    assert refused.value.code == "RESOURCE_EXHAUSTED"
+    assert len(relay.of("Infer")) == 1
+
+
+def test_the_deadline_bounds_every_retry(relay, stack) -> None:
+    relay.plan["Infer"] = [
+        Fault(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", "SERVER_BUSY", retry_after=0.4)
+    ] * 3
+    with _client(relay, stack) as client:
+        client.attest()
+        client.release_key()
+        started = time.monotonic()
+        with pytest.raises(ServiceError):
+            client.infer(ASK, max_new_tokens=2, timeout=1.0)
+        assert time.monotonic() - started < 1.5
+    assert len(relay.of("Infer")) <= 3
+
+
+def test_a_stream_is_retried_before_its_first_frame(relay, stack) -> None:
+    relay.plan["StreamInfer"] = [DRAINING]
+    with _client(relay, stack) as client:
+        stream = client.stream(ASK, max_new_tokens=4)
+        text = "".join(stream)
+        assert text and stream.completion is not None
+    ids = _stream_ids(relay)
+    assert len(ids) == 2 and ids[0] != ids[1]
+
+
+def test_a_stream_is_never_retried_after_its_first_frame(relay, stack) -> None:
+    broken = Fault(grpc.StatusCode.UNAVAILABLE, "gone", "UNAVAILABLE", after_frames=1)
+    relay.plan["StreamInfer"] = [broken]
+    with _client(relay, stack) as client:
+        pieces = []
+        with pytest.raises(ServiceError) as failed:
+            for piece in client.stream(ASK, max_new_tokens=16):
+                pieces.append(piece)
+        assert len(pieces) == 1  # the frame that came through, nothing more
+        assert client.retry_count == 0
+    assert failed.value.code == "UNAVAILABLE"
+    assert len(relay.of("StreamInfer")) == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(grpc.StatusCode.INVALID_ARGUMENT, "bad", "INVALID_ARGUMENT"),
+        Fault(grpc.StatusCode.RESOURCE_EXHAUSTED, "no RetryInfo", "RESOURCE_EXHAUSTED"),
+        # UNAVAILABLE without the server's ErrorInfo and after connecting: it may have run.
+        Fault(grpc.StatusCode.UNAVAILABLE, "connection reset"),
+        Fault(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL"),
+    ],
+    ids=["invalid-argument", "exhausted-without-delay", "unavailable-unproven", "internal"],
+)
+def test_a_status_that_does_not_prove_nothing_ran_is_not_retried(relay, stack, fault) -> None:
+    relay.plan["Infer"] = [fault]
+    with _client(relay, stack) as client, pytest.raises(ServiceError):
+        client.infer(ASK, max_new_tokens=2)
+    assert len(relay.of("Infer")) == 1
+
+
+def test_a_server_that_cannot_be_reached_is_retried_then_reported(stack) -> None:
+    # Nothing listens there: the connection fails before any request is sent.
+    client = Client("127.0.0.1:1", stack.policy, audit_log=NO_AUDIT, timeout=10.0)
+    with client, pytest.raises(ServiceError) as refused:
+        client.attest()
+    assert refused.value.code == "UNAVAILABLE"
+    assert client.retry_count == 3
+
+
+def test_the_async_client_retries_its_stream_by_the_same_rules(relay, stack) -> None:
+    relay.plan["StreamInfer"] = [BUSY]
+
+    async def run() -> tuple[str, int]:
+        async with AsyncClient(relay.address, stack.policy, audit_log=NO_AUDIT) as client:
+            pieces = [piece async for piece in client.stream(ASK, max_new_tokens=4)]
+            return "".join(pieces), client.retry_count
+
+    text, retries = asyncio.run(run())
+    assert text and retries == 1
+    ids = _stream_ids(relay)
+    assert len(ids) == 2 and ids[0] != ids[1]
