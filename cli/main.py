@@ -1,7 +1,8 @@
 """The `encloud` command line.
 
-Client commands (attest, chat) need only the client package; server commands
-(serve, export-model, demo) import the server package when they run.
+Client commands (attest, chat, verify, policy, audit, loadgen) need only the
+client package; server commands (serve, export-model, demo) import the server
+package when they run.
 """
 
 from __future__ import annotations
@@ -434,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("export-model", help="convert a model to ONNX (see export-model --help)")
+    sub.add_parser("loadgen", help="bounded load against a server (see loadgen --help)")
 
     demo = sub.add_parser("demo", help="swtpm + server + encrypted chat, all local")
     demo.add_argument("--prompt", default="What is encryption? Answer briefly.")
@@ -444,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadgen"]:
+        # The load generator owns its options too.
+        from encloud.cli.loadgen import main as loadgen_main
+
+        return loadgen_main(argv[1:])
     if argv[:1] == ["export-model"]:
         # The exporter owns its options; hand them over untouched.
         from encloud.server.inference.export import main as export_main

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from encloud.protocol.faults import DomainError, Kind
 from encloud.server.metrics import Metrics
@@ -29,7 +30,6 @@ log = logging.getLogger("encloud.status")
 ERROR_DOMAIN = "encloud.v1"
 STATUS_CODES: dict[Kind, grpc.StatusCode] = {kind: grpc.StatusCode[kind.value] for kind in Kind}
 """Each transport-neutral fault kind's gRPC status code: the only place they meet."""
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -64,9 +64,7 @@ async def _abort(
     retry: float | None = None,
 ) -> None:
     status = _rich_status(code, message, reason, metadata or {}, retry)
-    await context.abort(
-        code, message, trailing_metadata=((_STATUS_DETAILS_KEY, status.SerializeToString()),)
-    )
+    await context.abort_with_status(rpc_status.to_status(status))
 
 
 async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> None:

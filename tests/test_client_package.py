@@ -237,3 +237,37 @@ def test_the_wheel_in_a_clean_venv_type_checks_and_talks_to_the_server(
     assert lines[0].startswith("sync " + stack.policy.allowed_model_digests[0].hex())
     assert lines[1].startswith("async ")
     assert (tmp_path / "audit.jsonl").read_text().count('"outcome":"pass"') == 2
+
+    # The client commands of the CLI work without the server's packages.
+    checked_cli = subprocess.run(
+        [str(venv / "bin" / "encloud"), "policy", "check", str(policy)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked_cli.returncode == 0, checked_cli.stdout + checked_cli.stderr
+    assert "complete dev policy" in checked_cli.stdout
+
+
+@pytest.mark.e2e
+def test_the_readme_example_runs(stack, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    policy = tmp_path / "policy.json"
+    policy.write_bytes(stack.server.policy_path.read_bytes())
+    program = example.replace("cvm.example.com:50051", stack.address).replace(
+        '"policy.json"', repr(str(policy))
+    )
+    assert program != example
+    ran = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip()  # the streamed answer
+    assert (tmp_path / "audit.jsonl").read_text().count('"outcome":"pass"') == 1
