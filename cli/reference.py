@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from encloud.protocol import eventlog
+from encloud.protocol.canonical import strict_loads
 from encloud.protocol.encoding import encode, sha256
 from encloud.protocol.errors import PolicyError, VerificationError
 from encloud.protocol.evidence import Evidence
@@ -60,8 +61,8 @@ def model_digest_of_folder(folder: Path) -> bytes:
     its manifest (a file missing, added or changed, or another recorded digest)."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+        manifest = strict_loads((folder / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
         raise PolicyError(f"{folder}: no readable {MANIFEST_NAME}") from err
     template = manifest.get("chat_template") if isinstance(manifest, dict) else None
     if not isinstance(template, str):
@@ -95,8 +96,8 @@ def model_digest_of_folder(folder: Path) -> bytes:
 
 def runtime_event_from_file(path: Path) -> dict[str, Any]:
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+        obj = strict_loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
         raise PolicyError(f"{path}: not a JSON runtime event") from err
     if not isinstance(obj, dict):
         raise PolicyError(f"{path}: a runtime event is a JSON object")
@@ -148,8 +149,8 @@ def read_roots(path: Path) -> list[bytes]:
 def read_pcr_values(path: Path) -> dict[int, bytes]:
     """A JSON object {"<index>": "<hex>"} of expected PCR values."""
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+        obj = strict_loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
         raise PolicyError(f"{path}: not a JSON object of PCR values") from err
     if not isinstance(obj, dict):
         raise PolicyError(f"{path}: not a JSON object of PCR values")

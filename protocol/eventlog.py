@@ -20,6 +20,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from encloud.protocol.canonical import strict_loads
 from encloud.protocol.encoding import encode, sha256
 from encloud.protocol.errors import EventLogFormatError
 
@@ -106,8 +107,8 @@ def parse(data: bytes) -> list[EventRecord]:
 def _parse_record(line: bytes, index: int) -> EventRecord:
     where = f"record {index}"
     try:
-        obj = json.loads(line.decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as err:
+        obj = strict_loads(line.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise EventLogFormatError(f"{where} is not ASCII JSON") from err
     if not isinstance(obj, dict) or set(obj) != _RECORD_KEYS:
         raise EventLogFormatError(f"{where} does not have exactly the keys {sorted(_RECORD_KEYS)}")

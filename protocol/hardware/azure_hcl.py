@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from encloud.protocol.canonical import strict_loads
 from encloud.protocol.errors import HardwareReportFormatError, RuntimeClaimsError
 
 HCL_SIGNATURE = 0x414C4348  # 'HCLA' read as a little-endian u32
@@ -137,8 +137,8 @@ def _jwk_spki(jwk: dict[str, Any]) -> bytes:
 def parse_runtime_claims(claims: bytes) -> RuntimeClaims:
     """The AK (kid HCLAkPub) and the vm-configuration object of Azure's runtime claims."""
     try:
-        obj = json.loads(claims.rstrip(b"\0").decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
+        obj = strict_loads(claims.rstrip(b"\0"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise RuntimeClaimsError("runtime claims are not UTF-8 JSON") from err
     if not isinstance(obj, dict) or not isinstance(obj.get("keys"), list):
         raise RuntimeClaimsError("runtime claims have no key list")
