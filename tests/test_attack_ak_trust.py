@@ -223,3 +223,51 @@ def test_attack_snp_report_for_an_unpinned_ak_under_a_dev_sev_snp_policy(sc) -> 
     )
     with pytest.raises(AkUntrustedError):
         _verify(_snp_evidence(sc), policy)
+
+
+@pytest.mark.attack
+@pytest.mark.xfail(strict=True, reason='review finding; fixed in the next commit')
+def test_attack_azure_shaped_report_without_a_pinned_paravisor_measurement(sc) -> None:
+    # Any SNP guest without a paravisor runs its own kernel at VMPL 0 and can write an
+    # HCL-shaped report whose claims carry its software AK. Only the pinned paravisor
+    # measurement makes VMPL 0 mean "the paravisor wrote this".
+    platform = {**cf.platform_policy(), "measurements": []}
+    with pytest.raises(PolicyIncompleteError, match="paravisor's launch measurement"):
+        build_policy(
+            pcr_selection=sc.policy.pcr_selection,
+            pcr_values=dict(sc.policy.pcr_values),
+            workload_pcr=sc.policy.workload_pcr,
+            allowed_model_digests=sc.policy.allowed_model_digests,
+            allowed_runtime_events=sc.policy.allowed_runtime_events,
+            pinned_public_keys=(),
+            max_session_ttl_seconds=3600,
+            platform=platform,
+        )
+    pinned = _azure_policy(sc)
+    assert pinned.platform is not None
+    unpinned = dataclasses.replace(
+        pinned, platform=dataclasses.replace(pinned.platform, measurements=(), production=False)
+    )
+    evidence = _azure_evidence(sc, measurement=bytes([0x42]) * 48)
+    with pytest.raises(PolicyIncompleteError):
+        _verify(evidence, unpinned)
+
+
+@pytest.mark.attack
+@pytest.mark.xfail(strict=True, reason='review finding; fixed in the next commit')
+def test_attack_policy_object_edited_around_the_parser(sc) -> None:
+    # dataclasses.replace skips the parser: the verifier validates the object itself.
+    policy = _azure_policy(sc)
+    assert policy.platform is not None
+    debug = dataclasses.replace(
+        policy, platform=dataclasses.replace(policy.platform, allow_debug=True)
+    )
+    evidence = _azure_evidence(sc, policy=cf.GUEST_POLICY | cf.DEBUG_BIT)
+    _, report, error = verify_with_report(
+        evidence, debug, expected_qualifying_data=b.NONCE_Q, session_ttl_seconds=60
+    )
+    assert isinstance(error, PolicyIncompleteError) and "debug" in str(error)
+    assert [r.name for r in report] == ["policy"]
+    broken = dataclasses.replace(policy, pcr_bank="sha512")
+    with pytest.raises(PolicyIncompleteError, match="does not validate"):
+        _verify(evidence, broken)
