@@ -338,11 +338,16 @@ def policy_gaps(policy: Policy) -> list[str]:
     before it reads evidence."""
     gaps: list[str] = []
     platform = policy.platform
-    azure = platform is not None and platform.kind == "azure-sev-snp"
+    # Azure's report vouches for the AK only when the paravisor's measurement is pinned: any
+    # SNP guest without a paravisor runs its own kernel at VMPL 0 and chooses REPORT_DATA.
+    azure = (
+        platform is not None and platform.kind == "azure-sev-snp" and bool(platform.measurements)
+    )
     if not policy.pinned_public_keys and not policy.certificate_roots and not azure:
         gaps.append(
             "ak: no pinned key and no certificate root: nothing establishes AK trust (a "
-            "hardware report vouches for the AK only on azure-sev-snp)"
+            "hardware report vouches for the AK only on azure-sev-snp with the paravisor's "
+            "launch measurement pinned)"
         )
     if policy.gce is None and any(is_google_root(r) for r in policy.certificate_roots):
         gaps.append(
@@ -714,7 +719,33 @@ def _from_obj(
     gaps = policy_gaps(policy) if check_gaps else []
     if gaps:
         raise PolicyIncompleteError(gaps)
+    if check_gaps:
+        object.__setattr__(policy, _VALIDATED, True)
     return policy
+
+
+_VALIDATED = "_encloud_validated"
+
+
+def ensure_valid(policy: Policy) -> None:
+    """Raise PolicyError unless `policy` is exactly what the parser makes of its own fields.
+
+    A Policy from parse_policy / build_policy is; one made by dataclasses.replace or the
+    constructor is checked here again (format and completeness), so the verifier never
+    trusts a policy object that skipped the parser's rules."""
+    if getattr(policy, _VALIDATED, False):
+        return
+    if not isinstance(policy, Policy):
+        raise PolicyError(f"expected a Policy, not {type(policy).__name__}")
+    try:
+        rebuilt = _from_obj(policy.to_obj(), tuple(policy.unsafe_test_roots))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, PolicyError):
+            raise
+        raise PolicyError(f"the policy object is malformed ({type(err).__name__})") from err
+    if rebuilt != policy:
+        raise PolicyError("the policy object differs from what its own fields parse to")
+    object.__setattr__(policy, _VALIDATED, True)
 
 
 def _waivers(

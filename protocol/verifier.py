@@ -43,6 +43,7 @@ from encloud.protocol.errors import (
     PcrValueError,
     PlainSevRefusedError,
     PlatformMismatchError,
+    PolicyError,
     PolicyIncompleteError,
     QualifiedSignerError,
     ReportDataMismatchError,
@@ -63,7 +64,7 @@ from encloud.protocol.hardware.binding import (
     KIND_TDX,
     session_report_data,
 )
-from encloud.protocol.policy import GcePin, Policy, policy_digest, policy_gaps
+from encloud.protocol.policy import GcePin, Policy, ensure_valid, policy_digest, policy_gaps
 from encloud.protocol.tpm_structures import (
     DECRYPT,
     FIXED_PARENT,
@@ -284,6 +285,12 @@ class _Run:
         ev, policy = self.evidence, self.policy
 
         self.step("policy")
+        try:
+            ensure_valid(policy)
+        except PolicyIncompleteError:
+            raise
+        except PolicyError as err:
+            raise PolicyIncompleteError([f"the policy object does not validate: {err}"]) from err
         gaps = policy_gaps(policy)
         if gaps:
             raise PolicyIncompleteError(gaps)
@@ -459,7 +466,9 @@ class _Run:
         if spki in policy.pinned_public_keys:
             return f"AK {fingerprint} is pinned by the policy"
         if policy.certificate_roots and ev.ak_certificate_chain:
-            root = _check_certificate_chain(ev.ak_certificate_chain, policy.certificate_roots, spki)
+            root = check_certificate_chain(
+                ev.ak_certificate_chain, policy.certificate_roots, spki, policy.gce is not None
+            )
             identity = check_gce_identity(ev.ak_certificate_chain[0], policy.gce)
             return f"AK {fingerprint} certified by a chain to root {root}{identity}"
         if hardware.ak_bound:
@@ -608,7 +617,8 @@ class _Run:
             note = _HOST_VTPM_NOTE
         self.step("trust")
         self.ok(note)
-        return _Hardware(hcl is not None, binding, note)
+        # Only Azure's paravisor, pinned by its measurement, writes the AK into REPORT_DATA.
+        return _Hardware(hcl is not None and bool(platform.measurements), binding, note)
 
 
 @dataclass(frozen=True)
@@ -678,8 +688,8 @@ def _check_ak_attributes(ak: AkPublic) -> None:
         raise AkAttributesError("a restricted signing key must fix its signing scheme")
 
 
-def _check_certificate_chain(
-    chain: tuple[bytes, ...], roots: tuple[bytes, ...], ak_spki: bytes
+def check_certificate_chain(
+    chain: tuple[bytes, ...], roots: tuple[bytes, ...], ak_spki: bytes, gce_pinned: bool
 ) -> str:
     """Validate chain (leaf first) to one of roots; return the root's subject."""
     try:
@@ -709,6 +719,12 @@ def _check_certificate_chain(
         verified = verifier.verify(leaf, certs[1:])
     except x509_verification.VerificationError as err:
         raise AkUntrustedError(f"the AK certificate chain does not validate: {err}") from err
+    google = [c for c in verified.chain if gce.is_google_certificate(c)]
+    if google and not gce_pinned:
+        raise AkUntrustedError(
+            "the AK certificate chain runs through Google's vTPM CA; the policy must pin the "
+            "GCE project (ak.gce)"
+        )
     return verified.chain[-1].subject.rfc4514_string()
 
 
@@ -857,6 +873,7 @@ __all__ = [
     "CheckResult",
     "VerifiedAttestation",
     "ak_fingerprint",
+    "check_certificate_chain",
     "check_gce_identity",
     "format_report",
     "spki_der",

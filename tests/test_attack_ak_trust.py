@@ -226,7 +226,6 @@ def test_attack_snp_report_for_an_unpinned_ak_under_a_dev_sev_snp_policy(sc) -> 
 
 
 @pytest.mark.attack
-@pytest.mark.xfail(strict=True, reason='review finding; fixed in the next commit')
 def test_attack_azure_shaped_report_without_a_pinned_paravisor_measurement(sc) -> None:
     # Any SNP guest without a paravisor runs its own kernel at VMPL 0 and can write an
     # HCL-shaped report whose claims carry its software AK. Only the pinned paravisor
@@ -254,7 +253,6 @@ def test_attack_azure_shaped_report_without_a_pinned_paravisor_measurement(sc) -
 
 
 @pytest.mark.attack
-@pytest.mark.xfail(strict=True, reason='review finding; fixed in the next commit')
 def test_attack_policy_object_edited_around_the_parser(sc) -> None:
     # dataclasses.replace skips the parser: the verifier validates the object itself.
     policy = _azure_policy(sc)

@@ -391,3 +391,22 @@ def test_gce_identity_vectors(case: dict[str, Any]) -> None:
     else:
         with pytest.raises(error_class(case["expect"])):
             check_gce_identity(b(case["leaf"]), pin)
+
+
+@pytest.mark.parametrize("case", load("policy")["chains"], ids=lambda c: c["name"])
+def test_ak_certificate_chain_vectors(case: dict[str, Any]) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from encloud.protocol.verifier import check_certificate_chain
+
+    root = x509.load_pem_x509_certificate(case["root"].encode()).public_bytes(
+        serialization.Encoding.DER
+    )
+    chain = tuple(b(c) for c in case["chain"])
+    args = (chain, (root,), b(case["ak_spki"]), case["gce_pinned"])
+    if case["expect"] == "ok":
+        check_certificate_chain(*args)
+    else:
+        with pytest.raises(error_class(case["expect"])):
+            check_certificate_chain(*args)

@@ -47,7 +47,11 @@ def is_google_root(der: bytes) -> bool:
     """True when a root certificate names Google as its organisation (Google's vTPM CA).
 
     A policy naming such a root must pin the GCE project (encloud.protocol.policy)."""
-    cert = x509.load_der_x509_certificate(der)
+    return is_google_certificate(x509.load_der_x509_certificate(der))
+
+
+def is_google_certificate(cert: x509.Certificate) -> bool:
+    """True when a certificate's subject names Google as its organisation."""
     names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return any(str(a.value) == GOOGLE_ORGANIZATION for a in names)
 
@@ -92,11 +96,17 @@ def parse_identity(der: bytes) -> GceIdentity:
             if extra or value not in (b"\x00", b"\xff"):
                 raise GceIdentityFormatError("malformed isProduction")
             is_production = value == b"\xff"
-        if props:
-            raise GceIdentityFormatError("unknown security property")
-    if body:
-        raise GceIdentityFormatError("unknown field after the security properties")
+        # Google adds properties [2], [3], ... (e.g. tpmDataAlwaysEncrypted): well-formed
+        # ones are skipped, as Go's encoding/asn1 (go-tpm-tools) skips what it does not know.
+        _skip_elements(props)
+    _skip_elements(body)  # fields Google may append after the security properties
     return GceIdentity(zone, project_number, project_id, instance_id, instance_name, is_production)
+
+
+def _skip_elements(data: bytes) -> None:
+    """Check that `data` is a sequence of well-formed DER elements, and ignore them."""
+    while data:
+        _, data = _take(data, data[0])
 
 
 def _take(data: bytes, tag: int) -> tuple[bytes, bytes]:

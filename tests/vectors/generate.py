@@ -1576,13 +1576,18 @@ def vector_certificate(
     issuer: tuple[list[tuple[Any, str]], ec.EllipticCurvePrivateKey] | None = None,
     ca: bool = True,
     extensions: list[tuple[str, bytes]] = (),  # type: ignore[assignment]
+    path_length: int | None = None,
+    key_cert_sign: bool = True,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> bytes:
-    """A deterministic DER certificate (fixed key, serial, dates; RFC 6979 ECDSA)."""
+    """A deterministic DER certificate (fixed key, serial, dates; RFC 6979 ECDSA). A CA
+    certificate carries keyUsage keyCertSign+cRLSign (or digitalSignature only, without
+    `key_cert_sign`), key identifiers and `path_length`."""
     import datetime
 
     from cryptography import x509
 
-    key = ec_key(f"certificate {label}")
+    key = key or ec_key(f"certificate {label}")
     name = x509.Name([x509.NameAttribute(oid, value) for oid, value in subject])
     issuer_name, issuer_key = (
         (name, key)
@@ -1601,8 +1606,33 @@ def vector_certificate(
         .serial_number(int.from_bytes(seed(f"serial {label}", 8), "big") >> 1)
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=365 * 30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+        )
     )
+    if ca:
+        usage = dict.fromkeys(
+            (
+                "digital_signature",
+                "content_commitment",
+                "key_encipherment",
+                "data_encipherment",
+                "key_agreement",
+                "key_cert_sign",
+                "crl_sign",
+                "encipher_only",
+                "decipher_only",
+            ),
+            False,
+        )
+        usage.update(
+            {"key_cert_sign": key_cert_sign, "crl_sign": key_cert_sign}
+            if key_cert_sign
+            else {"digital_signature": True}
+        )
+        builder = builder.add_extension(x509.KeyUsage(**usage), critical=True)
     for oid, value in extensions:
         builder = builder.add_extension(
             x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), critical=False
@@ -1630,7 +1660,10 @@ def _der_int(value: int) -> bytes:
     return _der_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
 
 
-def gce_identity_der(project_id: str, project_number: int, *, production: bool | None) -> bytes:
+def gce_identity_der(
+    project_id: str, project_number: int, *, production: bool | None, extra: bytes = b""
+) -> bytes:
+    """`extra`: more security properties after [1] and a field after them, as Google may add."""
     body = (
         _der_tlv(0x0C, b"europe-west4-a")
         + _der_int(project_number)
@@ -1642,7 +1675,8 @@ def gce_identity_der(project_id: str, project_number: int, *, production: bool |
         props = _der_tlv(0xA0, _der_int(1)) + _der_tlv(
             0xA1, _der_tlv(0x01, b"\xff" if production else b"\x00")
         )
-        body += _der_tlv(0xA0, _der_tlv(0x30, props))
+        body += _der_tlv(0xA0, _der_tlv(0x30, props + extra))
+        body += extra and _der_tlv(0x0C, b"a later field")
     return _der_tlv(0x30, body)
 
 
@@ -1845,6 +1879,12 @@ def policy_vectors() -> dict[str, Any]:
             base(platform=platform(production=False, amd_roots=[])),
             "incomplete",
         ),
+        (
+            "azure_without_measurement_is_no_ak_trust",
+            "VMPL 0 means the paravisor only when its measurement is pinned",
+            base(ak={}, platform=platform("azure-sev-snp", production=False, measurements=[])),
+            "incomplete",
+        ),
     ]
     policies = []
     for name, description, obj, intent in cases:
@@ -1907,6 +1947,31 @@ def policy_vectors() -> dict[str, Any]:
         ("identity_but_no_pin", ours, None, False),
         ("no_identity_no_pin", leaf("none", None), None, True),
         ("malformed_identity", leaf("junk", b"\x30\x03\x0c\x05a"), {"project_id": "p"}, False),
+        (
+            "later_security_properties_are_skipped",
+            leaf(
+                "later",
+                gce_identity_der(
+                    "encloud-prod",
+                    123456789012,
+                    production=True,
+                    extra=_der_tlv(0xA2, _der_tlv(0x01, b"\xff")),
+                ),
+            ),
+            {"project_id": "encloud-prod"},
+            True,
+        ),
+        (
+            "a_malformed_later_property_is_refused",
+            leaf(
+                "broken",
+                gce_identity_der(
+                    "encloud-prod", 123456789012, production=True, extra=b"\xa2\x05\x01\x01"
+                ),
+            ),
+            {"project_id": "encloud-prod"},
+            False,
+        ),
     ]
     identities = []
     from encloud.protocol.errors import AkUntrustedError
@@ -1927,6 +1992,83 @@ def policy_vectors() -> dict[str, Any]:
                 "expect": "ok" if ok else "AkUntrustedError",
             }
         )
+    # AK certificate chains (check 2): path validation as both clients do it.
+    ak_key = ec_key("chain ak")
+    root_name = [(o, "Example vTPM Vendor"), (cn, "Example Root")]
+    google_name = [(o, "Google LLC"), (cn, "EK/AK CA Intermediate")]
+
+    def ca(label: str, subject: list[Any], issuer: tuple[list[Any], Any] | None, **kw: Any):
+        der = vector_certificate(label, subject, issuer=issuer, **kw)
+        return der, ec_key(f"certificate {label}")
+
+    root_der, root_key = ca("chain root", root_name, None, path_length=1)
+    tight_der, tight_key = ca("chain tight root", root_name, None, path_length=0)
+
+    def leaf_under(label: str, issuer_name: list[Any]) -> bytes:
+        issuer_key = ec_key(f"certificate {label} issuer")
+        return vector_certificate(
+            f"{label} leaf",
+            [(cn, "AK")],
+            issuer=(issuer_name, issuer_key),
+            ca=False,
+            key=ak_key,
+        )
+
+    def chain_case(label: str, signer: Any, name: list[Any] | None = None, **kw: Any):
+        subject = name or [(o, "Example vTPM Vendor"), (cn, f"Intermediate {label}")]
+        issuer_key = ec_key(f"certificate {label} issuer")
+        middle = vector_certificate(
+            f"{label} issuer", subject, issuer=(root_name, signer), key=issuer_key, **kw
+        )
+        return (leaf_under(label, subject), middle)
+
+    chain_cases = [
+        ("valid", chain_case("valid", root_key), root_der, False, True),
+        (
+            "ca_without_key_cert_sign",
+            chain_case("nosign", root_key, key_cert_sign=False),
+            root_der,
+            False,
+            False,
+        ),
+        ("longer_than_path_length", chain_case("tight", tight_key), tight_der, False, False),
+        (
+            "via_google_without_a_gce_pin",
+            chain_case("google", root_key, google_name),
+            root_der,
+            False,
+            False,
+        ),
+        (
+            "via_google_with_a_gce_pin",
+            chain_case("google", root_key, google_name),
+            root_der,
+            True,
+            True,
+        ),
+        ("to_another_root", chain_case("valid", root_key), tight_der, False, False),
+    ]
+    from encloud.protocol.verifier import check_certificate_chain
+
+    ak_spki = spki(ak_key)
+    chains = []
+    for name, chain, root, pinned, passes in chain_cases:
+        try:
+            check_certificate_chain(chain, (root,), ak_spki, pinned)
+            ok = True
+        except AkUntrustedError:
+            ok = False
+        assert ok == passes, name
+        chains.append(
+            {
+                "name": name,
+                "chain": [hx(c) for c in chain],
+                "root": _pem(root),
+                "ak_spki": hx(ak_spki),
+                "gce_pinned": pinned,
+                "expect": "ok" if ok else "AkUntrustedError",
+            }
+        )
     return {
         "description": "policy completeness (parse_policy; docs/PROTOCOL.md, 'Complete policies') "
         "and the GCE identity check of ak_trust. expect: complete (a client that does not "
@@ -1935,6 +2077,7 @@ def policy_vectors() -> dict[str, Any]:
         "certificates": pem,
         "policies": policies,
         "gce_identity": identities,
+        "chains": chains,
     }
 
 

@@ -31,6 +31,44 @@ function skip(data) {
   return take(data, data[0])[1];
 }
 
+function skipAll(data) {
+  let rest = data;
+  while (rest.length) rest = skip(rest);
+}
+
+/** Every extension of a certificate: [{ oid: Buffer, critical: boolean, value: Buffer }]. */
+function extensions(certDer) {
+  const [certificate] = take(certDer, 0x30);
+  let [tbs] = take(certificate, 0x30);
+  if (tbs[0] === 0xa0) tbs = skip(tbs); // version
+  for (let i = 0; i < 6; i++) tbs = skip(tbs); // serial, signature, issuer, validity, subject, spki
+  const out = [];
+  while (tbs.length) {
+    if (tbs[0] !== 0xa3) {
+      tbs = skip(tbs); // issuerUniqueID [1], subjectUniqueID [2]
+      continue;
+    }
+    const [wrapped] = take(tbs, 0xa3);
+    let [list] = take(wrapped, 0x30);
+    while (list.length) {
+      let ext;
+      [ext, list] = take(list, 0x30);
+      let oid;
+      [oid, ext] = take(ext, 0x06);
+      let critical = false;
+      if (ext[0] === 0x01) {
+        const [flag, rest] = take(ext, 0x01);
+        critical = flag.length === 1 && flag[0] === 0xff;
+        ext = rest;
+      }
+      const [value] = take(ext, 0x04);
+      out.push({ oid, critical, value });
+    }
+    break;
+  }
+  return out;
+}
+
 /** The raw value of the certificate extension with this OID, or null. */
 function extensionValue(certDer, oid) {
   const [certificate] = take(certDer, 0x30);
@@ -102,9 +140,11 @@ function parseIdentity(der) {
       }
       identity.isProduction = value[0] === 0xff;
     }
-    if (props.length) throw new DerError('unknown security property');
+    // Later properties ([2], [3], ...) and later fields: checked well-formed, then skipped,
+    // as Go's encoding/asn1 (go-tpm-tools) skips what it does not know.
+    skipAll(props);
   }
-  if (body.length) throw new DerError('unknown field after the security properties');
+  skipAll(body);
   return identity;
 }
 
@@ -134,4 +174,4 @@ function checkGceIdentity(leafDer, pin) {
   return `, GCE project ${identity.project_id} (${identity.project_number}) instance ${identity.instance_name} (${identity.instance_id}) in ${identity.zone}`;
 }
 
-module.exports = { checkGceIdentity, parseIdentity, extensionValue };
+module.exports = { checkGceIdentity, parseIdentity, extensionValue, extensions, take, DerError };

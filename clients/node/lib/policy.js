@@ -220,9 +220,12 @@ function parsePlatform(value) {
 function policyGaps(p) {
   const gaps = [];
   const platform = p.platform;
-  const azure = platform !== null && platform.kind === 'azure-sev-snp';
+  // Azure's report vouches for the AK only with the paravisor's measurement pinned.
+  const azure = platform !== null && platform.kind === 'azure-sev-snp' && platform.measurements.length > 0;
   if (!p.pinnedPublicKeys.length && !p.certificateRoots.length && !azure) {
-    gaps.push('ak: no pinned key and no certificate root: nothing establishes AK trust (a hardware report vouches for the AK only on azure-sev-snp)');
+    gaps.push(
+      "ak: no pinned key and no certificate root: nothing establishes AK trust (a hardware report vouches for the AK only on azure-sev-snp with the paravisor's launch measurement pinned)",
+    );
   }
   if (p.gce === null && p.certificateRoots.some(isGoogleRoot)) {
     gaps.push("ak.gce: Google's vTPM CA certifies every customer's VMs; pin your project (project_id or project_number)");
@@ -364,4 +367,4 @@ function parsePolicy(text) {
   return policy;
 }
 
-module.exports = { parsePolicy, parseGce, policyGaps, isParsed, BOOT_PCRS };
+module.exports = { parsePolicy, parseGce, policyGaps, isParsed, isGoogleCertificate: isGoogleRoot, BOOT_PCRS };

@@ -6,8 +6,10 @@ const E = require('./errors');
 const { sha256, hash, equal } = require('./encoding');
 const tpm = require('./tpm');
 const eventlog = require('./eventlog');
-const { checkGceIdentity } = require('./gce');
-const { isParsed } = require('./policy');
+const gce = require('./gce');
+const { isParsed, isGoogleCertificate } = require('./policy');
+
+const { checkGceIdentity } = gce;
 
 const { C } = tpm;
 const subtle = crypto.webcrypto.subtle;
@@ -41,7 +43,61 @@ function akFingerprint(akPublicBytes) {
   return sha256(spkiOf(tpm.parsePublic(akPublicBytes))).toString('hex');
 }
 
-function checkCertificateChain(chain, roots, akSpki) {
+const OID = {
+  basicConstraints: Buffer.from('551d13', 'hex'),
+  keyUsage: Buffer.from('551d0f', 'hex'),
+  nameConstraints: Buffer.from('551d1e', 'hex'),
+  extKeyUsage: Buffer.from('551d25', 'hex'),
+  subjectKeyIdentifier: Buffer.from('551d0e', 'hex'),
+  authorityKeyIdentifier: Buffer.from('551d23', 'hex'),
+  certificatePolicies: Buffer.from('551d20', 'hex'),
+};
+const KNOWN_CA_EXTENSIONS = Object.values(OID);
+
+/** pathLenConstraint of a CA certificate (null when absent), from its basicConstraints. */
+function caRules(cert) {
+  let exts;
+  try {
+    exts = gce.extensions(cert.raw);
+  } catch {
+    throw new E.AkUntrustedError('a CA certificate of the chain does not parse');
+  }
+  const find = (oid) => exts.find((x) => x.oid.equals(oid));
+  for (const ext of exts) {
+    if (ext.critical && !KNOWN_CA_EXTENSIONS.some((oid) => oid.equals(ext.oid))) {
+      throw new E.AkUntrustedError('a CA certificate carries a critical extension this client does not check');
+    }
+  }
+  if (find(OID.nameConstraints)) {
+    throw new E.AkUntrustedError('name constraints are not checked by this client: refused');
+  }
+  const usage = find(OID.keyUsage);
+  // keyUsage BIT STRING: [unused bits][bits...]; keyCertSign is bit 5 (0x04 in the first byte).
+  const bits = usage ? gce.take(usage.value, 0x03)[0] : null;
+  if (!bits || bits.length < 2 || !(bits[1] & 0x04)) {
+    throw new E.AkUntrustedError('a CA certificate of the chain may not sign certificates (keyUsage)');
+  }
+  const basic = find(OID.basicConstraints);
+  if (!basic) throw new E.AkUntrustedError('a CA certificate of the chain has no basicConstraints');
+  let [seq] = gce.take(basic.value, 0x30);
+  if (seq.length && seq[0] === 0x01) seq = gce.take(seq, 0x01)[1];
+  if (!seq.length) return null;
+  const [len] = gce.take(seq, 0x02);
+  return len.reduce((acc, byte) => acc * 256 + byte, 0);
+}
+
+/** The CA certificates of a validated path, leaf excluded, each with the number of CA
+ * certificates below it (RFC 5280's pathLenConstraint counts those). */
+function checkCaPath(cas) {
+  cas.forEach((cert, below) => {
+    const pathLen = caRules(cert);
+    if (pathLen !== null && below > pathLen) {
+      throw new E.AkUntrustedError('the chain is longer than a CA certificate allows (pathLenConstraint)');
+    }
+  });
+}
+
+function checkCertificateChain(chain, roots, akSpki, gcePinned) {
   let certs;
   try {
     certs = chain.map((der) => new crypto.X509Certificate(Buffer.from(der)));
@@ -65,10 +121,17 @@ function checkCertificateChain(chain, roots, akSpki) {
   }
   const top = certs[certs.length - 1];
   for (const rootCert of roots) {
-    if (top.raw.equals(rootCert.raw) && certs.length > 1) return rootCert.subject;
-    if (rootCert.ca && current(rootCert) && top.checkIssued(rootCert) && top.verify(rootCert.publicKey)) {
-      return rootCert.subject;
+    let path = null;
+    if (top.raw.equals(rootCert.raw) && certs.length > 1) path = certs.slice(1);
+    else if (rootCert.ca && current(rootCert) && top.checkIssued(rootCert) && top.verify(rootCert.publicKey)) {
+      path = [...certs.slice(1), rootCert];
     }
+    if (path === null) continue;
+    checkCaPath(path);
+    if (!gcePinned && [...certs, rootCert].some(isGoogleCertificate)) {
+      throw new E.AkUntrustedError("the AK certificate chain runs through Google's vTPM CA; the policy must pin the GCE project (ak.gce)");
+    }
+    return rootCert.subject;
   }
   throw new E.AkUntrustedError('the AK certificate chain does not lead to a policy root');
 }
@@ -241,7 +304,7 @@ async function verify(ev, policy, { expectedQualifyingData, sessionTtlSeconds })
     if (policy.pinnedPublicKeys.some((k) => k.equals(akSpki))) {
       ok(step, `AK ${fingerprint} is pinned by the policy`);
     } else if (policy.certificateRoots.length && ev.akCertificateChain.length) {
-      const root = checkCertificateChain(ev.akCertificateChain, policy.certificateRoots, akSpki);
+      const root = checkCertificateChain(ev.akCertificateChain, policy.certificateRoots, akSpki, policy.gce !== null);
       const identity = checkGceIdentity(ev.akCertificateChain[0], policy.gce);
       ok(step, `AK ${fingerprint} certified by a chain to ${root}${identity}`);
     } else {
@@ -378,4 +441,4 @@ async function verify(ev, policy, { expectedQualifyingData, sessionTtlSeconds })
   }
 }
 
-module.exports = { verify, spkiOf, akFingerprint };
+module.exports = { verify, spkiOf, akFingerprint, checkCertificateChain };

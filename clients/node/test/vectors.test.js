@@ -262,3 +262,16 @@ test('verifier: a policy object not made by parsePolicy is refused', async () =>
   const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
   await rejectsWith(verifier.verify(evidence(c.evidence), hand, { expectedQualifyingData: q, sessionTtlSeconds: cl.ttl_seconds }), 'PolicyIncompleteError');
 });
+
+test('policy: AK certificate chains, validated as the reference does or refused', async (t) => {
+  const v = load('policy');
+  for (const c of v.chains) {
+    await t.test(c.name, () => {
+      const chain = c.chain.map(b);
+      const root = new crypto.X509Certificate(c.root);
+      const run = () => verifier.checkCertificateChain(chain, [root], b(c.ak_spki), c.gce_pinned);
+      if (c.expect === 'ok') run();
+      else assert.throws(run, (err) => err.name === c.expect);
+    });
+  }
+});
