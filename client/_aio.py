@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 
 from encloud.protocol import attest as attest_path
-from encloud.protocol.errors import ServiceError, SessionError
+from encloud.protocol.errors import ServiceError, SessionError, SessionExpiredError
 from encloud.protocol.generation import Answer, Completion, Message, StreamReader, open_answer
 from encloud.protocol.v1 import encloud_pb2 as pb
 from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
@@ -37,7 +37,8 @@ class AsyncClient(ClientState):
 
     The same protocol, checks, audit log, retries and re-attestation as `Client` (whose
     docstring says what each argument means); every method is a coroutine and `stream`
-    returns an async iterator. Create it inside the event loop that uses it."""
+    returns an async iterator. Create and use it in one event loop; its tasks may share
+    it. Verification and the audit log's writes run on a worker thread, off the loop."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class AsyncClient(ClientState):
         super().__init__(
             target, policy, audit_log, timeout, retry or RetryPolicy(), auto_reattest, on_reattest
         )
+        self._lock: asyncio.Lock | None = None  # made in the loop, on first use
         self._own_channel = channel is None
         if channel is None:
             channel = (
@@ -71,37 +73,44 @@ class AsyncClient(ClientState):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def _guard(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
     # --- attestation and key release ---------------------------------------------------
 
     async def attest(self, *, timeout: float | None = None) -> VerifiedAttestation:
         """Start a session and verify its evidence against the policy, releasing nothing."""
         budget = self._budget(timeout)
 
-        async def once() -> VerifiedAttestation:
+        async def once(used: list[attest_path.Session]) -> VerifiedAttestation:
             return self._take(await self._drive(self._handshake(release=False), budget))
 
-        return await self._with_retries(budget, once, False)
+        async with self._guard:
+            await self._end_quietly(self._session, budget)
+            return await self._with_retries(budget, once, reattest=False)
 
     async def release_key(
         self, dek: bytes | bytearray | None = None, *, timeout: float | None = None
     ) -> None:
         """Release a data key to the attested session: a fresh one, or your 32-byte `dek`."""
-        if self._attested is None:
-            raise SessionError(
-                "the key was already released to this session"
-                if self._session is not None
-                else "attest first"
-            )
-        self._keep_caller_dek(dek)
         budget = self._budget(timeout)
-        attempt = self._attested
+        async with self._guard:
+            attempt = self._attested
+            if attempt is None:
+                raise SessionError(
+                    "the key was already released to this session"
+                    if self._session is not None
+                    else "attest first"
+                )
+            self._set_caller_dek(dek)
 
-        async def once() -> attest_path.Session:
-            return await self._drive(attest_path.release_key(attempt, self._caller_dek), budget)
+            async def once(used: list[attest_path.Session]) -> attest_path.Session:
+                return await self._drive(attest_path.release_key(attempt, dek), budget)
 
-        session = await self._with_retries(budget, once, False)
-        self._attested = None
-        self._session = session
+            self._bind(await self._with_retries(budget, once, reattest=False))
 
     # --- inference ----------------------------------------------------------------------
 
@@ -111,14 +120,18 @@ class AsyncClient(ClientState):
         """One sealed request, one sealed answer bound to it by its transcript hash."""
         budget = self._budget(timeout)
 
-        async def once() -> Answer:
+        async def once(used: list[attest_path.Session]) -> Answer:
             session = await self._ensure_session(budget)
-            request_id, sealed, transcript = self._seal(session, messages, params)
-            request = pb.InferRequest(
-                session_id=session.session_id, request=sealed_to_proto(sealed)
-            )
-            reply = await self._rpc(self._stub.Infer, request, budget)
-            return open_answer(reply.response, session.s2c, request_id, transcript)
+            used.append(session)
+            try:
+                request_id, sealed, transcript = self._seal(session, messages, params)
+                request = pb.InferRequest(
+                    session_id=session.session_id, request=sealed_to_proto(sealed)
+                )
+                reply = await self._rpc(self._stub.Infer, request, budget)
+                return open_answer(reply.response, session.s2c, request_id, transcript)
+            finally:
+                self._done(session)
 
         return await self._with_retries(budget, once)
 
@@ -132,15 +145,18 @@ class AsyncClient(ClientState):
 
     async def end_session(self, *, timeout: float | None = None) -> None:
         """Seal an END so the server drops the session's keys; then drop ours."""
-        session = self._session
-        try:
-            if session is not None:
-                end = pb.EndSessionRequest(
-                    session_id=session.session_id, end=sealed_to_proto(self._seal_end(session))
-                )
-                await self._rpc(self._stub.EndSession, end, self._budget(timeout))
-        finally:
-            self._drop_session()
+        async with self._guard:
+            session = self._session
+            try:
+                if session is not None:
+                    end = pb.EndSessionRequest(
+                        session_id=session.session_id,
+                        end=sealed_to_proto(self._seal_end(session)),
+                    )
+                    await self._rpc(self._stub.EndSession, end, self._budget(timeout))
+            finally:
+                self._drop_session()
+                self._wipe_caller_dek()
 
     async def close(self) -> None:
         try:
@@ -160,68 +176,97 @@ class AsyncClient(ClientState):
         return CallBudget(self.retry, self.timeout if timeout is None else timeout)
 
     async def _ensure_session(self, budget: CallBudget) -> attest_path.Session:
-        session = self._live_session()
-        if session is not None:
-            return session
-        if self._attested is not None:
-            session = await self._drive(
-                attest_path.release_key(self._attested, self._caller_dek), budget
-            )
-            self._attested = None
-            self._session = session
-            return session
-        self._require_key()
-        reattesting = self.last_attempt is not None
-        self._take(await self._drive(self._handshake(release=True), budget))
-        if reattesting:
-            self._reattested("the session's time-to-live ran out")
-        assert self._session is not None
-        return self._session
-
-    async def _reattest(self, budget: CallBudget, why: str) -> None:
-        old = self._session
-        if old is not None:
-            try:
-                end = pb.EndSessionRequest(
-                    session_id=old.session_id, end=sealed_to_proto(self._seal_end(old))
+        """The live session, marked in use (the caller calls _done): made if needed."""
+        async with self._guard:
+            session = self._live_session()
+            if session is not None:
+                self._use(session)
+                return session
+            if self._attested is not None:
+                attempt = self._attested
+                self._bind(
+                    await self._drive(attest_path.release_key(attempt, self._caller_dek), budget)
                 )
-                await self._stub.EndSession(end, timeout=END_TIMEOUT_SECONDS)
-            except grpc.RpcError:
-                pass
-        self._drop_session()
-        self._take(await self._drive(self._handshake(release=True), budget))
-        self._reattested(why)
+            else:
+                self._require_key()
+                reattesting = self._bound_before
+                if reattesting and not budget.use_reattest():
+                    raise SessionExpiredError("the session expired again within this call")
+                self._take(await self._drive(self._handshake(release=True), budget))
+                if reattesting:
+                    self._reattested("the session's time-to-live ran out")
+            assert self._session is not None
+            self._use(self._session)
+            return self._session
+
+    async def _reattest(
+        self, budget: CallBudget, failed: attest_path.Session | None, why: str
+    ) -> None:
+        async with self._guard:
+            if failed is not None and self._session is not failed and self._session is not None:
+                return  # another task already attested again
+            await self._end_quietly(self._session, budget)
+            self._drop_session()
+            self._take(await self._drive(self._handshake(release=True), budget))
+            self._reattested(why)
+
+    async def _end_quietly(self, session: attest_path.Session | None, budget: CallBudget) -> None:
+        timeout = budget.end_timeout(END_TIMEOUT_SECONDS)
+        if session is None or session.retired or timeout is None:
+            return
+        try:
+            end = pb.EndSessionRequest(
+                session_id=session.session_id, end=sealed_to_proto(self._seal_end(session))
+            )
+            await self._stub.EndSession(end, timeout=timeout)
+        except grpc.RpcError:
+            pass
 
     async def _with_retries(
-        self, budget: CallBudget, once: Callable[[], Awaitable[T]], reattest: bool = True
+        self,
+        budget: CallBudget,
+        once: Callable[[list[attest_path.Session]], Awaitable[T]],
+        *,
+        reattest: bool = True,
     ) -> T:
         while True:
+            used: list[attest_path.Session] = []
             try:
-                return await once()
+                return await once(used)
             except ServiceError as error:
                 failure = error
-            await self._after_failure(budget, failure, reattest)
+            await self._after_failure(budget, failure, reattest, used[-1] if used else None)
 
-    async def _after_failure(self, budget: CallBudget, error: ServiceError, reattest: bool) -> None:
+    async def _after_failure(
+        self,
+        budget: CallBudget,
+        error: ServiceError,
+        reattest: bool,
+        failed: attest_path.Session | None,
+    ) -> None:
         verdict, delay = budget.next_step(error, reattest_allowed=reattest and self.auto_reattest)
         self.retry_count += 1
         if verdict is Verdict.REATTEST:
-            await self._reattest(budget, f"the server answered {error.reason}")
+            await self._reattest(budget, failed, f"the server answered {error.reason}")
         if delay:
             await asyncio.sleep(delay)
 
     async def _drive(self, steps: Generator[Any, Any, T], budget: CallBudget) -> T:
+        """Run one of the protocol's generators; its CPU work (verification) and the audit
+        log's fsync run on a worker thread."""
         try:
-            call = next(steps)
-            while True:
+            done, value = _advance(steps, None)
+            while not done:
                 method = (
                     self._stub.Attest
-                    if isinstance(call, attest_path.AttestCall)
+                    if isinstance(value, attest_path.AttestCall)
                     else self._stub.ReleaseKey
                 )
-                call = steps.send(await self._rpc(method, call.request, budget))
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+                reply = await self._rpc(method, value.request, budget)
+                done, value = await asyncio.to_thread(_advance, steps, reply)
+            return value  # type: ignore[no-any-return]
+        finally:
+            steps.close()
 
     @staticmethod
     async def _rpc(method: Any, request: Any, budget: CallBudget) -> Any:
@@ -231,10 +276,19 @@ class AsyncClient(ClientState):
             raise service_error(error) from None
 
 
+def _advance(steps: Generator[Any, Any, Any], reply: Any) -> tuple[bool, Any]:
+    """(False, the next call) or (True, the result): StopIteration must not cross a Future."""
+    try:
+        return False, (next(steps) if reply is None else steps.send(reply))
+    except StopIteration as done:
+        return True, done.value
+
+
 class AsyncChatStream:
     """The text pieces of a streamed answer as an async iterator; `.completion` at the end.
 
-    The same frame checks and retry rules as encloud.client.ChatStream."""
+    The same frame checks and retry rules as encloud.client.ChatStream; leaving the loop
+    early cancels the call."""
 
     def __init__(
         self,
@@ -257,6 +311,7 @@ class AsyncChatStream:
         client = self._client
         while True:
             reader: StreamReader | None = None
+            session: attest_path.Session | None = None
             try:
                 session = await client._ensure_session(self._budget)
                 request_id, sealed, transcript = client._seal(session, self._messages, self._params)
@@ -279,7 +334,12 @@ class AsyncChatStream:
                     raise failure from None
             except ServiceError as error:
                 failure = error
-            await client._after_failure(self._budget, failure, True)
+            finally:
+                if self.completion is None and self._call is not None:
+                    self._call.cancel()
+                if session is not None:
+                    client._done(session)
+            await client._after_failure(self._budget, failure, True, session)
 
     def cancel(self) -> None:
         if self._call is not None:

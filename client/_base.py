@@ -72,7 +72,11 @@ def as_audit_log(audit_log: object) -> AuditLog | None:
 
 
 class ClientState:
-    """The arguments, the current session and what the last attestation showed."""
+    """The arguments, the current session and what the last attestation showed.
+
+    Sessions are shared by concurrent calls: each call marks the session it uses, and a
+    session that is replaced (re-attestation, expiry, a new attest) is wiped only once the
+    last call using it is done."""
 
     def __init__(
         self,
@@ -86,8 +90,10 @@ class ClientState:
     ) -> None:
         if not isinstance(target, str) or not target:
             raise TypeError("target must be 'host:port'")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive seconds, or None for no deadline")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise TypeError("timeout must be positive seconds, or None for no deadline")
         self.target = target
         self.policy = as_policy(policy)
         self._audit = as_audit_log(audit_log)
@@ -100,6 +106,7 @@ class ClientState:
         self.last_attempt: attest.Attempt | None = None
         self._attested: attest.Attempt | None = None  # verified, key not released yet
         self._session: attest.Session | None = None
+        self._bound_before = False  # a key was released once: a new session is a re-attest
         self._caller_dek: bytearray | None = None
 
     # --- what callers see -------------------------------------------------------------
@@ -143,16 +150,22 @@ class ClientState:
         if handshake.session is None:
             self._attested = handshake.attempt
         else:
-            self._session = handshake.session
+            self._bind(handshake.session)
         return attestation
 
-    def _keep_caller_dek(self, dek: bytes | bytearray | None) -> None:
-        if dek is None:
-            return
-        if not isinstance(dek, bytes | bytearray) or len(dek) != 32:
+    def _bind(self, session: attest.Session) -> None:
+        self._attested = None
+        self._session = session
+        self._bound_before = True
+
+    def _set_caller_dek(self, dek: bytes | bytearray | None) -> None:
+        """Keep the caller's DEK to release again on re-attestation (only then); without
+        one, forget any earlier one, so the next release is a fresh key."""
+        if dek is not None and (not isinstance(dek, bytes | bytearray) or len(dek) != 32):
             raise TypeError("dek must be 32 bytes (an AES-256 key)")
         self._wipe_caller_dek()
-        self._caller_dek = bytearray(dek)  # released again on re-attestation
+        if dek is not None and self.auto_reattest:
+            self._caller_dek = bytearray(dek)
 
     def _live_session(self) -> attest.Session | None:
         """The bound session, or None when there is none or it expired on our clock."""
@@ -186,9 +199,27 @@ class ClientState:
         if self._session is None and self._attested is None and not self.auto_reattest:
             raise SessionError("attest and release the key first")
 
+    # --- sessions in use ----------------------------------------------------------------
+
+    @staticmethod
+    def _use(session: attest.Session) -> None:
+        session.users += 1
+
+    @staticmethod
+    def _done(session: attest.Session) -> None:
+        session.users -= 1
+        if session.retired and session.users == 0:
+            session.wipe()
+
+    @staticmethod
+    def _retire(session: attest.Session) -> None:
+        session.retired = True
+        if session.users == 0:
+            session.wipe()
+
     def _drop_session(self) -> None:
         if self._session is not None:
-            self._session.wipe()
+            self._retire(self._session)
         self._session = None
         self._attested = None
 

@@ -36,6 +36,8 @@ class RetryPolicy:
     max_reattests: int = 1
     backoff_seconds: float = 0.1
     max_backoff_seconds: float = 2.0
+    max_retry_after_seconds: float = 30.0
+    """A server that asks for a longer wait than this gets its error back instead."""
 
 
 class Verdict(enum.Enum):
@@ -98,7 +100,23 @@ class CallBudget:
                 )
             )
         left = self.remaining()
-        if left is not None and delay >= left:
+        if delay > self._policy.max_retry_after_seconds or (left is not None and delay >= left):
             raise error
         self.retries += 1
         return verdict, delay
+
+    def use_reattest(self) -> bool:
+        """Spend this call's re-attestation (False when it was already spent)."""
+        if self.reattests >= self._policy.max_reattests:
+            return False
+        self.reattests += 1
+        return True
+
+    def end_timeout(self, ceiling: float) -> float | None:
+        """A timeout for a best-effort call: at most `ceiling`, never past the deadline
+        (None when the deadline has passed: skip the call)."""
+        try:
+            left = self.remaining()
+        except ServiceError:
+            return None
+        return ceiling if left is None else min(ceiling, left)

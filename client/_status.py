@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -19,7 +20,7 @@ def service_error(error: grpc.RpcError) -> ServiceError:
     retry: float | None = None
     try:
         status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
-    except ValueError:  # a details trailer that contradicts the status: ignore it
+    except (ValueError, DecodeError):  # a trailer that contradicts the status or is garbage
         status = None
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
@@ -27,5 +28,5 @@ def service_error(error: grpc.RpcError) -> ServiceError:
         if detail.Unpack(info):
             reason = info.reason
         elif detail.Unpack(delay):
-            retry = delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9
+            retry = max(0.0, delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9)
     return ServiceError(code.name, message, reason, retry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
@@ -9,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from encloud.protocol import attest as attest_path
-from encloud.protocol.errors import ServiceError, SessionError
+from encloud.protocol.errors import ServiceError, SessionError, SessionExpiredError
 from encloud.protocol.generation import Answer, Completion, Message, StreamReader, open_answer
 from encloud.protocol.v1 import encloud_pb2 as pb
 from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
@@ -27,7 +28,7 @@ END_TIMEOUT_SECONDS = 2.0
 class Client(ClientState):
     """A confidential chat with one encloud server, blocking.
 
-    >>> from encloud.client import Client, NO_AUDIT
+    >>> from encloud.client import Client
     >>> with Client("127.0.0.1:50051", "policy.json", audit_log="audit.jsonl") as client:
     ...     answer = client.infer([("user", "Hello")], max_new_tokens=32)
     ...     for piece in client.stream([("user", "Tell me more")]):
@@ -41,12 +42,13 @@ class Client(ClientState):
     `policy` is a Policy or the path of a policy file. `audit_log` is required: a path,
     an AuditLog, or NO_AUDIT to keep none. `timeout` is each call's deadline in seconds
     (None: none); every method takes its own `timeout` too. Failed calls are retried
-    only when the status proves nothing was processed (encloud.client._retry; at most
+    only when the status proves nothing was processed (docs/CLIENT.md; at most
     `retry.max_retries` retries and `retry.max_reattests` re-attestations per call, all
     within its deadline). When a session expires or is lost and `auto_reattest` is on,
     the client ends the old session, attests again against the same policy, releases
     the key again and tells you: `reattest_count` goes up and `on_reattest` is called.
-    `credentials` makes a TLS or mutual-TLS channel; `channel` uses yours.
+    `credentials` makes a TLS or mutual-TLS channel; `channel` uses yours. One Client may
+    be shared by threads.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Client(ClientState):
         super().__init__(
             target, policy, audit_log, timeout, retry or RetryPolicy(), auto_reattest, on_reattest
         )
+        self._lock = threading.RLock()  # one handshake at a time; sessions change under it
         self._own_channel = channel is None
         if channel is None:
             channel = (
@@ -87,33 +90,38 @@ class Client(ClientState):
         """Start a session and verify its evidence against the policy, releasing nothing.
 
         Raises the VerificationError subclass of the failed check; every outcome goes into
-        the audit log, and `last_report` / `last_attempt` keep what was checked."""
+        the audit log, and `last_report` / `last_attempt` keep what was checked. A session
+        this client held is ended first."""
         budget = self._budget(timeout)
-        return self._with_retries(
-            budget, lambda: self._take(self._drive(self._handshake(release=False), budget)), False
-        )
+        with self._lock:
+            self._end_quietly(self._session, budget)
+            return self._with_retries(
+                budget,
+                lambda used: self._take(self._drive(self._handshake(release=False), budget)),
+                reattest=False,
+            )
 
     def release_key(
         self, dek: bytes | bytearray | None = None, *, timeout: float | None = None
     ) -> None:
         """Release a data key to the attested session: a fresh one, or your 32-byte `dek`
-        (kept to release again on re-attestation, wiped on close)."""
-        if self._attested is None:
-            raise SessionError(
-                "the key was already released to this session"
-                if self._session is not None
-                else "attest first"
-            )
-        self._keep_caller_dek(dek)
+        (kept, with auto_reattest, to release again on re-attestation; wiped on close)."""
         budget = self._budget(timeout)
-        attempt = self._attested
-        session = self._with_retries(
-            budget,
-            lambda: self._drive(attest_path.release_key(attempt, self._caller_dek), budget),
-            False,
-        )
-        self._attested = None
-        self._session = session
+        with self._lock:
+            attempt = self._attested
+            if attempt is None:
+                raise SessionError(
+                    "the key was already released to this session"
+                    if self._session is not None
+                    else "attest first"
+                )
+            self._set_caller_dek(dek)
+            session = self._with_retries(
+                budget,
+                lambda used: self._drive(attest_path.release_key(attempt, dek), budget),
+                reattest=False,
+            )
+            self._bind(session)
 
     # --- inference ----------------------------------------------------------------------
 
@@ -123,14 +131,18 @@ class Client(ClientState):
         """One sealed request, one sealed answer bound to it by its transcript hash."""
         budget = self._budget(timeout)
 
-        def once() -> Answer:
+        def once(used: list[attest_path.Session]) -> Answer:
             session = self._ensure_session(budget)
-            request_id, sealed, transcript = self._seal(session, messages, params)
-            request = pb.InferRequest(
-                session_id=session.session_id, request=sealed_to_proto(sealed)
-            )
-            reply = self._rpc(self._stub.Infer, request, budget)
-            return open_answer(reply.response, session.s2c, request_id, transcript)
+            used.append(session)
+            try:
+                request_id, sealed, transcript = self._seal(session, messages, params)
+                request = pb.InferRequest(
+                    session_id=session.session_id, request=sealed_to_proto(sealed)
+                )
+                reply = self._rpc(self._stub.Infer, request, budget)
+                return open_answer(reply.response, session.s2c, request_id, transcript)
+            finally:
+                self._done(session)
 
         return self._with_retries(budget, once)
 
@@ -139,22 +151,26 @@ class Client(ClientState):
     ) -> ChatStream:
         """A streamed answer: iterate for its text pieces, then read `.completion`.
 
-        `timeout` is the deadline of the whole stream."""
+        `timeout` is the deadline of the whole stream. Leaving the loop early cancels it."""
         return ChatStream(self, messages, params, self._budget(timeout))
 
     # --- end ------------------------------------------------------------------------------
 
     def end_session(self, *, timeout: float | None = None) -> None:
-        """Seal an END so the server drops the session's keys; then drop ours."""
-        session = self._session
-        try:
-            if session is not None:
-                end = pb.EndSessionRequest(
-                    session_id=session.session_id, end=sealed_to_proto(self._seal_end(session))
-                )
-                self._rpc(self._stub.EndSession, end, self._budget(timeout))
-        finally:
-            self._drop_session()
+        """Seal an END so the server drops the session's keys; then drop ours (and forget
+        a DEK of yours: the next session gets a fresh one unless you release yours)."""
+        with self._lock:
+            session = self._session
+            try:
+                if session is not None:
+                    end = pb.EndSessionRequest(
+                        session_id=session.session_id,
+                        end=sealed_to_proto(self._seal_end(session)),
+                    )
+                    self._rpc(self._stub.EndSession, end, self._budget(timeout))
+            finally:
+                self._drop_session()
+                self._wipe_caller_dek()
 
     def close(self) -> None:
         try:
@@ -163,8 +179,9 @@ class Client(ClientState):
         except (ServiceError, SessionError):
             pass  # the server may already have dropped it; our keys are wiped anyway
         finally:
-            self._drop_session()
-            self._wipe_caller_dek()
+            with self._lock:
+                self._drop_session()
+                self._wipe_caller_dek()
             if self._own_channel:
                 self._channel.close()
 
@@ -174,50 +191,76 @@ class Client(ClientState):
         return CallBudget(self.retry, self.timeout if timeout is None else timeout)
 
     def _ensure_session(self, budget: CallBudget) -> attest_path.Session:
-        session = self._live_session()
-        if session is not None:
-            return session
-        if self._attested is not None:  # attested by the caller; the key goes now
-            session = self._drive(attest_path.release_key(self._attested, self._caller_dek), budget)
-            self._attested = None
-            self._session = session
-            return session
-        self._require_key()
-        reattesting = self.last_attempt is not None
-        self._take(self._drive(self._handshake(release=True), budget))
-        if reattesting:
-            self._reattested("the session's time-to-live ran out")
-        assert self._session is not None
-        return self._session
+        """The live session, marked in use (the caller calls _done): made if needed."""
+        with self._lock:
+            session = self._live_session()
+            if session is not None:
+                self._use(session)
+                return session
+            if self._attested is not None:  # attested by the caller; the key goes now
+                attempt = self._attested
+                self._bind(self._drive(attest_path.release_key(attempt, self._caller_dek), budget))
+            else:
+                self._require_key()
+                reattesting = self._bound_before
+                if reattesting and not budget.use_reattest():
+                    raise SessionExpiredError("the session expired again within this call")
+                self._take(self._drive(self._handshake(release=True), budget))
+                if reattesting:
+                    self._reattested("the session's time-to-live ran out")
+            assert self._session is not None
+            self._use(self._session)
+            return self._session
 
-    def _reattest(self, budget: CallBudget, why: str) -> None:
-        """End the old session (best effort), then a new verified session with the key."""
-        old = self._session
-        if old is not None:
-            try:
-                end = pb.EndSessionRequest(
-                    session_id=old.session_id, end=sealed_to_proto(self._seal_end(old))
-                )
-                self._stub.EndSession(end, timeout=END_TIMEOUT_SECONDS)
-            except grpc.RpcError:
-                pass
-        self._drop_session()
-        self._take(self._drive(self._handshake(release=True), budget))
-        self._reattested(why)
+    def _reattest(self, budget: CallBudget, failed: attest_path.Session | None, why: str) -> None:
+        """End the failed session (best effort), then a new verified session with the key;
+        nothing to do when another call already replaced it."""
+        with self._lock:
+            if failed is not None and self._session is not failed and self._session is not None:
+                return
+            self._end_quietly(self._session, budget)
+            self._drop_session()
+            self._take(self._drive(self._handshake(release=True), budget))
+            self._reattested(why)
 
-    def _with_retries(self, budget: CallBudget, once: Callable[[], T], reattest: bool = True) -> T:
+    def _end_quietly(self, session: attest_path.Session | None, budget: CallBudget) -> None:
+        timeout = budget.end_timeout(END_TIMEOUT_SECONDS)
+        if session is None or session.retired or timeout is None:
+            return
+        try:
+            end = pb.EndSessionRequest(
+                session_id=session.session_id, end=sealed_to_proto(self._seal_end(session))
+            )
+            self._stub.EndSession(end, timeout=timeout)
+        except grpc.RpcError:
+            pass
+
+    def _with_retries(
+        self,
+        budget: CallBudget,
+        once: Callable[[list[attest_path.Session]], T],
+        *,
+        reattest: bool = True,
+    ) -> T:
         while True:
+            used: list[attest_path.Session] = []
             try:
-                return once()
+                return once(used)
             except ServiceError as error:
                 failure = error
-            self._after_failure(budget, failure, reattest)
+            self._after_failure(budget, failure, reattest, used[-1] if used else None)
 
-    def _after_failure(self, budget: CallBudget, error: ServiceError, reattest: bool) -> None:
+    def _after_failure(
+        self,
+        budget: CallBudget,
+        error: ServiceError,
+        reattest: bool,
+        failed: attest_path.Session | None,
+    ) -> None:
         verdict, delay = budget.next_step(error, reattest_allowed=reattest and self.auto_reattest)
         self.retry_count += 1
         if verdict is Verdict.REATTEST:
-            self._reattest(budget, f"the server answered {error.reason}")
+            self._reattest(budget, failed, f"the server answered {error.reason}")
         if delay:
             time.sleep(delay)
 
@@ -229,11 +272,13 @@ class Client(ClientState):
                 method = (
                     self._stub.Attest
                     if isinstance(call, attest_path.AttestCall)
-                    else (self._stub.ReleaseKey)
+                    else self._stub.ReleaseKey
                 )
                 call = steps.send(self._rpc(method, call.request, budget))
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        finally:
+            steps.close()  # a failed RPC: the generator wipes what it derived
 
     @staticmethod
     def _rpc(method: Any, request: Any, budget: CallBudget) -> Any:
@@ -250,7 +295,7 @@ class ChatStream:
     the first frame a retryable failure sends the request again, sealed under a new
     request id; after it, a failure ends the stream with its error: an answer is never
     sent twice, and a stream without its final frame is a TruncatedStreamError, never a
-    short answer."""
+    short answer. Leaving the loop early cancels the call."""
 
     def __init__(
         self,
@@ -270,6 +315,7 @@ class ChatStream:
         client = self._client
         while True:
             reader: StreamReader | None = None
+            session: attest_path.Session | None = None
             try:
                 session = client._ensure_session(self._budget)
                 request_id, sealed, transcript = client._seal(session, self._messages, self._params)
@@ -292,7 +338,12 @@ class ChatStream:
                     raise failure from None
             except ServiceError as error:
                 failure = error
-            client._after_failure(self._budget, failure, True)
+            finally:
+                if self.completion is None and self._call is not None:
+                    self._call.cancel()  # an error, or the caller left the loop early
+                if session is not None:
+                    client._done(session)
+            client._after_failure(self._budget, failure, True, session)
 
     def cancel(self) -> None:
         if self._call is not None:

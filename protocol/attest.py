@@ -108,7 +108,9 @@ class Session:
     s2c: OpeningKey
     expires_at: float
     next_request_id: int = 1
-    ended: bool = field(default=False)
+    users: int = field(default=0)
+    """Calls using the keys right now (the client wipes a replaced session after the last)."""
+    retired: bool = field(default=False)
 
     @property
     def session_id(self) -> bytes:
@@ -254,9 +256,13 @@ def release_key(
     finally:
         dek_bytes[:] = bytes(len(dek_bytes))
         secret[:] = bytes(len(secret))
-    reply = yield ReleaseCall(
-        pb.ReleaseKeyRequest(session_id=attempt.session_id, sealed_key=sealed_key)
-    )
+    try:
+        reply = yield ReleaseCall(
+            pb.ReleaseKeyRequest(session_id=attempt.session_id, sealed_key=sealed_key)
+        )
+    except BaseException:  # the call failed or was abandoned: the keys go with it
+        keys.wipe()
+        raise
     confirm = OpeningKey(bytearray(keys.kc), attempt.session_id)
     try:
         proof = confirm.open(

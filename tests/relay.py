@@ -89,6 +89,12 @@ def _abort(context: grpc.ServicerContext, fault: Fault) -> None:
     context.abort_with_status(rpc_status.to_status(status))
 
 
+def _relay_status(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
+    if isinstance(error, grpc.Call):
+        context.set_trailing_metadata(error.trailing_metadata() or ())
+        context.abort(error.code(), error.details() or "")
+
+
 class _Handler(grpc.GenericRpcHandler):
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
@@ -106,10 +112,13 @@ class _Handler(grpc.GenericRpcHandler):
                 if fault is not None and fault.after_frames == 0:
                     _abort(context, fault)
                 messages = upstream_stream(request, timeout=context.time_remaining())
-                for sent, message in enumerate(messages, start=1):
-                    yield message
-                    if fault is not None and sent >= fault.after_frames:
-                        _abort(context, fault)
+                try:
+                    for sent, message in enumerate(messages, start=1):
+                        yield message
+                        if fault is not None and sent >= fault.after_frames:
+                            _abort(context, fault)
+                except grpc.RpcError as error:  # the server's own status, details and all
+                    _relay_status(context, error)
 
             return grpc.unary_stream_rpc_method_handler(stream)
         upstream: Callable[..., bytes] = relay._channel.unary_unary(full)
@@ -121,10 +130,7 @@ class _Handler(grpc.GenericRpcHandler):
             try:
                 return upstream(request, timeout=context.time_remaining())
             except grpc.RpcError as error:  # the server's own status, details and all
-                call = error if isinstance(error, grpc.Call) else None
-                if call is not None:
-                    context.set_trailing_metadata(call.trailing_metadata() or ())
-                    context.abort(call.code(), call.details() or "")
+                _relay_status(context, error)
                 raise
 
         return grpc.unary_unary_rpc_method_handler(unary)

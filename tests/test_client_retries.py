@@ -188,3 +188,60 @@ def test_the_async_client_retries_its_stream_by_the_same_rules(relay, stack) -> 
     assert text and retries == 1
     ids = _stream_ids(relay)
     assert len(ids) == 2 and ids[0] != ids[1]
+
+
+# --- one client, many concurrent calls ------------------------------------------------------
+
+
+def test_threads_share_one_client_and_one_session(stack) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
+
+        def ask(i: int) -> str:
+            if i % 2:
+                return "".join(client.stream([("user", f"Count to {i}.")], max_new_tokens=4))
+            return client.infer([("user", f"Count to {i}.")], max_new_tokens=4).text
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(ask, range(8)))
+        assert all(answers)
+        assert client.last_attempt is not None and client.reattest_count == 0
+    # One handshake for all of them: the first call attested, the others waited for it.
+
+
+def test_tasks_share_one_async_client_and_one_session(relay, stack) -> None:
+    async def run() -> tuple[list[str], int]:
+        async with AsyncClient(relay.address, stack.policy, audit_log=NO_AUDIT) as client:
+
+            async def ask(i: int) -> str:
+                if i % 2:
+                    pieces = [
+                        p async for p in client.stream([("user", f"Hi {i}")], max_new_tokens=3)
+                    ]
+                    return "".join(pieces)
+                return (await client.infer([("user", f"Hi {i}")], max_new_tokens=3)).text
+
+            answers = await asyncio.gather(*(ask(i) for i in range(4)))
+            return list(answers), client.reattest_count
+
+    answers, reattests = asyncio.run(run())
+    assert all(answers) and reattests == 0
+    assert len(relay.of("Attest")) == 1  # the tasks waited for the one handshake
+
+
+def test_a_session_replaced_under_a_running_stream_keeps_its_keys_until_the_stream_ends(
+    relay, stack
+) -> None:
+    # Another call's re-attestation replaces the session while a stream still reads frames
+    # under the old keys: the old keys are wiped only after that stream ended.
+    with _client(relay, stack) as client:
+        stream = iter(client.stream(ASK, max_new_tokens=12))
+        first = next(stream)
+        old = client._session
+        relay.plan["Infer"] = [EXPIRED]
+        client.infer(ASK, max_new_tokens=2)  # re-attests: a new session
+        assert client._session is not old and old is not None and old.retired
+        rest = "".join(stream)  # still opens under the old session's keys
+        assert first and rest is not None
+        assert old.users == 0 and old.keys.c2s == bytearray(len(old.keys.c2s))  # wiped now
