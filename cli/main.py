@@ -37,6 +37,11 @@ def print_summary(attestation: object, policy: object, out=sys.stdout) -> None:
     print(f"  model digest: {a.model_digest.hex()}", file=out)  # type: ignore[attr-defined]
     print(f"  workload events replayed: {len(a.events)}", file=out)  # type: ignore[attr-defined]
     print("  outcome: PASS (every check of the policy)", file=out)
+    for index, why in getattr(policy, "pcr_waivers", {}).items():
+        print(f"  WAIVED by the policy: PCR {index} is not pinned ({why})", file=out)
+    note = getattr(a, "trust_note", "")
+    if note:
+        print(f"  still trusted: {note}", file=out)
     if dev:
         print(
             "  WARNING: DEV-ONLY policy (trust on first use, written by the server itself)",

@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,9 +179,22 @@ PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isol
 def test_the_wheel_in_a_clean_venv_type_checks_and_talks_to_the_server(
     stack, tmp_path: Path
 ) -> None:
+    # Built from the project's files only (tracked or new, never ignored ones such as a
+    # stale build/ folder), as from a clean clone.
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    source = tmp_path / "source"
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     dist = tmp_path / "dist"
     subprocess.run(
-        [*PIP_WHEEL, str(dist), str(ROOT)],
+        [*PIP_WHEEL, str(dist), str(source)],
         check=True,
         capture_output=True,
     )
