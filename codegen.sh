@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the Python stubs of proto/encloud/v1 into protocol/v1 (import
-# package encloud.protocol.v1). The output is committed; tests/test_codegen.py
+# Regenerates the Python stubs of proto/encloud/v2 into protocol/v2 (import
+# package encloud.protocol.v2). The output is committed; tests/test_codegen.py
 # fails if running this script would change it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,14 +34,14 @@ PATH="$(dirname "$(command -v "$PYTHON")"):$PATH" "$PYTHON" -m grpc_tools.protoc
   --mypy_out="$out" \
   --grpc_python_out="$out" \
   --mypy_grpc_out="$out" \
-  proto/encloud/v1/*.proto
+  proto/encloud/v2/*.proto
 
-# protoc names imports after the proto path (encloud.v1); the stubs live in
-# encloud.protocol.v1, so rewrite the package in the generated imports.
-for f in "$out"/encloud/v1/*; do
-  sed -i -e 's/^from encloud\.v1 import /from encloud.protocol.v1 import /' \
-         -e 's/^import encloud\.v1\./import encloud.protocol.v1./' "$f"
+# protoc names imports after the proto path (encloud.v2); the stubs live in
+# encloud.protocol.v2, so rewrite the package in the generated imports.
+for f in "$out"/encloud/v2/*; do
+  sed -i -e 's/^from encloud\.v2 import /from encloud.protocol.v2 import /' \
+         -e 's/^import encloud\.v2\./import encloud.protocol.v2./' "$f"
 done
 
-find protocol/v1 -maxdepth 1 -name '*_pb2*' -delete
-cp "$out"/encloud/v1/* protocol/v1/
+find protocol/v2 -maxdepth 1 -name '*_pb2*' -delete
+cp "$out"/encloud/v2/* protocol/v2/

@@ -490,7 +490,7 @@ class Bench:
 
     def _envelope(self) -> None:
         from encloud.protocol.envelope import MessageType, OpeningKey, SealingKey
-        from encloud.protocol.v1 import encloud_pb2 as pb
+        from encloud.protocol.v2 import encloud_pb2 as pb
 
         b = self.budget
         self.log(f"envelope: {b.micro_samples} samples x {b.micro_iterations} frames")

@@ -12,8 +12,8 @@ import grpc
 from encloud.protocol import attest as attest_path
 from encloud.protocol.errors import ServiceError, SessionError, SessionExpiredError
 from encloud.protocol.generation import Answer, Completion, Message, StreamReader, open_answer
-from encloud.protocol.v1 import encloud_pb2 as pb
-from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.v2 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 from encloud.protocol.verifier import VerifiedAttestation
 from encloud.protocol.wire import sealed_to_proto
 

@@ -46,7 +46,7 @@ from encloud.protocol.handshake import (
     split_enc,
 )
 from encloud.protocol.policy import Policy, policy_digest
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.verifier import CheckResult, VerifiedAttestation, verify_with_report
 from encloud.protocol.wire import evidence_from_proto, sealed_from_proto, suite_to_proto
 

@@ -109,3 +109,10 @@ class UnavailableError(DomainError):
 
 class TpmUnavailableError(UnavailableError):
     reason = "TPM_UNAVAILABLE"
+
+
+class UnsupportedProtocolVersionError(DomainError):
+    """A client of another protocol version (v1) called this server."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "UNSUPPORTED_PROTOCOL_VERSION"

@@ -17,7 +17,7 @@ from typing import Any
 
 from encloud.protocol.envelope import MessageType, OpeningKey, Sealed, transcript_next
 from encloud.protocol.errors import StreamOrderError, TranscriptMismatchError, TruncatedStreamError
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.wire import sealed_from_proto
 
 ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}

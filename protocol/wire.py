@@ -10,7 +10,7 @@ from __future__ import annotations
 from encloud.protocol.envelope import Sealed
 from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import HpkeSuiteId
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 
 
 def suite_to_proto(suite: HpkeSuiteId) -> pb.HpkeSuite:

@@ -11,7 +11,7 @@ from encloud.protocol.faults import (
     InvalidRequestPayloadError,
     MalformedMessageError,
 )
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.wire import (  # noqa: F401 - the servicer converts through here
     evidence_to_proto,
     sealed_from_proto,

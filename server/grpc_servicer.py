@@ -12,15 +12,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from encloud.protocol.faults import UnavailableError
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.faults import UnavailableError, UnsupportedProtocolVersionError
+from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.server import grpc_converters as converters
 from encloud.server.core import InferenceCore
 from encloud.server.limits import peer_host
 from encloud.server.metrics import Metrics
-from encloud.server.status import stream_errors, unary_errors
+from encloud.server.status import abort_for, stream_errors, unary_errors
 
-SERVICE_NAME = "encloud.v1.InferenceService"
+SERVICE_NAME = "encloud.v2.InferenceService"
 
 
 class InferenceServicer:
@@ -107,3 +107,35 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
         "EndSession": unary(servicer.EndSession, response_serializer=_serialize),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_generic_rpc_handlers((_v1_refusal(),))
+
+
+V1_SERVICE_NAME = "encloud.v1.InferenceService"
+
+
+def _v1_refusal() -> grpc.GenericRpcHandler:
+    """Every method of protocol v1 answers FAILED_PRECONDITION with reason
+    UNSUPPORTED_PROTOCOL_VERSION, so an old client learns why by name."""
+
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await abort_for(context, UnsupportedProtocolVersionError(_V1_MESSAGE))
+        raise AssertionError("abort_for raises")
+
+    async def refuse_stream(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        await abort_for(context, UnsupportedProtocolVersionError(_V1_MESSAGE))
+        yield b""  # never reached: makes this an async generator, as a stream handler is
+
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "Attest": unary(refuse),
+        "ReleaseKey": unary(refuse),
+        "Infer": unary(refuse),
+        "StreamInfer": grpc.unary_stream_rpc_method_handler(refuse_stream),
+        "EndSession": unary(refuse),
+    }
+    return grpc.method_handlers_generic_handler(V1_SERVICE_NAME, handlers)
+
+
+_V1_MESSAGE = "this server speaks encloud protocol v2; update the client (docs/PROTOCOL.md)"

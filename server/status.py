@@ -27,7 +27,7 @@ from encloud.server.metrics import Metrics
 
 log = logging.getLogger("encloud.status")
 
-ERROR_DOMAIN = "encloud.v1"
+ERROR_DOMAIN = "encloud.v2"
 STATUS_CODES: dict[Kind, grpc.StatusCode] = {kind: grpc.StatusCode[kind.value] for kind in Kind}
 """Each transport-neutral fault kind's gRPC status code: the only place they meet."""
 

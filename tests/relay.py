@@ -72,7 +72,7 @@ def _abort(context: grpc.ServicerContext, fault: Fault) -> None:
     details = []
     if fault.reason:
         info = any_pb2.Any()
-        info.Pack(error_details_pb2.ErrorInfo(reason=fault.reason, domain="encloud.v1"))
+        info.Pack(error_details_pb2.ErrorInfo(reason=fault.reason, domain="encloud.v2"))
         details.append(info)
     if fault.retry_after is not None:
         delay = any_pb2.Any()

@@ -16,8 +16,8 @@ import pytest
 from encloud.client import NO_AUDIT, Client, RetryPolicy
 from encloud.protocol.encoding import sha256
 from encloud.protocol.handshake import new_dek, release_info, seal_key
-from encloud.protocol.v1 import encloud_pb2 as pb
-from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.v2 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.attack]
 

@@ -37,8 +37,8 @@ from encloud.protocol.errors import (
 )
 from encloud.protocol.generation import StreamReader
 from encloud.protocol.handshake import SUITE_V1, release_info, seal_key
-from encloud.protocol.v1 import encloud_pb2 as pb
-from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.v2 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.attack]
 

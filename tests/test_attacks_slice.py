@@ -15,7 +15,7 @@ from encloud.protocol.errors import (
     NonceMismatchError,
     TruncatedStreamError,
 )
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.attack]
 

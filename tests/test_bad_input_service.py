@@ -12,11 +12,11 @@ from google.rpc import error_details_pb2, status_pb2
 
 from encloud.client import Client
 from encloud.protocol.envelope import MessageType
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 
 pytestmark = pytest.mark.attack
 
-SERVICE = "/encloud.v1.InferenceService/"
+SERVICE = "/encloud.v2.InferenceService/"
 
 
 def raw_call(address: str, method: str, data: bytes) -> grpc.RpcError:

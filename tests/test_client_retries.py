@@ -18,7 +18,7 @@ import pytest
 from relay import Fault, Relay
 
 from encloud.client import NO_AUDIT, AsyncClient, Client, ServiceError
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 

@@ -17,18 +17,18 @@ BUF = ROOT / "tools" / "node_modules" / ".bin" / "buf"
 
 
 def test_codegen_output_is_committed_and_fresh(tmp_path: Path) -> None:
-    """Running codegen.sh must not change protocol/v1."""
+    """Running codegen.sh must not change protocol/v2."""
     copy = tmp_path / "repo"
     shutil.copytree(ROOT / "proto", copy / "proto")
-    shutil.copytree(ROOT / "protocol" / "v1", copy / "protocol" / "v1")
+    shutil.copytree(ROOT / "protocol" / "v2", copy / "protocol" / "v2")
     shutil.copy(ROOT / "codegen.sh", copy / "codegen.sh")
     subprocess.run(
         ["bash", str(copy / "codegen.sh")],
         check=True,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
-    fresh = copy / "protocol" / "v1"
-    committed = ROOT / "protocol" / "v1"
+    fresh = copy / "protocol" / "v2"
+    committed = ROOT / "protocol" / "v2"
     names = sorted(p.name for p in committed.glob("*_pb2*"))
     assert names == sorted(p.name for p in fresh.glob("*_pb2*"))
     assert names, "no generated stubs found"

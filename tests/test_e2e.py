@@ -11,8 +11,8 @@ import pytest
 from encloud.client import NO_AUDIT, Client
 from encloud.protocol.envelope import MessageType, Sealed
 from encloud.protocol.errors import KeyConfirmationError, ServiceError
-from encloud.protocol.v1 import encloud_pb2 as pb
-from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+from encloud.protocol.v2 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.e2e
 
@@ -165,3 +165,19 @@ def test_repetition_penalty_and_stop_token_ids_reach_the_engine(connect) -> None
     with pytest.raises(ServiceError) as refused:
         client.infer([("user", PROMPT)], repetition_penalty=50.0, **GREEDY)
     assert refused.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("method", ["Attest", "ReleaseKey", "Infer", "StreamInfer", "EndSession"])
+def test_a_protocol_v1_client_is_refused_by_name(stack, method: str) -> None:
+    from encloud.client._status import service_error
+
+    with grpc.insecure_channel(stack.address) as channel:
+        path = f"/encloud.v1.InferenceService/{method}"
+        call = channel.unary_stream(path) if method == "StreamInfer" else channel.unary_unary(path)
+        with pytest.raises(grpc.RpcError) as refused:
+            result = call(b"", timeout=10)
+            if method == "StreamInfer":
+                list(result)
+    error = service_error(refused.value)
+    assert (error.code, error.reason) == ("FAILED_PRECONDITION", "UNSUPPORTED_PROTOCOL_VERSION")
+    assert "protocol v2" in str(error)

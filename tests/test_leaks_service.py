@@ -98,8 +98,8 @@ def test_canary_never_leaks(leak_server: tuple[ServerProcess, Path], model_dir: 
         session = client._session
         assert session is not None
         _, sealed, _ = client._seal(session, [("user", f"{CANARY} <|im_end|>")], {})
-        from encloud.protocol.v1 import encloud_pb2 as pb
-        from encloud.protocol.v1 import encloud_pb2_grpc as pb_grpc
+        from encloud.protocol.v2 import encloud_pb2 as pb
+        from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 
         stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(server.address))
         with pytest.raises(grpc.RpcError) as raw:

@@ -72,5 +72,5 @@ def test_metrics_count_requests_errors_tokens_and_sessions(server: ServerProcess
 def test_reflection_lists_the_service_when_enabled(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.address) as channel:
         services = list(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert "encloud.v1.InferenceService" in services
+    assert "encloud.v2.InferenceService" in services
     assert "grpc.health.v1.Health" in services

@@ -44,7 +44,7 @@ from encloud.protocol.handshake import (
     split_enc,
 )
 from encloud.protocol.policy import parse_policy
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.verifier import spki_der, verify
 from encloud.server.inference.manifest import compute_model_digest
 

@@ -48,7 +48,7 @@ from encloud.protocol.handshake import (
     release_info,
 )
 from encloud.protocol.policy import build_policy
-from encloud.protocol.v1 import encloud_pb2 as pb
+from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.server.inference.manifest import compute_model_digest
 
 HERE = Path(__file__).resolve().parent

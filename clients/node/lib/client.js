@@ -27,7 +27,7 @@ function loadService() {
     oneofs: true,
     includeDirs: [PROTO_ROOT],
   });
-  return grpc.loadPackageDefinition(definition).encloud.v1.InferenceService;
+  return grpc.loadPackageDefinition(definition).encloud.v2.InferenceService;
 }
 
 const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([k, v]) => [v, k]));

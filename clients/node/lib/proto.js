@@ -1,16 +1,16 @@
 'use strict';
-// The wire contract, loaded from the same proto/encloud/v1/encloud.proto the server uses.
+// The wire contract, loaded from the same proto/encloud/v2/encloud.proto the server uses.
 const path = require('node:path');
 const protobuf = require('protobufjs');
 
 const PROTO_ROOT = process.env.ENCLOUD_PROTO_ROOT || path.resolve(__dirname, '..', '..', '..', 'proto');
-const PROTO_FILE = path.join(PROTO_ROOT, 'encloud', 'v1', 'encloud.proto');
+const PROTO_FILE = path.join(PROTO_ROOT, 'encloud', 'v2', 'encloud.proto');
 
 const root = new protobuf.Root();
 root.loadSync(PROTO_FILE, { keepCase: true });
 const types = Object.fromEntries(
   ['GenerationRequest', 'GenerationChunk', 'GenerationFinal', 'GenerationResponse', 'ChatMessage'].map(
-    (name) => [name, root.lookupType(`encloud.v1.${name}`)],
+    (name) => [name, root.lookupType(`encloud.v2.${name}`)],
   ),
 );
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from encloud.protocol.v1 import encloud_pb2 as encloud_dot_v1_dot_encloud__pb2
+from encloud.protocol.v2 import encloud_pb2 as encloud_dot_v2_dot_encloud__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in encloud/v1/encloud_pb2_grpc.py depends on'
+        + ' but the generated code in encloud/v2/encloud_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,29 +36,29 @@ class InferenceServiceStub:
             channel: A grpc.Channel.
         """
         self.Attest = channel.unary_unary(
-                '/encloud.v1.InferenceService/Attest',
-                request_serializer=encloud_dot_v1_dot_encloud__pb2.AttestRequest.SerializeToString,
-                response_deserializer=encloud_dot_v1_dot_encloud__pb2.AttestResponse.FromString,
+                '/encloud.v2.InferenceService/Attest',
+                request_serializer=encloud_dot_v2_dot_encloud__pb2.AttestRequest.SerializeToString,
+                response_deserializer=encloud_dot_v2_dot_encloud__pb2.AttestResponse.FromString,
                 _registered_method=True)
         self.ReleaseKey = channel.unary_unary(
-                '/encloud.v1.InferenceService/ReleaseKey',
-                request_serializer=encloud_dot_v1_dot_encloud__pb2.ReleaseKeyRequest.SerializeToString,
-                response_deserializer=encloud_dot_v1_dot_encloud__pb2.ReleaseKeyResponse.FromString,
+                '/encloud.v2.InferenceService/ReleaseKey',
+                request_serializer=encloud_dot_v2_dot_encloud__pb2.ReleaseKeyRequest.SerializeToString,
+                response_deserializer=encloud_dot_v2_dot_encloud__pb2.ReleaseKeyResponse.FromString,
                 _registered_method=True)
         self.Infer = channel.unary_unary(
-                '/encloud.v1.InferenceService/Infer',
-                request_serializer=encloud_dot_v1_dot_encloud__pb2.InferRequest.SerializeToString,
-                response_deserializer=encloud_dot_v1_dot_encloud__pb2.InferResponse.FromString,
+                '/encloud.v2.InferenceService/Infer',
+                request_serializer=encloud_dot_v2_dot_encloud__pb2.InferRequest.SerializeToString,
+                response_deserializer=encloud_dot_v2_dot_encloud__pb2.InferResponse.FromString,
                 _registered_method=True)
         self.StreamInfer = channel.unary_stream(
-                '/encloud.v1.InferenceService/StreamInfer',
-                request_serializer=encloud_dot_v1_dot_encloud__pb2.StreamInferRequest.SerializeToString,
-                response_deserializer=encloud_dot_v1_dot_encloud__pb2.StreamInferResponse.FromString,
+                '/encloud.v2.InferenceService/StreamInfer',
+                request_serializer=encloud_dot_v2_dot_encloud__pb2.StreamInferRequest.SerializeToString,
+                response_deserializer=encloud_dot_v2_dot_encloud__pb2.StreamInferResponse.FromString,
                 _registered_method=True)
         self.EndSession = channel.unary_unary(
-                '/encloud.v1.InferenceService/EndSession',
-                request_serializer=encloud_dot_v1_dot_encloud__pb2.EndSessionRequest.SerializeToString,
-                response_deserializer=encloud_dot_v1_dot_encloud__pb2.EndSessionResponse.FromString,
+                '/encloud.v2.InferenceService/EndSession',
+                request_serializer=encloud_dot_v2_dot_encloud__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=encloud_dot_v2_dot_encloud__pb2.EndSessionResponse.FromString,
                 _registered_method=True)
 
 
@@ -110,34 +110,34 @@ def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Attest': grpc.unary_unary_rpc_method_handler(
                     servicer.Attest,
-                    request_deserializer=encloud_dot_v1_dot_encloud__pb2.AttestRequest.FromString,
-                    response_serializer=encloud_dot_v1_dot_encloud__pb2.AttestResponse.SerializeToString,
+                    request_deserializer=encloud_dot_v2_dot_encloud__pb2.AttestRequest.FromString,
+                    response_serializer=encloud_dot_v2_dot_encloud__pb2.AttestResponse.SerializeToString,
             ),
             'ReleaseKey': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseKey,
-                    request_deserializer=encloud_dot_v1_dot_encloud__pb2.ReleaseKeyRequest.FromString,
-                    response_serializer=encloud_dot_v1_dot_encloud__pb2.ReleaseKeyResponse.SerializeToString,
+                    request_deserializer=encloud_dot_v2_dot_encloud__pb2.ReleaseKeyRequest.FromString,
+                    response_serializer=encloud_dot_v2_dot_encloud__pb2.ReleaseKeyResponse.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
-                    request_deserializer=encloud_dot_v1_dot_encloud__pb2.InferRequest.FromString,
-                    response_serializer=encloud_dot_v1_dot_encloud__pb2.InferResponse.SerializeToString,
+                    request_deserializer=encloud_dot_v2_dot_encloud__pb2.InferRequest.FromString,
+                    response_serializer=encloud_dot_v2_dot_encloud__pb2.InferResponse.SerializeToString,
             ),
             'StreamInfer': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamInfer,
-                    request_deserializer=encloud_dot_v1_dot_encloud__pb2.StreamInferRequest.FromString,
-                    response_serializer=encloud_dot_v1_dot_encloud__pb2.StreamInferResponse.SerializeToString,
+                    request_deserializer=encloud_dot_v2_dot_encloud__pb2.StreamInferRequest.FromString,
+                    response_serializer=encloud_dot_v2_dot_encloud__pb2.StreamInferResponse.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
-                    request_deserializer=encloud_dot_v1_dot_encloud__pb2.EndSessionRequest.FromString,
-                    response_serializer=encloud_dot_v1_dot_encloud__pb2.EndSessionResponse.SerializeToString,
+                    request_deserializer=encloud_dot_v2_dot_encloud__pb2.EndSessionRequest.FromString,
+                    response_serializer=encloud_dot_v2_dot_encloud__pb2.EndSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'encloud.v1.InferenceService', rpc_method_handlers)
+            'encloud.v2.InferenceService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('encloud.v1.InferenceService', rpc_method_handlers)
+    server.add_registered_method_handlers('encloud.v2.InferenceService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -159,9 +159,9 @@ class InferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/encloud.v1.InferenceService/Attest',
-            encloud_dot_v1_dot_encloud__pb2.AttestRequest.SerializeToString,
-            encloud_dot_v1_dot_encloud__pb2.AttestResponse.FromString,
+            '/encloud.v2.InferenceService/Attest',
+            encloud_dot_v2_dot_encloud__pb2.AttestRequest.SerializeToString,
+            encloud_dot_v2_dot_encloud__pb2.AttestResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,9 +186,9 @@ class InferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/encloud.v1.InferenceService/ReleaseKey',
-            encloud_dot_v1_dot_encloud__pb2.ReleaseKeyRequest.SerializeToString,
-            encloud_dot_v1_dot_encloud__pb2.ReleaseKeyResponse.FromString,
+            '/encloud.v2.InferenceService/ReleaseKey',
+            encloud_dot_v2_dot_encloud__pb2.ReleaseKeyRequest.SerializeToString,
+            encloud_dot_v2_dot_encloud__pb2.ReleaseKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,9 +213,9 @@ class InferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/encloud.v1.InferenceService/Infer',
-            encloud_dot_v1_dot_encloud__pb2.InferRequest.SerializeToString,
-            encloud_dot_v1_dot_encloud__pb2.InferResponse.FromString,
+            '/encloud.v2.InferenceService/Infer',
+            encloud_dot_v2_dot_encloud__pb2.InferRequest.SerializeToString,
+            encloud_dot_v2_dot_encloud__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -240,9 +240,9 @@ class InferenceService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/encloud.v1.InferenceService/StreamInfer',
-            encloud_dot_v1_dot_encloud__pb2.StreamInferRequest.SerializeToString,
-            encloud_dot_v1_dot_encloud__pb2.StreamInferResponse.FromString,
+            '/encloud.v2.InferenceService/StreamInfer',
+            encloud_dot_v2_dot_encloud__pb2.StreamInferRequest.SerializeToString,
+            encloud_dot_v2_dot_encloud__pb2.StreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -267,9 +267,9 @@ class InferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/encloud.v1.InferenceService/EndSession',
-            encloud_dot_v1_dot_encloud__pb2.EndSessionRequest.SerializeToString,
-            encloud_dot_v1_dot_encloud__pb2.EndSessionResponse.FromString,
+            '/encloud.v2.InferenceService/EndSession',
+            encloud_dot_v2_dot_encloud__pb2.EndSessionRequest.SerializeToString,
+            encloud_dot_v2_dot_encloud__pb2.EndSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
