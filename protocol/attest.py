@@ -5,13 +5,15 @@
 blocking client, the asyncio client and every tool built on them. In order:
 
 1. draw a fresh 32-byte nonce (no caller chooses it: a chosen nonce could accept a
-   replayed AttestResponse) and ask for a session under the suite;
+   replayed AttestResponse) and a 32-byte client secret, and ask for a session under the
+   suite with the secret's commitment C;
 2. recompute Q from the client's own nonce and suite and the server's session values,
    verify the evidence against the policy (encloud.protocol.verifier), and write the
    outcome to the audit log, pass or fail;
-3. only if it verified and a release was asked for: seal `DEK || S` to the session key
-   with HPKE, derive the traffic keys, and check the server's key confirmation before
-   anything else may be sent.
+3. only if it verified and a release was asked for: seal `DEK || S || client_secret` to
+   the session key with HPKE (the server binds the session only when the secret opens C,
+   so nobody else who saw the Attest reply can bind or close it), derive the traffic
+   keys, and check the server's key confirmation before anything else may be sent.
 
 It returns a `Handshake`: the `Attempt` (everything an evidence bundle needs, the report,
 the failure if any) and, once released, the `Session` with its keys.
@@ -33,10 +35,12 @@ from encloud.protocol.envelope import MessageType, OpeningKey, SealingKey
 from encloud.protocol.errors import EnvelopeError, KeyConfirmationError, VerificationError
 from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import (
+    CLIENT_SECRET_LENGTH,
     SESSION_SECRET_LENGTH,
     SUITE_V1,
     HpkeSuiteId,
     TrafficKeys,
+    client_commitment,
     derive_traffic_keys,
     handshake_hash,
     new_dek,
@@ -77,6 +81,7 @@ class Attempt:
     target: str
     suite: HpkeSuiteId
     nonce: bytes
+    client_commitment: bytes
     session_id: bytes
     session_public_key: bytes
     ttl_seconds: int
@@ -89,12 +94,23 @@ class Attempt:
     report: list[CheckResult]
     attestation: VerifiedAttestation | None
     failure: VerificationError | None
+    client_secret: bytearray = field(default_factory=bytearray, repr=False)
+    """Opens client_commitment inside the sealed key; wiped once the key is released."""
 
     def qualifying_data(self) -> bytes:
-        """Q recomputed from the client's nonce and suite and the server's session values."""
+        """Q recomputed from the client's nonce, suite and commitment and the server's
+        session values."""
         return quote_qualifying_data(
-            self.suite, self.nonce, self.session_public_key, self.session_id, self.ttl_seconds
+            self.suite,
+            self.nonce,
+            self.client_commitment,
+            self.session_public_key,
+            self.session_id,
+            self.ttl_seconds,
         )
+
+    def wipe_secret(self) -> None:
+        self.client_secret[:] = bytes(len(self.client_secret))
 
 
 @dataclass
@@ -189,9 +205,12 @@ def first_use_evidence(
     """One Attest with a fresh nonce; nothing verified, nothing released. For writing a
     dev-only policy from a server's own claims (`encloud policy init`)."""
     nonce = os.urandom(NONCE_LENGTH)
-    reply = yield AttestCall(pb.AttestRequest(nonce=nonce, suite=suite_to_proto(suite)))
+    commitment = client_commitment(os.urandom(CLIENT_SECRET_LENGTH))  # never released
+    reply = yield AttestCall(
+        pb.AttestRequest(nonce=nonce, suite=suite_to_proto(suite), client_commitment=commitment)
+    )
     q = quote_qualifying_data(
-        suite, nonce, reply.session_public_key, reply.session_id, reply.ttl_seconds
+        suite, nonce, commitment, reply.session_public_key, reply.session_id, reply.ttl_seconds
     )
     return FirstUseEvidence(evidence_from_proto(reply.evidence), q, reply.ttl_seconds)
 
@@ -200,11 +219,15 @@ def _attest(
     policy: Policy, *, target: str, suite: HpkeSuiteId, clock: Callable[[], float]
 ) -> Generator[Call, Any, Attempt]:
     nonce = os.urandom(NONCE_LENGTH)
-    reply = yield AttestCall(pb.AttestRequest(nonce=nonce, suite=suite_to_proto(suite)))
+    client_secret = bytearray(os.urandom(CLIENT_SECRET_LENGTH))
+    commitment = client_commitment(client_secret)
+    reply = yield AttestCall(
+        pb.AttestRequest(nonce=nonce, suite=suite_to_proto(suite), client_commitment=commitment)
+    )
     received_at = clock()
     evidence = evidence_from_proto(reply.evidence)
     expected = quote_qualifying_data(
-        suite, nonce, reply.session_public_key, reply.session_id, reply.ttl_seconds
+        suite, nonce, commitment, reply.session_public_key, reply.session_id, reply.ttl_seconds
     )
     attestation, report, failure = verify_with_report(
         evidence,
@@ -216,6 +239,7 @@ def _attest(
         target=target,
         suite=suite,
         nonce=nonce,
+        client_commitment=commitment,
         session_id=reply.session_id,
         session_public_key=reply.session_public_key,
         ttl_seconds=reply.ttl_seconds,
@@ -226,6 +250,7 @@ def _attest(
         report=report,
         attestation=attestation,
         failure=failure,
+        client_secret=client_secret,
     )
 
 
@@ -242,7 +267,14 @@ def release_key(
     secret = bytearray(os.urandom(SESSION_SECRET_LENGTH))
     try:
         info = release_info(attempt.suite, attempt.session_id, attestation.attest_digest)
-        sealed_key = seal_key(attempt.suite, attempt.session_public_key, dek_bytes, secret, info)
+        sealed_key = seal_key(
+            attempt.suite,
+            attempt.session_public_key,
+            dek_bytes,
+            secret,
+            attempt.client_secret,
+            info,
+        )
         h_hs = handshake_hash(
             attempt.suite,
             attempt.nonce,
@@ -276,6 +308,7 @@ def release_key(
     if not hmac.compare_digest(proof, h_hs):
         keys.wipe()
         raise KeyConfirmationError("the key confirmation is for another handshake")
+    attempt.wipe_secret()  # the session is bound: the secret has done its one job
     return Session(
         attempt=attempt,
         attestation=attestation,

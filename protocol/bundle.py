@@ -15,6 +15,7 @@ An `EvidenceBundle` is that record as one JSON object (version 1):
       "time": <Unix seconds when the client verified it>,
       "suite": "<12 hex: kem, kdf, aead ids>",
       "nonce": "<hex>",
+      "client_commitment": "<hex: C, the commitment the client sent (never its secret)>",
       "session_id": "<hex>",
       "session_public_key": "<hex>",
       "ttl_seconds": <int>,
@@ -58,7 +59,8 @@ from encloud.protocol.handshake import HpkeSuiteId, quote_qualifying_data
 from encloud.protocol.policy import Policy
 from encloud.protocol.verifier import CheckResult, VerifiedAttestation, verify_with_report
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+"""2: protocol v2 (Q covers the client commitment, which the bundle keeps)."""
 BUNDLE_KIND = "encloud-evidence-bundle"
 _KEYS = frozenset(
     {
@@ -68,6 +70,7 @@ _KEYS = frozenset(
         "time",
         "suite",
         "nonce",
+        "client_commitment",
         "session_id",
         "session_public_key",
         "ttl_seconds",
@@ -98,6 +101,7 @@ class EvidenceBundle:
     time: int
     suite: HpkeSuiteId
     nonce: bytes
+    client_commitment: bytes
     session_id: bytes
     session_public_key: bytes
     ttl_seconds: int
@@ -107,9 +111,15 @@ class EvidenceBundle:
     evidence: Evidence
 
     def qualifying_data(self) -> bytes:
-        """Q recomputed from the client's nonce and the server's session values."""
+        """Q recomputed from the client's nonce and commitment and the server's session
+        values."""
         return quote_qualifying_data(
-            self.suite, self.nonce, self.session_public_key, self.session_id, self.ttl_seconds
+            self.suite,
+            self.nonce,
+            self.client_commitment,
+            self.session_public_key,
+            self.session_id,
+            self.ttl_seconds,
         )
 
     def to_json(self) -> bytes:
@@ -121,6 +131,7 @@ class EvidenceBundle:
             "time": self.time,
             "suite": _suite_bytes(self.suite).hex(),
             "nonce": self.nonce.hex(),
+            "client_commitment": self.client_commitment.hex(),
             "session_id": self.session_id.hex(),
             "session_public_key": self.session_public_key.hex(),
             "ttl_seconds": self.ttl_seconds,
@@ -155,6 +166,7 @@ def bundle_from_attempt(attempt: Attempt) -> EvidenceBundle:
         time=attempt.verified_at,
         suite=attempt.suite,
         nonce=attempt.nonce,
+        client_commitment=attempt.client_commitment,
         session_id=attempt.session_id,
         session_public_key=attempt.session_public_key,
         ttl_seconds=attempt.ttl_seconds,
@@ -311,6 +323,7 @@ def parse_bundle(data: bytes) -> EvidenceBundle:
         time=_int(obj, "time", 0, 2**53 - 1),
         suite=suite,
         nonce=_hexf(obj, "nonce", 32, 64),
+        client_commitment=_hexf(obj, "client_commitment", 32, 32),
         session_id=_hexf(obj, "session_id", 1, 64),
         session_public_key=_hexf(obj, "session_public_key", 1, 256),
         ttl_seconds=_int(obj, "ttl_seconds", 0, 0xFFFFFFFF),

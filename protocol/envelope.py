@@ -2,7 +2,7 @@
 
 A sealed message is nonce (12) || ciphertext || tag (16). The type, request id
 and seq travel in clear beside it; the receiver rebuilds the associated data
-E("encloud/v1 aead", type_u8, session_id, request_id_u64, seq_u32) from the
+E("encloud/v2 aead", type_u8, session_id, request_id_u64, seq_u32) from the
 values it expects, so a message cannot be replayed into another session,
 request, position, direction or role. Plaintexts are padded to a bucket so
 that sizes leak less (docs/PROTOCOL.md).
@@ -57,7 +57,7 @@ class Sealed:
 
 
 def associated_data(message_type: int, session_id: bytes, request_id: int, seq: int) -> bytes:
-    return encode("encloud/v1 aead", u8(message_type), session_id, u64(request_id), u32(seq))
+    return encode("encloud/v2 aead", u8(message_type), session_id, u64(request_id), u32(seq))
 
 
 def padded_length(payload_length: int, bucket: int) -> int:
@@ -159,9 +159,9 @@ class OpeningKey:
 
 
 def transcript_start(session_id: bytes, request_id: int, sealed_request: bytes) -> bytes:
-    """T_0 = H(E("encloud/v1 transcript", session_id, request_id_u64, H(sealed request)))."""
+    """T_0 = H(E("encloud/v2 transcript", session_id, request_id_u64, H(sealed request)))."""
     return sha256(
-        encode("encloud/v1 transcript", session_id, u64(request_id), sha256(sealed_request))
+        encode("encloud/v2 transcript", session_id, u64(request_id), sha256(sealed_request))
     )
 
 

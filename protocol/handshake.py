@@ -1,4 +1,4 @@
-"""Protocol v1 handshake: qualifying data, key release and traffic keys.
+"""Protocol v2 handshake: client commitment, qualifying data, key release and traffic keys.
 
 All constructions follow docs/PROTOCOL.md; every structured input goes through
 the canonical encoding E() of encloud.protocol.encoding.
@@ -20,6 +20,9 @@ from encloud.protocol.errors import EncloudError
 
 DEK_LENGTH = 32
 SESSION_SECRET_LENGTH = 32
+CLIENT_SECRET_LENGTH = 32
+COMMITMENT_LENGTH = 32
+SEALED_PLAINTEXT_LENGTH = DEK_LENGTH + SESSION_SECRET_LENGTH + CLIENT_SECRET_LENGTH
 SESSION_ID_LENGTH = 16
 MIN_NONCE_LENGTH = 32
 MAX_NONCE_LENGTH = 64
@@ -64,20 +67,46 @@ def _hpke(suite: HpkeSuiteId) -> tuple[hpke.Suite, int]:
         raise KeyOpenError("unsupported HPKE suite") from None
 
 
+def client_commitment(client_secret: bytes | bytearray) -> bytes:
+    """C = H(E("encloud/v2 client commitment", client_secret)): sent in the AttestRequest,
+    opened inside the sealed key, so only the client that attested can bind its session."""
+    if len(client_secret) != CLIENT_SECRET_LENGTH:
+        raise ValueError("the client secret is 32 bytes")
+    return sha256(encode("encloud/v2 client commitment", bytes(client_secret)))
+
+
+def opens_commitment(commitment: bytes, client_secret: bytes | bytearray) -> bool:
+    """Constant-time: does `client_secret` open `commitment`?"""
+    if len(client_secret) != CLIENT_SECRET_LENGTH:
+        return False
+    return hmac.compare_digest(client_commitment(client_secret), commitment)
+
+
 def quote_qualifying_data(
-    suite: HpkeSuiteId, nonce: bytes, session_pub: bytes, session_id: bytes, ttl_seconds: int
+    suite: HpkeSuiteId,
+    nonce: bytes,
+    commitment: bytes,
+    session_pub: bytes,
+    session_id: bytes,
+    ttl_seconds: int,
 ) -> bytes:
-    """Q = H(E("encloud/v1 quote", suite, nonce, session_pub, session_id, ttl_u32))."""
+    """Q = H(E("encloud/v2 quote", suite, nonce, C, session_pub, session_id, ttl_u32))."""
     return sha256(
         encode(
-            "encloud/v1 quote", suite.encoded(), nonce, session_pub, session_id, u32(ttl_seconds)
+            "encloud/v2 quote",
+            suite.encoded(),
+            nonce,
+            commitment,
+            session_pub,
+            session_id,
+            u32(ttl_seconds),
         )
     )
 
 
 def release_info(suite: HpkeSuiteId, session_id: bytes, attest_digest: bytes) -> bytes:
-    """info = E("encloud/v1 release", suite, session_id, H_ev)."""
-    return encode("encloud/v1 release", suite.encoded(), session_id, attest_digest)
+    """info = E("encloud/v2 release", suite, session_id, H_ev)."""
+    return encode("encloud/v2 release", suite.encoded(), session_id, attest_digest)
 
 
 def handshake_hash(
@@ -89,11 +118,11 @@ def handshake_hash(
     attest_digest: bytes,
     enc: bytes,
 ) -> bytes:
-    """H_hs = H(E("encloud/v1 handshake", suite, nonce, session_pub, session_id, ttl_u32,
+    """H_hs = H(E("encloud/v2 handshake", suite, nonce, session_pub, session_id, ttl_u32,
     H_ev, enc))."""
     return sha256(
         encode(
-            "encloud/v1 handshake",
+            "encloud/v2 handshake",
             suite.encoded(),
             nonce,
             session_pub,
@@ -128,7 +157,7 @@ def derive_traffic_keys(
     try:
         keys = [
             HKDFExpand(hashes.SHA256(), 32, label).derive(bytes(prk))
-            for label in (b"encloud/v1 c2s", b"encloud/v1 s2c", b"encloud/v1 kc")
+            for label in (b"encloud/v2 c2s", b"encloud/v2 s2c", b"encloud/v2 kc")
         ]
     finally:
         prk[:] = bytes(len(prk))
@@ -144,14 +173,23 @@ def seal_key(
     session_pub: bytes,
     dek: bytes | bytearray,
     session_secret: bytes | bytearray,
+    client_secret: bytes | bytearray,
     info: bytes,
 ) -> bytes:
-    """HPKE base-mode seal of DEK || S to the session key: enc || ciphertext."""
-    if len(dek) != DEK_LENGTH or len(session_secret) != SESSION_SECRET_LENGTH:
-        raise ValueError("the DEK and the session secret are 32 bytes each")
+    """HPKE base-mode seal of DEK || S || client_secret to the session key: enc || ciphertext."""
+    if (
+        len(dek) != DEK_LENGTH
+        or len(session_secret) != SESSION_SECRET_LENGTH
+        or len(client_secret) != CLIENT_SECRET_LENGTH
+    ):
+        raise ValueError("the DEK, the session secret and the client secret are 32 bytes each")
     hpke_suite, _ = _hpke(suite)
     recipient = X25519PublicKey.from_public_bytes(session_pub)
-    return hpke_suite.encrypt(bytes(dek) + bytes(session_secret), recipient, info=info)
+    plaintext = bytearray(dek) + bytearray(session_secret) + bytearray(client_secret)
+    try:
+        return hpke_suite.encrypt(bytes(plaintext), recipient, info=info)
+    finally:
+        plaintext[:] = bytes(len(plaintext))
 
 
 def split_enc(suite: HpkeSuiteId, sealed_key: bytes) -> bytes:
@@ -164,17 +202,22 @@ def split_enc(suite: HpkeSuiteId, sealed_key: bytes) -> bytes:
 
 def open_key(
     suite: HpkeSuiteId, private_key: X25519PrivateKey, sealed_key: bytes, info: bytes
-) -> tuple[bytearray, bytearray]:
-    """Open a sealed DEK || S. Any failure is one KeyOpenError."""
+) -> tuple[bytearray, bytearray, bytearray]:
+    """Open a sealed DEK || S || client_secret. Any failure is one KeyOpenError."""
     hpke_suite, _ = _hpke(suite)
     split_enc(suite, sealed_key)
     try:
         plaintext = bytearray(hpke_suite.decrypt(sealed_key, private_key, info=info))
     except (InvalidTag, ValueError):
         raise KeyOpenError("sealed key did not open") from None
-    if len(plaintext) != DEK_LENGTH + SESSION_SECRET_LENGTH:
+    if len(plaintext) != SEALED_PLAINTEXT_LENGTH:
         plaintext[:] = bytes(len(plaintext))
         raise KeyOpenError("sealed key has the wrong length")
-    dek, secret = plaintext[:DEK_LENGTH], plaintext[DEK_LENGTH:]
+    s_end = DEK_LENGTH + SESSION_SECRET_LENGTH
+    dek, secret, client_secret = (
+        plaintext[:DEK_LENGTH],
+        plaintext[DEK_LENGTH:s_end],
+        plaintext[s_end:],
+    )
     plaintext[:] = bytes(len(plaintext))
-    return dek, secret
+    return dek, secret, client_secret

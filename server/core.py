@@ -28,6 +28,7 @@ from encloud.protocol.faults import (
     UnavailableError,
 )
 from encloud.protocol.handshake import (
+    COMMITMENT_LENGTH,
     MAX_NONCE_LENGTH,
     MIN_NONCE_LENGTH,
     HpkeSuiteId,
@@ -101,12 +102,16 @@ class InferenceCore:
 
     # --- Attest and ReleaseKey -------------------------------------------------------
 
-    async def attest(self, nonce: bytes, suite: HpkeSuiteId, peer: str = "") -> AttestResult:
+    async def attest(
+        self, nonce: bytes, suite: HpkeSuiteId, commitment: bytes, peer: str = ""
+    ) -> AttestResult:
         self._check_open()
         if not MIN_NONCE_LENGTH <= len(nonce) <= MAX_NONCE_LENGTH:
             raise InvalidArgumentError(
                 f"the nonce must be {MIN_NONCE_LENGTH} to {MAX_NONCE_LENGTH} bytes"
             )
+        if len(commitment) != COMMITMENT_LENGTH:
+            raise InvalidArgumentError(f"the client commitment must be {COMMITMENT_LENGTH} bytes")
         if not is_supported(suite):
             raise InvalidArgumentError("unsupported HPKE suite")
         try:
@@ -114,10 +119,15 @@ class InferenceCore:
         except ResourceExhaustedError:
             self._metrics.admission_rejected.labels("attest_rate").inc()
             raise
-        session = self._sessions.create(suite, nonce)
+        session = self._sessions.create(suite, nonce, commitment)
         try:
             qualifying_data = quote_qualifying_data(
-                suite, nonce, session.public_key, session.session_id, session.ttl_seconds
+                suite,
+                nonce,
+                commitment,
+                session.public_key,
+                session.session_id,
+                session.ttl_seconds,
             )
             loop = asyncio.get_running_loop()
             evidence = await loop.run_in_executor(
@@ -135,13 +145,11 @@ class InferenceCore:
         if session.state is not SessionState.PENDING:
             raise SessionStateError("the session already has a key")
         self._sessions.admit_bound(session)
-        try:
-            return session.bind(sealed_key, self._settings.max_release_attempts)
-        finally:
-            if session.state is SessionState.ENDED:
-                self._sessions.drop(session, "release_attempts")
-            else:
-                self._sessions.touch(session)
+        # A refused release neither closes nor extends the session: it may come from anyone
+        # who saw the Attest reply. Only the attesting client can bind (its commitment).
+        confirmation = session.bind(sealed_key)
+        self._sessions.touch(session)
+        return confirmation
 
     # --- inference ---------------------------------------------------------------------
 

@@ -43,7 +43,10 @@ class InferenceServicer:
     async def Attest(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.AttestResponse:
         request = converters.parse(pb.AttestRequest, data)
         result = await self._service.attest(
-            request.nonce, converters.suite_from_proto(request.suite), peer_host(context.peer())
+            request.nonce,
+            converters.suite_from_proto(request.suite),
+            request.client_commitment,
+            peer_host(context.peer()),
         )
         return pb.AttestResponse(
             session_id=result.session_id,

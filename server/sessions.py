@@ -37,6 +37,7 @@ from encloud.protocol.handshake import (
     derive_traffic_keys,
     handshake_hash,
     open_key,
+    opens_commitment,
     release_info,
     split_enc,
 )
@@ -150,6 +151,7 @@ class Session:
         session_id: bytes,
         suite: HpkeSuiteId,
         nonce: bytes,
+        commitment: bytes,
         ttl_seconds: int,
         pending_deadline: float,
         expires_at: float,
@@ -158,6 +160,7 @@ class Session:
         self.session_id = session_id
         self.suite = suite
         self.nonce = nonce
+        self.commitment = commitment
         self.ttl_seconds = ttl_seconds
         self.pending_deadline = pending_deadline
         self.expires_at = expires_at
@@ -166,7 +169,6 @@ class Session:
         self._private_key: X25519PrivateKey | None = X25519PrivateKey.generate()
         self.public_key = self._private_key.public_key().public_bytes_raw()
         self.attest_digest: bytes | None = None
-        self.release_attempts = 0
         self.requests = RequestIdWindow()
         self.calls: dict[int, ActiveCall] = {}
         self._c2s: OpeningKey | None = None
@@ -174,8 +176,11 @@ class Session:
 
     # --- key release ---------------------------------------------------------------
 
-    def bind(self, sealed_key: bytes, max_attempts: int) -> Sealed:
-        """Open the released key, derive the traffic keys, return the key confirmation."""
+    def bind(self, sealed_key: bytes) -> Sealed:
+        """Open the released key, derive the traffic keys, return the key confirmation.
+
+        Only a sealed key whose client secret opens this session's commitment binds it;
+        any other attempt is refused without changing the session."""
         if self.state is not SessionState.PENDING or self._private_key is None:
             raise SessionStateError("the session already has a key")
         if self.attest_digest is None:
@@ -183,12 +188,14 @@ class Session:
         try:
             info = release_info(self.suite, self.session_id, self.attest_digest)
             enc = split_enc(self.suite, sealed_key)
-            dek, secret = open_key(self.suite, self._private_key, sealed_key, info)
+            dek, secret, client_secret = open_key(self.suite, self._private_key, sealed_key, info)
         except KeyOpenError:
-            self.release_attempts += 1
-            if self.release_attempts >= max_attempts:
-                self.wipe()
             raise KeyReleaseError("the sealed key was refused") from None
+        if not opens_commitment(self.commitment, client_secret):
+            for value in (dek, secret, client_secret):
+                value[:] = bytes(len(value))
+            raise KeyReleaseError("the sealed key was refused")
+        client_secret[:] = bytes(len(client_secret))
         h_hs = handshake_hash(
             self.suite,
             self.nonce,
@@ -274,7 +281,7 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, suite: HpkeSuiteId, nonce: bytes) -> Session:
+    def create(self, suite: HpkeSuiteId, nonce: bytes, commitment: bytes) -> Session:
         self.sweep()
         pending = sum(1 for s in self._sessions.values() if s.state is SessionState.PENDING)
         if pending >= self._settings.max_pending_sessions:
@@ -286,6 +293,7 @@ class SessionStore:
             session_id=os.urandom(SESSION_ID_LENGTH),
             suite=suite,
             nonce=nonce,
+            commitment=commitment,
             ttl_seconds=ttl,
             pending_deadline=now + min(ttl, self._settings.pending_session_ttl_seconds),
             expires_at=now + ttl,

@@ -210,9 +210,6 @@ class Settings(BaseSettings):
     max_pending_sessions: int = Field(
         64, ge=1, description="Most attested sessions still waiting for their key."
     )
-    max_release_attempts: int = Field(
-        3, ge=1, description="Invalid ReleaseKey calls before a pending session closes."
-    )
     max_streams_per_session: int = Field(
         4,
         ge=1,

@@ -21,8 +21,6 @@ from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.attack]
 
-HOLE = pytest.mark.xfail(strict=True, reason="protocol v2 binds the release to its client")
-
 
 def _victim(stack) -> Client:
     client = Client(
@@ -50,7 +48,6 @@ def _attacker_release(stack, victim: Client, sealed_key: bytes) -> grpc.RpcError
     return None
 
 
-@HOLE
 def test_attack_a_third_party_seals_its_own_key_to_a_pending_session(stack) -> None:
     victim = _victim(stack)
     attempt = victim.last_attempt
@@ -58,7 +55,10 @@ def test_attack_a_third_party_seals_its_own_key_to_a_pending_session(stack) -> N
     # Everything the attacker uses was in the clear: the suite, the session id and public
     # key, and the quote (H_ev); the DEK and session secret are its own.
     info = release_info(attempt.suite, attempt.session_id, sha256(attempt.evidence.quote_attest))
-    forged = seal_key(attempt.suite, attempt.session_public_key, new_dek(), os.urandom(32), info)
+    guess = os.urandom(32)  # the client secret is not on the wire: the attacker guesses
+    forged = seal_key(
+        attempt.suite, attempt.session_public_key, new_dek(), os.urandom(32), guess, info
+    )
     refused = _attacker_release(stack, victim, forged)
     assert refused is not None and refused.code() == grpc.StatusCode.PERMISSION_DENIED
     # The session is still the victim's to bind.
@@ -67,10 +67,9 @@ def test_attack_a_third_party_seals_its_own_key_to_a_pending_session(stack) -> N
         assert victim.infer([("user", "Hi")], max_new_tokens=2).text is not None
 
 
-@HOLE
 def test_attack_a_third_party_closes_a_pending_session_with_garbage(stack) -> None:
     victim = _victim(stack)
-    for _ in range(5):  # more than max_release_attempts
+    for _ in range(5):  # more than v1's limit of three failed releases
         refused = _attacker_release(stack, victim, os.urandom(96))
         assert refused is not None and refused.code() == grpc.StatusCode.PERMISSION_DENIED
     with victim:

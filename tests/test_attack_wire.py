@@ -213,8 +213,9 @@ def test_dek_sealed_with_info_naming_another_quote_is_refused(connect, wire, sta
     reply = wire.received_of("Attest")[-1]
     other_quote_digest = os.urandom(32)
     info = release_info(SUITE_V1, reply.session_id, other_quote_digest)
+    secret = client.last_attempt.client_secret  # the client's own: only the info is wrong
     sealed = seal_key(
-        SUITE_V1, reply.session_public_key, bytearray(32), bytearray(os.urandom(32)), info
+        SUITE_V1, reply.session_public_key, bytearray(32), bytearray(os.urandom(32)), secret, info
     )
     stub = _stub(stack.address)
     request = pb.ReleaseKeyRequest(session_id=reply.session_id, sealed_key=sealed)

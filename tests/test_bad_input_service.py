@@ -40,9 +40,11 @@ def reason_of(error: grpc.RpcError) -> str:
     return ""
 
 
-def attest_request(nonce: bytes) -> bytes:
+def attest_request(nonce: bytes, commitment: bytes = bytes(32)) -> bytes:
     return pb.AttestRequest(
-        nonce=nonce, suite=pb.HpkeSuite(kem_id=0x20, kdf_id=1, aead_id=2)
+        nonce=nonce,
+        suite=pb.HpkeSuite(kem_id=0x20, kdf_id=1, aead_id=2),
+        client_commitment=commitment,
     ).SerializeToString()
 
 
@@ -100,6 +102,13 @@ def test_each_bad_input_gets_its_code_and_others_keep_working(
         grpc.StatusCode.INVALID_ARGUMENT,
         ok,
     )
+    for commitment in (b"", bytes(31), bytes(33)):
+        case(
+            f"client commitment of {len(commitment)} bytes",
+            raw_call(address, "Attest", attest_request(b"n" * 32, commitment)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ok,
+        )
     unknown = pb.InferRequest(
         session_id=os.urandom(16),
         request=pb.SealedMessage(type=pb.MESSAGE_TYPE_REQUEST, request_id=1, sealed=os.urandom(64)),

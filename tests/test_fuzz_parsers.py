@@ -85,6 +85,7 @@ def _bundle() -> bytes:
         time=1,
         suite=SUITE_V1,
         nonce=bytes(32),
+        client_commitment=bytes(32),
         session_id=bytes(16),
         session_public_key=bytes(32),
         ttl_seconds=600,

@@ -18,7 +18,13 @@ from stack import running_stack
 from encloud.client import NO_AUDIT, Client, RetryPolicy
 from encloud.protocol.errors import ServiceError
 from encloud.protocol.faults import KeyReleaseError, ResourceExhaustedError, SessionNotFoundError
-from encloud.protocol.handshake import SUITE_V1, new_dek, release_info, seal_key
+from encloud.protocol.handshake import (
+    SUITE_V1,
+    client_commitment,
+    new_dek,
+    release_info,
+    seal_key,
+)
 from encloud.protocol.policy import Policy
 from encloud.server.limits import PeerRateLimiter, RateLimitedError
 from encloud.server.sessions import SessionState, SessionStore
@@ -38,12 +44,13 @@ def _store(clock: Clock, **overrides: object) -> SessionStore:
 
 
 def _bound(store: SessionStore):  # type: ignore[no-untyped-def]
-    session = store.create(SUITE_V1, os.urandom(32))
+    secret = os.urandom(32)
+    session = store.create(SUITE_V1, os.urandom(32), client_commitment(secret))
     session.attest_digest = os.urandom(32)  # H_ev: the TPM is not what this test is about
     info = release_info(SUITE_V1, session.session_id, session.attest_digest)
-    sealed = seal_key(SUITE_V1, session.public_key, new_dek(), os.urandom(32), info)
+    sealed = seal_key(SUITE_V1, session.public_key, new_dek(), os.urandom(32), secret, info)
     store.admit_bound(session)
-    session.bind(sealed, 3)
+    session.bind(sealed)
     return session
 
 
@@ -101,17 +108,24 @@ def test_no_reference_to_key_objects_survives(cause: str) -> None:
 
 
 @pytest.mark.unit
-def test_pending_session_private_key_dropped_after_failed_releases() -> None:
-    store = _store(Clock(), max_release_attempts=2)
-    session = store.create(SUITE_V1, os.urandom(32))
+def test_refused_releases_leave_a_pending_session_as_it_was() -> None:
+    # Garbage and keys sealed with another client's secret: refused, the session still
+    # pending with its private key, until its own client binds it.
+    secret = os.urandom(32)
+    session = _store(Clock()).create(SUITE_V1, os.urandom(32), client_commitment(secret))
     session.attest_digest = os.urandom(32)
-    held: list[object] = [session._private_key]
-    assert held[0] is not None
-    for _ in range(2):
+    info = release_info(SUITE_V1, session.session_id, session.attest_digest)
+    others = [
+        os.urandom(128),
+        seal_key(SUITE_V1, session.public_key, new_dek(), os.urandom(32), os.urandom(32), info),
+    ]
+    for sealed in others * 3:
         with pytest.raises(KeyReleaseError):
-            session.bind(os.urandom(96), 2)
-    assert session.state is SessionState.ENDED
-    assert session._private_key is None
+            session.bind(sealed)
+        assert session.state is SessionState.PENDING and session._private_key is not None
+    held: list[object] = [session._private_key]
+    session.bind(seal_key(SUITE_V1, session.public_key, new_dek(), os.urandom(32), secret, info))
+    assert session.state is SessionState.BOUND and session._private_key is None
     assert _references(held, 0) == 0
 
 
@@ -119,10 +133,10 @@ def test_pending_session_private_key_dropped_after_failed_releases() -> None:
 def test_quotas_and_rate_limit() -> None:
     clock = Clock()
     store = _store(clock, max_pending_sessions=2, max_sessions=1, pending_session_ttl_seconds=5)
-    store.create(SUITE_V1, os.urandom(32))
-    store.create(SUITE_V1, os.urandom(32))
+    store.create(SUITE_V1, os.urandom(32), os.urandom(32))
+    store.create(SUITE_V1, os.urandom(32), os.urandom(32))
     with pytest.raises(ResourceExhaustedError):
-        store.create(SUITE_V1, os.urandom(32))
+        store.create(SUITE_V1, os.urandom(32), os.urandom(32))
     clock.now += 5  # pending sessions have their own short TTL
     _bound(store)
     with pytest.raises(ResourceExhaustedError):

@@ -36,9 +36,11 @@ from encloud.protocol.generation import StreamReader, check_final
 from encloud.protocol.handshake import (
     SUITE_V1,
     KeyOpenError,
+    client_commitment,
     derive_traffic_keys,
     handshake_hash,
     open_key,
+    opens_commitment,
     quote_qualifying_data,
     release_info,
     split_enc,
@@ -119,7 +121,11 @@ def test_handshake() -> None:
     assert v["ttl_seconds"] == ttl
     key = X25519PrivateKey.from_private_bytes(b(v["session_private_key"]))
     assert key.public_key().public_bytes_raw() == pub
-    q = quote_qualifying_data(SUITE_V1, nonce, pub, sid, ttl)
+    secret_c = b(v["client_secret"])
+    commitment = client_commitment(secret_c)
+    assert commitment == b(v["client_commitment"])
+    assert commitment == hashlib.sha256(b(v["client_commitment_encoded"])).digest()
+    q = quote_qualifying_data(SUITE_V1, nonce, commitment, pub, sid, ttl)
     assert q == b(v["qualifying_data"]) == hashlib.sha256(b(v["quote_encoded"])).digest()
     h_ev = hashlib.sha256(b(v["quote_attest"])).digest()
     assert h_ev == b(v["attest_digest"])
@@ -127,8 +133,10 @@ def test_handshake() -> None:
     assert info == b(v["release_info"])
     sealed_key = b(v["sealed_key"])
     assert split_enc(SUITE_V1, sealed_key) == b(v["enc"])
-    dek, secret = open_key(SUITE_V1, key, sealed_key, info)
+    dek, secret, opened_secret = open_key(SUITE_V1, key, sealed_key, info)
     assert bytes(dek) == b(v["dek"]) and bytes(secret) == b(v["session_secret"])
+    assert bytes(dek + secret + opened_secret) == b(v["sealed_plaintext"])
+    assert opens_commitment(commitment, opened_secret)
     h_hs = handshake_hash(SUITE_V1, nonce, pub, sid, ttl, h_ev, b(v["enc"]))
     assert h_hs == b(v["handshake_hash"]) == hashlib.sha256(b(v["handshake_encoded"])).digest()
     keys = derive_traffic_keys(dek, secret, h_hs)
@@ -144,6 +152,15 @@ def test_hpke_negative(case: dict[str, Any]) -> None:
     key = X25519PrivateKey.from_private_bytes(b(case["recipient_private_key"]))
     with pytest.raises(error_class(case["error"])):
         open_key(SUITE_V1, key, b(case["sealed_key"]), b(case["info"]))
+
+
+@pytest.mark.parametrize("case", load("handshake")["commitment_negative"], ids=lambda c: c["name"])
+def test_commitment_negative(case: dict[str, Any]) -> None:
+    # It opens as HPKE, but its client secret does not open the session's commitment.
+    key = X25519PrivateKey.from_private_bytes(b(case["recipient_private_key"]))
+    _, _, opened = open_key(SUITE_V1, key, b(case["sealed_key"]), b(case["info"]))
+    assert case["error"] == "KeyReleaseRefused"
+    assert not opens_commitment(b(case["client_commitment"]), opened)
 
 
 @pytest.mark.parametrize(
@@ -329,6 +346,7 @@ def _verify(v: dict[str, Any], case: dict[str, Any]) -> Any:
     q = quote_qualifying_data(
         SUITE_V1,
         b(client["nonce"]),
+        b(client["client_commitment"]),
         b(client["session_public_key"]),
         b(client["session_id"]),
         client["ttl_seconds"],

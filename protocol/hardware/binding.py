@@ -1,6 +1,6 @@
 """What a session-bound hardware report's 64-byte REPORT_DATA holds (configfs-tsm path).
 
-    report_data = SHA-512(E("encloud/v1 report data", Q, ak_public))
+    report_data = SHA-512(E("encloud/v2 report data", Q, ak_public))
 
 Q is the quote's qualifying data (DESIGN.md step 2), which already binds the suite,
 the client's nonce, the session public key, the session id and the TTL; ak_public is
@@ -14,7 +14,7 @@ import hashlib
 
 from encloud.protocol.encoding import encode
 
-REPORT_DATA_LABEL = "encloud/v1 report data"
+REPORT_DATA_LABEL = "encloud/v2 report data"
 
 # Evidence.hardware_kind values.
 KIND_AZURE_HCL = "azure-hcl"

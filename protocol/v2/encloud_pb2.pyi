@@ -142,7 +142,7 @@ Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
 class HpkeSuite(_message.Message):
-    """An HPKE cipher suite (RFC 9180 algorithm identifiers). v1 uses X25519
+    """An HPKE cipher suite (RFC 9180 algorithm identifiers). v2 uses X25519
     (0x0020), HKDF-SHA256 (0x0001) and AES-256-GCM (0x0002).
     """
 
@@ -389,8 +389,9 @@ class ReleaseKeyRequest(_message.Message):
     session_id: _builtins.bytes
     """The session from AttestResponse."""
     sealed_key: _builtins.bytes
-    """HPKE enc (32 bytes for X25519) || HPKE ciphertext of DEK || S (64 bytes
-    of plaintext), info E("encloud/v1 release", suite, session_id, H_ev).
+    """HPKE enc (32 bytes for X25519) || HPKE ciphertext of DEK || S ||
+    client_secret (96 bytes of plaintext), info E("encloud/v2 release", suite,
+    session_id, H_ev).
     """
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Generate the protocol v1 test vectors in tests/vectors/*.json.
+"""Generate the protocol v2 test vectors in tests/vectors/*.json.
 
     .venv/bin/python tests/vectors/generate.py          # rewrite the JSON files
     .venv/bin/python tests/vectors/generate.py --check  # exit 1 if they differ
@@ -42,6 +42,7 @@ from encloud.protocol.envelope import (
 )
 from encloud.protocol.handshake import (
     SUITE_V1,
+    client_commitment,
     derive_traffic_keys,
     handshake_hash,
     quote_qualifying_data,
@@ -126,7 +127,7 @@ def seal_fixed(
     *,
     padded: bytes | None = None,
 ) -> bytes:
-    """nonce || AES-256-GCM(pad(payload)) with the v1 associated data; padded overrides."""
+    """nonce || AES-256-GCM(pad(payload)) with the v2 associated data; padded overrides."""
     aad = associated_data(message_type, session_id, request_id, seq)
     plaintext = padded if padded is not None else pad(payload, PAD_BUCKETS[message_type])
     return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
@@ -239,6 +240,8 @@ SESSION_KEY = x25519.X25519PrivateKey.from_private_bytes(seed("session private k
 SESSION_PUB = SESSION_KEY.public_key().public_bytes_raw()
 SESSION_ID = seed("session id", 16)
 NONCE = seed("client nonce")
+CLIENT_SECRET = seed("client secret")
+COMMITMENT = client_commitment(CLIENT_SECRET)
 TTL = 600
 AK = ec_key("attestation key")
 OTHER_KEY = ec_key("another key")
@@ -351,7 +354,7 @@ def encoding_vectors() -> dict[str, Any]:
 
 def evidence_base() -> dict[str, Any]:
     """The valid evidence of the shared session (also the positive evidence vector)."""
-    q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL)
+    q = quote_qualifying_data(SUITE_V1, NONCE, COMMITMENT, SESSION_PUB, SESSION_ID, TTL)
     values = {i: pcr_value(i) for i in SELECTION}
     values[WORKLOAD_PCR] = eventlog.replay(RECORDS)
     ak_public = ecc_public(AK)
@@ -375,14 +378,20 @@ def evidence_base() -> dict[str, Any]:
 def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
     attest = evidence_base()["quote_attest"]
     h_ev = sha256(attest)
-    q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL)
+    q = quote_qualifying_data(SUITE_V1, NONCE, COMMITMENT, SESSION_PUB, SESSION_ID, TTL)
     dek, secret = seed("dek"), seed("session secret S")
     info = release_info(SUITE_V1, SESSION_ID, h_ev)
     ephemeral = x25519.X25519PrivateKey.from_private_bytes(seed("hpke ephemeral key"))
-    enc, ciphertext = hpke_seal_fixed(SESSION_PUB, ephemeral, info, dek + secret)
+    plaintext = dek + secret + CLIENT_SECRET
+    enc, ciphertext = hpke_seal_fixed(SESSION_PUB, ephemeral, info, plaintext)
     sealed_key = enc + ciphertext
     suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    assert suite.decrypt(sealed_key, SESSION_KEY, info=info) == dek + secret
+    assert suite.decrypt(sealed_key, SESSION_KEY, info=info) == plaintext
+    # What a third party can do: seal its own plaintext, with a guessed client secret.
+    guess = seed("a third party's guess")
+    _, foreign = hpke_seal_fixed(
+        SESSION_PUB, ephemeral, info, seed("foreign dek") + seed("foreign S") + guess
+    )
     h_hs = handshake_hash(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL, h_ev, enc)
     prk = hmac.digest(h_hs, dek + secret, "sha256")
     keys = derive_traffic_keys(dek, secret, h_hs)
@@ -398,12 +407,23 @@ def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
         "key confirmation",
         "suite": {"kem_id": 0x20, "kdf_id": 1, "aead_id": 2, "encoded": hx(SUITE_V1.encoded())},
         "nonce": hx(NONCE),
+        "client_secret": hx(CLIENT_SECRET),
+        "client_commitment_encoded": hx(encode("encloud/v2 client commitment", CLIENT_SECRET)),
+        "client_commitment": hx(COMMITMENT),
         "session_private_key": hx(SESSION_KEY.private_bytes_raw()),
         "session_public_key": hx(SESSION_PUB),
         "session_id": hx(SESSION_ID),
         "ttl_seconds": TTL,
         "quote_encoded": hx(
-            encode("encloud/v1 quote", SUITE_V1.encoded(), NONCE, SESSION_PUB, SESSION_ID, u32(TTL))
+            encode(
+                "encloud/v2 quote",
+                SUITE_V1.encoded(),
+                NONCE,
+                COMMITMENT,
+                SESSION_PUB,
+                SESSION_ID,
+                u32(TTL),
+            )
         ),
         "qualifying_data": hx(q),
         "quote_attest": hx(attest),
@@ -414,9 +434,10 @@ def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
         "hpke_ephemeral_private_key": hx(ephemeral.private_bytes_raw()),
         "enc": hx(enc),
         "sealed_key": hx(sealed_key),
+        "sealed_plaintext": hx(plaintext),
         "handshake_encoded": hx(
             encode(
-                "encloud/v1 handshake",
+                "encloud/v2 handshake",
                 SUITE_V1.encoded(),
                 NONCE,
                 SESSION_PUB,
@@ -457,6 +478,19 @@ def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
                 "sealed_key": hx(sealed_key),
                 "error": "KeyOpenError",
             },
+        ],
+        "commitment_negative": [
+            {
+                "name": "third_party_release",
+                "description": "opens under the session key, but its client secret (a third "
+                "party's guess) does not open the commitment: the server refuses it and leaves "
+                "the session pending",
+                "recipient_private_key": hx(SESSION_KEY.private_bytes_raw()),
+                "info": hx(info),
+                "sealed_key": hx(enc + foreign),
+                "client_commitment": hx(COMMITMENT),
+                "error": "KeyReleaseRefused",
+            }
         ],
         "key_confirmation_negative": [
             {
@@ -931,7 +965,7 @@ def stream_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
         "request": sealed_json(MessageType.REQUEST, request_id, 0, request),
         "request_payload": hx(request_payload),
         "transcript_encoded": hx(
-            encode("encloud/v1 transcript", SESSION_ID, u64(request_id), sha256(request))
+            encode("encloud/v2 transcript", SESSION_ID, u64(request_id), sha256(request))
         ),
         "frame_payloads": [hx(p) for p in payloads],
         "transcripts": [hx(t) for t in transcripts],
@@ -1039,6 +1073,7 @@ def evidence_json(ev: dict[str, Any]) -> dict[str, Any]:
 def client_json(**overrides: Any) -> dict[str, Any]:
     values = {
         "nonce": NONCE,
+        "client_commitment": COMMITMENT,
         "session_public_key": SESSION_PUB,
         "session_id": SESSION_ID,
         "ttl_seconds": TTL,
@@ -1050,7 +1085,7 @@ def client_json(**overrides: Any) -> dict[str, Any]:
 def evidence_vectors() -> dict[str, Any]:
     base = evidence_base()
     base_values = base["pcr_values"]
-    q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, TTL)
+    q = quote_qualifying_data(SUITE_V1, NONCE, COMMITMENT, SESSION_PUB, SESSION_ID, TTL)
     ak_public = base["ak_public"]
 
     def quote(
@@ -1513,7 +1548,7 @@ def evidence_vectors() -> dict[str, Any]:
             "SessionTtlError",
         ),
     ]
-    zero_ttl_q = quote_qualifying_data(SUITE_V1, NONCE, SESSION_PUB, SESSION_ID, 0)
+    zero_ttl_q = quote_qualifying_data(SUITE_V1, NONCE, COMMITMENT, SESSION_PUB, SESSION_ID, 0)
     zero_ttl = quote(extra=zero_ttl_q)
     negatives.append(
         (
@@ -2095,7 +2130,7 @@ def build() -> dict[str, str]:
     }
     assert tuple(docs) == FILES
     return {
-        name: json.dumps({"version": 1, **doc}, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
+        name: json.dumps({"version": 2, **doc}, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
         for name, doc in docs.items()
     }
 

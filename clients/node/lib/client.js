@@ -1,5 +1,5 @@
 'use strict';
-// The Node.js client of encloud protocol v1: attest, verify, release the key, chat sealed.
+// The Node.js client of encloud protocol v2: attest, verify, release the key, chat sealed.
 // Nothing is sent before the attestation verified and the key confirmation proved that the
 // attested session holds the key.
 const crypto = require('node:crypto');
@@ -114,16 +114,19 @@ class EncloudClient {
     this.session = null;
     const suite = hs.SUITE_V1;
     const wireNonce = this.hooks.attestNonce ? this.hooks.attestNonce(nonce) : nonce;
+    const clientSecret = crypto.randomBytes(hs.CLIENT_SECRET_LENGTH);
+    const commitment = hs.clientCommitment(clientSecret);
     let reply = await this.call('Attest', {
       nonce: wireNonce,
       suite: { kem_id: suite.kemId, kdf_id: suite.kdfId, aead_id: suite.aeadId },
+      client_commitment: commitment,
     });
     const receivedAt = performance.now();
     if (this.hooks.attestReply) reply = this.hooks.attestReply(reply);
     const sessionId = Buffer.from(reply.session_id);
     const sessionPub = Buffer.from(reply.session_public_key);
     const ttl = reply.ttl_seconds;
-    const expected = hs.quoteQualifyingData(suite, nonce, sessionPub, sessionId, ttl);
+    const expected = hs.quoteQualifyingData(suite, nonce, commitment, sessionPub, sessionId, ttl);
     let attestation;
     try {
       attestation = await verify(evidenceFromWire(reply.evidence), this.policy, {
@@ -139,6 +142,7 @@ class EncloudClient {
       sessionId,
       suite,
       nonce,
+      clientSecret,
       sessionPub,
       ttl,
       expiresAt: receivedAt + ttl * 1000,
@@ -166,13 +170,14 @@ class EncloudClient {
     const secret = crypto.randomBytes(32);
     const hEv = s.attestation.attestDigest;
     const info = hs.releaseInfo(s.suite, s.sessionId, hEv);
-    const sealedKey = await hs.sealKey(s.sessionPub, Buffer.from(dek), secret, info);
+    const sealedKey = await hs.sealKey(s.sessionPub, Buffer.from(dek), secret, s.clientSecret, info);
     const enc = sealedKey.subarray(0, hs.ENC_LENGTH);
     const hHs = hs.handshakeHash(s.suite, s.nonce, s.sessionPub, s.sessionId, s.ttl, hEv, enc);
     const keys = await hs.deriveTrafficKeys(Buffer.from(dek), secret, hHs);
     secret.fill(0);
     const reply = await this.call('ReleaseKey', { session_id: s.sessionId, sealed_key: sealedKey });
     await confirmKey(keys.kc, s.sessionId, reply.key_confirmation && fromWire(reply.key_confirmation), hHs);
+    s.clientSecret.fill(0); // bound: the secret has done its one job
     s.c2s = new env.SealingKey(keys.c2s, s.sessionId);
     s.s2c = new env.OpeningKey(keys.s2c, s.sessionId);
     keys.c2s.fill(0);

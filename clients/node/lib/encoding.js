@@ -1,5 +1,5 @@
 'use strict';
-// The canonical encoding E(label, f1, ..., fk) of protocol v1 (docs/PROTOCOL.md).
+// The canonical encoding E(label, f1, ..., fk) of protocol v2 (docs/PROTOCOL.md).
 const crypto = require('node:crypto');
 
 const MAX_FIELD_LENGTH = 0xffff;

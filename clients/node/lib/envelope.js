@@ -13,7 +13,7 @@ const MessageType = { REQUEST: 1, RESPONSE: 2, FRAME: 3, FINAL: 4, END: 5, KEY_C
 const PAD_BUCKETS = { 1: 1024, 2: 1024, 3: 64, 4: 128, 5: 1024, 6: 128 };
 
 function associatedData(type, sessionId, requestId, seq) {
-  return encode('encloud/v1 aead', u8(type), sessionId, u64(requestId), u32(seq));
+  return encode('encloud/v2 aead', u8(type), sessionId, u64(requestId), u32(seq));
 }
 
 function paddedLength(payloadLength, bucket) {
@@ -110,9 +110,9 @@ class OpeningKey {
   }
 }
 
-/** T_0 = H(E("encloud/v1 transcript", session_id, u64(request_id), H(sealed request))). */
+/** T_0 = H(E("encloud/v2 transcript", session_id, u64(request_id), H(sealed request))). */
 function transcriptStart(sessionId, requestId, sealedRequest) {
-  return sha256(encode('encloud/v1 transcript', sessionId, u64(requestId), sha256(sealedRequest)));
+  return sha256(encode('encloud/v2 transcript', sessionId, u64(requestId), sha256(sealedRequest)));
 }
 
 /** T_(s+1) = H(T_s || u32(s) || u32(len) || payload_s). */

@@ -1,5 +1,5 @@
 'use strict';
-// The typed errors of the encloud protocol v1, named as in protocol/errors.py so a
+// The typed errors of the encloud protocol v2, named as in protocol/errors.py so a
 // test vector's expected error class names the same failure in every language.
 
 class EncloudError extends Error {

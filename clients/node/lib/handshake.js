@@ -28,22 +28,46 @@ function hpkeSuite() {
   });
 }
 
-/** Q = H(E("encloud/v1 quote", suite, nonce, session_pub, session_id, u32(ttl))). */
-function quoteQualifyingData(suite, nonce, sessionPub, sessionId, ttlSeconds) {
+const CLIENT_SECRET_LENGTH = 32;
+
+/** C = H(E("encloud/v2 client commitment", client_secret)): sent with Attest, opened inside
+ * the sealed key, so only the client that attested can bind its session. */
+function clientCommitment(clientSecret) {
+  if (clientSecret.length !== CLIENT_SECRET_LENGTH) throw new RangeError('the client secret is 32 bytes');
+  return sha256(encode('encloud/v2 client commitment', clientSecret));
+}
+
+/** Constant time: does clientSecret open commitment? (server side, vectors) */
+function opensCommitment(commitment, clientSecret) {
+  if (clientSecret.length !== CLIENT_SECRET_LENGTH) return false;
+  const ours = clientCommitment(clientSecret);
+  return ours.length === commitment.length && crypto.timingSafeEqual(ours, commitment);
+}
+
+/** Q = H(E("encloud/v2 quote", suite, nonce, C, session_pub, session_id, u32(ttl))). */
+function quoteQualifyingData(suite, nonce, commitment, sessionPub, sessionId, ttlSeconds) {
   return sha256(
-    encode('encloud/v1 quote', suiteBytes(suite), nonce, sessionPub, sessionId, u32(ttlSeconds)),
+    encode(
+      'encloud/v2 quote',
+      suiteBytes(suite),
+      nonce,
+      commitment,
+      sessionPub,
+      sessionId,
+      u32(ttlSeconds),
+    ),
   );
 }
 
-/** info = E("encloud/v1 release", suite, session_id, H_ev). */
+/** info = E("encloud/v2 release", suite, session_id, H_ev). */
 function releaseInfo(suite, sessionId, attestDigest) {
-  return encode('encloud/v1 release', suiteBytes(suite), sessionId, attestDigest);
+  return encode('encloud/v2 release', suiteBytes(suite), sessionId, attestDigest);
 }
 
 function handshakeHash(suite, nonce, sessionPub, sessionId, ttlSeconds, attestDigest, enc) {
   return sha256(
     encode(
-      'encloud/v1 handshake',
+      'encloud/v2 handshake',
       suiteBytes(suite),
       nonce,
       sessionPub,
@@ -62,9 +86,9 @@ async function deriveTrafficKeys(dek, sessionSecret, hHs) {
   ]);
   const out = {};
   for (const [name, label] of [
-    ['c2s', 'encloud/v1 c2s'],
-    ['s2c', 'encloud/v1 s2c'],
-    ['kc', 'encloud/v1 kc'],
+    ['c2s', 'encloud/v2 c2s'],
+    ['s2c', 'encloud/v2 s2c'],
+    ['kc', 'encloud/v2 kc'],
   ]) {
     const bits = await subtle.deriveBits(
       { name: 'HKDF', hash: 'SHA-256', salt: hHs, info: Buffer.from(label, 'ascii') },
@@ -76,21 +100,28 @@ async function deriveTrafficKeys(dek, sessionSecret, hHs) {
   return out;
 }
 
-/** HPKE base-mode seal of DEK || S to the session key: returns enc || ciphertext. */
-async function sealKey(sessionPub, dek, sessionSecret, info) {
-  if (dek.length !== DEK_LENGTH || sessionSecret.length !== SESSION_SECRET_LENGTH) {
-    throw new RangeError('the DEK and the session secret are 32 bytes each');
+/** HPKE base-mode seal of DEK || S || client_secret to the session key: enc || ciphertext. */
+async function sealKey(sessionPub, dek, sessionSecret, clientSecret, info) {
+  if (
+    dek.length !== DEK_LENGTH ||
+    sessionSecret.length !== SESSION_SECRET_LENGTH ||
+    clientSecret.length !== CLIENT_SECRET_LENGTH
+  ) {
+    throw new RangeError('the DEK, the session secret and the client secret are 32 bytes each');
   }
   const suite = hpkeSuite();
   const recipientPublicKey = await suite.kem.deserializePublicKey(sessionPub);
-  const { ct, enc } = await suite.seal(
-    { recipientPublicKey, info },
-    Buffer.concat([dek, sessionSecret]),
-  );
-  return Buffer.concat([Buffer.from(enc), Buffer.from(ct)]);
+  const plaintext = Buffer.concat([dek, sessionSecret, clientSecret]);
+  try {
+    const { ct, enc } = await suite.seal({ recipientPublicKey, info }, plaintext);
+    return Buffer.concat([Buffer.from(enc), Buffer.from(ct)]);
+  } finally {
+    plaintext.fill(0);
+  }
 }
 
-/** Open a sealed DEK || S with the recipient's raw X25519 private key (server side, vectors). */
+/** Open a sealed DEK || S || client_secret with the recipient's raw X25519 private key
+ * (server side, vectors). */
 async function openKey(privateKey, sealedKey, info) {
   if (sealedKey.length <= ENC_LENGTH) throw new KeyOpenError('sealed key is too short');
   const suite = hpkeSuite();
@@ -106,10 +137,14 @@ async function openKey(privateKey, sealedKey, info) {
   } catch {
     throw new KeyOpenError('sealed key did not open');
   }
-  if (plaintext.length !== DEK_LENGTH + SESSION_SECRET_LENGTH) {
+  if (plaintext.length !== DEK_LENGTH + SESSION_SECRET_LENGTH + CLIENT_SECRET_LENGTH) {
     throw new KeyOpenError('sealed key has the wrong length');
   }
-  return { dek: plaintext.subarray(0, 32), sessionSecret: plaintext.subarray(32) };
+  return {
+    dek: plaintext.subarray(0, 32),
+    sessionSecret: plaintext.subarray(32, 64),
+    clientSecret: plaintext.subarray(64),
+  };
 }
 
 module.exports = {
@@ -117,6 +152,9 @@ module.exports = {
   ENC_LENGTH,
   suiteBytes,
   isV1,
+  CLIENT_SECRET_LENGTH,
+  clientCommitment,
+  opensCommitment,
   quoteQualifyingData,
   releaseInfo,
   handshakeHash,

@@ -41,7 +41,10 @@ test('encoding', () => {
 test('handshake: Q, HPKE open side, H_hs, traffic keys, key confirmation', async () => {
   const v = load('handshake');
   const [nonce, pub, sid] = [b(v.nonce), b(v.session_public_key), b(v.session_id)];
-  const q = hs.quoteQualifyingData(hs.SUITE_V1, nonce, pub, sid, v.ttl_seconds);
+  const commitment = hs.clientCommitment(b(v.client_secret));
+  assert.equal(commitment.toString('hex'), v.client_commitment);
+  assert.equal(encoding.sha256(b(v.client_commitment_encoded)).toString('hex'), v.client_commitment);
+  const q = hs.quoteQualifyingData(hs.SUITE_V1, nonce, commitment, pub, sid, v.ttl_seconds);
   assert.equal(q.toString('hex'), v.qualifying_data);
   assert.equal(encoding.sha256(b(v.quote_encoded)).toString('hex'), v.qualifying_data);
   const hEv = encoding.sha256(b(v.quote_attest));
@@ -51,6 +54,7 @@ test('handshake: Q, HPKE open side, H_hs, traffic keys, key confirmation', async
   const opened = await hs.openKey(b(v.session_private_key), b(v.sealed_key), info);
   assert.equal(opened.dek.toString('hex'), v.dek);
   assert.equal(opened.sessionSecret.toString('hex'), v.session_secret);
+  assert.ok(hs.opensCommitment(commitment, opened.clientSecret));
   assert.equal(b(v.sealed_key).subarray(0, 32).toString('hex'), v.enc);
   const hHs = hs.handshakeHash(hs.SUITE_V1, nonce, pub, sid, v.ttl_seconds, hEv, b(v.enc));
   assert.equal(hHs.toString('hex'), v.handshake_hash);
@@ -62,9 +66,16 @@ test('handshake: Q, HPKE open side, H_hs, traffic keys, key confirmation', async
   assert.equal(keys.kc.toString('hex'), v.k_kc);
   await lib.confirmKey(b(v.k_kc), sid, sealed(v.key_confirmation), hHs);
   // What this client seals, the reference recipient key opens (round trip through @hpke/core).
-  const mine = await hs.sealKey(pub, b(v.dek), b(v.session_secret), info);
+  const mine = await hs.sealKey(pub, b(v.dek), b(v.session_secret), b(v.client_secret), info);
   const back = await hs.openKey(b(v.session_private_key), mine, info);
   assert.equal(back.dek.toString('hex'), v.dek);
+  assert.equal(back.clientSecret.toString('hex'), v.client_secret);
+  for (const c of v.commitment_negative) {
+    // Opens as HPKE, but its client secret does not open the commitment: refused.
+    const foreign = await hs.openKey(b(c.recipient_private_key), b(c.sealed_key), b(c.info));
+    assert.equal(c.error, 'KeyReleaseRefused');
+    assert.ok(!hs.opensCommitment(b(c.client_commitment), foreign.clientSecret));
+  }
   for (const c of v.hpke_negative) {
     await rejectsWith(hs.openKey(b(c.recipient_private_key), b(c.sealed_key), b(c.info)), c.error);
   }
@@ -186,7 +197,7 @@ function evidence(obj) {
 
 function verifyCase(v, c) {
   const cl = c.client;
-  const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
+  const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.client_commitment), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
   return verifier.verify(evidence(c.evidence), pol.parsePolicy(v.policies[c.policy]), {
     expectedQualifyingData: q,
     sessionTtlSeconds: cl.ttl_seconds,
@@ -259,7 +270,7 @@ test('verifier: a policy object not made by parsePolicy is refused', async () =>
   const c = v.positive[0];
   const hand = { ...pol.parsePolicy(v.policies[c.policy]) };
   const cl = c.client;
-  const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
+  const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.client_commitment), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
   await rejectsWith(verifier.verify(evidence(c.evidence), hand, { expectedQualifyingData: q, sessionTtlSeconds: cl.ttl_seconds }), 'PolicyIncompleteError');
 });
 
