@@ -197,7 +197,7 @@ class InferenceCore:
 
     async def end_session(self, session_id: bytes, sealed_end: Sealed) -> None:
         session = self._sessions.get(session_id)
-        session.open_from_client(sealed_end, MessageType.END)
+        session.open_end(sealed_end)
         running = list(session.calls.values())
         for call in running:
             call.cancel.set()

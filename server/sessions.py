@@ -23,6 +23,7 @@ from encloud.protocol.errors import DecryptError
 from encloud.protocol.faults import (
     EnvelopeRejectedError,
     InvalidArgumentError,
+    InvalidRequestPayloadError,
     KeyReleaseError,
     ReplayedRequestError,
     ResourceExhaustedError,
@@ -231,6 +232,12 @@ class Session:
             raise EnvelopeRejectedError("sealed message rejected") from None
         self.requests.mark(sealed.request_id)
         return payload
+
+    def open_end(self, sealed: Sealed) -> None:
+        """Open an END (its id is then used); an END with a payload is refused, the session
+        kept (docs/PROTOCOL.md, "EndSession")."""
+        if self.open_from_client(sealed, MessageType.END):
+            raise InvalidRequestPayloadError("an END carries no payload")
 
     def sealer(self) -> SealingKey:
         return self._bound_keys()[1]

@@ -615,3 +615,21 @@ def test_request_in_an_expired_session_is_not_found(short_ttl_server, tmp_path):
             grpc.StatusCode.NOT_FOUND,
             "SESSION_EXPIRED",
         )
+
+
+def test_an_end_with_a_payload_is_refused_and_the_session_kept(connect, stack) -> None:
+    client = _bound(connect)
+    session = client._session
+    forged_end = session.c2s.seal(MessageType.END, session.take_request_id(), 0, b"not empty")
+    request = pb.EndSessionRequest(
+        session_id=session.session_id,
+        end=pb.SealedMessage(
+            type=forged_end.type, request_id=forged_end.request_id, sealed=forged_end.data
+        ),
+    )
+    stub = _stub(stack.address)
+    assert _status(lambda: stub.EndSession(request)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST_PAYLOAD",
+    )
+    assert client.infer(ASK, max_new_tokens=2).text is not None  # the session lives on

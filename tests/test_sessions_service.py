@@ -4,6 +4,7 @@ quotas, idle TTL and the client's own re-attestation through a real server."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -16,8 +17,14 @@ import pytest
 from stack import running_stack
 
 from encloud.client import NO_AUDIT, Client, RetryPolicy
+from encloud.protocol.envelope import MessageType, OpeningKey, Sealed
 from encloud.protocol.errors import ServiceError
-from encloud.protocol.faults import KeyReleaseError, ResourceExhaustedError, SessionNotFoundError
+from encloud.protocol.faults import (
+    DomainError,
+    KeyReleaseError,
+    ResourceExhaustedError,
+    SessionNotFoundError,
+)
 from encloud.protocol.handshake import (
     SUITE_V1,
     client_commitment,
@@ -228,3 +235,30 @@ def test_max_sessions_and_attest_rate_are_resource_exhausted(
     finally:
         for client in clients:
             client.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "case",
+    json.loads((Path(__file__).parent / "vectors" / "envelope.json").read_text())["server_receive"],
+    ids=lambda c: c["name"],
+)
+def test_server_receive_rules(case: dict) -> None:
+    vectors = json.loads((Path(__file__).parent / "vectors" / "envelope.json").read_text())
+    session_id = bytes.fromhex(vectors["session_id"])
+    session = _bound(_store(Clock()))
+    session.session_id = session_id
+    session._c2s = OpeningKey(bytearray.fromhex(vectors["keys"]["c2s"]), session_id)
+    for step in case["steps"]:
+        m = step["message"]
+        sealed = Sealed(m["type"], int(m["request_id"]), m["seq"], bytes.fromhex(m["sealed"]))
+        try:
+            if sealed.type == MessageType.END:
+                session.open_end(sealed)
+                outcome = "ended"
+            else:
+                session.open_from_client(sealed, MessageType.REQUEST)
+                outcome = "accepted"
+        except DomainError as error:
+            outcome = error.reason
+        assert outcome == step["expect"], step

@@ -792,7 +792,63 @@ def envelope_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
         ],
         "sealed": sealed,
         "negative": negative,
+        "server_receive": server_receive_vectors(keys["c2s"]),
     }
+
+
+def server_receive_vectors(c2s: bytes) -> list[dict[str, Any]]:
+    """Two receive rules of the server, in order: each step is a sealed client message and
+    what the server answers (request ids are consumed only by messages it accepted)."""
+    request = generation_request("Hello")
+    n = [seed(f"receive nonce {i}", 12) for i in range(4)]
+    bad_pad = pad(request, 1024)[:-1] + b"\x01"  # authenticates, but a pad byte is not zero
+    return [
+        {
+            "name": "padding_failure_consumes_no_request_id",
+            "description": "a REQUEST whose tag verifies but whose padding does not is refused "
+            "(ENVELOPE_REJECTED) and does not use its request id: the same id then works",
+            "steps": [
+                {
+                    "message": sealed_json(
+                        MessageType.REQUEST,
+                        7,
+                        0,
+                        seal_fixed(c2s, SESSION_ID, 1, 7, 0, request, n[0], padded=bad_pad),
+                    ),
+                    "expect": "ENVELOPE_REJECTED",
+                },
+                {
+                    "message": sealed_json(
+                        MessageType.REQUEST,
+                        7,
+                        0,
+                        seal_fixed(c2s, SESSION_ID, 1, 7, 0, request, n[1]),
+                    ),
+                    "expect": "accepted",
+                },
+            ],
+        },
+        {
+            "name": "end_with_a_payload",
+            "description": "an END must be empty: one with a payload is refused "
+            "(INVALID_REQUEST_PAYLOAD), its id consumed, the session kept; an empty END with "
+            "a new id ends it",
+            "steps": [
+                {
+                    "message": sealed_json(
+                        MessageType.END, 8, 0, seal_fixed(c2s, SESSION_ID, 5, 8, 0, b"bye", n[2])
+                    ),
+                    "expect": "INVALID_REQUEST_PAYLOAD",
+                },
+                {
+                    "message": sealed_json(
+                        MessageType.END, 9, 0, seal_fixed(c2s, SESSION_ID, 5, 9, 0, b"", n[3])
+                    ),
+                    "expect": "ended",
+                },
+            ],
+        },
+    ]
 
 
 # --- streams and the transcript hash ----------------------------------------------------------
