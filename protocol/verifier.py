@@ -1,5 +1,8 @@
 """Verify a vTPM quote and the workload event log against a policy.
 
+docs/PROTOCOL.md ("2. Verify") is the normative list of checks; `verify`'s docstring repeats
+it for readers of the code.
+
 The single entry point is `verify` (or `verify_with_report`, which also
 returns the step-by-step report that `encloud attest --report` prints). Checks
 run in the order listed in `verify`'s docstring; the first failure stops

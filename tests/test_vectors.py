@@ -428,3 +428,44 @@ def test_ak_certificate_chain_vectors(case: dict[str, Any]) -> None:
     else:
         with pytest.raises(error_class(case["expect"])):
             check_certificate_chain(*args)
+
+
+# --- the audit log (audit.json) -----------------------------------------------------------------
+
+
+def _audit_files(tmp_path: Path, log: str, checkpoints: str) -> tuple[Path, Path]:
+    log_path, cp_path = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.checkpoints"
+    log_path.write_bytes(log.encode("utf-8"))
+    cp_path.write_bytes(checkpoints.encode("utf-8"))
+    return log_path, cp_path
+
+
+def test_audit_log_vector_verifies(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from encloud.protocol.audit import verify_log
+
+    v = load("audit")
+    key = load_pem_public_key(v["checkpoint_public_key"].encode())
+    result = verify_log(*_audit_files(tmp_path, v["log"], v["checkpoints"]), key)  # type: ignore[arg-type]
+    expect = v["expect"]
+    assert (result.entries, result.anchored_through, result.checkpoints) == (
+        expect["entries"],
+        expect["anchored_through"],
+        expect["checkpoints"],
+    )
+    lines = v["log"].splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == list(range(len(lines)))
+
+
+@pytest.mark.parametrize("case", load("audit")["negative"], ids=lambda c: c["name"])
+def test_audit_log_vector_faults(tmp_path: Path, case: dict[str, Any]) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from encloud.protocol.audit import verify_log
+
+    key = load_pem_public_key(load("audit")["checkpoint_public_key"].encode())
+    with pytest.raises(errors.AuditLogError) as fault:
+        verify_log(*_audit_files(tmp_path, case["log"], case["checkpoints"]), key)  # type: ignore[arg-type]
+    if case["error_seq"] is not None:
+        assert fault.value.seq == case["error_seq"]

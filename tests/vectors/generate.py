@@ -53,7 +53,7 @@ from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.server.inference.manifest import compute_model_digest
 
 HERE = Path(__file__).resolve().parent
-FILES = ("encoding", "handshake", "envelope", "stream", "eventlog", "evidence", "policy")
+FILES = ("encoding", "handshake", "envelope", "stream", "eventlog", "evidence", "policy", "audit")
 
 
 def seed(label: str, n: int = 32) -> bytes:
@@ -2172,6 +2172,105 @@ def policy_vectors() -> dict[str, Any]:
     }
 
 
+# --- the audit log ---------------------------------------------------------------------------
+
+
+def audit_vectors() -> dict[str, Any]:
+    """A small audit log and its checkpoints, built by hand from the format (fixed log id,
+    times and Ed25519 key: Ed25519 signatures are deterministic), then verified by the
+    reference; and the faults its verifier must name."""
+    import base64 as b64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from encloud.protocol.audit import (
+        GENESIS,
+        attestation_entry,
+        canonical,
+        checkpoint_message,
+    )
+
+    key = Ed25519PrivateKey.from_private_bytes(seed("audit checkpoint key"))
+    log_id = seed("audit log id", 16)
+    start = 1_767_225_600  # 2026-01-01T00:00:00Z
+    entries: list[dict[str, Any]] = [
+        {"event": "log_start", "log_id": log_id.hex(), "seq": 0, "time": start}
+    ]
+    for i, outcome in enumerate(("pass", "fail", "pass")):
+        entry = attestation_entry(
+            server="cvm.example:50051",
+            nonce=seed(f"audit nonce {i}"),
+            quote_attest=seed(f"audit quote {i}", 64),
+            policy_digest=seed("audit policy"),
+            ak_fingerprint=seed("audit ak").hex() if outcome == "pass" else None,
+            model_digest=MODEL_DIGEST if outcome == "pass" else None,
+            failed_check=None if outcome == "pass" else "pcr_value",
+        )
+        entries.append({**entry, "seq": i + 1, "time": start + 60 * (i + 1)})
+    lines: list[bytes] = []
+    prev = GENESIS
+    for entry in entries:
+        line = canonical({**entry, "prev": prev.hex()})
+        lines.append(line)
+        prev = sha256(line)
+
+    def checkpoint(seq: int, stamp: int) -> bytes:
+        head = sha256(lines[seq])
+        signature = key.sign(checkpoint_message(log_id, seq, head, stamp))
+        return canonical(
+            {
+                "log_id": log_id.hex(),
+                "seq": seq,
+                "head": head.hex(),
+                "time": stamp,
+                "signature": b64.b64encode(signature).decode("ascii"),
+            }
+        )
+
+    checkpoints = [checkpoint(1, start + 61), checkpoint(2, start + 121)]
+    edited = list(lines)
+    edited[2] = edited[2].replace(b'"outcome":"fail"', b'"outcome":"pass"')
+    text = lambda ls: b"".join(line + b"\n" for line in ls).decode("utf-8")  # noqa: E731
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {
+        "description": "an audit log (entries 0..3) with two signed checkpoints, and faults; "
+        "docs/PROTOCOL.md, 'The audit log'",
+        "checkpoint_public_key": public.decode("ascii"),
+        "checkpoint_messages": [
+            hx(checkpoint_message(log_id, seq, sha256(lines[seq]), stamp))
+            for seq, stamp in ((1, start + 61), (2, start + 121))
+        ],
+        "log": text(lines),
+        "checkpoints": text(checkpoints),
+        "expect": {"entries": 4, "anchored_through": 2, "checkpoints": 2},
+        "negative": [
+            {
+                "name": "edited_entry",
+                "description": "entry 2's outcome changed after it was written",
+                "log": text(edited),
+                "checkpoints": text(checkpoints),
+                "error_seq": 2,
+            },
+            {
+                "name": "cut_off_tail",
+                "description": "entries 2 and 3 removed: the checkpoint of entry 2 shows it",
+                "log": text(lines[:2]),
+                "checkpoints": text(checkpoints),
+                "error_seq": None,
+            },
+            {
+                "name": "forged_checkpoint",
+                "description": "a checkpoint whose signature is not the key's",
+                "log": text(lines),
+                "checkpoints": text([checkpoints[0].replace(b'"time":', b'"time":1', 1)]),
+                "error_seq": None,
+            },
+        ],
+    }
+
+
 def build() -> dict[str, str]:
     """Every vector file's exact text, by file stem."""
     handshake, keys = handshake_vectors()
@@ -2183,6 +2282,7 @@ def build() -> dict[str, str]:
         "eventlog": eventlog_vectors(),
         "evidence": evidence_vectors(),
         "policy": policy_vectors(),
+        "audit": audit_vectors(),
     }
     assert tuple(docs) == FILES
     return {
