@@ -1,8 +1,8 @@
 """The verification policy: the reference values a quote is checked against.
 
 docs/PROTOCOL.md ("The policy file") is the normative description; this copy of it
-is for readers of the code. A policy is one JSON object, version 1. Every key below is required unless
-marked optional; an unknown key, a duplicate key or a value of the wrong type
+is for readers of the code. A policy is one JSON object, version 1. Every key below
+is required unless marked optional; an unknown key, a duplicate key or a value of the wrong type
 is refused with a PolicyError naming the field. A policy that parses but
 leaves out something it must state (policy_gaps: AK trust, the GCE project for
 Google's CA, and for a production policy its hardware roots, measurement,
