@@ -22,6 +22,7 @@ Phases, in order (one real server on loopback, swtpm, the in-process engine, the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import tempfile
@@ -79,7 +80,12 @@ DECODE_KEYS = [
     for fig in ("decode_tok_s", "ttft_ms")
     for eng in ("encloud", "engine_plaintext", "llama_cpp")
 ] + ["confidential_overhead_pct"]
-HANDSHAKE_KEYS = ["handshake_ms.p50", "handshake_ms.p99", "handshake_ms_no_audit_sync.p50"]
+HANDSHAKE_KEYS = [
+    "handshake_ms.p50",
+    "handshake_ms.p99",
+    "handshake_ms_no_audit_sync.p50",
+    "handshake_ms_xwing.p50",
+]
 CONCURRENCY_KEYS = [f"{fig}.{n}" for fig in ("aggregate_tok_s", "ttft_ms_p99") for n in LEVELS]
 
 
@@ -91,7 +97,12 @@ class Results:
             "decode": {"encloud": [], "engine_plaintext": [], "llama_cpp": []},
             "handshake_ms": [],
             "handshake_ms_no_audit_sync": [],
-            "handshake_parts_ms": {"handshake_ms": [], "handshake_ms_no_audit_sync": []},
+            "handshake_ms_xwing": [],
+            "handshake_parts_ms": {
+                "handshake_ms": [],
+                "handshake_ms_no_audit_sync": [],
+                "handshake_ms_xwing": [],
+            },
             "verify_us": [],
             "concurrency": {},
             "server_rss": None,
@@ -384,21 +395,31 @@ class Bench:
         self.log(f"handshake: {total} x 2 (audit fsync per entry / batched; first ones warm-up)")
         # The audit log's durability is read from the environment when a client is built with
         # only a path: the default ("entry", fsync per entry) and "batch" (fsync every 16).
+        # The first two series use X25519; the third the post-quantum hybrid (X-Wing), audit
+        # fsynced like the first, so the two suites compare directly.
+        x25519 = dataclasses.replace(policy, hpke_suites=("x25519",))
+        xwing = dataclasses.replace(policy, hpke_suites=("mlkem768-x25519",))
         with _audit_env(None):
-            synced = Client(address, policy, audit_log=workdir / "audit-synced.jsonl")
+            synced = Client(address, x25519, audit_log=workdir / "audit-synced.jsonl")
+            hybrid = Client(address, xwing, audit_log=workdir / "audit-xwing.jsonl")
         with _audit_env("batch"):
-            unsynced = Client(address, policy, audit_log=workdir / "audit-unsynced.jsonl")
+            unsynced = Client(address, x25519, audit_log=workdir / "audit-unsynced.jsonl")
         res.notes["handshake_audit"] = {
             "handshake_ms": "audit durability default (ENCLOUD_AUDIT_DURABILITY unset: entry)",
             "handshake_ms_no_audit_sync": "ENCLOUD_AUDIT_DURABILITY=batch",
+            "suites": "handshake_ms and _no_audit_sync: x25519; handshake_ms_xwing: "
+            "mlkem768-x25519 (X-Wing), audit durability as handshake_ms",
             "checkpoints": "off (ENCLOUD_AUDIT_CHECKPOINT_KEY unset, the default)",
         }
         try:
             for i in range(total):
-                pair = [("handshake_ms", synced), ("handshake_ms_no_audit_sync", unsynced)]
-                if i % 2:
-                    pair.reverse()
-                for key, client in pair:
+                series = [
+                    ("handshake_ms", synced),
+                    ("handshake_ms_no_audit_sync", unsynced),
+                    ("handshake_ms_xwing", hybrid),
+                ]
+                series = series[i % 3 :] + series[: i % 3]  # rotate: no series always first
+                for key, client in series:
                     started = _now()
                     client.attest()
                     attested = _now()
@@ -415,6 +436,7 @@ class Bench:
         finally:
             synced.close()
             unsynced.close()
+            hybrid.close()
 
     def _verify(self, address: str, policy: Any) -> None:
         from encloud.client import NO_AUDIT, Client

@@ -76,6 +76,8 @@ def figures_from_samples(samples: Mapping[str, Any]) -> dict[str, Any]:
     out["handshake_ms"] = {"p50": percentile(hs, 50), "p99": percentile(hs, 99)}
     hs_ns = [float(x) for x in samples.get("handshake_ms_no_audit_sync", [])]
     out["handshake_ms_no_audit_sync"] = {"p50": percentile(hs_ns, 50)}
+    hs_xw = [float(x) for x in samples.get("handshake_ms_xwing", [])]
+    out["handshake_ms_xwing"] = {"p50": percentile(hs_xw, 50)}
     out["verify_us"] = {"p50": percentile([float(x) for x in samples.get("verify_us", [])], 50)}
 
     conc = samples.get("concurrency", {})

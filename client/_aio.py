@@ -262,7 +262,11 @@ class AsyncClient(ClientState):
                     if isinstance(value, attest_path.AttestCall)
                     else self._stub.ReleaseKey
                 )
-                reply = await self._rpc(method, value.request, budget)
+                try:
+                    reply = await self._rpc(method, value.request, budget)
+                except ServiceError as error:  # the generator may answer it (suite fallback)
+                    done, value = _throw(steps, error)
+                    continue
                 done, value = await asyncio.to_thread(_advance, steps, reply)
             return value  # type: ignore[no-any-return]
         finally:
@@ -280,6 +284,13 @@ def _advance(steps: Generator[Any, Any, Any], reply: Any) -> tuple[bool, Any]:
     """(False, the next call) or (True, the result): StopIteration must not cross a Future."""
     try:
         return False, (next(steps) if reply is None else steps.send(reply))
+    except StopIteration as done:
+        return True, done.value
+
+
+def _throw(steps: Generator[Any, Any, Any], error: BaseException) -> tuple[bool, Any]:
+    try:
+        return False, steps.throw(error)
     except StopIteration as done:
         return True, done.value
 

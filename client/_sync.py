@@ -274,7 +274,12 @@ class Client(ClientState):
                     if isinstance(call, attest_path.AttestCall)
                     else self._stub.ReleaseKey
                 )
-                call = steps.send(self._rpc(method, call.request, budget))
+                try:
+                    reply = self._rpc(method, call.request, budget)
+                except ServiceError as error:  # the generator may answer it (suite fallback)
+                    call = steps.throw(error)
+                    continue
+                call = steps.send(reply)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
         finally:

@@ -32,7 +32,12 @@ from typing import Any
 
 from encloud.protocol.audit import AuditLog, attestation_entry
 from encloud.protocol.envelope import MessageType, OpeningKey, SealingKey
-from encloud.protocol.errors import EnvelopeError, KeyConfirmationError, VerificationError
+from encloud.protocol.errors import (
+    EnvelopeError,
+    KeyConfirmationError,
+    ServiceError,
+    VerificationError,
+)
 from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import (
     CLIENT_SECRET_LENGTH,
@@ -158,15 +163,21 @@ def attest_and_release(
     audit: AuditLog | None,
     release: bool = True,
     dek: bytes | bytearray | None = None,
-    suite: HpkeSuiteId = SUITE_V1,
+    suite: HpkeSuiteId | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Generator[Call, Any, Handshake]:
     """Attest, verify against `policy`, audit, and (with `release`) release the key.
 
-    The DEK is fresh unless the caller gives its own; either way the caller's bytes are
-    not kept. Raises KeyConfirmationError when the server cannot prove it holds the key;
-    a failed verification is returned in `Handshake.attempt.failure` (and audited)."""
-    attempt = yield from _attest(policy, target=target, suite=suite, clock=clock)
+    The suite is the policy's first (the post-quantum hybrid by default); when the server
+    answers UNSUPPORTED_SUITE the next suite the policy lists is tried, never one it does
+    not list. The suite is inside Q, so the quote shows which one the session uses. The
+    DEK is fresh unless the caller gives its own; either way the caller's bytes are not
+    kept. Raises KeyConfirmationError when the server cannot prove it holds the key; a
+    failed verification is returned in `Handshake.attempt.failure` (and audited)."""
+    suites = policy.suites if suite is None else (suite,)
+    if suite is not None and suite not in policy.suites:
+        raise ValueError("the policy does not accept this HPKE suite")
+    attempt = yield from _attest_with_fallback(policy, target=target, suites=suites, clock=clock)
     if audit is not None:
         audit.append(audit_entry(attempt))
     if attempt.failure is not None or not release:
@@ -213,6 +224,23 @@ def first_use_evidence(
         suite, nonce, commitment, reply.session_public_key, reply.session_id, reply.ttl_seconds
     )
     return FirstUseEvidence(evidence_from_proto(reply.evidence), q, reply.ttl_seconds)
+
+
+def _attest_with_fallback(
+    policy: Policy,
+    *,
+    target: str,
+    suites: tuple[HpkeSuiteId, ...],
+    clock: Callable[[], float],
+) -> Generator[Call, Any, Attempt]:
+    for index, suite in enumerate(suites):
+        try:
+            return (yield from _attest(policy, target=target, suite=suite, clock=clock))
+        except ServiceError as error:
+            # Only a server that does not offer the suite (nothing was quoted) moves us on.
+            if error.reason != "UNSUPPORTED_SUITE" or index + 1 == len(suites):
+                raise
+    raise AssertionError("a policy lists at least one suite")
 
 
 def _attest(

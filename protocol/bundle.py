@@ -325,7 +325,7 @@ def parse_bundle(data: bytes) -> EvidenceBundle:
         nonce=_hexf(obj, "nonce", 32, 64),
         client_commitment=_hexf(obj, "client_commitment", 32, 32),
         session_id=_hexf(obj, "session_id", 1, 64),
-        session_public_key=_hexf(obj, "session_public_key", 1, 256),
+        session_public_key=_hexf(obj, "session_public_key", 1, 4096),
         ttl_seconds=_int(obj, "ttl_seconds", 0, 0xFFFFFFFF),
         policy_sha256=_hexf(obj, "policy_sha256", 32, 32),
         outcome=obj["outcome"],

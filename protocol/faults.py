@@ -116,3 +116,10 @@ class UnsupportedProtocolVersionError(DomainError):
 
     kind = Kind.FAILED_PRECONDITION
     reason = "UNSUPPORTED_PROTOCOL_VERSION"
+
+
+class UnsupportedSuiteError(InvalidArgumentError):
+    """The AttestRequest names an HPKE suite this server does not offer; the client may try
+    another suite its policy accepts."""
+
+    reason = "UNSUPPORTED_SUITE"

@@ -6,12 +6,15 @@ the canonical encoding E() of encloud.protocol.encoding.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
@@ -46,12 +49,32 @@ class HpkeSuiteId:
 
 
 SUITE_V1 = HpkeSuiteId(kem_id=0x0020, kdf_id=0x0001, aead_id=0x0002)
-"""X25519, HKDF-SHA256, AES-256-GCM: the one suite protocol v1 defines."""
+"""X25519, HKDF-SHA256, AES-256-GCM: protocol v1's one suite, still in v2."""
+SUITE_XWING = HpkeSuiteId(kem_id=0x647A, kdf_id=0x0001, aead_id=0x0002)
+"""X-Wing (ML-KEM-768 + X25519), HKDF-SHA256, AES-256-GCM: the post-quantum hybrid."""
+SUITE_NAMES = {"mlkem768-x25519": SUITE_XWING, "x25519": SUITE_V1}
+"""Names a policy lists its accepted suites by (`hpke_suites`)."""
+DEFAULT_SUITES = ("mlkem768-x25519", "x25519")
+"""A policy without `hpke_suites` accepts both, the hybrid first."""
+MLKEM768_PUBLIC_LENGTH = 1184
+X25519_LENGTH = 32
+
+
+@dataclass(frozen=True)
+class _SuiteSpec:
+    hpke: hpke.Suite
+    enc_length: int
+    public_length: int
+
 
 _SUPPORTED_SUITES = {
-    SUITE_V1: (
-        hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
-        32,  # length of enc
+    SUITE_V1: _SuiteSpec(
+        hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM), 32, 32
+    ),
+    SUITE_XWING: _SuiteSpec(
+        hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+        1120,
+        MLKEM768_PUBLIC_LENGTH + X25519_LENGTH,
     ),
 }
 
@@ -60,11 +83,56 @@ def is_supported(suite: HpkeSuiteId) -> bool:
     return suite in _SUPPORTED_SUITES
 
 
-def _hpke(suite: HpkeSuiteId) -> tuple[hpke.Suite, int]:
+def suite_name(suite: HpkeSuiteId) -> str:
+    return next((n for n, s in SUITE_NAMES.items() if s == suite), f"0x{suite.kem_id:04x}")
+
+
+def _spec(suite: HpkeSuiteId) -> _SuiteSpec:
     try:
         return _SUPPORTED_SUITES[suite]
     except KeyError:
         raise KeyOpenError("unsupported HPKE suite") from None
+
+
+def _hpke(suite: HpkeSuiteId) -> tuple[hpke.Suite, int]:
+    spec = _spec(suite)
+    return spec.hpke, spec.enc_length
+
+
+def generate_session_key(suite: HpkeSuiteId) -> tuple[Any, bytes]:
+    """A fresh session key pair for `suite`: (private key, raw session_pub). For X-Wing,
+    session_pub is the ML-KEM-768 public key (1,184 bytes) then the X25519 one (32)."""
+    if suite == SUITE_XWING:
+        kem_key, dh_key = mlkem.MLKEM768PrivateKey.generate(), X25519PrivateKey.generate()
+        public = kem_key.public_key().public_bytes_raw() + dh_key.public_key().public_bytes_raw()
+        return hpke.MLKEM768X25519PrivateKey(kem_key, dh_key), public
+    _spec(suite)
+    key = X25519PrivateKey.generate()
+    return key, key.public_key().public_bytes_raw()
+
+
+def xwing_private_key(seed: bytes) -> Any:
+    """An X-Wing private key from its 32-byte seed, expanded with SHAKE256 as the X-Wing
+    draft (and npm @hpke/hybridkem-x-wing) do: ML-KEM-768 seed d || z, then the X25519 key."""
+    if len(seed) != 32:
+        raise ValueError("an X-Wing private key is a 32-byte seed")
+    expanded = hashlib.shake_256(seed).digest(96)
+    return hpke.MLKEM768X25519PrivateKey(
+        mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64]),
+        X25519PrivateKey.from_private_bytes(expanded[64:]),
+    )
+
+
+def _recipient(suite: HpkeSuiteId, session_pub: bytes) -> Any:
+    spec = _spec(suite)
+    if len(session_pub) != spec.public_length:
+        raise ValueError(f"a session public key of this suite is {spec.public_length} bytes")
+    if suite == SUITE_XWING:
+        return hpke.MLKEM768X25519PublicKey(
+            mlkem.MLKEM768PublicKey.from_public_bytes(session_pub[:MLKEM768_PUBLIC_LENGTH]),
+            X25519PublicKey.from_public_bytes(session_pub[MLKEM768_PUBLIC_LENGTH:]),
+        )
+    return X25519PublicKey.from_public_bytes(session_pub)
 
 
 def client_commitment(client_secret: bytes | bytearray) -> bytes:
@@ -184,7 +252,7 @@ def seal_key(
     ):
         raise ValueError("the DEK, the session secret and the client secret are 32 bytes each")
     hpke_suite, _ = _hpke(suite)
-    recipient = X25519PublicKey.from_public_bytes(session_pub)
+    recipient = _recipient(suite, session_pub)
     plaintext = bytearray(dek) + bytearray(session_secret) + bytearray(client_secret)
     try:
         return hpke_suite.encrypt(bytes(plaintext), recipient, info=info)
@@ -201,7 +269,7 @@ def split_enc(suite: HpkeSuiteId, sealed_key: bytes) -> bytes:
 
 
 def open_key(
-    suite: HpkeSuiteId, private_key: X25519PrivateKey, sealed_key: bytes, info: bytes
+    suite: HpkeSuiteId, private_key: Any, sealed_key: bytes, info: bytes
 ) -> tuple[bytearray, bytearray, bytearray]:
     """Open a sealed DEK || S || client_secret. Any failure is one KeyOpenError."""
     hpke_suite, _ = _hpke(suite)

@@ -74,6 +74,10 @@ Fields:
     The hardware binding is the top-level `platform` section.
 - `max_session_ttl_seconds` (int): the longest session time-to-live the client
   accepts, 1 to 4294967295.
+- `hpke_suites` (optional, list of names): the key-release suites the client may
+  use, in its order of preference: "mlkem768-x25519" (X-Wing, the post-quantum
+  hybrid) and "x25519". Without it both, the hybrid first. A client never offers
+  a suite the policy does not list, so listing only the hybrid means no fallback.
 - `pcr_waivers` (optional, object): selected PCRs deliberately left unpinned,
   keyed by index in decimal, each with its reason (a non-empty string);
   printed in every verification report. A pinned PCR, the workload PCR and
@@ -127,6 +131,7 @@ from cryptography.hazmat.primitives import serialization
 from encloud.protocol.canonical import rfc8785_dumps, strict_loads
 from encloud.protocol.encoding import sha256
 from encloud.protocol.errors import PolicyError, PolicyIncompleteError
+from encloud.protocol.handshake import DEFAULT_SUITES, SUITE_NAMES, HpkeSuiteId
 from encloud.protocol.hardware.gce import is_google_root
 from encloud.protocol.hardware.roots import is_production_amd_root
 from encloud.protocol.hardware.sev_snp import TcbVersion
@@ -169,7 +174,7 @@ _KEYS = frozenset(
         "max_session_ttl_seconds",
     }
 )
-_OPTIONAL_KEYS = frozenset({"platform", "pcr_waivers"})
+_OPTIONAL_KEYS = frozenset({"platform", "pcr_waivers", "hpke_suites"})
 _PLATFORM_KEYS = frozenset(
     {"kind", "production", "amd_roots", "measurements", "min_tcb", "vmpl", "allow_debug", "azure"}
 )
@@ -278,6 +283,14 @@ class Policy:
     unsafe_test_roots: tuple[bytes, ...] = ()
     """TESTS ONLY: DER roots this policy object treats as vendor roots (AMD ARKs) in
     production checks. Never serialised: no file can carry it."""
+    hpke_suites: tuple[str, ...] | None = None
+    """The key-release suites accepted, in the order a client offers them; None: both,
+    the post-quantum hybrid first (DEFAULT_SUITES)."""
+
+    @property
+    def suites(self) -> tuple[HpkeSuiteId, ...]:
+        """The accepted HPKE suites, preferred first."""
+        return tuple(SUITE_NAMES[name] for name in (self.hpke_suites or DEFAULT_SUITES))
 
     @property
     def production(self) -> bool:
@@ -314,6 +327,8 @@ class Policy:
         }
         if self.pcr_waivers:
             obj["pcr_waivers"] = {str(i): why for i, why in sorted(self.pcr_waivers.items())}
+        if self.hpke_suites is not None:
+            obj["hpke_suites"] = list(self.hpke_suites)  # an order of preference: not sorted
         if self.platform is not None:
             obj["platform"] = self.platform.to_obj()
         return obj
@@ -476,6 +491,7 @@ def build_policy(
     gce: Mapping[str, Any] | None = None,
     pcr_waivers: Mapping[int, str] | None = None,
     unsafe_test_roots: Iterable[bytes] = (),
+    hpke_suites: Iterable[str] | None = None,
 ) -> Policy:
     """Build a policy from Python values, validated exactly as a parsed one."""
     ak: dict[str, Any] = {
@@ -498,6 +514,8 @@ def build_policy(
     }
     if pcr_waivers:
         obj["pcr_waivers"] = {str(i): why for i, why in pcr_waivers.items()}
+    if hpke_suites is not None:
+        obj["hpke_suites"] = list(hpke_suites)
     if platform is not None:
         obj["platform"] = dict(platform)
     return _from_obj(obj, tuple(unsafe_test_roots))
@@ -716,6 +734,7 @@ def _from_obj(
         gce=gce,
         pcr_waivers=MappingProxyType(dict(sorted(waivers.items()))),
         unsafe_test_roots=unsafe_test_roots,
+        hpke_suites=_suites(obj["hpke_suites"]) if "hpke_suites" in obj else None,
     )
     gaps = policy_gaps(policy) if check_gaps else []
     if gaps:
@@ -747,6 +766,17 @@ def ensure_valid(policy: Policy) -> None:
     if rebuilt != policy:
         raise PolicyError("the policy object differs from what its own fields parse to")
     object.__setattr__(policy, _VALIDATED, True)
+
+
+def _suites(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail("hpke_suites", f"must be a non-empty list of {sorted(SUITE_NAMES)}")
+    for i, name in enumerate(value):
+        if name not in SUITE_NAMES:
+            raise _fail(f"hpke_suites[{i}]", f"must be one of {sorted(SUITE_NAMES)}")
+    if len(set(value)) != len(value):
+        raise _fail("hpke_suites", "has duplicates")
+    return tuple(value)
 
 
 def _waivers(

@@ -26,6 +26,7 @@ from encloud.protocol.faults import (
     ResourceExhaustedError,
     SessionStateError,
     UnavailableError,
+    UnsupportedSuiteError,
 )
 from encloud.protocol.handshake import (
     COMMITMENT_LENGTH,
@@ -113,7 +114,7 @@ class InferenceCore:
         if len(commitment) != COMMITMENT_LENGTH:
             raise InvalidArgumentError(f"the client commitment must be {COMMITMENT_LENGTH} bytes")
         if not is_supported(suite):
-            raise InvalidArgumentError("unsupported HPKE suite")
+            raise UnsupportedSuiteError("unsupported HPKE suite")
         try:
             self._attest_limiter.take(peer)
         except ResourceExhaustedError:

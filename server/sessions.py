@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from typing import Any
 
 from encloud.protocol.envelope import MessageType, OpeningKey, Sealed, SealingKey
 from encloud.protocol.errors import DecryptError
@@ -36,6 +35,7 @@ from encloud.protocol.handshake import (
     HpkeSuiteId,
     KeyOpenError,
     derive_traffic_keys,
+    generate_session_key,
     handshake_hash,
     open_key,
     opens_commitment,
@@ -167,8 +167,8 @@ class Session:
         self.expires_at = expires_at
         self.last_used = now
         self.state = SessionState.PENDING
-        self._private_key: X25519PrivateKey | None = X25519PrivateKey.generate()
-        self.public_key = self._private_key.public_key().public_bytes_raw()
+        key, self.public_key = generate_session_key(suite)
+        self._private_key: Any = key
         self.attest_digest: bytes | None = None
         self.requests = RequestIdWindow()
         self.calls: dict[int, ActiveCall] = {}

@@ -37,6 +37,8 @@ class Relay:
     plan: dict[str, list[Fault]] = field(default_factory=dict)
     """Method name (e.g. "Infer") -> faults for its next calls, in order."""
     calls: list[tuple[str, bytes]] = field(default_factory=list)
+    rewrite: dict[str, Callable[[bytes], bytes]] = field(default_factory=dict)
+    """Method name -> a function applied to each request's bytes before forwarding."""
     address: str = ""
     _server: grpc.Server | None = None
     _channel: grpc.Channel | None = None
@@ -66,6 +68,10 @@ class Relay:
             self.calls.append((method, request))
             queue = self.plan.get(method, [])
             return queue.pop(0) if queue else None
+
+    def _forwarded(self, method: str, request: bytes) -> bytes:
+        change = self.rewrite.get(method)
+        return change(request) if change is not None else request
 
 
 def _abort(context: grpc.ServicerContext, fault: Fault) -> None:
@@ -111,7 +117,9 @@ class _Handler(grpc.GenericRpcHandler):
                 fault = relay._next_fault(name, request)
                 if fault is not None and fault.after_frames == 0:
                     _abort(context, fault)
-                messages = upstream_stream(request, timeout=context.time_remaining())
+                messages = upstream_stream(
+                    relay._forwarded(name, request), timeout=context.time_remaining()
+                )
                 try:
                     for sent, message in enumerate(messages, start=1):
                         yield message
@@ -128,7 +136,7 @@ class _Handler(grpc.GenericRpcHandler):
             if fault is not None:
                 _abort(context, fault)
             try:
-                return upstream(request, timeout=context.time_remaining())
+                return upstream(relay._forwarded(name, request), timeout=context.time_remaining())
             except grpc.RpcError as error:  # the server's own status, details and all
                 _relay_status(context, error)
                 raise

@@ -36,7 +36,7 @@ from encloud.protocol.errors import (
     TranscriptMismatchError,
 )
 from encloud.protocol.generation import StreamReader
-from encloud.protocol.handshake import SUITE_V1, release_info, seal_key
+from encloud.protocol.handshake import release_info, seal_key
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 
@@ -212,10 +212,11 @@ def test_dek_sealed_with_info_naming_another_quote_is_refused(connect, wire, sta
     client.attest()
     reply = wire.received_of("Attest")[-1]
     other_quote_digest = os.urandom(32)
-    info = release_info(SUITE_V1, reply.session_id, other_quote_digest)
+    suite = client.last_attempt.suite  # the session's own suite: only the info is wrong
+    info = release_info(suite, reply.session_id, other_quote_digest)
     secret = client.last_attempt.client_secret  # the client's own: only the info is wrong
     sealed = seal_key(
-        SUITE_V1, reply.session_public_key, bytearray(32), bytearray(os.urandom(32)), secret, info
+        suite, reply.session_public_key, bytearray(32), bytearray(os.urandom(32)), secret, info
     )
     stub = _stub(stack.address)
     request = pb.ReleaseKeyRequest(session_id=reply.session_id, sealed_key=sealed)

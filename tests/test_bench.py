@@ -36,7 +36,7 @@ KEYS = (
     + [f"ttft_ms.{e}" for e in ENGINES]
     + ["confidential_overhead_pct", "confidential_overhead_pct_paired"]
     + ["handshake_ms.p50", "handshake_ms.p99"]
-    + ["handshake_ms_no_audit_sync.p50", "verify_us.p50"]
+    + ["handshake_ms_no_audit_sync.p50", "handshake_ms_xwing.p50", "verify_us.p50"]
     + [f"aggregate_tok_s.{n}" for n in LEVELS]
     + [f"ttft_ms_p99.{n}" for n in LEVELS]
     + ["server_peak_rss_mb", "frame_seal_us", "frame_open_us"]
@@ -80,6 +80,7 @@ def _recompute(samples: dict[str, Any]) -> dict[str, float | None]:
     out["handshake_ms.p50"] = _nearest_rank(samples["handshake_ms"], 50)
     out["handshake_ms.p99"] = _nearest_rank(samples["handshake_ms"], 99)
     out["handshake_ms_no_audit_sync.p50"] = _nearest_rank(samples["handshake_ms_no_audit_sync"], 50)
+    out["handshake_ms_xwing.p50"] = _nearest_rank(samples["handshake_ms_xwing"], 50)
     out["verify_us.p50"] = _nearest_rank(samples["verify_us"], 50)
     for level in LEVELS:
         rounds = samples["concurrency"][level]

@@ -245,3 +245,55 @@ def test_a_session_replaced_under_a_running_stream_keeps_its_keys_until_the_stre
         rest = "".join(stream)  # still opens under the old session's keys
         assert first and rest is not None
         assert old.users == 0 and old.keys.c2s == bytearray(len(old.keys.c2s))  # wiped now
+
+
+# --- the key-release suite -------------------------------------------------------------------
+
+NO_SUITE = Fault(grpc.StatusCode.INVALID_ARGUMENT, "unsupported HPKE suite", "UNSUPPORTED_SUITE")
+
+
+def _suite_of(request: bytes) -> int:
+    return pb.AttestRequest.FromString(request).suite.kem_id
+
+
+def test_the_hybrid_suite_is_the_default(relay, stack) -> None:
+    from encloud.protocol.handshake import SUITE_XWING
+
+    with _client(relay, stack) as client:
+        client.infer(ASK, max_new_tokens=2)
+        assert client.last_attempt is not None and client.last_attempt.suite == SUITE_XWING
+        assert len(client.last_attempt.session_public_key) == 1216
+    assert [_suite_of(r) for r in relay.of("Attest")] == [0x647A]
+
+
+def test_a_server_without_the_hybrid_gets_the_next_suite_the_policy_lists(relay, stack) -> None:
+    relay.plan["Attest"] = [NO_SUITE]
+    with _client(relay, stack) as client:
+        client.infer(ASK, max_new_tokens=2)
+    assert [_suite_of(r) for r in relay.of("Attest")] == [0x647A, 0x0020]
+
+
+def test_a_policy_that_requires_the_hybrid_never_falls_back(relay, stack) -> None:
+    import dataclasses
+
+    relay.plan["Attest"] = [NO_SUITE]
+    hybrid_only = dataclasses.replace(stack.policy, hpke_suites=("mlkem768-x25519",))
+    client = Client(relay.address, hybrid_only, audit_log=NO_AUDIT)
+    with client, pytest.raises(ServiceError) as refused:
+        client.attest()
+    assert refused.value.reason == "UNSUPPORTED_SUITE"
+    assert [_suite_of(r) for r in relay.of("Attest")] == [0x647A]
+
+
+@pytest.mark.attack
+def test_attack_suite_downgrade_on_the_wire_is_refused(relay, stack) -> None:
+    from encloud.protocol.errors import NonceMismatchError
+
+    def downgrade(request: bytes) -> bytes:
+        message = pb.AttestRequest.FromString(request)
+        message.suite.kem_id = 0x0020  # an on-path party asks for X25519 instead
+        return message.SerializeToString()
+
+    relay.rewrite["Attest"] = downgrade
+    with _client(relay, stack) as client, pytest.raises(NonceMismatchError):
+        client.attest()  # the quote's Q names the suite the server used: not the client's

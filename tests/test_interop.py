@@ -113,6 +113,8 @@ def test_node_client_end_to_end(node_client: str, stack: Any) -> None:
     assert len(out["stream"]["pieces"]) >= 1
     assert out["stream"]["finishReason"] == out["infer"]["finishReason"]
 
+    assert out["suite_kem_id"] == 0x647A  # the post-quantum hybrid, where both sides have it
+
     # The Python client, same server and prompt, gets the same answer and the same AK.
     with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
         attestation = client.attest()
@@ -153,3 +155,17 @@ def test_node_client_refuses_wrong_nonce_and_stream_tampering(node_client: str, 
     assert attacks["wrong_nonce"]["check"] == "qualifying_data"
     # The session still works after every refused stream.
     assert attacks["after_attacks"]["error"] is None
+
+
+def test_node_client_uses_the_suite_its_policy_lists(
+    node_client: str, stack: Any, tmp_path
+) -> None:
+    policy = json.loads(stack.server.policy_path.read_text())
+    policy["hpke_suites"] = ["x25519"]
+    path = tmp_path / "x25519-only.json"
+    path.write_text(json.dumps(policy))
+    out = _run_node(
+        node_client, "--target", stack.address, "--policy", str(path), "--max-new-tokens", "4"
+    )
+    assert out["ok"], out
+    assert out["suite_kem_id"] == 0x0020

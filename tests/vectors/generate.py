@@ -492,6 +492,7 @@ def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
                 "error": "KeyReleaseRefused",
             }
         ],
+        "xwing": xwing_vectors(),
         "key_confirmation_negative": [
             {
                 "name": "other_handshake",
@@ -529,6 +530,120 @@ def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
         ],
     }
     return out, {"c2s": c2s, "s2c": s2c, "kc": kc}
+
+
+# X-Wing encapsulation is randomised, so its vectors hold one seal made by this script's
+# reference (cryptography) and one made by npm @hpke/hybridkem-x-wing 0.7.0, recorded once;
+# the script checks on every run that the reference opens both (docs/PROTOCOL.md).
+XWING_SEALED_BY_PYTHON = (
+    "894ee73eb19e2c8db185760abf6366ca0e4f84ecd9cad6069377d41bbd7c8825e2bc143ade89e7a39ae83aae"
+    "deb7d278a9f97c2d7f32074c2b6e532114b31bb337ce33075ffc3e1cb0740e6f7432cc8cdf12021566bc8487"
+    "fbfb1ba931ca38b63f2b08d65fb1c5861a1869c41550a3c78689f45a210ea6fdc02a97b4ff2862a7f8d8dcd2"
+    "8c5a547dbe1ec6382faff594a1335d1275be89e728a5c0d358700e3c9a5e705966331711c45717a9b494458e"
+    "d487ad2f3c9c17886711e9a599646dc39056f9cf21b769f80f1768609ed101693f6787660e8c7eb1016cd398"
+    "6ae278ce7cc018e5655cd95eadbd3f32bfa0c6bda8b8c6128827eb48fae374d2d681d02fb40b17a2e2f60e74"
+    "9288cc6bf73542ae8e7a4a1b058a23e83fea0048d0c9e4e9c1b313e0684c8e415de48099adc14da236c18e24"
+    "e876bbd97794266fa2cf7afa693d026fce337daa7525f570e19516595c6d73115591f7ed9093a8020a4b6517"
+    "e375e97b8eabe1cc7cf44d15f400e62eaf5d93c261fc0cbe6d6a1a41c2ae7699ff9821979ad7f25955018a07"
+    "1bac5d0dc9e3253959c50f2e4515914fdb8a16a3ed8318a26071e12fafee6fdbbba8798888b18555ebb41986"
+    "1eb889914766d10b057b2c060de792832b07e12f8b639c32c186b7ee697de1e0a2f501a52b763384f6ae1f59"
+    "0ae796967d052faed5fab367a4cba1b80cca7c6413b683e8deaf50044f1ae93d7b35bfa7b88592f6c1c5ed8c"
+    "2c09a16fd30a82d2c45f0ca377a7e8d78215264a1fd4ab73687e315468cbf172011cebc8abbf11562b5cf6b8"
+    "29e1bdd437cb9147bf22f27fadfe5917b2df9babdbe0b1d05a11fe3859fdc5a205fd0f449896b26aff6c58ac"
+    "c9a36086211ffbd80f01f317cc28dc5510ecae44dca1015b806643c2a0d24c2cb5e9d492f0642d71011a7abc"
+    "b1cd81a87865889dd161ee4b415c6ba178fed6d5ca28fa34f8e94330085371d9e6f627f2bbc6e28d4c2da008"
+    "aa3f404cd7372e78d0b7fe916c6d7bd02227313cd745ac1b66eb5a103b2c9716b12713f9b65e883d759f6c94"
+    "0e8a3ca674641e17cea2dbcc4777504b75fb578cb8f6a1e6c8efafc602633e748518ae9886bb72f690c9423d"
+    "788c81cdc8a4bffb4a70c75fe2e81d3fbff00d541e107fd3e09a9a1d16fa043d5b69dc1bfd6558bac826a58c"
+    "7c7cb01915c4d7773be47f6f3bc56b9fa55cc899cc6823b4237e1fd009be901eb02c01e0dcfd638f745ec7f8"
+    "59b6fc9c4daf8e823b305a1645f585e85e2a3bfb729e079dfbc1c530a968b8fe8d119354275d66f0967f9c2f"
+    "415dd1d94bf1f59e05f71f884036627a20719936a8585552126a749cab4503d96061f782f1c443ecc887355a"
+    "1d0adcd398e91fe356eb69edc3c6f322f9a3ef70f34d7e883e6a0f44de624e9b028f5ad5b1e3f087b2cc7940"
+    "b42171dc66ee6e41ce0ad3a13255668cbc1586e57dda7c247619148d0b61d5a2c382b63b99ee8087f89e23ae"
+    "1880e8de6dcf1e58f3e4098223ce2e0cb844a525b84fef726034afbe80b48b0503c1d9d175c51069d9be3276"
+    "6a97e338162faf71e68a33c3016060e9a2135476af04798af19514a3a9566109ebf4337376e3737ebce8819d"
+    "4aa6574afc17c10706440f13419c5b8946f2019b8f495a697409cbce620593c52b535573d9db08821a20a20f"
+    "b98056d69c6163882ef9051cd5451c474f3d77832c23e817b5cc3f50a16fa92b0a97cbbc5e47cc1d6b59cdc8"
+)
+XWING_SEALED_BY_NODE = (
+    "12749f4a130cfeb42e0f279412c8af7f83394307155ae314a23e5daf8505f66fb30092a65b7cf2a2a516329c"
+    "175a1e8f5f416e77a710b1e8692dd8b79677c008c551e026db03868af043198f4ad6ed035483231447db94f4"
+    "0a69d2fb224df364145ff841924e609eb04d0112665fc64b1183f65f8aee142855c771448066aea63a971f75"
+    "de7f4cd09c5cb97dc0817f6e6de7e8bb2f5a0aaea84581cd9af7e063837b85281414ace657f6d162c522de5b"
+    "b5cb09c7773366475da91088b4c21ed490cee751121964957cdca4f1ad5d85a362952e68cf3795a3505407ba"
+    "65afc7cfa09f499a5a55239e2df955dc2dfbbf5711aa4eaf4a77b3de672defb2df5ea5b61460d420cc6a3f69"
+    "d7385ef64537dfdc581a05d78eba3cdd969fa7049b78abfa1cc6fe08a3b0b80a24cce1b0971abf1a95509cdb"
+    "107ec3c4030ccd730c4b7ecf000341ccbe6339d61e0705ff36074826c4491f85e4599db1539c2e80a271bb1a"
+    "117252690719d52a0c029802cc9d932555b401513c11422cbdcecd1ce0a0a6744ceea2cd9080570b0a34cb8b"
+    "3ab00b6084648fd8d2bbc3da818eaabfb4d937872e7bd5124c0b8e57c32fb6522c7d4c88e04c883090badf55"
+    "bac337c3679176365ece366174ebf9de4cc784b5fd64c1b91c221040945d0c9877b5fe2179e9f14c1fa2aa79"
+    "7270ffcf86c8b4ebe8c3c115148b3f95cd659ea63121e94d2fc856a9ced9318c9537f0e002a8e92a6a4017ac"
+    "cd9dd697c74404275a50ddbd2b23c5b7fef267d337beb96f1e33238022d6ec2612d0aaf7b8b54a5f3f8402be"
+    "c882710d40c81cb6596f09db9c62ceeb1de2f1a63cbc033e07a5622e88dd0f17d3c1ad81f2235a1210164f9d"
+    "4ee04002814da5352a112eb029d448992a48f45f5c0473ae4744ad30e4a9d2e0121eceae2c6c5d1a48485a39"
+    "63fd69156eeb83788cfcffe267c5d208fac6fa012b015f05f580c6db0dc39a7c049c02ac580d258548131956"
+    "057e7e5a1fd2a3933d7813499ddc57514c5ddfafec2f97a7ae3f3f5d4b56d90535d2c6e4475beece8a2864b7"
+    "94d86586d71264e92859b5fb18595f7ac6a2620e676fe10b3c6e084e3b760496679d24a8259eaade0dbb29c4"
+    "7571380f2c98fa5e0fb14c6a63dafe3fc98be09f7d2aacf262e27dfa4e58702f9794036778f2276497ea3724"
+    "0b0cbfe442c51b7b4bb7bfadb2bd14ccb4ed435222f346b7e4104d04b1510b1f0a82f14fa7cac48f97afcba2"
+    "33a3f2ce9e4e39788f42152670f0bd09bc1f5c45440ebacb9eb67f2f21823463e90d78faa11db4d30e7d9d38"
+    "d19e3f2d603618f99fead7ada68068c7e73d2c00b86179ee91655ba3b485aec45ebbac2e4a26bb48fa63dc93"
+    "c000380f9230a7d85214d98e7b61dbc390ce2b137910d0dad7e87cd587c041dd02c9aae1bf71a8f2c3f01fc9"
+    "6e7b0224a2d4f18ad04f2b7f85139339a8b8ccef1104a7f461fc23d36b68ad3a0a845bbe7b583678c7b458f1"
+    "afa9112b64f02dc07e1fcb0359c34bc3164768bd0a83c6641442da3c073df7786108c08b9a841cecf101c05a"
+    "cf4b076e8b3dcebbbb4c33776da087aa8aee8a5208406c49c15a5d987517e802824ea65404406c3b17f19a12"
+    "8b86673928a084f2faf688e4c6377568e64794d2e63670e0f72ff5a37cc8ea807399dc90b0281f03fda4b9d4"
+    "5243953e898a2f85c5a0c74d85f24aee2352438b3688d2cce3457d4907e17c23947e4c9f13fc47a8024489b4"
+)
+
+
+def xwing_vectors() -> dict[str, Any]:
+    """The post-quantum hybrid suite: session key from its 32-byte X-Wing seed, session_pub
+    (ML-KEM-768 || X25519, 1,216 bytes), Q under this suite, and two recorded seals of the
+    same plaintext, one from each side."""
+    import hashlib as _hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+    from cryptography.hazmat.primitives.asymmetric import x25519 as _x
+
+    from encloud.protocol.handshake import SUITE_XWING, open_key, xwing_private_key
+
+    key_seed = seed("x-wing session key")
+    expanded = _hashlib.shake_256(key_seed).digest(96)
+    public = (
+        mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64]).public_key().public_bytes_raw()
+        + _x.X25519PrivateKey.from_private_bytes(expanded[64:]).public_key().public_bytes_raw()
+    )
+    h_ev = sha256(evidence_base()["quote_attest"])
+    info = release_info(SUITE_XWING, SESSION_ID, h_ev)
+    plaintext = seed("dek") + seed("session secret S") + CLIENT_SECRET
+    private = xwing_private_key(key_seed)
+    seals = {
+        "python": bytes.fromhex(XWING_SEALED_BY_PYTHON),
+        "node": bytes.fromhex(XWING_SEALED_BY_NODE),
+    }
+    for sealed in seals.values():
+        assert bytes(b"".join(open_key(SUITE_XWING, private, sealed, info))) == plaintext
+    q = quote_qualifying_data(SUITE_XWING, NONCE, COMMITMENT, public, SESSION_ID, TTL)
+    enc = seals["python"][:1120]
+    return {
+        "suite": {
+            "kem_id": SUITE_XWING.kem_id,
+            "kdf_id": 1,
+            "aead_id": 2,
+            "encoded": hx(SUITE_XWING.encoded()),
+        },
+        "session_private_seed": hx(key_seed),
+        "session_public_key": hx(public),
+        "qualifying_data": hx(q),
+        "release_info": hx(info),
+        "sealed_plaintext": hx(plaintext),
+        "sealed_by_python": hx(seals["python"]),
+        "sealed_by_node": hx(seals["node"]),
+        "handshake_hash": hx(
+            handshake_hash(SUITE_XWING, NONCE, public, SESSION_ID, TTL, h_ev, enc)
+        ),
+    }
 
 
 # --- envelope -------------------------------------------------------------------------------
@@ -1970,6 +2085,19 @@ def policy_vectors() -> dict[str, Any]:
             base(platform=platform(production=False, amd_roots=[])),
             "incomplete",
         ),
+        (
+            "hybrid_only",
+            "only the post-quantum suite: no fallback",
+            base(hpke_suites=["mlkem768-x25519"]),
+            "complete",
+        ),
+        (
+            "unknown_suite",
+            "a suite name neither client knows",
+            base(hpke_suites=["x448"]),
+            "invalid",
+        ),
+        ("empty_suites", "an empty suite list accepts nothing", base(hpke_suites=[]), "invalid"),
         (
             "azure_without_measurement_is_no_ak_trust",
             "VMPL 0 means the paravisor only when its measurement is pinned",

@@ -47,6 +47,7 @@ async function endToEnd(opt, policy) {
   const client = new EncloudClient(opt.target, policy);
   try {
     const attestation = await client.attest();
+    const suiteKemId = client.session.suite.kemId;
     const report = client.lastReport.map((r) => `${r.passed ? 'PASS' : 'FAIL'} ${r.name}`);
     await client.releaseKey();
     const params = { max_new_tokens: opt.maxNewTokens };
@@ -59,6 +60,7 @@ async function endToEnd(opt, policy) {
     return {
       ok: true,
       ak_fingerprint: attestation.akFingerprint,
+      suite_kem_id: suiteKemId,
       model_digest: attestation.modelDigest.toString('hex'),
       attest_digest: attestation.attestDigest.toString('hex'),
       report,

@@ -109,10 +109,23 @@ class EncloudClient {
     });
   }
 
-  /** Start a session and verify its evidence; throws a VerificationError naming the check. */
+  /** Start a session and verify its evidence; throws a VerificationError naming the check.
+   * The suite is the policy's first (the post-quantum hybrid by default); a server that
+   * answers UNSUPPORTED_SUITE gets the next one the policy lists, never another. */
   async attest(nonce = crypto.randomBytes(NONCE_LENGTH)) {
+    const names = this.policy.hpkeSuites || hs.DEFAULT_SUITES;
+    for (let i = 0; i < names.length; i++) {
+      try {
+        return await this.attestWith(hs.SUITE_NAMES[names[i]], nonce);
+      } catch (err) {
+        if (err.reason !== 'UNSUPPORTED_SUITE' || i + 1 === names.length) throw err;
+      }
+    }
+    throw new Error('a policy lists at least one suite');
+  }
+
+  async attestWith(suite, nonce) {
     this.session = null;
-    const suite = hs.SUITE_V1;
     const wireNonce = this.hooks.attestNonce ? this.hooks.attestNonce(nonce) : nonce;
     const clientSecret = crypto.randomBytes(hs.CLIENT_SECRET_LENGTH);
     const commitment = hs.clientCommitment(clientSecret);
@@ -170,8 +183,8 @@ class EncloudClient {
     const secret = crypto.randomBytes(32);
     const hEv = s.attestation.attestDigest;
     const info = hs.releaseInfo(s.suite, s.sessionId, hEv);
-    const sealedKey = await hs.sealKey(s.sessionPub, Buffer.from(dek), secret, s.clientSecret, info);
-    const enc = sealedKey.subarray(0, hs.ENC_LENGTH);
+    const sealedKey = await hs.sealKey(s.sessionPub, Buffer.from(dek), secret, s.clientSecret, info, s.suite);
+    const enc = sealedKey.subarray(0, hs.encLength(s.suite));
     const hHs = hs.handshakeHash(s.suite, s.nonce, s.sessionPub, s.sessionId, s.ttl, hEv, enc);
     const keys = await hs.deriveTrafficKeys(Buffer.from(dek), secret, hHs);
     secret.fill(0);

@@ -3,12 +3,18 @@
 const crypto = require('node:crypto');
 const { CipherSuite, HkdfSha256, Aes256Gcm } = require('@hpke/core');
 const { DhkemX25519HkdfSha256 } = require('@hpke/dhkem-x25519');
+const { XWing } = require('@hpke/hybridkem-x-wing');
 const { encode, sha256, u16, u32 } = require('./encoding');
 const { KeyOpenError } = require('./errors');
 
 const subtle = crypto.webcrypto.subtle;
 const SUITE_V1 = { kemId: 0x0020, kdfId: 0x0001, aeadId: 0x0002 };
-const ENC_LENGTH = 32;
+const SUITE_XWING = { kemId: 0x647a, kdfId: 0x0001, aeadId: 0x0002 };
+/** Policy names (`hpke_suites`) of the suites, and the default order: the hybrid first. */
+const SUITE_NAMES = { 'mlkem768-x25519': SUITE_XWING, x25519: SUITE_V1 };
+const DEFAULT_SUITES = ['mlkem768-x25519', 'x25519'];
+const ENC_LENGTH = 32; // X25519's; encLength(suite) for any suite
+const ENC_LENGTHS = { [0x0020]: 32, [0x647a]: 1120 };
 const DEK_LENGTH = 32;
 const SESSION_SECRET_LENGTH = 32;
 
@@ -20,9 +26,20 @@ function isV1(suite) {
   return suite.kemId === 0x20 && suite.kdfId === 1 && suite.aeadId === 2;
 }
 
-function hpkeSuite() {
+function isXWing(suite) {
+  return suite.kemId === 0x647a && suite.kdfId === 1 && suite.aeadId === 2;
+}
+
+function encLength(suite) {
+  return ENC_LENGTHS[suite.kemId];
+}
+
+// @hpke takes Uint8Arrays of their own: a Buffer may be a view into Node's shared pool.
+const own = (bytes) => new Uint8Array(bytes);
+
+function hpkeSuite(suite = SUITE_V1) {
   return new CipherSuite({
-    kem: new DhkemX25519HkdfSha256(),
+    kem: isXWing(suite) ? new XWing() : new DhkemX25519HkdfSha256(),
     kdf: new HkdfSha256(),
     aead: new Aes256Gcm(),
   });
@@ -100,8 +117,9 @@ async function deriveTrafficKeys(dek, sessionSecret, hHs) {
   return out;
 }
 
-/** HPKE base-mode seal of DEK || S || client_secret to the session key: enc || ciphertext. */
-async function sealKey(sessionPub, dek, sessionSecret, clientSecret, info) {
+/** HPKE base-mode seal of DEK || S || client_secret to the session key: enc || ciphertext.
+ * `suite` is SUITE_V1 (X25519) unless given (SUITE_XWING: a 1,216-byte session_pub). */
+async function sealKey(sessionPub, dek, sessionSecret, clientSecret, info, suite = SUITE_V1) {
   if (
     dek.length !== DEK_LENGTH ||
     sessionSecret.length !== SESSION_SECRET_LENGTH ||
@@ -109,11 +127,11 @@ async function sealKey(sessionPub, dek, sessionSecret, clientSecret, info) {
   ) {
     throw new RangeError('the DEK, the session secret and the client secret are 32 bytes each');
   }
-  const suite = hpkeSuite();
-  const recipientPublicKey = await suite.kem.deserializePublicKey(sessionPub);
+  const hpke = hpkeSuite(suite);
+  const recipientPublicKey = await hpke.kem.deserializePublicKey(own(sessionPub));
   const plaintext = Buffer.concat([dek, sessionSecret, clientSecret]);
   try {
-    const { ct, enc } = await suite.seal({ recipientPublicKey, info }, plaintext);
+    const { ct, enc } = await hpke.seal({ recipientPublicKey, info: own(info) }, own(plaintext));
     return Buffer.concat([Buffer.from(enc), Buffer.from(ct)]);
   } finally {
     plaintext.fill(0);
@@ -122,16 +140,20 @@ async function sealKey(sessionPub, dek, sessionSecret, clientSecret, info) {
 
 /** Open a sealed DEK || S || client_secret with the recipient's raw X25519 private key
  * (server side, vectors). */
-async function openKey(privateKey, sealedKey, info) {
-  if (sealedKey.length <= ENC_LENGTH) throw new KeyOpenError('sealed key is too short');
-  const suite = hpkeSuite();
+async function openKey(privateKey, sealedKey, info, suite = SUITE_V1) {
+  const encLen = encLength(suite);
+  if (sealedKey.length <= encLen) throw new KeyOpenError('sealed key is too short');
+  const hpke = hpkeSuite(suite);
   let plaintext;
   try {
-    const recipientKey = await suite.kem.deserializePrivateKey(privateKey);
+    // X25519: the raw private key; X-Wing: its 32-byte seed.
+    const recipientKey = isXWing(suite)
+      ? await hpke.kem.importKey('raw', own(privateKey), false)
+      : await hpke.kem.deserializePrivateKey(own(privateKey));
     plaintext = Buffer.from(
-      await suite.open(
-        { recipientKey, enc: sealedKey.subarray(0, ENC_LENGTH), info },
-        sealedKey.subarray(ENC_LENGTH),
+      await hpke.open(
+        { recipientKey, enc: own(sealedKey.subarray(0, encLen)), info: own(info) },
+        own(sealedKey.subarray(encLen)),
       ),
     );
   } catch {
@@ -149,7 +171,12 @@ async function openKey(privateKey, sealedKey, info) {
 
 module.exports = {
   SUITE_V1,
+  SUITE_XWING,
+  SUITE_NAMES,
+  DEFAULT_SUITES,
   ENC_LENGTH,
+  encLength,
+  isXWing,
   suiteBytes,
   isV1,
   CLIENT_SECRET_LENGTH,

@@ -15,7 +15,8 @@ const KEYS = [
   'ak',
   'max_session_ttl_seconds',
 ];
-const OPTIONAL_KEYS = ['platform', 'pcr_waivers'];
+const OPTIONAL_KEYS = ['platform', 'pcr_waivers', 'hpke_suites'];
+const SUITE_NAMES = ['mlkem768-x25519', 'x25519'];
 const AK_KEYS = ['pinned_public_keys', 'certificate_roots', 'hardware_report', 'gce'];
 const GCE_KEYS = {
   project_id: 'string',
@@ -336,6 +337,16 @@ function parsePolicy(text) {
     throw fail('max_session_ttl_seconds', 'must be an integer in 1..4294967295');
   }
   const platform = 'platform' in obj ? parsePlatform(obj.platform) : null;
+  let hpkeSuites = null;
+  if ('hpke_suites' in obj) {
+    const value = obj.hpke_suites;
+    if (!Array.isArray(value) || !value.length) throw fail('hpke_suites', `must be a non-empty list of ${SUITE_NAMES}`);
+    value.forEach((name, i) => {
+      if (!SUITE_NAMES.includes(name)) throw fail(`hpke_suites[${i}]`, `must be one of ${SUITE_NAMES}`);
+    });
+    if (new Set(value).size !== value.length) throw fail('hpke_suites', 'has duplicates');
+    hpkeSuites = [...value];
+  }
   const policy = {
     pcrBank: obj.pcr_bank,
     pcrBankAlg: bank.alg,
@@ -352,6 +363,7 @@ function parsePolicy(text) {
     gce,
     pcrWaivers,
     platform,
+    hpkeSuites,
   };
   const gaps = policyGaps(policy);
   if (gaps.length) throw new PolicyIncompleteError(gaps);

@@ -286,3 +286,23 @@ test('policy: AK certificate chains, validated as the reference does or refused'
     });
   }
 });
+
+test('handshake: the X-Wing suite, seals of both sides opened', async () => {
+  const h = load('handshake');
+  const v = h.xwing;
+  assert.equal(hs.suiteBytes(hs.SUITE_XWING).toString('hex'), v.suite.encoded);
+  const pub = b(v.session_public_key);
+  assert.equal(pub.length, 1216);
+  const q = hs.quoteQualifyingData(hs.SUITE_XWING, b(h.nonce), b(h.client_commitment), pub, b(h.session_id), h.ttl_seconds);
+  assert.equal(q.toString('hex'), v.qualifying_data);
+  for (const who of ['sealed_by_python', 'sealed_by_node']) {
+    const opened = await hs.openKey(b(v.session_private_seed), b(v[who]), b(v.release_info), hs.SUITE_XWING);
+    assert.equal(Buffer.concat([opened.dek, opened.sessionSecret, opened.clientSecret]).toString('hex'), v.sealed_plaintext, who);
+  }
+  // What this client seals now opens too (round trip through @hpke/hybridkem-x-wing).
+  const plain = b(v.sealed_plaintext);
+  const mine = await hs.sealKey(pub, plain.subarray(0, 32), plain.subarray(32, 64), plain.subarray(64), b(v.release_info), hs.SUITE_XWING);
+  assert.equal(mine.length, 1120 + 96 + 16);
+  const back = await hs.openKey(b(v.session_private_seed), mine, b(v.release_info), hs.SUITE_XWING);
+  assert.equal(back.clientSecret.toString('hex'), plain.subarray(64).toString('hex'));
+});
