@@ -46,6 +46,10 @@ LEVELS = (1, 4, 8, 16)
 SERVER_SETTINGS: dict[str, object] = {
     "attest_rate_per_second": 1_000_000,
     "attest_burst": 1_000_000,
+    # Every benchmark client is one peer (127.0.0.1): measure the server, not its quotas.
+    "max_pending_sessions_per_peer": 64,
+    "max_sessions_per_peer": 256,
+    "max_queued_requests_per_peer": 128,
     "metrics_port": 0,
 }
 

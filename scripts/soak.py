@@ -46,7 +46,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="encloud-soak-") as tmp:
         root = Path(tmp)
         swtpm = start_swtpm(root / "swtpm")
-        server = ServerProcess(root, swtpm.tcti, model_dir, attest_burst=1024)
+        # All soak clients are one peer (127.0.0.1): its quotas are the global ones here.
+        server = ServerProcess(
+            root,
+            swtpm.tcti,
+            model_dir,
+            attest_burst=1024,
+            max_pending_sessions_per_peer=64,
+            max_sessions_per_peer=256,
+            max_queued_requests_per_peer=128,
+        )
         try:
             address = server.start()
             assert server.process is not None

@@ -125,7 +125,7 @@ async def serve(settings: Settings) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    servicer = InferenceServicer(metrics)
+    servicer = InferenceServicer(metrics, trusted_proxies=settings.trusted_proxies)
     add_to_server(servicer, server)
     if settings.reflection:
         from grpc_reflection.v1alpha import reflection
@@ -134,13 +134,14 @@ async def serve(settings: Settings) -> None:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     credentials = server_credentials(settings)
-    bind = f"{settings.host}:{settings.port}"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
+    bind = f"{host}:{settings.port}"
     if credentials is None:
         port = server.add_insecure_port(bind)
     else:
         port = server.add_secure_port(bind, credentials)
     await server.start()
-    address = f"{settings.host}:{port}"
+    address = f"{host}:{port}"
     log.info(
         "listening, not serving yet",
         extra={"address": address, "tls": credentials is not None, "metrics": metrics_address},

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class InferenceCore:
             settings.attest_rate_per_second, settings.attest_burst
         )
         self._admitted = 0
+        self._per_peer_calls: Counter[str] = Counter()
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
@@ -120,7 +122,7 @@ class InferenceCore:
         except ResourceExhaustedError:
             self._metrics.admission_rejected.labels("attest_rate").inc()
             raise
-        session = self._sessions.create(suite, nonce, commitment)
+        session = self._sessions.create(suite, nonce, commitment, peer)
         try:
             qualifying_data = quote_qualifying_data(
                 suite,
@@ -251,6 +253,7 @@ class InferenceCore:
         self._check_open()
         session = self._sessions.get(session_id)
         payload = session.open_from_client(sealed_request, MessageType.REQUEST)
+        self._sessions.touch(session)  # it authenticated: the idle timer may move
         return session, converters.generation_params_from_payload(payload, self._settings)
 
     @contextlib.asynccontextmanager
@@ -258,12 +261,17 @@ class InferenceCore:
         if len(session.calls) >= self._settings.max_streams_per_session:
             self._metrics.admission_rejected.labels("session_streams").inc()
             raise ResourceExhaustedError("too many concurrent requests in this session")
+        if self._per_peer_calls[session.peer] >= self._settings.max_queued_requests_per_peer:
+            self._metrics.admission_rejected.labels("queue_per_peer").inc()
+            raise ServerBusyError("too many of this peer's requests are waiting; retry later")
         if self._admitted >= self._settings.max_queued_requests:
             self._metrics.admission_rejected.labels("queue").inc()
             raise ServerBusyError("the server is busy; retry later")
         call = ActiveCall()
+        call.peer = session.peer
         session.calls[request_id] = call
         self._admitted += 1
+        self._per_peer_calls[session.peer] += 1
         self._idle.clear()
         try:
             yield call
@@ -279,6 +287,9 @@ class InferenceCore:
             session.calls.pop(request_id, None)
             self._sessions.touch(session)
             self._admitted -= 1
+            self._per_peer_calls[session.peer] -= 1
+            if not self._per_peer_calls[session.peer]:
+                del self._per_peer_calls[session.peer]
             if self._admitted == 0:
                 self._idle.set()
 
@@ -315,7 +326,7 @@ class InferenceCore:
                     return  # cancelled while queued: not even a prefill
                 if limit is not None and self._engine.count_prompt_tokens(params.messages) > limit:
                     raise PromptTooLongError(f"the prompt is above the limit of {limit} tokens")
-                for item in self._engine.stream(params, should_stop):
+                for item in self._engine.stream(params, should_stop, call.peer):
                     if isinstance(item, GenerationResult):
                         engine_finish = item.finish_reason
                     put(item)

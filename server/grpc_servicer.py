@@ -8,7 +8,7 @@ gRPC's own INTERNAL "Exception deserializing request".
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -16,7 +16,7 @@ from encloud.protocol.faults import UnavailableError, UnsupportedProtocolVersion
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.server import grpc_converters as converters
 from encloud.server.core import InferenceCore
-from encloud.server.limits import peer_host
+from encloud.server.limits import peer_key, trusted_networks
 from encloud.server.metrics import Metrics
 from encloud.server.status import abort_for, stream_errors, unary_errors
 
@@ -26,12 +26,27 @@ SERVICE_NAME = "encloud.v2.InferenceService"
 class InferenceServicer:
     """Registered before the server starts; calls are UNAVAILABLE until attach()."""
 
-    def __init__(self, metrics: Metrics, service: InferenceCore | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        service: InferenceCore | None = None,
+        trusted_proxies: Sequence[str] = (),
+    ) -> None:
         self.metrics = metrics
         self._ready: InferenceCore | None = service
+        self._trusted = trusted_networks(trusted_proxies)
 
     def attach(self, service: InferenceCore) -> None:
         self._ready = service
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller for quotas and rate limits (limits.peer_key)."""
+        forwarded = None
+        if self._trusted:
+            for key, value in context.invocation_metadata() or ():
+                if key == "x-forwarded-for":
+                    forwarded = value if isinstance(value, str) else value.decode("latin-1")
+        return peer_key(context.peer(), forwarded, self._trusted)
 
     @property
     def _service(self) -> InferenceCore:
@@ -46,7 +61,7 @@ class InferenceServicer:
             request.nonce,
             converters.suite_from_proto(request.suite),
             request.client_commitment,
-            peer_host(context.peer()),
+            self._peer(context),
         )
         return pb.AttestResponse(
             session_id=result.session_id,

@@ -144,6 +144,8 @@ class ActiveCall:
 
     cancel: CancelSignal = field(default_factory=CancelSignal)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    peer: str = ""
+    """Whose call it is (the session's peer): the engine shares its batch by peer."""
 
 
 class Session:
@@ -166,6 +168,7 @@ class Session:
         self.pending_deadline = pending_deadline
         self.expires_at = expires_at
         self.last_used = now
+        self.peer = ""
         self.state = SessionState.PENDING
         key, self.public_key = generate_session_key(suite)
         self._private_key: Any = key
@@ -288,10 +291,21 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, suite: HpkeSuiteId, nonce: bytes, commitment: bytes) -> Session:
+    def create(
+        self, suite: HpkeSuiteId, nonce: bytes, commitment: bytes, peer: str = ""
+    ) -> Session:
         self.sweep()
-        pending = sum(1 for s in self._sessions.values() if s.state is SessionState.PENDING)
-        if pending >= self._settings.max_pending_sessions:
+        pending = [s for s in self._sessions.values() if s.state is SessionState.PENDING]
+        # The peer's own quota first: one caller must not take the global one from the others.
+        if (
+            sum(1 for s in pending if s.peer == peer)
+            >= self._settings.max_pending_sessions_per_peer
+        ):
+            self._rejected("pending_sessions_per_peer")
+            raise ResourceExhaustedError(
+                "too many of this peer's sessions are waiting for their key"
+            )
+        if len(pending) >= self._settings.max_pending_sessions:
             self._rejected("pending_sessions")
             raise ResourceExhaustedError("too many sessions are waiting for their key")
         now = self._clock()
@@ -306,12 +320,14 @@ class SessionStore:
             expires_at=now + ttl,
             now=now,
         )
+        session.peer = peer
         self._sessions[session.session_id] = session
         self._update_gauges()
         return session
 
     def get(self, session_id: bytes) -> Session:
-        """The live session, marked as used now; NOT_FOUND if unknown, ended or expired."""
+        """The live session; NOT_FOUND if unknown, ended or expired. Naming a session does not
+        move its idle timer: only a message that authenticates does (`touch`)."""
         if len(session_id) != SESSION_ID_LENGTH:
             raise InvalidArgumentError(f"a session id is {SESSION_ID_LENGTH} bytes")
         session = self._sessions.get(session_id)
@@ -323,7 +339,6 @@ class SessionStore:
         if self._expired(session, now):
             self._expire(session)
             raise SessionExpiredError("the session expired; attest again")
-        session.last_used = now
         return session
 
     def touch(self, session: Session) -> None:
@@ -332,8 +347,11 @@ class SessionStore:
 
     def admit_bound(self, session: Session) -> None:
         """Called before binding: refuse when too many sessions hold keys."""
-        bound = sum(1 for s in self._sessions.values() if s.state is SessionState.BOUND)
-        if bound >= self._settings.max_sessions:
+        bound = [s for s in self._sessions.values() if s.state is SessionState.BOUND]
+        if sum(1 for s in bound if s.peer == session.peer) >= self._settings.max_sessions_per_peer:
+            self._rejected("sessions_per_peer")
+            raise ResourceExhaustedError("too many of this peer's sessions hold a key")
+        if len(bound) >= self._settings.max_sessions:
             self._rejected("sessions")
             raise ResourceExhaustedError("too many sessions")
 

@@ -5,6 +5,7 @@ docs/CONFIGURATION.md lists each field; keep the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -210,6 +211,25 @@ class Settings(BaseSettings):
     max_pending_sessions: int = Field(
         64, ge=1, description="Most attested sessions still waiting for their key."
     )
+    max_pending_sessions_per_peer: int = Field(
+        8,
+        ge=1,
+        description="Most sessions of one peer waiting for their key (well below the global "
+        "quota, so one caller cannot take it from the others).",
+    )
+    max_sessions_per_peer: int = Field(
+        32, ge=1, description="Most sessions with a released key per peer."
+    )
+    max_queued_requests_per_peer: int = Field(
+        32,
+        ge=1,
+        description="Most Infer/StreamInfer calls of one peer waiting or running at once.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks of reverse proxies whose x-forwarded-for names the "
+        "peer (the last address they appended); ignored from anyone else.",
+    )
     max_streams_per_session: int = Field(
         4,
         ge=1,
@@ -267,6 +287,13 @@ class Settings(BaseSettings):
                 "set allow_resettable_workload_pcr only in dev"
             )
         self.pcr_selection = sorted(set(self.pcr_selection))
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as err:
+                raise ValueError(
+                    f"trusted_proxies: {entry!r} is not an address or network"
+                ) from err
         return self
 
 

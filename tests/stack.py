@@ -26,8 +26,20 @@ class Stack:
         from encloud.server.devstack import ServerProcess
 
         assert self.server.terminate() == 0
-        self.server = ServerProcess(self.workdir, self.swtpm.tcti, self.model_dir)
+        self.server = ServerProcess(
+            self.workdir, self.swtpm.tcti, self.model_dir, **ONE_PEER_IS_EVERYONE
+        )
         self.address = self.server.start()
+
+
+# Every test client dials from 127.0.0.1: one peer. Its per-peer quotas are the global ones
+# here, so that tests of other things are not refused as one greedy caller; the per-peer
+# quotas themselves are tested with two peers (tests/test_fairness_service.py).
+ONE_PEER_IS_EVERYONE = {
+    "max_pending_sessions_per_peer": 64,
+    "max_sessions_per_peer": 256,
+    "max_queued_requests_per_peer": 128,
+}
 
 
 @contextlib.contextmanager
@@ -36,6 +48,7 @@ def running_stack(workdir: Path, model_dir: Path, **settings: Any) -> Iterator[S
     killed on exit. Fixtures that need a server of their own build on this."""
     from encloud.server.devstack import ServerProcess, start_swtpm
 
+    settings = {**ONE_PEER_IS_EVERYONE, **settings}
     swtpm = start_swtpm(workdir / "swtpm")
     server = ServerProcess(workdir, swtpm.tcti, model_dir, **settings)
     try:

@@ -183,3 +183,36 @@ def test_stop_token_ids_and_repetition_penalty(engine: Engine) -> None:
 
     assert penalised[0][0] != text
     assert most_repeated(penalised[0][0]) < most_repeated(text)
+
+
+def test_peers_take_turns_in_a_batch_of_uneven_prompts(engine: Engine) -> None:
+    """Peer A's two requests arrive before B's: B's joins the batch second (round robin), and
+    prompts of different lengths in a reordered batch all get their answers."""
+    jobs = [
+        ("A", "Write a short poem about the sea, with rhymes and a long title."),
+        ("A", "Name three colours."),
+        ("B", "What is the capital of France?"),
+    ]
+    out: dict = {}
+    started = engine.scheduler.stats.cohorts_started
+
+    def collect(key: int, peer: str, prompt: str) -> None:
+        params = GenerationParams(messages=(ChatTurn("user", prompt),), max_new_tokens=4)
+        out[key] = list(engine.stream(params, _never, peer))
+
+    threads = []
+    with engine.hold_admission():
+        for key, (peer, prompt) in enumerate(jobs):  # one at a time: a known arrival order
+            threads.append(threading.Thread(target=collect, args=(key, peer, prompt)))
+            threads[-1].start()
+            deadline = time.monotonic() + 60
+            while engine.scheduler.waiting() < key + 1:
+                assert time.monotonic() < deadline, "request never reached the scheduler"
+                time.sleep(0.005)
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a request was lost by the scheduler"
+    assert engine.scheduler.stats.cohorts_started == started + 1
+    for key in range(len(jobs)):
+        assert isinstance(out[key][-1], GenerationResult), out.get(key)
+        assert out[key][-1].completion_tokens > 0

@@ -362,7 +362,7 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     def stream(
-        self, params: GenerationParams, should_stop: Callable[[], bool]
+        self, params: GenerationParams, should_stop: Callable[[], bool], peer: str = ""
     ) -> Iterator[str | GenerationResult]:
         """Validate ``params`` and tokenise the prompt now (raising ``InvalidArgumentError`` or
         ``PromptTooLongError`` at once), then return an iterator of text pieces (whole
@@ -371,7 +371,8 @@ class Engine:
         The request joins a batch when the iterator is first advanced. ``should_stop`` is called
         (on the scheduler thread) before each of this request's decode steps; when it returns
         true the request leaves the batch with ``"cancelled"`` and no further step runs for it.
-        Closing the iterator early cancels it the same way.
+        Closing the iterator early cancels it the same way. ``peer`` names whose request it
+        is: the scheduler shares cohort slots and places between peers.
         """
         _validate(params, self._vocab_size)
         ids = self._encode_messages(params.messages)
@@ -396,6 +397,7 @@ class Engine:
                 prompt_ids=ids.tolist(),
             ),
             should_stop=should_stop,
+            peer=peer,
         )
         return self._scheduler.submit(request)
 

@@ -27,9 +27,11 @@ cohort's generator and are never shared between requests or reused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +39,8 @@ import numpy as np
 import onnxruntime_genai as og
 
 from encloud.server.inference.sampling import Sampler
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_COHORTS = 4
@@ -53,7 +57,7 @@ class GenerationResult:
     completion_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: waiting-list removal must never compare token arrays
 class _Request:
     ids: np.ndarray
     max_new_tokens: int  # already capped by the context
@@ -67,6 +71,8 @@ class _Request:
     pending: str = ""
     detok: object = None
     done: bool = False
+    peer: str = ""
+    """Whose request it is: cohort slots and places are shared between peers."""
 
     def wants_stop(self) -> bool:
         return self.abandoned.is_set() or bool(self.should_stop())
@@ -207,22 +213,41 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         while not self._closed:
-            self._drain(block=not self._cohorts and not self._waiting)
-            if self._waiting and not self._held.is_set() and len(self._cohorts) < self.max_cohorts:
-                if not self._cohorts:
-                    self._admission_window()
-                self._admit()
-            for cohort in list(self._cohorts):
-                try:
-                    self._step(cohort)
-                except Exception as exc:  # delivered to every row of the cohort
-                    self._fail(cohort.rows, exc)
-                if all(r.done for r in cohort.rows):
-                    self._cohorts.remove(cohort)
-                    del cohort  # frees the generator and its KV cache
+            try:
+                self._turn()
+            except Exception as exc:  # a scheduler bug: fail what it holds, keep serving
+                # Type and place only: an exception's message may quote request data.
+                frames = traceback.extract_tb(exc.__traceback__)[-5:]
+                log.error(
+                    "scheduler turn failed; its requests get the error",
+                    extra={
+                        "error_type": type(exc).__name__,
+                        "where": [f"{f.filename}:{f.lineno}" for f in frames],
+                    },
+                )
+                self._fail([r for c in self._cohorts for r in c.rows], exc)
+                self._fail(self._waiting, exc)
+                self._cohorts.clear()
+                self._waiting.clear()
         for cohort in self._cohorts:
             self._fail(cohort.rows, RuntimeError("engine closed"))
         self._fail(self._waiting, RuntimeError("engine closed"))
+
+    def _turn(self) -> None:
+        """Take arrivals, admit what fits, and run one decode step of every cohort."""
+        self._drain(block=not self._cohorts and not self._waiting)
+        if self._waiting and not self._held.is_set() and len(self._cohorts) < self.max_cohorts:
+            if not self._cohorts:
+                self._admission_window()
+            self._admit()
+        for cohort in list(self._cohorts):
+            try:
+                self._step(cohort)
+            except Exception as exc:  # delivered to every row of the cohort
+                self._fail(cohort.rows, exc)
+            if all(r.done for r in cohort.rows):
+                self._cohorts.remove(cohort)
+                del cohort  # frees the generator and its KV cache
 
     def _fail(self, rows: Sequence[_Request], exc: BaseException) -> None:
         for r in rows:
@@ -236,18 +261,43 @@ class BatchScheduler:
             self._waiting.remove(r)
             self._finish(r, "cancelled")
         while self._waiting and len(self._cohorts) < self.max_cohorts:
+            candidates = self._admissible()
+            if not candidates:
+                return
             # A prompt that contains the pad token cannot be right-padded: it runs alone.
-            first = self._waiting[0]
+            first = candidates[0]
             if self._pad_id in first.ids:
                 batch = [first]
             else:
-                batch = [r for r in self._waiting if self._pad_id not in r.ids][: self.max_batch]
-            for r in batch:
-                self._waiting.remove(r)
+                batch = [r for r in candidates if self._pad_id not in r.ids][: self.max_batch]
+            chosen = {id(r) for r in batch}
+            self._waiting = [r for r in self._waiting if id(r) not in chosen]
             try:
                 self._cohorts.append(self._start(batch))
             except Exception as exc:  # delivered to the requests it concerns
                 self._fail(batch, exc)
+
+    def _admissible(self) -> list[_Request]:
+        """Waiting requests that may start a cohort now, in a fair order.
+
+        The last free cohort slot is kept for peers with no row running, so one peer's
+        spread-out requests cannot take every slot while another waits: that peer's next
+        request starts within one step of each running cohort. Within a cohort, peers take
+        turns (round robin in arrival order), so a burst of one peer does not fill the
+        batch ahead of another's request."""
+        waiting = self._waiting
+        if self.max_cohorts > 1 and len(self._cohorts) == self.max_cohorts - 1:
+            busy = {r.peer for c in self._cohorts for r in c.rows if not r.done}
+            waiting = [r for r in waiting if r.peer not in busy]
+        by_peer: dict[str, list[_Request]] = {}
+        for r in waiting:
+            by_peer.setdefault(r.peer, []).append(r)
+        turns: list[_Request] = []
+        queues = list(by_peer.values())
+        while queues:
+            turns.extend(q.pop(0) for q in queues)
+            queues = [q for q in queues if q]
+        return turns
 
     def _start(self, batch: list[_Request]) -> _Cohort:
         n = len(batch)
