@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from marker_times import summary_lines
 from stack import Stack, running_stack
 
 from encloud.client import Client
@@ -23,6 +24,27 @@ from encloud.protocol.policy import Policy
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+_durations: dict[str, float] = {}
+_markers_of: dict[str, set[str]] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    registered = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for item in items:
+        _markers_of[item.nodeid] = {m.name for m in item.iter_markers()} & registered
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _durations:
+        terminalreporter.write_sep("=", "wall time per marker")
+        for line in summary_lines(_durations, _markers_of):
+            terminalreporter.write_line(line)
 
 
 def cache_root() -> Path:
