@@ -142,7 +142,12 @@ def _raw_attest(target: str) -> str:
         try:
             stub.Attest(request, timeout=30)
         except grpc.RpcError as error:
-            return service_error(error).reason
+            refused = service_error(error)
+            if refused.code == "RESOURCE_EXHAUSTED" and (
+                refused.retry_after_seconds is None
+            ):
+                return "NO_RETRY_INFO"  # every RESOURCE_EXHAUSTED must carry RetryInfo
+            return refused.reason
     return "ok"
 
 
@@ -176,6 +181,7 @@ def test_one_peer_holds_its_quotas_and_the_other_still_gets_through(shared_serve
                 held.append(client)
             except ServiceError as error:
                 outcomes[error.reason] += 1
+                assert error.retry_after_seconds is not None  # every RESOURCE_EXHAUSTED: RetryInfo
                 client.close()
         assert len(held) == 6  # exactly its bound-session quota
         assert outcomes == Counter({"RESOURCE_EXHAUSTED": 4})
@@ -221,6 +227,8 @@ def test_a_flooding_peer_leaves_the_other_a_share_of_the_engine(shared_server) -
                     a_streams.append(time.monotonic() - started)
                 except ServiceError as error:
                     a_errors[error.reason] += 1
+                    if error.retry_after_seconds is None:
+                        a_errors["no RetryInfo"] += 1
                     time.sleep(0.05)
 
     def a_attests() -> None:
@@ -243,6 +251,7 @@ def test_a_flooding_peer_leaves_the_other_a_share_of_the_engine(shared_server) -
             worker.join()
     assert a_streams and b_ttfts
     assert a_errors["SERVER_BUSY"] > 0  # A asked for more than its share and was refused
+    assert a_errors["no RetryInfo"] == 0
     a_median = statistics.median(a_streams)
     print(
         f"\nflood: A {len(a_streams)} answers of up to 320 tokens, median {a_median:.2f} s, "
