@@ -51,9 +51,12 @@ def running_stack(workdir: Path, model_dir: Path, **settings: Any) -> Iterator[S
     settings = {**ONE_PEER_IS_EVERYONE, **settings}
     swtpm = start_swtpm(workdir / "swtpm")
     server = ServerProcess(workdir, swtpm.tcti, model_dir, **settings)
+    stack: Stack | None = None
     try:
         address = server.start()
-        yield Stack(workdir, swtpm, server, load_policy(server.policy_path), address, model_dir)
+        stack = Stack(workdir, swtpm, server, load_policy(server.policy_path), address, model_dir)
+        yield stack
     finally:
-        server.kill()
+        # The server running now: a test may have restarted it (Stack.restart_server).
+        (stack.server if stack is not None else server).kill()
         swtpm.stop()

@@ -143,9 +143,7 @@ def _raw_attest(target: str) -> str:
             stub.Attest(request, timeout=30)
         except grpc.RpcError as error:
             refused = service_error(error)
-            if refused.code == "RESOURCE_EXHAUSTED" and (
-                refused.retry_after_seconds is None
-            ):
+            if refused.code == "RESOURCE_EXHAUSTED" and (refused.retry_after_seconds is None):
                 return "NO_RETRY_INFO"  # every RESOURCE_EXHAUSTED must carry RetryInfo
             return refused.reason
     return "ok"

@@ -52,23 +52,13 @@ def test_tpm_gone_attest_unavailable_sessions_live_then_tpm_back(fresh_stack, tm
     assert log.with_name(log.name + ".prev").exists()
 
 
-def _restart_server(stack, model_dir) -> None:
-    from encloud.server.devstack import ServerProcess
-
-    assert stack.server.terminate() == 0
-    stack.server = ServerProcess(stack.workdir, stack.swtpm.tcti, model_dir)
-    stack.address = stack.server.start()
-
-
-def test_server_restart_appends_and_tpm_reset_starts_a_new_log(
-    fresh_stack, model_dir, tmp_path
-) -> None:
+def test_server_restart_appends_and_tpm_reset_starts_a_new_log(fresh_stack, tmp_path) -> None:
     stack = fresh_stack
-    _restart_server(stack, model_dir)
+    stack.restart_server()
     with _client(stack, tmp_path) as client:
         assert len(client.attest().events) == 4  # two start-ups in one log
 
     stack.swtpm.restart()
-    _restart_server(stack, model_dir)
+    stack.restart_server()
     with _client(stack, tmp_path) as client:
         assert len(client.attest().events) == 2  # the reset started a new log
