@@ -1,8 +1,8 @@
 """llama.cpp peer, in its own process: `python -m bench.llama_worker GGUF THREADS CTX`.
 
-It runs apart from the harness so that a crash of llama.cpp's native code (DESIGN.md: the
-default native build dies in an AMX kernel on some Xeons) becomes a null figure with a reason,
-not a dead benchmark, and so that its memory is its own.
+It runs apart from the harness so that a crash of llama.cpp's native code (seen on these
+machines: the default native build dies in an AMX kernel on some Xeons) becomes a null figure
+with a reason, not a dead benchmark, and so that its memory is its own.
 
 Protocol: one JSON object per line. The worker first writes {"ready": true, "versions": ...}.
 Then for each command line it writes one reply line:

@@ -1,4 +1,4 @@
-"""The one attest, verify and release path (DESIGN steps 2-4), written once and without I/O.
+"""The one attest, verify and release path (docs/PROTOCOL.md), written once and without I/O.
 
 `attest_and_release` is a generator: it yields the RPCs to make (`AttestCall`,
 `ReleaseCall`) and is sent their replies, so one implementation serves the

@@ -1,6 +1,6 @@
 """The client's audit log of attestation outcomes: hash-chained JSON lines, signed checkpoints.
 
-The log (DESIGN.md, "Audit log"; docs/ATTESTATION.md gives the format):
+The log (docs/PROTOCOL.md gives the format):
 
 - One entry per line, in canonical JSON (RFC 8785 for the value types used
   here: objects with string keys sorted by their UTF-16 code units, strings,

@@ -1,6 +1,6 @@
 """Server start-up and shutdown: TPM, model, measurement, gRPC, health, metrics.
 
-Order matters (DESIGN.md step 1): health is NOT_SERVING until the model is
+Order matters (docs/ATTESTATION.md, start-up): health is NOT_SERVING until the model is
 verified and loaded, the TPM is open, and the workload is measured into the
 workload PCR with its event log.
 

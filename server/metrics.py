@@ -2,7 +2,7 @@
 
 Labels are bounded and never carry content: the RPC method, the status code
 name, the finish reason. Sizes and token counts appear only as server-wide
-totals (DESIGN.md: no per-request sizes or token counts in logs or metrics);
+totals (docs/OPERATIONS.md: no per-request sizes or token counts in logs or metrics);
 the histograms hold durations, and the number of decode steps that ran after a
 cancel (0 or 1 when cancellation works), which says nothing about content.
 """

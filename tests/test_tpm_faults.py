@@ -7,7 +7,7 @@
   new event log, and a new Attest passes full verification under the dev policy
   written before the fault.
 - a server restarted on the same TPM appends a start-up to its log; a TPM reset
-  followed by a server restart starts a new log (DESIGN.md step 1).
+  followed by a server restart starts a new log (docs/ATTESTATION.md).
 """
 
 from __future__ import annotations

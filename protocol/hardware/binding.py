@@ -2,7 +2,7 @@
 
     report_data = SHA-512(E("encloud/v2 report data", Q, ak_public))
 
-Q is the quote's qualifying data (DESIGN.md step 2), which already binds the suite,
+Q is the quote's qualifying data (docs/PROTOCOL.md), which already binds the suite,
 the client's nonce, the session public key, the session id and the TTL; ak_public is
 the marshalled TPMT_PUBLIC of the AK that signs the quote. So one hardware report
 binds the session key and the AK to this very Attest call.

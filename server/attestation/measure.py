@@ -1,4 +1,5 @@
-"""Measuring the workload into the workload PCR, with its event log on disk (DESIGN step 1).
+"""Measuring the workload into the workload PCR, with its event log on disk
+(the server's start-up, docs/ATTESTATION.md).
 
 The log is CEL-JSON lines (`encloud.protocol.eventlog`). It is written ahead: each record is
 appended and fsynced BEFORE its digest is extended into the PCR, so a crash leaves at most one

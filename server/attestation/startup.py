@@ -1,4 +1,4 @@
-"""Start-up of the attestation side (DESIGN.md step 1), as one call for app.py.
+"""Start-up of the attestation side (docs/ATTESTATION.md), as one call for app.py.
 
 Opens the TPM, measures the workload events into the workload PCR with the
 persisted event log, reads the AK certificate (if the platform keeps one in

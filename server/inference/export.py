@@ -1,6 +1,6 @@
 """Export a model to an ONNX folder the engine serves, once, outside the serving path.
 
-Pipeline (see DESIGN.md, "Model (the embedded default)"):
+Pipeline (docs/MODEL_PIPELINE.md):
 
 1. GGUF -> Hugging Face folder: transformers ``AutoModelForCausalLM.from_pretrained(dir,
    gguf_file=..., quantization_config=GgufConfig(dequantize=True))`` and the tokenizer from the

@@ -1,5 +1,5 @@
 'use strict';
-// The attestation verifier: every check of DESIGN.md step 3, in the order and with the
+// The attestation verifier: every check of docs/ATTESTATION.md's verifier, in the order and with the
 // typed errors of protocol/verifier.py (docs/PROTOCOL.md, "2. Verify").
 const crypto = require('node:crypto');
 const E = require('./errors');
