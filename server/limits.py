@@ -69,14 +69,6 @@ class PeerRateLimiter:
         return len(self._buckets)
 
 
-def peer_host(peer: str) -> str:
-    """'ipv4:127.0.0.1:5555' -> 'ipv4:127.0.0.1'; '[::1]' forms keep their brackets."""
-    if peer.startswith(("ipv4:", "ipv6:")):
-        head, _, _port = peer.rpartition(":")
-        return head or peer
-    return peer
-
-
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = urllib.parse.unquote(text.strip()).strip("[]")
     try:
