@@ -24,9 +24,11 @@ class ServerProcess:
         tcti: str,
         model_dir: Path,
         extra_env: dict[str, str] | None = None,
+        module: str = "encloud.server.app",
         **settings: object,
     ) -> None:
         self.workdir = workdir
+        self.module = module
         self.ready_file = workdir / "ready"
         self.log_path = workdir / "server.log"
         self.policy_path = workdir / "dev-policy.json"
@@ -57,8 +59,8 @@ class ServerProcess:
         """Start the process without waiting (it listens, NOT_SERVING, before it is ready)."""
         self.ready_file.unlink(missing_ok=True)
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "encloud.server.app"],
+        self.process = subprocess.Popen(  # noqa: S603 - this interpreter, a module we name
+            [sys.executable, "-m", self.module],
             env=self.env,
             stdout=log,
             stderr=log,

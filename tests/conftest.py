@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from leftovers import kill_all, live_descendants
 from marker_times import summary_lines
 from stack import Stack, running_stack
 
@@ -45,6 +46,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_sep("=", "wall time per marker")
         for line in summary_lines(_durations, _markers_of):
             terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a process a test started (a server, a swtpm) is still alive after
+    every fixture was torn down; kill it, so one run never leaves servers behind."""
+    leftovers = live_descendants()
+    if not leftovers:
+        return
+    kill_all(leftovers)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"  pid {lf.pid}: {lf.command}" for lf in leftovers]
+    message = "processes the tests started were still running (now killed):\n" + "\n".join(lines)
+    if reporter is not None:
+        reporter.write_sep("=", "left running", red=True)
+        reporter.write_line(message)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def cache_root() -> Path:

@@ -39,6 +39,8 @@ class Relay:
     calls: list[tuple[str, bytes]] = field(default_factory=list)
     rewrite: dict[str, Callable[[bytes], bytes]] = field(default_factory=dict)
     """Method name -> a function applied to each request's bytes before forwarding."""
+    rewrite_reply: dict[str, Callable[[bytes], bytes]] = field(default_factory=dict)
+    """Method name -> a function applied to each unary reply's bytes before returning it."""
     address: str = ""
     _server: grpc.Server | None = None
     _channel: grpc.Channel | None = None
@@ -136,9 +138,11 @@ class _Handler(grpc.GenericRpcHandler):
             if fault is not None:
                 _abort(context, fault)
             try:
-                return upstream(relay._forwarded(name, request), timeout=context.time_remaining())
+                reply = upstream(relay._forwarded(name, request), timeout=context.time_remaining())
             except grpc.RpcError as error:  # the server's own status, details and all
                 _relay_status(context, error)
                 raise
+            change = relay.rewrite_reply.get(name)
+            return change(reply) if change is not None else reply
 
         return grpc.unary_unary_rpc_method_handler(unary)

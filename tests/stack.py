@@ -22,12 +22,14 @@ class Stack:
     address: str
     model_dir: Path
 
-    def restart_server(self) -> None:
+    def restart_server(self, **settings: Any) -> None:
+        """SIGTERM the server and start a new one on the same TPM and folder (with these
+        settings instead of the first server's)."""
         from encloud.server.devstack import ServerProcess
 
         assert self.server.terminate() == 0
         self.server = ServerProcess(
-            self.workdir, self.swtpm.tcti, self.model_dir, **ONE_PEER_IS_EVERYONE
+            self.workdir, self.swtpm.tcti, self.model_dir, **{**ONE_PEER_IS_EVERYONE, **settings}
         )
         self.address = self.server.start()
 

@@ -10,14 +10,17 @@ first frame.
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from relay import Fault, Relay
 
 from encloud.client import NO_AUDIT, AsyncClient, Client, ServiceError
+from encloud.protocol.errors import MalformedEvidenceError
 from encloud.protocol.v2 import encloud_pb2 as pb
 
 pytestmark = pytest.mark.e2e
@@ -297,3 +300,78 @@ def test_attack_suite_downgrade_on_the_wire_is_refused(relay, stack) -> None:
     relay.rewrite["Attest"] = downgrade
     with _client(relay, stack) as client, pytest.raises(NonceMismatchError):
         client.attest()  # the quote's Q names the suite the server used: not the client's
+
+
+def _attest_reply_with(**fields: object) -> Callable[[bytes], bytes]:
+    def change(reply: bytes) -> bytes:
+        message = pb.AttestResponse.FromString(reply)
+        for name, value in fields.items():
+            setattr(message, name, value)
+        return message.SerializeToString()
+
+    return change
+
+
+@pytest.mark.xfail(strict=True, reason="a malformed AttestResponse raises ValueError, unaudited")
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"session_id": b"\x01" * 70_000},  # too long to encode into Q
+        {"session_id": b"\x01" * 15},
+        {"session_public_key": b"\x02" * 7},
+        {"ttl_seconds": 0},
+    ],
+    ids=["oversized-session-id", "short-session-id", "short-session-key", "zero-ttl"],
+)
+def test_attack_a_malformed_attest_response_is_a_typed_audited_failure(
+    relay, stack, tmp_path, fields
+) -> None:
+    relay.rewrite_reply["Attest"] = _attest_reply_with(**fields)
+    audit_path = tmp_path / "audit.jsonl"
+    with (
+        Client(relay.address, stack.policy, audit_log=audit_path) as client,
+        pytest.raises(MalformedEvidenceError) as refused,
+    ):
+        client.attest()
+    assert refused.value.check == "attest_response"
+    (entry,) = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert entry["outcome"] == "fail" and entry["failed_check"] == "attest_response"
+    assert not relay.of("ReleaseKey")
+
+
+def test_attack_forged_session_expired_makes_one_reattestation_per_call(relay, stack) -> None:
+    """A relay that answers every Infer with SESSION_EXPIRED gets one re-attestation per
+    call, and the replaced session is ended, so no bound session piles up on the server."""
+    relay.plan["Infer"] = [EXPIRED] * 40
+    with _client(relay, stack) as client:
+        for _ in range(3):
+            with pytest.raises(ServiceError) as refused:
+                client.infer(ASK, max_new_tokens=2)
+            assert refused.value.reason == "SESSION_EXPIRED"
+    assert len(relay.of("Infer")) == 6  # each call: the first try and one resend
+    assert len(relay.of("Attest")) == 4  # the first session and one per call
+    ends = {pb.EndSessionRequest.FromString(r).session_id for r in relay.of("EndSession")}
+    assert len(ends) == 4  # every session was ended: three replaced, one at close
+
+
+def test_end_session_under_the_callers_own_open_stream(stack) -> None:
+    """The stream keeps its keys until it ends: it ends with a sealed `cancelled` final
+    frame (the server's EndSession stops it), never an AttributeError; five rounds."""
+    for _ in range(5):
+        with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
+            stream = client.stream(
+                [("user", "Count from one to five hundred.")], max_new_tokens=400
+            )
+            pieces = iter(stream)
+            assert next(pieces)
+            ender = threading.Thread(target=client.end_session)
+            ender.start()
+            rest = []
+            for piece in pieces:  # a slow reader
+                rest.append(piece)
+                time.sleep(0.01)
+            ender.join(timeout=60)
+            assert not ender.is_alive()
+            assert stream.completion is not None
+            assert stream.completion.finish_reason == "cancelled"
+            assert client.session_id is None

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -238,3 +238,49 @@ def test_sigterm_drains_then_cancels_with_a_sealed_final_and_exits_zero(
     log = own_server.process.log_text()
     assert "stopped; session keys wiped" in log
     client._drop_session()
+
+
+def _poll(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.xfail(strict=True, reason="an Infer cancelled while queued ends INTERNAL")
+def test_end_session_while_its_infer_waits_for_the_engine(model_dir: Path, tmp_path: Path) -> None:
+    """EndSession reaches an Infer that has not started yet: the Infer is answered at once
+    with a sealed `cancelled` answer, and EndSession does not wait for the engine."""
+    running = Server(tmp_path, model_dir, generation_workers=1)
+    try:
+        running.start()
+        metrics = running.process.metrics_address
+        busy, waiting = running.client(), running.client()
+        stream = busy.stream([("user", LONG_PROMPT)], max_new_tokens=300)
+        pieces = iter(stream)
+        assert next(pieces)  # the one generation worker is taken
+        answers: list[object] = []
+
+        def ask() -> None:
+            try:
+                answers.append(waiting.infer([("user", "Say hi.")], max_new_tokens=8))
+            except Exception as error:
+                answers.append(error)
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        _poll(
+            lambda: metric_samples(metrics).get("encloud_queue_depth{}", 0) == 1,
+            "the Infer never queued",
+        )
+        waiting.end_session(timeout=30)
+        stream.cancel()  # frees the worker (only matters when the Infer still waits)
+        asker.join(timeout=60)
+        assert not asker.is_alive()
+        (answer,) = answers
+        assert not isinstance(answer, Exception), answer
+        assert answer.completion.finish_reason == "cancelled"  # type: ignore[attr-defined]
+        assert answer.text == ""  # type: ignore[attr-defined]
+        busy.close()
+    finally:
+        running.close()
