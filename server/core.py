@@ -75,6 +75,8 @@ class _Failed:
 
 
 _END = object()
+# Which of these ended an answer says something about it: the metrics show one value.
+_COMPLETED = {"stop": "completed", "length": "completed"}
 
 
 class InferenceCore:
@@ -325,7 +327,10 @@ class InferenceCore:
                 if cancel.is_set():
                     return  # cancelled while queued: not even a prefill
                 if limit is not None and self._engine.count_prompt_tokens(params.messages) > limit:
-                    raise PromptTooLongError(f"the prompt is above the limit of {limit} tokens")
+                    raise PromptTooLongError(
+                        "the prompt is above the server's limit (max_prompt_tokens in the "
+                        "attested runtime event)"
+                    )
                 for item in self._engine.stream(params, should_stop, call.peer):
                     if isinstance(item, GenerationResult):
                         engine_finish = item.finish_reason
@@ -337,10 +342,11 @@ class InferenceCore:
                     metrics.running.dec()
                 else:
                     metrics.queue_depth.dec()
-                metrics.decode_steps.inc(steps.steps)
                 after = steps.steps_after_cancel
                 if after is not None and engine_finish == "cancelled":
-                    metrics.cancel_decode_steps.observe(after)
+                    metrics.cancels.inc()
+                    if after > 1:
+                        metrics.cancel_overruns.inc()
                 put(_END)
 
         admitted = time.monotonic()
@@ -360,8 +366,6 @@ class InferenceCore:
                     raise item.error
                 if isinstance(item, GenerationResult):
                     finish = item.finish_reason
-                    metrics.completion_tokens.inc(item.completion_tokens)
-                    metrics.prompt_tokens.inc(item.prompt_tokens)
                 else:
                     last = time.monotonic()
                     pieces += 1
@@ -372,7 +376,7 @@ class InferenceCore:
         finally:
             cancel.set()
             worker.add_done_callback(lambda _: None)
-            metrics.generations.labels(finish).inc()
+            metrics.generations.labels(_COMPLETED.get(finish, finish)).inc()
             metrics.generation_seconds.observe(time.monotonic() - admitted)
             if first is not None and pieces > 1:
                 metrics.tpot.observe((last - first) / (pieces - 1))

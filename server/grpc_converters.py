@@ -64,7 +64,8 @@ def generation_params_from_payload(payload: bytes, settings: Settings) -> Genera
     max_new = request.max_new_tokens or settings.default_max_new_tokens
     if max_new > settings.max_new_tokens_limit:
         raise InvalidArgumentError(
-            f"max_new_tokens is above the limit of {settings.max_new_tokens_limit}"
+            "max_new_tokens is above the server's limit (max_new_tokens_limit in the attested "
+            "runtime event)"
         )
     temperature = request.temperature if request.HasField("temperature") else None
     if temperature is not None and not 0.0 <= temperature <= 10.0:

@@ -1,10 +1,11 @@
 """Prometheus metrics, served on their own port (settings.metrics_port).
 
 Labels are bounded and never carry content: the RPC method, the status code
-name, the finish reason. Sizes and token counts appear only as server-wide
-totals (docs/OPERATIONS.md: no per-request sizes or token counts in logs or metrics);
-the histograms hold durations, and the number of decode steps that ran after a
-cancel (0 or 1 when cancellation works), which says nothing about content.
+name, how a generation ended. No series holds a size or a token count, not even as a
+server-wide total: on a quiet server a total moves by exactly one request's sealed usage
+(docs/OPERATIONS.md). Every series but the timing histograms moves by the same amount for
+a 5-token and a 500-token request (tests/test_metrics_service.py). Timings are the one
+side channel left, and they are as visible to anyone watching the wire.
 """
 
 from __future__ import annotations
@@ -69,25 +70,23 @@ class Metrics:
         )
         self.generations = Counter(
             "encloud_generations",
-            "Generations ended, by finish reason.",
+            "Generations ended: completed (an end token, a stop string or the token limit: "
+            "which one says something about the answer, so they are one value), cancelled "
+            "or error.",
             ["finish_reason"],
             registry=r,
         )
-        self.cancel_decode_steps = Histogram(
-            "encloud_cancel_decode_steps",
-            "Decode steps that ran after a generation was cancelled (client cancel, "
-            "disconnect, deadline, EndSession, shutdown), one observation per cancel.",
-            buckets=(0, 1, 2, 4, 8, 16, 64),
+        self.cancels = Counter(
+            "encloud_cancels",
+            "Generations the engine stopped on a cancel (client cancel, disconnect, "
+            "deadline, EndSession, shutdown).",
             registry=r,
         )
-        self.decode_steps = Counter(
-            "encloud_decode_steps", "Decode steps run by the engine, server-wide.", registry=r
-        )
-        self.completion_tokens = Counter(
-            "encloud_completion_tokens", "Tokens generated, server-wide total.", registry=r
-        )
-        self.prompt_tokens = Counter(
-            "encloud_prompt_tokens", "Prompt tokens processed, server-wide total.", registry=r
+        self.cancel_overruns = Counter(
+            "encloud_cancel_overruns",
+            "Cancelled generations in which more than one decode step ran after the cancel "
+            "reached the engine (0 while cancellation works: the step in flight may finish).",
+            registry=r,
         )
         self.active_sessions = Gauge(
             "encloud_active_sessions",

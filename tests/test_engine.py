@@ -258,7 +258,6 @@ def test_prompt_too_long(engine: Engine) -> None:
 
 
 @pytest.mark.engine
-@pytest.mark.xfail(strict=True, reason="the message quotes the prompt's size and the context")
 def test_prompt_too_long_quotes_no_size(engine: Engine) -> None:
     messages = []
     for n in (engine.context_length + 10, engine.context_length * 2):

@@ -188,7 +188,6 @@ def test_canary_never_leaks(leak_server: tuple[ServerProcess, Path], model_dir: 
     assert hits == {control / "planted"}, hits
 
 
-@pytest.mark.xfail(strict=True, reason="refusals quote the prompt's size and the limit")
 def test_refusals_quote_no_size(leak_server: tuple[ServerProcess, Path]) -> None:
     """A refusal's message is the same whatever the request's size: no figure in it."""
     server, _ = leak_server

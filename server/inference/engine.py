@@ -378,9 +378,8 @@ class Engine:
         ids = self._encode_messages(params.messages)
         n_prompt = len(ids)
         if n_prompt + 1 > self._context_length:
-            raise PromptTooLongError(
-                f"prompt is {n_prompt} tokens; the model's context is {self._context_length}"
-            )
+            # Never the figures: the prompt's size is the caller's secret (docs/ERRORS.md).
+            raise PromptTooLongError("the prompt is longer than the model's context")
         if self._scheduler is None:
             raise RuntimeError("engine is not started")
         request = _Request(
