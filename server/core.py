@@ -75,6 +75,14 @@ class _Failed:
 
 
 _END = object()
+_CANCEL = object()  # the call's cancel signal was set
+
+
+def _not_started() -> GenerationResult:
+    """The result of a generation cancelled before the engine read its prompt."""
+    return GenerationResult(finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
+
+
 # Which of these ended an answer says something about it: the metrics show one value.
 _COMPLETED = {"stop": "completed", "length": "completed"}
 
@@ -169,7 +177,8 @@ class InferenceCore:
                     result = item
                 else:
                     pieces.append(item)
-            assert result is not None
+            if result is None:  # the generation failed: _generate raised instead
+                raise RuntimeError("a generation ended without its result")
             payload = converters.response_payload("".join(pieces), result, transcript)
             return session.sealer().seal(
                 MessageType.RESPONSE, sealed_request.request_id, 0, payload
@@ -324,8 +333,9 @@ class InferenceCore:
         def work() -> None:
             engine_finish = ""
             try:
-                if cancel.is_set():
-                    return  # cancelled while queued: not even a prefill
+                if cancel.is_set():  # cancelled while queued: not even a prefill
+                    put(_not_started())
+                    return
                 if limit is not None and self._engine.count_prompt_tokens(params.messages) > limit:
                     raise PromptTooLongError(
                         "the prompt is above the server's limit (max_prompt_tokens in the "
@@ -355,12 +365,21 @@ class InferenceCore:
         pieces = 0
         finish = "cancelled"
         metrics.queue_depth.inc()
-        worker = loop.run_in_executor(self._executor, work)
+        worker = self._executor.submit(work)
+        cancel.when_set(lambda: put(_CANCEL))
         try:
             while True:
                 item = await queue.get()
                 if item is _END:
                     break
+                if item is _CANCEL:
+                    if not worker.cancel():
+                        continue  # running: the engine ends it before its next step
+                    # It never started (EndSession or shutdown reached it while it waited
+                    # for a worker): end now rather than when a worker comes free.
+                    metrics.queue_depth.dec()
+                    item = _not_started()
+                    queue.put_nowait(_END)
                 if isinstance(item, _Failed):
                     finish = "error"
                     raise item.error
@@ -375,7 +394,6 @@ class InferenceCore:
                 yield item  # type: ignore[misc]
         finally:
             cancel.set()
-            worker.add_done_callback(lambda _: None)
             metrics.generations.labels(_COMPLETED.get(finish, finish)).inc()
             metrics.generation_seconds.observe(time.monotonic() - admitted)
             if first is not None and pieces > 1:

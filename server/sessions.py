@@ -127,15 +127,30 @@ class StepCounter:
 
 
 class CancelSignal(threading.Event):
-    """A threading.Event that also tells the step counter the moment it is set."""
+    """A threading.Event that also tells the step counter the moment it is set, and runs
+    the callbacks registered with `when_set` (once, from the thread that sets it)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.steps = StepCounter()
+        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks_lock = threading.Lock()
 
     def set(self) -> None:
         self.steps.cancel()
         super().set()
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def when_set(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the signal is set (now, if it already is)."""
+        with self._callbacks_lock:
+            if not self.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
 
 
 @dataclass

@@ -244,7 +244,6 @@ def _poll(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> No
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="an Infer cancelled while queued ends INTERNAL")
 def test_end_session_while_its_infer_waits_for_the_engine(model_dir: Path, tmp_path: Path) -> None:
     """EndSession reaches an Infer that has not started yet: the Infer is answered at once
     with a sealed `cancelled` answer, and EndSession does not wait for the engine."""
