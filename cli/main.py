@@ -123,10 +123,7 @@ def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
     if args.runtime_event:
         events = [reference.runtime_event_from_file(p) for p in args.runtime_event]
     else:
-        events = [
-            reference.runtime_event_by_loading(d, threads=args.threads, provider=args.provider)
-            for d in args.model_dir
-        ]
+        events = [reference.runtime_event_by_loading(d) for d in args.model_dir]
     pinned = [reference.read_pinned_key(p) for p in args.ak_pin]
     roots = [der for p in args.ak_roots for der in reference.read_roots(p)]
     values = reference.read_pcr_values(args.pcr_values) if args.pcr_values else None
@@ -379,10 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument(
         "--compute-runtime",
         action="store_true",
-        help="compute the runtime event by loading the engine here (needs encloud[server])",
+        help="compute the runtime event by loading the engine here, with the server's "
+        "ENCLOUD_* settings from this environment (needs encloud[server])",
     )
-    fm.add_argument("--threads", type=int, default=2, help="the server's thread count")
-    fm.add_argument("--provider", default="cpu", help="the server's ONNX Runtime provider")
     fm.add_argument(
         "--ak-pin",
         type=Path,

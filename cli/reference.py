@@ -9,10 +9,11 @@ files, exactly as docs/PROTOCOL.md defines it (independently of the server's
     manifest.json excluded; chat_template is the manifest's (what the engine renders with).
 
 The runtime event cannot be computed from the files alone: it records the
-engine's versions, the session options, the CPU feature class and a known-answer
-hash of tokens decoded at start-up. `runtime_event_by_loading` computes it by
-loading the engine here (needs `encloud[server]` and the same versions, thread
-count, provider and CPU class as the server); `runtime_event_from_file` takes
+measured settings, the engine's versions, the session options, the CPU feature class
+and a known-answer hash of tokens decoded at start-up. `runtime_event_by_loading`
+computes it by loading the engine here (needs `encloud[server]`, the same versions and
+CPU class as the server, and the server's ENCLOUD_* settings in the environment);
+`runtime_event_from_file` takes
 the JSON object published by whoever built the image (the server logs it, and
 `policy init` shows it). Either is hashed as SHA256(canonical JSON), the value
 `allowed_runtime_events` holds.
@@ -104,16 +105,30 @@ def runtime_event_from_file(path: Path) -> dict[str, Any]:
     return obj
 
 
-def runtime_event_by_loading(folder: Path, *, threads: int, provider: str) -> dict[str, Any]:
-    """Load the engine here and return its runtime event (needs encloud[server])."""
+def runtime_event_by_loading(folder: Path) -> dict[str, Any]:
+    """Load the engine here and return the runtime event a server on this folder would
+    measure: the server's settings are read from the same ENCLOUD_* environment the
+    server gets (needs encloud[server])."""
     try:
         from encloud.server.inference.engine import Engine
+        from encloud.server.runtime_event import runtime_event
+        from encloud.server.settings import Settings
     except ImportError as err:
         raise PolicyError(
             "computing the runtime event needs encloud[server]; pass --runtime-event FILE"
         ) from err
-    event = Engine.load(Path(folder), threads=threads, provider=provider).runtime_event()
-    return dict(event)
+    settings = Settings(model_dir=Path(folder))
+    engine = Engine.load(
+        settings.model_dir,
+        threads=settings.threads,
+        provider=settings.provider,
+        max_batch=settings.max_batch,
+        max_cohorts=settings.max_cohorts,
+    )
+    try:
+        return runtime_event(settings, engine.facts())
+    finally:
+        engine.close()
 
 
 def runtime_event_digest(event: Mapping[str, Any]) -> bytes:

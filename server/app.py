@@ -22,13 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
 from encloud.server import logs
 from encloud.server.attestation.startup import AttestationConfig, start_attestation
 from encloud.server.core import InferenceCore
 from encloud.server.grpc_servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from encloud.server.inference.engine import Engine
 from encloud.server.metrics import Metrics
+from encloud.server.runtime_event import workload_events
 from encloud.server.sessions import SessionStore
 from encloud.server.settings import Settings
 
@@ -36,13 +36,6 @@ log = logging.getLogger("encloud.server")
 
 # Streams cancelled at the end of the grace period get this long to seal their final frame.
 FINAL_FRAME_MARGIN_SECONDS = 1.0
-
-
-def workload_events(engine: Engine) -> list[WorkloadEvent]:
-    return [
-        WorkloadEvent(EVENT_MODEL, engine.model_digest),
-        WorkloadEvent(EVENT_RUNTIME, canonical_json(engine.runtime_event())),
-    ]
 
 
 def attestation_config(settings: Settings) -> AttestationConfig:
@@ -156,7 +149,9 @@ async def serve(settings: Settings) -> None:
         max_cohorts=settings.max_cohorts,
     )
     attestation = await asyncio.to_thread(
-        start_attestation, attestation_config(settings), workload_events(engine)
+        start_attestation,
+        attestation_config(settings),
+        workload_events(settings, engine.model_digest, engine.facts()),
     )
 
     executor = ThreadPoolExecutor(

@@ -74,13 +74,20 @@ def generation_params_from_payload(payload: bytes, settings: Settings) -> Genera
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise InvalidArgumentError("top_p must be in (0, 1]")
     top_k = request.top_k if request.HasField("top_k") and request.top_k else None
-    if len(request.stop) > 8 or any(not s or len(s) > 64 for s in request.stop):
-        raise InvalidArgumentError("at most 8 stop strings of 1 to 64 characters")
+    if len(request.stop) > settings.max_stop_strings or any(
+        not s or len(s) > settings.max_stop_string_chars for s in request.stop
+    ):
+        raise InvalidArgumentError(
+            "too many or too long stop strings (max_stop_strings, max_stop_string_chars in "
+            "the attested runtime event)"
+        )
     penalty = request.repetition_penalty if request.HasField("repetition_penalty") else None
     if penalty is not None and not 0.0 < penalty <= 10.0:
         raise InvalidArgumentError("repetition_penalty must be in (0, 10]")
-    if len(request.stop_token_ids) > 16:
-        raise InvalidArgumentError("at most 16 stop token ids")
+    if len(request.stop_token_ids) > settings.max_stop_token_ids:
+        raise InvalidArgumentError(
+            "too many stop token ids (max_stop_token_ids in the attested runtime event)"
+        )
     return GenerationParams(
         messages=tuple(turns),
         max_new_tokens=max_new,

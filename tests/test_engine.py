@@ -293,16 +293,22 @@ def _assert_no_floats(value) -> None:
 
 
 @pytest.mark.engine
-def test_runtime_event(engine: Engine, model_folder: Path) -> None:
+def test_engine_facts(engine: Engine, model_folder: Path) -> None:
+    """What the engine reports for the runtime event: its own findings, none of its
+    settings (those come from the settings object), no floats, and the same on a reload."""
     import json
 
-    event = engine.runtime_event()
-    _assert_no_floats(event)
-    json.dumps(event)
-    assert event["engine"] == "onnxruntime-genai"
-    assert event["threads"] == 2 and event["provider"] == "cpu"
-    assert event["precision"] == "int4"
-    assert event["model_digest"] == engine.model_digest.hex()
-    assert len(bytes.fromhex(event["known_answer"])) == 32
+    facts = engine.facts()
+    _assert_no_floats(facts)
+    json.dumps(facts)
+    assert facts["engine"] == "onnxruntime-genai"
+    assert "threads" not in facts and "provider" not in facts
+    assert "default_max_new_tokens" not in json.dumps(facts)
+    assert facts["precision"] == engine.precision
+    assert facts["model_digest"] == engine.model_digest.hex()
+    assert len(bytes.fromhex(facts["known_answer"])) == 32
     again = Engine.load(model_folder, threads=2)
-    assert again.runtime_event() == event
+    try:
+        assert again.facts() == facts
+    finally:
+        again.close()

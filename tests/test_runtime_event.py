@@ -5,7 +5,9 @@ setting changes the event, and a policy written for the old value then refuses t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from encloud.protocol.policy import Policy, load_policy
 from encloud.protocol.verifier import verify
 from encloud.server.attestation.startup import AttestationConfig, start_attestation
 from encloud.server.attestation.swtpm import Swtpm
+from encloud.server.attestation.tpm import Tpm
 from encloud.server.settings import Settings
 
 # What the engine reports about itself, fixed here: these tests are about the settings.
@@ -44,7 +47,6 @@ def _measured_fields() -> list[str]:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="settings are not classified yet")
 def test_every_setting_says_whether_it_is_measured_and_why() -> None:
     unclassified = [
         name
@@ -79,7 +81,6 @@ def _runtime_event_bytes(settings: Settings) -> bytes:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="the runtime event is the engine's, not the settings'")
 def test_the_event_holds_the_measured_settings_and_the_engine_facts() -> None:
     from encloud.server.runtime_event import runtime_event
 
@@ -92,58 +93,73 @@ def test_the_event_holds_the_measured_settings_and_the_engine_facts() -> None:
 
 
 class _Measurer:
-    """One swtpm; each `evidence` call resets it and measures a server with these settings."""
+    """Measures a server's start-up with given settings on a fresh boot of one machine:
+    each boot is a copy of the same manufactured swtpm state (so the same AK, PCRs from
+    zero, and no unorderly-shutdown count piling up towards a DA lockout)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.swtpm = Swtpm(root / "swtpm").start()
-        self.runs = 0
+        self.template = root / "manufactured"
+        swtpm = Swtpm(self.template).start()
+        Tpm.open(swtpm.tcti).close()  # the seeds are made and saved on first use
+        swtpm.stop()
+        self.boots = 0
 
-    def config(self, settings: Settings, policy_path: Path | None = None) -> AttestationConfig:
-        self.runs += 1
+    def policy(self, settings: Settings) -> Policy:
+        path = self.root / "policy.json"
+        with self._boot() as swtpm:
+            start_attestation(self._config(swtpm, settings, path), _events(settings)).close()
+        return load_policy(path)
+
+    def verify(self, settings: Settings, policy: Policy) -> None:
+        with self._boot() as swtpm:
+            runtime = start_attestation(self._config(swtpm, settings, None), _events(settings))
+            try:
+                q = os.urandom(32)
+                evidence = runtime.attester.evidence(q)
+            finally:
+                runtime.close()
+        verify(evidence, policy, expected_qualifying_data=q, session_ttl_seconds=60)
+
+    @contextlib.contextmanager
+    def _boot(self) -> Iterator[Swtpm]:
+        self.boots += 1
+        state = self.root / f"boot-{self.boots}"
+        shutil.copytree(self.template, state, ignore=shutil.ignore_patterns("*.sock*", "*.log"))
+        swtpm = Swtpm(state).start()
+        try:
+            yield swtpm
+        finally:
+            swtpm.stop()
+
+    def _config(
+        self, swtpm: Swtpm, settings: Settings, policy_path: Path | None
+    ) -> AttestationConfig:
         return AttestationConfig(
-            tcti=self.swtpm.tcti,
+            tcti=swtpm.tcti,
             tpm_timeout_seconds=10.0,
             platform="swtpm",
-            state_dir=self.root / f"state-{self.runs}",
+            state_dir=self.root / f"state-{self.boots}",
             workload_pcr=settings.workload_pcr,
             pcr_selection=list(settings.pcr_selection),
             dev_policy_path=policy_path,
             session_ttl_seconds=settings.session_ttl_seconds,
         )
 
-    def policy(self, settings: Settings) -> Policy:
-        path = self.root / "policy.json"
-        self._measure(settings, path).close()
-        return load_policy(path)
 
-    def verify(self, settings: Settings, policy: Policy) -> None:
-        runtime = self._measure(settings, None)
-        try:
-            q = os.urandom(32)
-            evidence = runtime.attester.evidence(q)
-        finally:
-            runtime.close()
-        verify(evidence, policy, expected_qualifying_data=q, session_ttl_seconds=60)
-
-    def _measure(self, settings: Settings, policy_path: Path | None):
-        self.swtpm.restart()  # a TPM reset: a fresh boot of the same machine
-        events = [
-            WorkloadEvent(EVENT_MODEL, MODEL_DIGEST),
-            WorkloadEvent(EVENT_RUNTIME, _runtime_event_bytes(settings)),
-        ]
-        return start_attestation(self.config(settings, policy_path), events)
+def _events(settings: Settings) -> list[WorkloadEvent]:
+    return [
+        WorkloadEvent(EVENT_MODEL, MODEL_DIGEST),
+        WorkloadEvent(EVENT_RUNTIME, _runtime_event_bytes(settings)),
+    ]
 
 
 @pytest.fixture
-def measurer(tmp_path: Path) -> Iterator[_Measurer]:
-    measurer = _Measurer(tmp_path)
-    yield measurer
-    measurer.swtpm.stop()
+def measurer(tmp_path: Path) -> _Measurer:
+    return _Measurer(tmp_path)
 
 
 @pytest.mark.tpm
-@pytest.mark.xfail(strict=True, reason="settings are not in the runtime event yet")
 def test_each_measured_setting_changes_the_event_and_the_old_policy_refuses(
     measurer: _Measurer,
 ) -> None:
@@ -162,7 +178,6 @@ def test_each_measured_setting_changes_the_event_and_the_old_policy_refuses(
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="decoding defaults and limits are not measured")
 def test_a_server_restarted_with_other_limits_is_refused_by_its_old_policy(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -171,6 +186,9 @@ def test_a_server_restarted_with_other_limits_is_refused_by_its_old_policy(
         old_policy, old_text = stack.policy, stack.server.policy_path.read_bytes()
         _restart(stack, default_max_new_tokens=64, max_new_tokens_limit=100)
         assert stack.server.policy_path.read_bytes() != old_text
+        # The log holds both start-ups; the new dev policy pins both, the old one only the first.
+        old_events = set(old_policy.allowed_runtime_events)
+        assert old_events < set(stack.policy.allowed_runtime_events)
         with (
             Client(stack.address, old_policy, audit_log=NO_AUDIT) as client,
             pytest.raises(RuntimeNotAllowedError),

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from encloud.protocol.encoding import sha256
-from encloud.protocol.eventlog import WorkloadEvent
+from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent
 from encloud.protocol.hardware.binding import KIND_AZURE_HCL
 from encloud.server.attestation.attester import HardwareSource, Remeasure, TpmAttester
 from encloud.server.attestation.measure import check_workload_pcr, measure_workload
@@ -186,7 +186,11 @@ def write_dev_policy(path: Path, settings: AttestationConfig, runtime: Attestati
 
     pinned = [p for p in settings.pcr_selection if p != settings.workload_pcr]
     values = runtime.tpm.read_pcrs(pinned) if pinned else {}
-    model, runtime_event = runtime.events[0], runtime.events[1]
+    # Every start-up since the TPM's last reset is in the log and the verifier checks each:
+    # pin them all (a restart with other settings adds one; none is dropped).
+    logged = [record.event for record in runtime.attester.records]
+    models = sorted({e.data.hex() for e in logged if e.event_type == EVENT_MODEL})
+    runtimes = sorted({sha256(e.data).hex() for e in logged if e.event_type == EVENT_RUNTIME})
     policy = {
         "version": 1,
         "dev_only": True,
@@ -194,8 +198,8 @@ def write_dev_policy(path: Path, settings: AttestationConfig, runtime: Attestati
         "pcr_selection": settings.pcr_selection,
         "pcr_values": {str(index): values[index].hex() for index in pinned},
         "workload_pcr": settings.workload_pcr,
-        "allowed_model_digests": [model.data.hex()],
-        "allowed_runtime_events": [sha256(runtime_event.data).hex()],
+        "allowed_model_digests": models,
+        "allowed_runtime_events": runtimes,
         "ak": {
             "pinned_public_keys": [base64.b64encode(spki_der(runtime.attester.ak_public)).decode()]
         },

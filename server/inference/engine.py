@@ -16,7 +16,7 @@ Concurrent ``stream`` calls are batched by a
 :class:`~encloud.server.inference.scheduler.BatchScheduler` thread that owns every generator
 (see that module for the cohort design and docs/MODEL_PIPELINE.md for the figures).
 
-Known answer (in :meth:`Engine.runtime_event`)::
+Known answer (in :meth:`Engine.facts`)::
 
     known_answer = SHA256(E("encloud/v1 known answer", T_1, T_2))
     T_i = u32_be(token_1) || ... || u32_be(token_k)
@@ -57,16 +57,12 @@ from encloud.server.inference.scheduler import (
 
 ROLES = frozenset({"system", "user", "assistant"})
 ENGINE_NAME = "onnxruntime-genai"
-DEFAULT_MAX_NEW_TOKENS = 512
 KNOWN_ANSWER_LABEL = "encloud/v1 known answer"
 KNOWN_ANSWER_PROMPTS = (
     "What is the capital of France?",
     "Write one sentence about the sea.",
 )
 KNOWN_ANSWER_NEW_TOKENS = 16
-MAX_STOP_STRINGS = 8
-MAX_STOP_LENGTH = 64
-MAX_STOP_TOKENS = 16
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -300,23 +296,25 @@ class Engine:
     def precision(self) -> str:
         return str(self._manifest.source.get("precision", "unknown"))
 
-    def runtime_event(self) -> dict:
-        """The answer-affecting runtime settings, JSON-able, with no floats."""
+    def facts(self) -> dict:
+        """What the engine reports about itself for the runtime event, JSON-able, no floats.
+
+        Only what the engine found or derived (versions, the session options it built, the
+        precision, the known answer): every setting it was given (provider, threads, batch
+        sizes) is in the event's settings part, from the settings object
+        (encloud.server.runtime_event)."""
         return {
             "engine": ENGINE_NAME,
             "versions": {
                 "onnxruntime-genai": og.__version__,
                 "onnxruntime": _onnxruntime_version(),
             },
-            "provider": self._provider,
-            "threads": self._threads,
             "session_options": _session_options(self._threads),
             "precision": self.precision,
             "model_digest": self.model_digest.hex(),
             "context_length": self._context_length,
             "decoding": {
-                "default_max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
-                "default_greedy": True,
+                "greedy_unless_temperature": True,
                 "repetition_penalty": "off unless requested",
                 "sampler": "encloud numpy (sampling.py), per request",
                 "chat_template": "manifest",
@@ -437,20 +435,17 @@ def _validate(params: GenerationParams, vocab_size: int) -> None:
         raise InvalidArgumentError("seed must be a non-negative 31-bit integer")
     if params.repetition_penalty is not None and not (0.0 < params.repetition_penalty <= 10.0):
         raise InvalidArgumentError("repetition_penalty must be in (0, 10]")
-    if not isinstance(params.stop_token_ids, tuple) or len(params.stop_token_ids) > MAX_STOP_TOKENS:
-        raise InvalidArgumentError(f"at most {MAX_STOP_TOKENS} stop token ids")
-    if any(not isinstance(t, int) or not (0 <= t < vocab_size) for t in params.stop_token_ids):
-        raise InvalidArgumentError("stop token ids must be token ids of the model")
-    if len(params.stop) > MAX_STOP_STRINGS or any(
-        not isinstance(s, str) or len(s) > MAX_STOP_LENGTH for s in params.stop
+    # How many stops a request may have is a setting, checked where requests come in
+    # (grpc_converters); here only what the engine itself needs.
+    if not isinstance(params.stop_token_ids, tuple) or any(
+        not isinstance(t, int) or not (0 <= t < vocab_size) for t in params.stop_token_ids
     ):
-        raise InvalidArgumentError(
-            f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters"
-        )
+        raise InvalidArgumentError("stop token ids must be token ids of the model")
+    if not isinstance(params.stop, tuple) or any(not isinstance(s, str) for s in params.stop):
+        raise InvalidArgumentError("stop strings must be text")
 
 
 __all__ = [
-    "DEFAULT_MAX_NEW_TOKENS",
     "ChatTurn",
     "Engine",
     "GenerationParams",

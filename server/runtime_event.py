@@ -1,0 +1,48 @@
+"""The runtime event: what the server measures, beside the model digest, before it serves.
+
+    runtime_event = {"encloud": <package version>,
+                     "settings": <every measured setting>,
+                     "engine": <what the engine reports about itself>}
+
+Every setting says whether it is measured, and why (server/settings.py); the measured ones
+are those that change answers, the limits a request meets, or how long keys live. The
+engine's part is what it found or derived: versions, the ONNX Runtime session options,
+precision, the known-answer hash. Nothing else goes in, and no decoding default or limit
+is defined anywhere but in the settings, so the event describes what actually runs: a
+server started with another default or limit has another event, and a policy that pinned
+the old one refuses it (tests/test_runtime_event.py).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Mapping
+from typing import Any
+
+from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
+from encloud.server.settings import Settings, measured_settings
+
+
+def encloud_version() -> str:
+    try:
+        return importlib.metadata.version("encloud")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def runtime_event(settings: Settings, engine_facts: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "encloud": encloud_version(),
+        "settings": measured_settings(settings),
+        "engine": dict(engine_facts),
+    }
+
+
+def workload_events(
+    settings: Settings, model_digest: bytes, engine_facts: Mapping[str, Any]
+) -> list[WorkloadEvent]:
+    """The [model, runtime] pair measured at every start-up."""
+    return [
+        WorkloadEvent(EVENT_MODEL, model_digest),
+        WorkloadEvent(EVENT_RUNTIME, canonical_json(runtime_event(settings, engine_facts))),
+    ]
