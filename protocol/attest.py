@@ -35,12 +35,14 @@ from encloud.protocol.envelope import MessageType, OpeningKey, SealingKey
 from encloud.protocol.errors import (
     EnvelopeError,
     KeyConfirmationError,
+    MalformedAttestResponseError,
     ServiceError,
     VerificationError,
 )
 from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import (
     CLIENT_SECRET_LENGTH,
+    SESSION_ID_LENGTH,
     SESSION_SECRET_LENGTH,
     SUITE_V1,
     HpkeSuiteId,
@@ -52,6 +54,7 @@ from encloud.protocol.handshake import (
     quote_qualifying_data,
     release_info,
     seal_key,
+    session_public_key_length,
     split_enc,
 )
 from encloud.protocol.policy import Policy, policy_digest
@@ -220,6 +223,9 @@ def first_use_evidence(
     reply = yield AttestCall(
         pb.AttestRequest(nonce=nonce, suite=suite_to_proto(suite), client_commitment=commitment)
     )
+    malformed = _malformed_reply(suite, reply)
+    if malformed is not None:
+        raise malformed
     q = quote_qualifying_data(
         suite, nonce, commitment, reply.session_public_key, reply.session_id, reply.ttl_seconds
     )
@@ -254,15 +260,21 @@ def _attest(
     )
     received_at = clock()
     evidence = evidence_from_proto(reply.evidence)
-    expected = quote_qualifying_data(
-        suite, nonce, commitment, reply.session_public_key, reply.session_id, reply.ttl_seconds
-    )
-    attestation, report, failure = verify_with_report(
-        evidence,
-        policy,
-        expected_qualifying_data=expected,
-        session_ttl_seconds=reply.ttl_seconds,
-    )
+    malformed = _malformed_reply(suite, reply)
+    attestation: VerifiedAttestation | None = None
+    failure: VerificationError | None = malformed
+    if malformed is not None:
+        report = [CheckResult(malformed.check, False, malformed.detail)]
+    else:
+        expected = quote_qualifying_data(
+            suite, nonce, commitment, reply.session_public_key, reply.session_id, reply.ttl_seconds
+        )
+        attestation, report, failure = verify_with_report(
+            evidence,
+            policy,
+            expected_qualifying_data=expected,
+            session_ttl_seconds=reply.ttl_seconds,
+        )
     return Attempt(
         target=target,
         suite=suite,
@@ -280,6 +292,20 @@ def _attest(
         failure=failure,
         client_secret=client_secret,
     )
+
+
+def _malformed_reply(
+    suite: HpkeSuiteId, reply: pb.AttestResponse
+) -> MalformedAttestResponseError | None:
+    """The reply's session values checked before any use: a failure like any other check's
+    (returned, then audited), never an exception from deeper down."""
+    if len(reply.session_id) != SESSION_ID_LENGTH:
+        return MalformedAttestResponseError(f"the session id is not {SESSION_ID_LENGTH} bytes")
+    if len(reply.session_public_key) != session_public_key_length(suite):
+        return MalformedAttestResponseError("the session public key is not the suite's length")
+    if not 0 < reply.ttl_seconds < 1 << 32:
+        return MalformedAttestResponseError("the session TTL is not 1 to 2^32-1 seconds")
+    return None
 
 
 def release_key(

@@ -32,6 +32,13 @@ class MalformedEvidenceError(VerificationError):
     check = "parse"
 
 
+class MalformedAttestResponseError(MalformedEvidenceError):
+    """The Attest reply's session values are not what the protocol allows (a session id
+    not 16 bytes, a session key not the suite's length, a TTL outside 1..2^32-1)."""
+
+    check = "attest_response"
+
+
 class AkUntrustedError(VerificationError):
     """The attestation key is not one the policy trusts."""
 

@@ -99,6 +99,11 @@ def _hpke(suite: HpkeSuiteId) -> tuple[hpke.Suite, int]:
     return spec.hpke, spec.enc_length
 
 
+def session_public_key_length(suite: HpkeSuiteId) -> int:
+    """Bytes of a session public key of `suite` (32 for X25519, 1216 for X-Wing)."""
+    return _spec(suite).public_length
+
+
 def generate_session_key(suite: HpkeSuiteId) -> tuple[Any, bytes]:
     """A fresh session key pair for `suite`: (private key, raw session_pub). For X-Wing,
     session_pub is the ML-KEM-768 public key (1,184 bytes) then the X25519 one (32)."""

@@ -141,6 +141,7 @@ def test_node_client_refuses_wrong_nonce_and_stream_tampering(node_client: str, 
     expected = {
         "wrong_nonce": "NonceMismatchError",
         "replayed_quote": "NonceMismatchError",
+        "malformed_reply": "MalformedAttestResponseError",
         "stream_drop_final": "TruncatedStreamError",
         "stream_drop_frame": "HeaderMismatchError",
         "stream_swap_frames": "HeaderMismatchError",
@@ -153,6 +154,7 @@ def test_node_client_refuses_wrong_nonce_and_stream_tampering(node_client: str, 
     got = {name: attacks[name]["error"] for name in expected}
     assert got == expected
     assert attacks["wrong_nonce"]["check"] == "qualifying_data"
+    assert attacks["malformed_reply"]["check"] == "attest_response"
     # The session still works after every refused stream.
     assert attacks["after_attacks"]["error"] is None
 

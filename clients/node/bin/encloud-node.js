@@ -94,6 +94,13 @@ async function attacks(opt, policy) {
   results.replayed_quote = await outcome(() => replay.attest());
   replay.close();
 
+  // A malformed reply: a session id far too long to encode into Q.
+  const oversized = new EncloudClient(opt.target, policy, {
+    hooks: { attestReply: (reply) => ({ ...reply, session_id: Buffer.alloc(70000, 1) }) },
+  });
+  results.malformed_reply = await outcome(() => oversized.attest());
+  oversized.close();
+
   // Stream tampering, in one session with a released key.
   let tamper = null;
   const client = new EncloudClient(opt.target, policy, {

@@ -139,6 +139,14 @@ class EncloudClient {
     const sessionId = Buffer.from(reply.session_id);
     const sessionPub = Buffer.from(reply.session_public_key);
     const ttl = reply.ttl_seconds;
+    // The session values are checked before Q is computed from them (docs/PROTOCOL.md §2).
+    let malformed = null;
+    if (sessionId.length !== hs.SESSION_ID_LENGTH) malformed = 'the session id is not 16 bytes';
+    else if (sessionPub.length !== hs.publicKeyLength(suite))
+      malformed = "the session public key is not the suite's length";
+    else if (!Number.isInteger(ttl) || ttl <= 0 || ttl >= 2 ** 32)
+      malformed = 'the session TTL is not 1 to 2^32-1 seconds';
+    if (malformed) throw new E.MalformedAttestResponseError(malformed);
     const expected = hs.quoteQualifyingData(suite, nonce, commitment, sessionPub, sessionId, ttl);
     let attestation;
     try {

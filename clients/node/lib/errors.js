@@ -45,6 +45,10 @@ for (const [name, check] of Object.entries(checks)) {
   cls.check = check;
   errors[name] = cls;
 }
+/** The Attest reply's session values are not what the protocol allows. */
+class MalformedAttestResponseError extends errors.MalformedEvidenceError {}
+MalformedAttestResponseError.check = 'attest_response';
+errors.MalformedAttestResponseError = MalformedAttestResponseError;
 
 function sub(name, parent) {
   errors[name] = { [name]: class extends parent {} }[name];

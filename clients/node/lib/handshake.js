@@ -15,6 +15,8 @@ const SUITE_NAMES = { 'mlkem768-x25519': SUITE_XWING, x25519: SUITE_V1 };
 const DEFAULT_SUITES = ['mlkem768-x25519', 'x25519'];
 const ENC_LENGTH = 32; // X25519's; encLength(suite) for any suite
 const ENC_LENGTHS = { [0x0020]: 32, [0x647a]: 1120 };
+const PUBLIC_LENGTHS = { [0x0020]: 32, [0x647a]: 1216 };
+const SESSION_ID_LENGTH = 16;
 const DEK_LENGTH = 32;
 const SESSION_SECRET_LENGTH = 32;
 
@@ -32,6 +34,11 @@ function isXWing(suite) {
 
 function encLength(suite) {
   return ENC_LENGTHS[suite.kemId];
+}
+
+/** Bytes of a session public key of the suite (X25519 32, X-Wing 1216). */
+function publicKeyLength(suite) {
+  return PUBLIC_LENGTHS[suite.kemId];
 }
 
 // @hpke takes Uint8Arrays of their own: a Buffer may be a view into Node's shared pool.
@@ -176,6 +183,8 @@ module.exports = {
   DEFAULT_SUITES,
   ENC_LENGTH,
   encLength,
+  publicKeyLength,
+  SESSION_ID_LENGTH,
   isXWing,
   suiteBytes,
   isV1,
