@@ -15,13 +15,33 @@ from pathlib import Path
 
 from encloud.protocol.errors import EncloudError
 
+# Relative to the folder the command runs in; printed (absolute) after every attestation.
+DEFAULT_AUDIT_LOG = Path(".encloud/audit.jsonl")
+
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     parser.add_argument("--policy", type=Path, required=True, help="policy JSON file")
-    parser.add_argument(
-        "--audit-log", type=Path, default=Path(".encloud/audit.jsonl"), help="audit log"
+    audit = parser.add_mutually_exclusive_group()
+    audit.add_argument(
+        "--audit-log",
+        type=Path,
+        default=DEFAULT_AUDIT_LOG,
+        help=f"append every attestation outcome, pass or fail, here (default: {DEFAULT_AUDIT_LOG} "
+        "in the current folder)",
     )
+    audit.add_argument(
+        "--no-audit", action="store_true", help="keep no audit log (not recommended)"
+    )
+
+
+def _audit_path(args: argparse.Namespace) -> Path | None:
+    return None if args.no_audit else Path(args.audit_log).resolve()
+
+
+def _say_audited(path: Path | None) -> None:
+    where = f"appended to {path}" if path is not None else "not kept (--no-audit)"
+    print(f"audit log: the attestation outcome was {where}", file=sys.stderr)
 
 
 def print_summary(attestation: object, policy: object, out=sys.stdout) -> None:
@@ -58,12 +78,11 @@ def cmd_attest(args: argparse.Namespace) -> int:
     from encloud.protocol.verifier import format_report
 
     policy = load_policy(args.policy)
+    audit_path = _audit_path(args)
     audit: AuditLog | None = None
-    if args.audit_log is not None:
+    if audit_path is not None:
         key = load_private_key(args.audit_checkpoint_key) if args.audit_checkpoint_key else None
-        audit = AuditLog(
-            args.audit_log, checkpoint_key=key, checkpoints_path=args.audit_checkpoints
-        )
+        audit = AuditLog(audit_path, checkpoint_key=key, checkpoints_path=args.audit_checkpoints)
     try:
         with Client(
             args.target, policy, audit_log=audit if audit is not None else NO_AUDIT
@@ -77,6 +96,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
         if audit is not None:
             audit.close()
     assert attempt is not None
+    _say_audited(audit_path)
     if args.report:
         print(format_report(attempt.report))
     if args.save is not None:
@@ -272,12 +292,19 @@ def _write_policy(path: Path, policy: object) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from encloud.client import Client
+    from encloud.client import NO_AUDIT, Client
     from encloud.protocol.policy import load_policy
 
     policy = load_policy(args.policy)
-    with Client(args.target, policy, audit_log=args.audit_log) as client:
-        attestation = client.attest()
+    audit_path = _audit_path(args)
+    with Client(
+        args.target, policy, audit_log=audit_path if audit_path is not None else NO_AUDIT
+    ) as client:
+        try:
+            attestation = client.attest()
+        finally:
+            if client.last_attempt is not None:
+                _say_audited(audit_path)
         print_summary(attestation, policy)
         client.release_key()
         print("Data key released; key confirmation verified.\n")

@@ -186,7 +186,41 @@ def test_attest_save_and_verify_offline(stack, tmp_path, capsys) -> None:
     assert "key" not in json.dumps({k: v for k, v in saved.items() if k != "session_public_key"})
 
 
-def test_verify_offline_refuses_a_bundle_edited_after_saving(stack, tmp_path, capsys) -> None:
+def test_the_default_audit_log_is_written_and_its_path_printed(
+    stack, tmp_path, capsys, monkeypatch
+) -> None:
+    """Without --audit-log every outcome goes to .encloud/audit.jsonl where the command
+    runs, and the command says where (pass or fail); --no-audit says none was kept."""
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "policy.json"
+    good.write_bytes(stack.server.policy_path.read_bytes())
+    wrong = json.loads(good.read_text())
+    wrong["allowed_model_digests"] = ["00" * 32]
+    bad = tmp_path / "wrong-model.json"
+    bad.write_text(json.dumps(wrong))
+    default = (tmp_path / ".encloud" / "audit.jsonl").resolve()
+
+    assert main(["attest", "--target", stack.address, "--policy", str(good)]) == 0
+    assert f"appended to {default}" in capsys.readouterr().err
+    assert main(["attest", "--target", stack.address, "--policy", str(bad)]) == 1
+    assert f"appended to {default}" in capsys.readouterr().err
+    assert _outcomes(default) == [("pass", None), ("fail", "model_digest")]
+
+    args = ["attest", "--target", stack.address, "--policy", str(good), "--no-audit"]
+    assert main(args) == 0
+    assert "not kept (--no-audit)" in capsys.readouterr().err
+    assert len(_outcomes(default)) == 2
+
+
+def _outcomes(log: Path) -> list[tuple[str, str | None]]:
+    entries = map(json.loads, log.read_text().splitlines())
+    return [(e["outcome"], e["failed_check"]) for e in entries if e.get("event") == "attestation"]
+
+
+def test_verify_offline_refuses_a_bundle_edited_after_saving(
+    stack, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     policy = tmp_path / "policy.json"
     policy.write_bytes(stack.server.policy_path.read_bytes())
     bundle = tmp_path / "evidence.json"
