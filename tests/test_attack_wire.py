@@ -566,20 +566,20 @@ def test_request_after_end_session_is_not_found(connect, wire, stack) -> None:
 
 @pytest.fixture(scope="module")
 def short_ttl_server(model_dir: Path, tmp_path_factory):
-    from encloud.protocol.policy import load_policy
-    from encloud.server.devstack import ServerProcess, start_swtpm
+    from stack import running_stack
 
-    workdir = tmp_path_factory.mktemp("short-ttl")
-    swtpm = start_swtpm(workdir / "swtpm")
-    server = ServerProcess(
-        workdir, swtpm.tcti, model_dir, session_ttl_seconds=10, pending_session_ttl_seconds=1
-    )
-    try:
-        address = server.start()
-        yield address, load_policy(server.policy_path)
-    finally:
-        server.kill()
-        swtpm.stop()
+    from encloud.protocol.policy import load_policy
+
+    # No periodic sweep: an expired session is found by the next call that names it, so
+    # what that call is answered does not depend on when a sweep ran.
+    with running_stack(
+        tmp_path_factory.mktemp("short-ttl"),
+        model_dir,
+        session_ttl_seconds=10,
+        pending_session_ttl_seconds=1,
+        session_sweep_interval_seconds=3600,
+    ) as stack:
+        yield stack.address, load_policy(stack.server.policy_path)
 
 
 def _client(address, policy, tmp_path):
@@ -588,14 +588,36 @@ def _client(address, policy, tmp_path):
     return Client(address, policy, audit_log=tmp_path / "audit.jsonl")
 
 
+def _answered_until(probe, wanted: tuple[grpc.StatusCode, str], seconds: float) -> None:
+    """Send `probe` (a call the server refuses without changing the session) until it is
+    answered `wanted`, the TTL having run out; every other answer must be the refusal."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = _status(probe)
+        if answer == wanted:
+            return
+        assert answer[0] == grpc.StatusCode.PERMISSION_DENIED, answer
+        assert time.monotonic() < deadline, "the session never expired"
+        time.sleep(0.05)
+
+
 def test_release_key_to_an_expired_pending_session_is_not_found(short_ttl_server, tmp_path):
     address, policy = short_ttl_server
     with _client(address, policy, tmp_path) as client:
         client.attest()
-        time.sleep(1.5)
+        attempt = client.last_attempt
+        garbage = pb.ReleaseKeyRequest(session_id=attempt.session_id, sealed_key=os.urandom(64))
+        stub = _stub(address)
+        # Refused (KEY_RELEASE_FAILED, the session unchanged) until the pending TTL ran out.
+        _answered_until(
+            lambda: stub.ReleaseKey(garbage, timeout=10),
+            (grpc.StatusCode.NOT_FOUND, "SESSION_EXPIRED"),
+            seconds=30,
+        )
         with pytest.raises(ServiceError) as info:
             client.release_key()
-    assert (info.value.code, info.value.reason) == ("NOT_FOUND", "SESSION_EXPIRED")
+    # The expired pending session was dropped by the call that found it expired.
+    assert (info.value.code, info.value.reason) == ("NOT_FOUND", "SESSION_NOT_FOUND")
 
 
 def test_request_in_an_expired_session_is_not_found(short_ttl_server, tmp_path):
@@ -610,8 +632,19 @@ def test_request_in_an_expired_session_is_not_found(short_ttl_server, tmp_path):
             session_id=session.session_id,
             request=pb.SealedMessage(type=sealed.type, request_id=1, seq=0, sealed=sealed.data),
         )
-        time.sleep(10.5)
+        forged = pb.InferRequest(
+            session_id=session.session_id,
+            request=pb.SealedMessage(
+                type=pb.MESSAGE_TYPE_REQUEST, request_id=2, sealed=os.urandom(64)
+            ),
+        )
         stub = _stub(address)
+        # A forgery is refused (ENVELOPE_REJECTED, the session unchanged) until the TTL ran out.
+        _answered_until(
+            lambda: stub.Infer(forged, timeout=10),
+            (grpc.StatusCode.NOT_FOUND, "SESSION_EXPIRED"),
+            seconds=40,
+        )
         assert _status(lambda: stub.Infer(request)) == (
             grpc.StatusCode.NOT_FOUND,
             "SESSION_EXPIRED",

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from stack import Stack, running_stack
+from waiting import wait_for
 
 from encloud.client import NO_AUDIT, Client, RetryPolicy, ServiceError
 from encloud.client._status import service_error
@@ -240,7 +241,8 @@ def test_a_flooding_peer_leaves_the_other_a_share_of_the_engine(shared_server) -
         worker.start()
     b_ttfts: list[float] = []
     try:
-        time.sleep(3.0)  # let A fill its share
+        # A has filled its share once the server refuses it.
+        wait_for(lambda: a_errors["SERVER_BUSY"] > 0, "A filling its share", seconds=30)
         while time.monotonic() < stop - 5:
             b_ttfts.append(_b_gets_through(stack, port))
             time.sleep(2.0)

@@ -8,13 +8,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack import running_stack
+from stack import Stack, running_stack
+from waiting import sessions_expired, wait_for
 
 from encloud.client import NO_AUDIT, Client, RetryPolicy
 from encloud.protocol.envelope import MessageType, OpeningKey, Sealed
@@ -32,7 +32,6 @@ from encloud.protocol.handshake import (
     release_info,
     seal_key,
 )
-from encloud.protocol.policy import Policy
 from encloud.server.limits import PeerRateLimiter, RateLimitedError
 from encloud.server.sessions import SessionState, SessionStore
 from encloud.server.settings import Settings
@@ -161,53 +160,58 @@ def test_quotas_and_rate_limit() -> None:
 
 
 @pytest.fixture(scope="module")
-def short_server(model_dir: Path) -> Iterator[tuple[str, Policy]]:
+def idle_server(model_dir: Path) -> Iterator[Stack]:
     with (
-        tempfile.TemporaryDirectory(prefix="encloud-sessions-") as tmp,
+        tempfile.TemporaryDirectory(prefix="encloud-idle-") as tmp,
         running_stack(
-            Path(tmp),
-            model_dir,
-            session_idle_ttl_seconds=1.5,
-            session_sweep_interval_seconds=0.2,
-            max_sessions=2,
-            attest_burst=3,
-            attest_rate_per_second=0.5,
+            Path(tmp), model_dir, session_idle_ttl_seconds=1.5, session_sweep_interval_seconds=0.2
         ) as stack,
     ):
-        yield stack.address, stack.policy
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def quota_server(model_dir: Path) -> Iterator[Stack]:
+    with (
+        tempfile.TemporaryDirectory(prefix="encloud-quota-") as tmp,
+        running_stack(
+            Path(tmp), model_dir, max_sessions=2, attest_burst=3, attest_rate_per_second=0.5
+        ) as stack,
+    ):
+        yield stack
 
 
 @pytest.mark.e2e
-def test_idle_session_is_dropped_and_the_client_reattests(
-    short_server: tuple[str, Policy],
-) -> None:
-    address, policy = short_server
+def test_idle_session_is_dropped_and_the_client_reattests(idle_server: Stack) -> None:
+    metrics = idle_server.server.metrics_address
     told: list[object] = []
-    with Client(address, policy, on_reattest=told.append, audit_log=NO_AUDIT) as client:
+    with Client(
+        idle_server.address, idle_server.policy, on_reattest=told.append, audit_log=NO_AUDIT
+    ) as client:
         client.attest()
         client.release_key()
         first = client._session.session_id  # type: ignore[union-attr]
         assert client.infer([("user", "Say hi.")], max_new_tokens=4).text
-        time.sleep(2.5)  # past the idle TTL: the server wiped the session
-        assert client.infer([("user", "Say hi.")], max_new_tokens=4).text
-        assert client.reattest_count == 1 and len(told) == 1
-        assert client._session.session_id != first  # type: ignore[union-attr]
-        time.sleep(2.5)
-        assert "".join(client.stream([("user", "Say hi.")], max_new_tokens=4))
-        assert client.reattest_count == 2
+        for round_ in (1, 2):
+            # Past the idle TTL the server's sweep wipes the session (its metrics say so).
+            expired = sessions_expired(metrics)
+            wait_for(lambda e=expired: sessions_expired(metrics) > e, "the idle session's wipe")
+            if round_ == 1:
+                assert client.infer([("user", "Say hi.")], max_new_tokens=4).text
+                assert client.reattest_count == 1 and len(told) == 1
+                assert client._session.session_id != first  # type: ignore[union-attr]
+            else:
+                assert "".join(client.stream([("user", "Say hi.")], max_new_tokens=4))
+                assert client.reattest_count == 2
 
 
 @pytest.mark.e2e
-def test_max_sessions_and_attest_rate_are_resource_exhausted(
-    short_server: tuple[str, Policy],
-) -> None:
-    address, policy = short_server
-    time.sleep(2.5)  # the other test's sessions are idle-expired
+def test_max_sessions_and_attest_rate_are_resource_exhausted(quota_server: Stack) -> None:
     # No retries: this test looks at the server's own refusals.
     clients = [
         Client(
-            address,
-            policy,
+            quota_server.address,
+            quota_server.policy,
             audit_log=NO_AUDIT,
             auto_reattest=False,
             retry=RetryPolicy(max_retries=0, max_reattests=0),
