@@ -288,9 +288,9 @@ class Bench:
             self.log(f"server ready on {address} (pid {pid}); loading the engine in process")
             engine = Engine.load(model_dir, threads=self.threads)
             self.results.versions.update(
-                {k: str(v) for k, v in engine.runtime_event().get("versions", {}).items()}
+                {k: str(v) for k, v in engine.facts().get("versions", {}).items()}
             )
-            self.results.notes["cpu_features"] = engine.runtime_event().get("cpu")
+            self.results.notes["cpu_features"] = engine.facts().get("cpu")
             with Client(address, policy, audit_log=NO_AUDIT, timeout=600.0) as client:
                 client.attest()
                 client.release_key()

@@ -1,5 +1,6 @@
-"""The batch scheduler on the real SmolLM2 int4 export: batched answers, per-request decoding
-parameters and cancellation inside a batch (counted in decode steps, never in seconds).
+"""The batch scheduler on the real SmolLM2 export (the precision the server ships): batched
+answers, per-request decoding parameters and cancellation inside a batch (counted in decode
+steps, never in seconds).
 
 Throughput is not asserted here; docs/MODEL_PIPELINE.md has the measured figures.
 """

@@ -1,12 +1,12 @@
-"""The ONNX Runtime GenAI engine on the real SmolLM2 int4 export.
+"""The ONNX Runtime GenAI engine on the real SmolLM2 export, in the precision the server ships
+(export.DEFAULT_PRECISION, the conftest's model_dir).
 
 The export is cached under $ENCLOUD_CACHE_ROOT (default ~/.cache/encloud), so only the first run
-pays for it (~30 s); later runs verify the cached folder in well under a second.
+pays for it; later runs verify the cached folder in well under a second.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -31,12 +31,12 @@ SYSTEM_DEFAULT = (
 
 
 @pytest.fixture(scope="session")
-def model_folder() -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from encloud.server.inference.export import export_model
+def model_folder(model_dir: Path) -> Path:
+    from encloud.server.inference.export import DEFAULT_PRECISION
+    from encloud.server.inference.manifest import verify_model_folder
 
-    root = Path(os.environ.get("ENCLOUD_CACHE_ROOT", "~/.cache/encloud")).expanduser()
-    return export_model(None, root, "int4", progress=lambda _msg: None)
+    assert verify_model_folder(model_dir).source["precision"] == DEFAULT_PRECISION
+    return model_dir
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +102,10 @@ def test_export_cache_hit_does_not_rebuild(
 
     monkeypatch.setattr(export, "_gguf_to_hf", no_rebuild)
     monkeypatch.setattr(export, "_run_builder", no_rebuild)
-    again = export.export_model(None, model_folder.parent.parent, "int4", progress=lambda _m: None)
+    monkeypatch.setattr(export, "_carry_gguf_weights", no_rebuild)
+    again = export.export_model(
+        None, model_folder.parent.parent, export.DEFAULT_PRECISION, progress=lambda _m: None
+    )
     assert again == model_folder
 
 

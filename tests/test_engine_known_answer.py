@@ -21,6 +21,8 @@ from encloud.protocol.policy import build_policy
 from encloud.server.inference import engine as engine_mod
 from encloud.server.inference.engine import Engine
 from encloud.server.inference.manifest import verify_model_folder
+from encloud.server.runtime_event import runtime_event
+from encloud.server.settings import Settings
 
 
 @pytest.mark.engine
@@ -28,7 +30,7 @@ def test_known_answer_catches_weights_swapped_after_the_digest_check(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     genuine = Engine.load(model_dir, threads=2)
-    genuine_event = genuine.runtime_event()
+    genuine_event = runtime_event(Settings(), genuine.facts())
     genuine.close()
 
     tampered = tmp_path / "model"
@@ -43,12 +45,12 @@ def test_known_answer_catches_weights_swapped_after_the_digest_check(
     genuine_manifest = verify_model_folder(model_dir)
     monkeypatch.setattr(engine_mod, "verify_model_folder", lambda _folder: genuine_manifest)
     swapped = Engine.load(tampered, threads=2)
-    swapped_event = swapped.runtime_event()
+    swapped_event = runtime_event(Settings(), swapped.facts())
     swapped.close()
 
     assert swapped.model_digest == genuine_manifest.model_digest  # digests did not catch it
-    assert swapped_event["model_digest"] == genuine_event["model_digest"]
-    assert swapped_event["known_answer"] != genuine_event["known_answer"]
+    assert swapped_event["engine"]["model_digest"] == genuine_event["engine"]["model_digest"]
+    assert swapped_event["engine"]["known_answer"] != genuine_event["engine"]["known_answer"]
 
     ak = ec.generate_private_key(ec.SECP256R1()).public_key()
     policy = build_policy(

@@ -160,7 +160,7 @@ def test_tiny_vicuna_serves_and_streams(tiny_vicuna: Path) -> None:
         first = [p for p in engine.stream(sampled, lambda: False) if isinstance(p, str)]
         second = [p for p in engine.stream(sampled, lambda: False) if isinstance(p, str)]
         assert first == second
-        event = engine.runtime_event()
+        event = engine.facts()
         assert event["model_digest"] == engine.model_digest.hex()
     finally:
         engine.close()
