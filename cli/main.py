@@ -352,10 +352,30 @@ def stream_to_terminal(
     return "".join(pieces), first
 
 
-def cmd_serve(_: argparse.Namespace) -> int:
-    from encloud.server.app import main as serve_main
+def cmd_tpm_start(args: argparse.Namespace) -> int:
+    """A TPM 2.0 simulator outside the demo: swtpm on a state folder, until Ctrl-C."""
+    import signal
+    import threading
 
-    serve_main()
+    from encloud.server.attestation.swtpm import Swtpm, SwtpmError
+
+    try:
+        swtpm = Swtpm(args.state).start()
+    except SwtpmError as err:
+        print(f"encloud tpm start: {err}", file=sys.stderr)
+        return 1
+    print(f"swtpm running (pid {swtpm.pid}), state in {Path(args.state).resolve()}")
+    print(f"TCTI: {swtpm.tcti}")
+    print(f"serve with: encloud serve --tpm '{swtpm.tcti}' --platform swtpm --model DIR")
+    sys.stdout.flush()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        if not swtpm.running:
+            print("encloud tpm start: swtpm exited", file=sys.stderr)
+            return 1
+    swtpm.stop()
     return 0
 
 
@@ -459,11 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.set_defaults(func=cmd_chat)
 
-    serve = sub.add_parser("serve", help="run the server (settings from ENCLOUD_* env)")
-    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("serve", help="run the server (see serve --help: flags, ENCLOUD_*, --config)")
 
     sub.add_parser("export-model", help="convert a model to ONNX (see export-model --help)")
     sub.add_parser("loadgen", help="bounded load against a server (see loadgen --help)")
+
+    tpm = sub.add_parser("tpm", help="a TPM 2.0 simulator (swtpm) for a server outside the demo")
+    tpm_sub = tpm.add_subparsers(dest="tpm_command", required=True)
+    tpm_start = tpm_sub.add_parser("start", help="run swtpm on a state folder until Ctrl-C")
+    tpm_start.add_argument("--state", type=Path, required=True, help="swtpm state folder")
+    tpm_start.set_defaults(func=cmd_tpm_start)
 
     demo = sub.add_parser("demo", help="swtpm + server + encrypted chat, all local")
     demo.add_argument("--prompt", default="What is encryption? Answer briefly.")
@@ -479,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         from encloud.cli.loadgen import main as loadgen_main
 
         return loadgen_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        # The server's flags are its settings (encloud.server.config).
+        from encloud.server.app import run as serve
+
+        return serve(argv[1:])
     if argv[:1] == ["export-model"]:
         # The exporter owns its options; hand them over untouched.
         from encloud.server.inference.export import main as export_main

@@ -16,17 +16,21 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from encloud.server import logs
+from encloud.protocol.faults import TpmUnavailableError
+from encloud.server import config, logs
 from encloud.server.attestation.startup import AttestationConfig, start_attestation
 from encloud.server.core import InferenceCore
 from encloud.server.grpc_servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from encloud.server.inference.engine import Engine
+from encloud.server.inference.manifest import ModelIntegrityError
 from encloud.server.metrics import Metrics
 from encloud.server.runtime_event import workload_events
 from encloud.server.sessions import SessionStore
@@ -60,6 +64,9 @@ def attestation_config(settings: Settings) -> AttestationConfig:
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """gRPC channel arguments; docs/OPERATIONS.md explains each keepalive knob."""
     options = [
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
+        # share its connections. Off: a taken port fails the start.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Ping idle connections so dead peers are found and their streams cancelled.
@@ -104,17 +111,85 @@ async def _sweep_sessions(service: InferenceCore, interval: float) -> None:
         service.sweep()
 
 
-async def serve(settings: Settings) -> None:
-    logs.configure(settings.log_level)
-    started = time.monotonic()
-    metrics = Metrics()
-    metrics_server: object | None = None
+class StartupError(RuntimeError):
+    """The server cannot start; the message is one line naming the setting to fix."""
+
+
+def preflight(settings: Settings) -> None:
+    """What can be checked before anything starts, each failure one StartupError."""
+    manifest = settings.model_dir / "manifest.json"
+    if not manifest.is_file():
+        raise StartupError(
+            f"no exported model at {settings.model_dir} (--model / ENCLOUD_MODEL_DIR): "
+            "export one with `encloud export-model` and point the server at the folder it prints"
+        )
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        path = getattr(settings, name)
+        if path is not None and not path.is_file():
+            raise StartupError(f"{name} (ENCLOUD_{name.upper()}): no file at {path}")
+    if settings.provider == "cuda":
+        from encloud.server.inference.engine import cuda_available
+
+        if not cuda_available():
+            raise StartupError(
+                "provider cuda (--provider / ENCLOUD_PROVIDER): this machine has no usable "
+                "CUDA device or runtime; use --provider cpu"
+            )
+
+
+class _Running:
+    """What a start-up has brought up so far, so a failed start stops exactly that."""
+
+    def __init__(self) -> None:
+        self.metrics_server: object | None = None
+        self.server: grpc.aio.Server | None = None
+        self.engine: Engine | None = None
+        self.attestation: object | None = None
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+        if self.engine is not None:
+            self.engine.close()
+        if self.attestation is not None:
+            self.attestation.close()  # type: ignore[attr-defined]
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()  # type: ignore[attr-defined]
+            self.metrics_server.server_close()  # type: ignore[attr-defined]
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    credentials = server_credentials(settings)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
+    bind = f"{host}:{settings.port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(bind)
+        return server.add_secure_port(bind, credentials)
+    except RuntimeError:
+        raise StartupError(
+            f"cannot listen on {bind} (--host/--port, ENCLOUD_HOST/ENCLOUD_PORT): the address "
+            "is taken or not this machine's"
+        ) from None
+
+
+async def _start(settings: Settings, running: _Running, metrics: Metrics) -> tuple:
+    preflight(settings)
     metrics_address = ""
     if settings.metrics_port is not None:
-        metrics_server, metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+        try:
+            running.metrics_server, metrics_port = metrics.serve(
+                settings.metrics_host, settings.metrics_port
+            )
+        except OSError as err:
+            raise StartupError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+                f"(ENCLOUD_METRICS_HOST/ENCLOUD_METRICS_PORT): {err.strerror}"
+            ) from None
         metrics_address = f"{settings.metrics_host}:{metrics_port}"
 
     server = grpc.aio.server(options=server_options(settings))
+    running.server = server
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -126,33 +201,66 @@ async def serve(settings: Settings) -> None:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    credentials = server_credentials(settings)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
-    bind = f"{host}:{settings.port}"
-    if credentials is None:
-        port = server.add_insecure_port(bind)
-    else:
-        port = server.add_secure_port(bind, credentials)
+    port = _bind(server, settings)
     await server.start()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{host}:{port}"
     log.info(
         "listening, not serving yet",
-        extra={"address": address, "tls": credentials is not None, "metrics": metrics_address},
+        extra={
+            "address": address,
+            "tls": settings.tls_cert_file is not None,
+            "metrics": metrics_address,
+        },
     )
+    try:
+        engine = await asyncio.to_thread(
+            Engine.load,
+            settings.model_dir,
+            threads=settings.threads,
+            provider=settings.provider,
+            max_batch=settings.max_batch,
+            max_cohorts=settings.max_cohorts,
+        )
+    except ModelIntegrityError as err:
+        raise StartupError(f"the model folder does not verify (--model): {err}") from None
+    running.engine = engine
+    try:
+        attestation = await asyncio.to_thread(
+            start_attestation,
+            attestation_config(settings),
+            workload_events(settings, engine.model_digest, engine.facts()),
+        )
+    except TpmUnavailableError:
+        raise StartupError(
+            f"cannot reach the TPM at TCTI {settings.tcti!r} (--tpm / ENCLOUD_TCTI); for a "
+            "simulator run `encloud tpm start --state DIR` and use the TCTI it prints"
+        ) from None
+    running.attestation = attestation
+    return server, health_servicer, servicer, engine, attestation, address, metrics_address
 
-    engine = await asyncio.to_thread(
-        Engine.load,
-        settings.model_dir,
-        threads=settings.threads,
-        provider=settings.provider,
-        max_batch=settings.max_batch,
-        max_cohorts=settings.max_cohorts,
-    )
-    attestation = await asyncio.to_thread(
-        start_attestation,
-        attestation_config(settings),
-        workload_events(settings, engine.model_digest, engine.facts()),
-    )
+
+async def serve(settings: Settings) -> None:
+    """Start, serve until SIGTERM or SIGINT, drain, stop. A failed start stops what it had
+    started (gRPC, metrics, the engine, the TPM) and raises StartupError or the error."""
+    logs.configure(settings.log_level)
+    started = time.monotonic()
+    metrics = Metrics()
+    running = _Running()
+    try:
+        (
+            server,
+            health_servicer,
+            servicer,
+            engine,
+            attestation,
+            address,
+            metrics_address,
+        ) = await _start(settings, running, metrics)
+    except BaseException:
+        await running.stop()
+        raise
+    metrics_server = running.metrics_server
 
     executor = ThreadPoolExecutor(
         max_workers=settings.generation_workers, thread_name_prefix="engine"
@@ -205,11 +313,33 @@ async def serve(settings: Settings) -> None:
     attestation.close()
     if metrics_server is not None:
         metrics_server.shutdown()  # type: ignore[attr-defined]
+        metrics_server.server_close()  # type: ignore[attr-defined]
     log.info("stopped; session keys wiped")
 
 
+def run(argv: Sequence[str] = (), prog: str = "encloud serve") -> int:
+    """The server's command line: settings from flags, ENCLOUD_* and a config file. Every
+    foreseeable mistake is one line on stderr and exit code 2 (a setting) or 1 (start-up);
+    `--debug` adds the traceback."""
+    try:
+        settings, debug = config.parse(argv, prog)
+    except config.SettingsError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as err:
+        if debug:
+            raise
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def main() -> None:
-    asyncio.run(serve(Settings()))
+    sys.exit(run(sys.argv[1:], prog="python -m encloud.server.app"))
 
 
 if __name__ == "__main__":

@@ -118,6 +118,18 @@ def cpu_feature_class() -> str:
     return "+".join([platform.machine() or "unknown", *present])
 
 
+def cuda_available() -> bool:
+    """Whether CUDA can run here: the installed ONNX Runtime has the CUDA provider
+    (onnxruntime-gpu) and the machine has an NVIDIA device node."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def _onnxruntime_version() -> str:
     """Version of the ONNX Runtime library actually mapped in (onnxruntime-genai dlopens the
     one of the ``onnxruntime`` wheel), else the installed wheel's metadata."""
