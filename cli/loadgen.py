@@ -18,9 +18,9 @@ full speed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import grpc
 
+from encloud.cli.options import OneLineParser, add_target_args, channel_credentials, positive_int
 from encloud.cli.stats import percentile
 from encloud.client import NO_AUDIT, AsyncClient, RetryPolicy
 from encloud.client._base import AuditArg
@@ -193,14 +194,13 @@ async def run_load(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True)
+    parser = OneLineParser(prog="encloud loadgen", description=__doc__.split("\n\n")[0])
+    add_target_args(parser, required=True)
     parser.add_argument("--policy", type=Path, required=True)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--clients", type=positive_int, default=8)
+    parser.add_argument("--requests", type=positive_int, default=4, help="requests per client")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     parser.add_argument("--duration", type=float, default=None, help="seconds; then stop")
-    parser.add_argument("--ca", type=Path, default=None, help="PEM CA of a TLS server")
     parser.add_argument(
         "--audit-log",
         type=Path,
@@ -211,14 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.audit_log is None) == (not args.no_audit):
         parser.error("give --audit-log FILE or --no-audit (one)")
-    credentials = (
-        grpc.ssl_channel_credentials(root_certificates=args.ca.read_bytes()) if args.ca else None
-    )
+    try:
+        credentials = channel_credentials(args)
+        policy = load_policy(args.policy)
+    except (OSError, ValueError, EncloudError) as error:
+        detail = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) else error
+        print(f"encloud loadgen: {detail}", file=sys.stderr)
+        return 2
     requests = args.requests if args.duration is None else 1_000_000_000
     report = asyncio.run(
         run_load(
             args.target,
-            load_policy(args.policy),
+            policy,
             clients=args.clients,
             requests_per_client=requests,
             max_new_tokens=args.max_new_tokens,

@@ -13,6 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from encloud.cli.options import (
+    OneLineParser,
+    add_target_args,
+    channel_credentials,
+    positive_int,
+    version,
+)
 from encloud.protocol.errors import EncloudError
 
 # Relative to the folder the command runs in; printed (absolute) after every attestation.
@@ -20,7 +27,7 @@ DEFAULT_AUDIT_LOG = Path(".encloud/audit.jsonl")
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    add_target_args(parser)
     parser.add_argument("--policy", type=Path, required=True, help="policy JSON file")
     audit = parser.add_mutually_exclusive_group()
     audit.add_argument(
@@ -77,6 +84,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
     from encloud.protocol.policy import load_policy
     from encloud.protocol.verifier import format_report
 
+    credentials = channel_credentials(args)
     policy = load_policy(args.policy)
     audit_path = _audit_path(args)
     audit: AuditLog | None = None
@@ -85,7 +93,10 @@ def cmd_attest(args: argparse.Namespace) -> int:
         audit = AuditLog(audit_path, checkpoint_key=key, checkpoints_path=args.audit_checkpoints)
     try:
         with Client(
-            args.target, policy, audit_log=audit if audit is not None else NO_AUDIT
+            args.target,
+            policy,
+            audit_log=audit if audit is not None else NO_AUDIT,
+            credentials=credentials,
         ) as client:
             try:
                 attestation = client.attest()
@@ -176,7 +187,7 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
     from encloud.cli import reference
     from encloud.client import first_use_evidence
 
-    reply = first_use_evidence(args.target)
+    reply = first_use_evidence(args.target, credentials=channel_credentials(args))
     policy, runtimes = reference.policy_from_evidence(
         reply.evidence,
         qualifying_data=reply.qualifying_data,
@@ -295,10 +306,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from encloud.client import NO_AUDIT, Client
     from encloud.protocol.policy import load_policy
 
+    credentials = channel_credentials(args)
     policy = load_policy(args.policy)
     audit_path = _audit_path(args)
     with Client(
-        args.target, policy, audit_log=audit_path if audit_path is not None else NO_AUDIT
+        args.target,
+        policy,
+        audit_log=audit_path if audit_path is not None else NO_AUDIT,
+        credentials=credentials,
     ) as client:
         try:
             attestation = client.attest()
@@ -386,7 +401,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="encloud", description=__doc__)
+    parser = OneLineParser(prog="encloud", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"encloud {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     attest = sub.add_parser("attest", help="attest a server and print the summary")
@@ -448,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--max-session-ttl", type=int, default=900, help="seconds")
     fm.set_defaults(func=cmd_policy_from_manifest)
     init = policy_sub.add_parser("init", help="DEV ONLY: a policy from a running server")
-    init.add_argument("--target", required=True, help="server host:port")
+    add_target_args(init, required=True)
     init.add_argument("-o", "--output", type=Path, required=True, help="policy file to write")
     init.add_argument("--workload-pcr", type=int, default=15)
     init.set_defaults(func=cmd_policy_init)
@@ -476,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="attest, release a key, chat encrypted")
     _add_client_args(chat)
     chat.add_argument("prompt", nargs="?", help="one prompt; without it, read lines")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-new-tokens", type=positive_int, default=256)
     chat.set_defaults(func=cmd_chat)
 
     sub.add_parser("serve", help="run the server (see serve --help: flags, ENCLOUD_*, --config)")
@@ -492,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="swtpm + server + encrypted chat, all local")
     demo.add_argument("--prompt", default="What is encryption? Answer briefly.")
-    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=96)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -520,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     except EncloudError as error:
         print(f"encloud: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a file named on the command line: missing, unreadable
+        where = f": {error.filename}" if error.filename else ""
+        print(f"encloud: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # an argument combination (e.g. --cert without --key)
+        print(f"encloud: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

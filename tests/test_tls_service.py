@@ -143,3 +143,29 @@ def test_mutual_tls_admits_only_callers_with_a_certificate(
         with pytest.raises(ServiceError) as refused:
             plain.attest()
         assert refused.value.code == "UNAVAILABLE"
+
+
+def test_the_cli_reaches_a_mutual_tls_server_with_ca_cert_and_key(
+    mtls_server: ServerProcess, pki: dict[str, bytes], tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """attest, chat, policy init and loadgen dial TLS with --ca/--cert/--key."""
+    from encloud.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("ca", "client", "client_key"):
+        (tmp_path / f"{name}.pem").write_bytes(pki[name])
+    tls = ["--ca", "ca.pem", "--cert", "client.pem", "--key", "client_key.pem"]
+    target = ["--target", mtls_server.address]
+    policy = ["--policy", str(mtls_server.policy_path)]
+    assert main(["attest", *target, *policy, *tls]) == 0
+    assert "Attestation verified" in capsys.readouterr().out
+    assert main(["chat", "Say hi.", "--max-new-tokens", "4", *target, *policy, *tls]) == 0
+    assert "transcript verified" in capsys.readouterr().out
+    assert main(["policy", "init", *target, "-o", "init.json", *tls]) == 0
+    args = ["loadgen", *target, *policy, *tls, "--clients", "1", "--requests", "1", "--no-audit"]
+    assert main(args) == 0
+    capsys.readouterr()
+    # Without the client certificate the server refuses the connection: one line, exit 1.
+    assert main(["attest", *target, *policy, "--ca", "ca.pem"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "UNAVAILABLE" in err[0], err

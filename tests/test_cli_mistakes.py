@@ -1,0 +1,59 @@
+"""Every mistake a new user makes with the client commands is one line on stderr and a
+non-zero exit, run as users run it (the installed `encloud` command)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ENCLOUD = str(Path(sys.executable).with_name("encloud"))
+
+
+def _run(*args: str, cwd: Path) -> tuple[int, str]:
+    proc = subprocess.run([ENCLOUD, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "wanted"),
+    [
+        (["chat", "--target", "127.0.0.1", "--policy", "p.json"], 2, "the port is required"),
+        (["attest", "--target", "host:notaport", "--policy", "p.json"], 2, "not host:port"),
+        (["chat", "--policy", "missing.json", "hi"], 1, "No such file or directory: missing.json"),
+        (["chat", "--policy", "p.json", "--max-new-tokens", "-3", "hi"], 2, "-3 is not positive"),
+        (["attest", "--policy", "p.json", "--ca", "missing-ca.pem"], 1, "missing-ca.pem"),
+        (["attest", "--policy", "p.json", "--cert", "c.pem"], 2, "--cert and --key together"),
+        (["policy", "init", "--target", "h:1"], 2, "required: -o/--output"),
+        (["loadgen", "--target", "h", "--policy", "p.json", "--no-audit"], 2, "not host:port"),
+        (["nonsense"], 2, "invalid choice"),
+    ],
+    ids=[
+        "no-port",
+        "bad-port",
+        "missing-policy",
+        "negative-tokens",
+        "missing-ca",
+        "cert-without-key",
+        "missing-option",
+        "loadgen-no-port",
+        "unknown-command",
+    ],
+)
+def test_a_mistake_is_one_line(args, code, wanted, tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text("{}")  # present; most cases fail before reading it
+    (tmp_path / "c.pem").write_text("")
+    got, stderr = _run(*args, cwd=tmp_path)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert got == code, stderr
+    assert len(lines) == 1 and wanted in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = subprocess.run([ENCLOUD, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("encloud ")
