@@ -20,7 +20,7 @@ import pytest
 from relay import Fault, Relay
 
 from encloud.client import NO_AUDIT, AsyncClient, Client, ServiceError
-from encloud.protocol.errors import MalformedEvidenceError
+from encloud.protocol.errors import MalformedAttestResponseError, MalformedEvidenceError
 from encloud.protocol.v2 import encloud_pb2 as pb
 
 pytestmark = pytest.mark.e2e
@@ -288,18 +288,34 @@ def test_a_policy_that_requires_the_hybrid_never_falls_back(relay, stack) -> Non
     assert [_suite_of(r) for r in relay.of("Attest")] == [0x647A]
 
 
+def _downgrade(request: bytes) -> bytes:
+    message = pb.AttestRequest.FromString(request)
+    message.suite.kem_id = 0x0020  # an on-path party asks for X25519 instead
+    return message.SerializeToString()
+
+
 @pytest.mark.attack
 def test_attack_suite_downgrade_on_the_wire_is_refused(relay, stack) -> None:
+    """The downgraded server answers with an X25519 key: its length gives it away first."""
+    relay.rewrite["Attest"] = _downgrade
+    with _client(relay, stack) as client, pytest.raises(MalformedAttestResponseError):
+        client.attest()
+    assert not relay.of("ReleaseKey")
+
+
+@pytest.mark.attack
+def test_attack_suite_downgrade_with_a_padded_key_is_refused_by_the_quote(relay, stack) -> None:
+    """Padding the X25519 key to X-Wing's length passes the shape check; the quote's Q names
+    the suite the server used, not the client's, so Q does not match."""
     from encloud.protocol.errors import NonceMismatchError
 
-    def downgrade(request: bytes) -> bytes:
-        message = pb.AttestRequest.FromString(request)
-        message.suite.kem_id = 0x0020  # an on-path party asks for X25519 instead
-        return message.SerializeToString()
-
-    relay.rewrite["Attest"] = downgrade
+    relay.rewrite["Attest"] = _downgrade
+    relay.rewrite_reply["Attest"] = lambda reply: _attest_reply_with(
+        session_public_key=pb.AttestResponse.FromString(reply).session_public_key.ljust(1216, b"\0")
+    )(reply)
     with _client(relay, stack) as client, pytest.raises(NonceMismatchError):
-        client.attest()  # the quote's Q names the suite the server used: not the client's
+        client.attest()
+    assert not relay.of("ReleaseKey")
 
 
 def _attest_reply_with(**fields: object) -> Callable[[bytes], bytes]:
