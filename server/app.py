@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -193,14 +194,16 @@ async def _start(settings: Settings, running: _Running, metrics: Metrics) -> tup
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    servicer = InferenceServicer(metrics, trusted_proxies=settings.trusted_proxies)
+    servicer = InferenceServicer(
+        metrics,
+        trusted_proxies=settings.trusted_proxies,
+        replica=settings.replica_name or socket.gethostname(),
+    )
     add_to_server(servicer, server)
     if settings.reflection:
-        from grpc_reflection.v1alpha import reflection
+        from encloud.server import reflection
 
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable(server, (SERVICE_NAME, health.SERVICE_NAME))
     port = _bind(server, settings)
     await server.start()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -243,7 +246,7 @@ async def _start(settings: Settings, running: _Running, metrics: Metrics) -> tup
 async def serve(settings: Settings) -> None:
     """Start, serve until SIGTERM or SIGINT, drain, stop. A failed start stops what it had
     started (gRPC, metrics, the engine, the TPM) and raises StartupError or the error."""
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, access_log=settings.access_log)
     started = time.monotonic()
     metrics = Metrics()
     running = _Running()

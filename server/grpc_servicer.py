@@ -31,8 +31,10 @@ class InferenceServicer:
         metrics: Metrics,
         service: InferenceCore | None = None,
         trusted_proxies: Sequence[str] = (),
+        replica: str = "",
     ) -> None:
         self.metrics = metrics
+        self.replica = replica
         self._ready: InferenceCore | None = service
         self._trusted = trusted_networks(trusted_proxies)
 

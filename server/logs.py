@@ -34,6 +34,7 @@ _ALLOWED_EXTRA = (
     "code",
     "reason",
     "cause",
+    "replica",
 )
 
 
@@ -52,9 +53,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: str) -> None:
+def configure(level: str, access_log: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The access log is INFO whatever the level, unless turned off.
+    logging.getLogger("encloud.access").setLevel(logging.INFO if access_log else logging.CRITICAL)

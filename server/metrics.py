@@ -10,8 +10,33 @@ side channel left, and they are as visible to anyone watching the wire.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+# The process's memory moves with what it holds, and so with the size of the requests in
+# flight: left to the platform (cgroup metrics), which reports it per container anyway.
+_PROCESS_SERIES_KEPT = {
+    "process_cpu_seconds",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+}
+
+
+class _ProcessWithoutMemory(Collector):
+    def __init__(self) -> None:
+        self._inner = ProcessCollector(registry=None)
+
+    def collect(self) -> Iterable[Metric]:
+        return [m for m in self._inner.collect() if m.name in _PROCESS_SERIES_KEPT]
+
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -117,10 +142,32 @@ class Metrics:
             registry=r,
         )
 
+        r.register(_ProcessWithoutMemory())
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def serve(self, host: str, port: int) -> tuple[object, int]:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns (server, port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server, int(server.server_port)
+    def serve(self, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
+        """Serve GET /metrics (and nothing else: every other path is 404) from a daemon
+        thread; returns (server, port). OSError when the address is taken."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = metrics.render()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes are not logged
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server, int(server.server_address[1])

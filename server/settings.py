@@ -434,6 +434,25 @@ class Settings(BaseSettings):
             "writes a DEV-ONLY policy file beside the server; changes nothing it serves"
         ),
     )
+    replica_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="This replica's name: in the access log, and (hashed) in the routing "
+        "token a load balancer keeps sessions on this replica by. Unset: the host name.",
+        json_schema_extra=_unmeasured(
+            "names the replica for routing and logs; answers and keys do not depend on it"
+        ),
+    )
+    access_log: bool = Field(
+        True,
+        description="One JSON line per RPC (method, status code, reason, seconds, replica); "
+        "never a size, a token count, a session or request id, or a peer address.",
+        json_schema_extra=_unmeasured(
+            "what is logged is fixed by the code; this only turns it off"
+        ),
+    )
     log_level: str = Field(
         "INFO",
         description="Python logging level of the JSON logs.",

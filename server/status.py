@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,8 @@ from encloud.protocol.faults import DomainError, Kind
 from encloud.server.metrics import Metrics
 
 log = logging.getLogger("encloud.status")
+# One line per RPC of the inference service (ENCLOUD_ACCESS_LOG=false turns it off).
+access = logging.getLogger("encloud.access")
 
 ERROR_DOMAIN = "encloud.v2"
 STATUS_CODES: dict[Kind, grpc.StatusCode] = {kind: grpc.StatusCode[kind.value] for kind in Kind}
@@ -96,7 +99,21 @@ async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> 
     )
 
 
-def _record(servicer: Any, method: str, code: grpc.StatusCode, reason: str = "") -> None:
+def _record(
+    servicer: Any, method: str, started: float, code: grpc.StatusCode, reason: str = ""
+) -> None:
+    """Count the RPC and write its access-log line: method, status, duration, replica; never
+    a size, a token count, a session or request id, or a peer address."""
+    access.info(
+        "rpc",
+        extra={
+            "method": method,
+            "code": code.name,
+            "reason": reason or code.name,
+            "seconds": round(time.monotonic() - started, 4),
+            "replica": getattr(servicer, "replica", ""),
+        },
+    )
     metrics: Metrics | None = getattr(servicer, "metrics", None)
     if metrics is None:
         return
@@ -120,18 +137,19 @@ def unary_errors(
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        started = time.monotonic()
         try:
             response = await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
-            _record(self, method, grpc.StatusCode.CANCELLED, "CANCELLED")
+            _record(self, method, started, grpc.StatusCode.CANCELLED, "CANCELLED")
             raise
         except Exception as error:
-            _record(self, method, *_outcome(error))
+            _record(self, method, started, *_outcome(error))
             await abort_for(context, error)
             raise  # unreachable: abort_for raises
-        _record(self, method, grpc.StatusCode.OK)
+        _record(self, method, started, grpc.StatusCode.OK)
         return response
 
     return wrapper
@@ -144,18 +162,19 @@ def stream_errors(
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        started = time.monotonic()
         try:
             async for item in handler(self, request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
-            _record(self, method, grpc.StatusCode.CANCELLED, "CANCELLED")
+            _record(self, method, started, grpc.StatusCode.CANCELLED, "CANCELLED")
             raise
         except Exception as error:
-            _record(self, method, *_outcome(error))
+            _record(self, method, started, *_outcome(error))
             await abort_for(context, error)
             raise
-        _record(self, method, grpc.StatusCode.OK)
+        _record(self, method, started, grpc.StatusCode.OK)
 
     return wrapper

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +138,73 @@ def test_reflection_lists_the_service_when_enabled(server: ServerProcess) -> Non
         services = list(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert "encloud.v2.InferenceService" in services
     assert "grpc.health.v1.Health" in services
+    assert {
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= set(services)
+
+
+def test_reflection_answers_under_v1_as_grpcurl_asks_first(server: ServerProcess) -> None:
+    """grpc.reflection.v1 (wire-identical to v1alpha): list services, then the file of one."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        asks = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="encloud.v2.InferenceService"
+            ),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="grpc.reflection.v1.ServerReflection"
+            ),
+        ]
+        listed, described, itself = list(call(iter(asks), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert "encloud.v2.InferenceService" in names
+    assert described.file_descriptor_response.file_descriptor_proto
+    assert itself.file_descriptor_response.file_descriptor_proto
+
+
+def test_metrics_only_at_metrics_with_process_series_but_no_memory(server: ServerProcess) -> None:
+    base = f"http://{server.metrics_address}"
+    for path in ("/", "/other", "/metrics/x"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert refused.value.code == 404
+    names = {name for name, _ in _samples(server)}
+    assert {"process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"} <= names
+    assert not {n for n in names if "memory" in n}  # it moves with what requests hold
+
+
+def test_the_access_log_has_one_line_per_rpc_and_nothing_about_the_request(
+    server: ServerProcess,
+) -> None:
+    import json
+
+    before = len(server.log_path.read_text().splitlines())
+    policy = load_policy(server.policy_path)
+    with Client(server.address, policy, audit_log=NO_AUDIT) as client:
+        client.attest()
+        client.release_key()
+        client.infer([("user", "Say hi.")], max_new_tokens=4)
+    lines = [json.loads(x) for x in server.log_path.read_text().splitlines()[before:] if x]
+    access = [e for e in lines if e.get("logger") == "encloud.access"]
+    assert [e["method"] for e in access] == ["Attest", "ReleaseKey", "Infer", "EndSession"]
+    for entry in access:
+        assert set(entry) == {
+            "time",
+            "level",
+            "logger",
+            "message",
+            "method",
+            "code",
+            "reason",
+            "seconds",
+            "replica",
+        }
+        assert entry["code"] == "OK" and entry["replica"] and entry["seconds"] >= 0
