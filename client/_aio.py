@@ -17,7 +17,14 @@ from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 from encloud.protocol.verifier import VerifiedAttestation
 from encloud.protocol.wire import sealed_to_proto
 
-from ._base import DEFAULT_TIMEOUT_SECONDS, AuditArg, ClientState, PolicyArg
+from ._base import (
+    DEFAULT_TIMEOUT_SECONDS,
+    AuditArg,
+    ClientState,
+    PolicyArg,
+    route_from,
+    route_metadata,
+)
 from ._retry import CallBudget, RetryPolicy, Verdict
 from ._status import service_error
 
@@ -108,7 +115,9 @@ class AsyncClient(ClientState):
             self._set_caller_dek(dek)
 
             async def once(used: list[attest_path.Session]) -> attest_path.Session:
-                return await self._drive(attest_path.release_key(attempt, dek), budget)
+                return await self._drive(
+                    attest_path.release_key(attempt, dek), budget, attempt.route
+                )
 
             self._bind(await self._with_retries(budget, once, reattest=False))
 
@@ -128,7 +137,7 @@ class AsyncClient(ClientState):
                 request = pb.InferRequest(
                     session_id=session.session_id, request=sealed_to_proto(sealed)
                 )
-                reply = await self._rpc(self._stub.Infer, request, budget)
+                reply = await self._rpc(self._stub.Infer, request, budget, session.route)
                 return open_answer(reply.response, session.s2c, request_id, transcript)
             finally:
                 self._done(session)
@@ -153,7 +162,9 @@ class AsyncClient(ClientState):
                         session_id=session.session_id,
                         end=sealed_to_proto(self._seal_end(session)),
                     )
-                    await self._rpc(self._stub.EndSession, end, self._budget(timeout))
+                    await self._rpc(
+                        self._stub.EndSession, end, self._budget(timeout), session.route
+                    )
             finally:
                 self._drop_session()
                 self._wipe_caller_dek()
@@ -185,7 +196,9 @@ class AsyncClient(ClientState):
             if self._attested is not None:
                 attempt = self._attested
                 self._bind(
-                    await self._drive(attest_path.release_key(attempt, self._caller_dek), budget)
+                    await self._drive(
+                        attest_path.release_key(attempt, self._caller_dek), budget, attempt.route
+                    )
                 )
             else:
                 self._require_key()
@@ -218,7 +231,9 @@ class AsyncClient(ClientState):
             end = pb.EndSessionRequest(
                 session_id=session.session_id, end=sealed_to_proto(self._seal_end(session))
             )
-            await self._stub.EndSession(end, timeout=timeout)
+            await self._stub.EndSession(
+                end, timeout=timeout, metadata=route_metadata(session.route)
+            )
         except grpc.RpcError:
             pass
 
@@ -251,31 +266,41 @@ class AsyncClient(ClientState):
         if delay:
             await asyncio.sleep(delay)
 
-    async def _drive(self, steps: Generator[Any, Any, T], budget: CallBudget) -> T:
+    async def _drive(self, steps: Generator[Any, Any, T], budget: CallBudget, route: str = "") -> T:
         """Run one of the protocol's generators; its CPU work (verification) and the audit
-        log's fsync run on a worker thread."""
+        log's fsync run on a worker thread. The routing token of an Attest reply goes with
+        the ReleaseKey that follows (and onto the handshake's attempt)."""
         try:
             done, value = _advance(steps, None)
             while not done:
-                method = (
-                    self._stub.Attest
-                    if isinstance(value, attest_path.AttestCall)
-                    else self._stub.ReleaseKey
-                )
                 try:
-                    reply = await self._rpc(method, value.request, budget)
+                    if isinstance(value, attest_path.AttestCall):
+                        reply, route = await self._attest_rpc(value.request, budget)
+                    else:
+                        reply = await self._rpc(self._stub.ReleaseKey, value.request, budget, route)
                 except ServiceError as error:  # the generator may answer it (suite fallback)
                     done, value = _throw(steps, error)
                     continue
                 done, value = await asyncio.to_thread(_advance, steps, reply)
+            if isinstance(value, attest_path.Handshake):
+                value.attempt.route = route
             return value  # type: ignore[no-any-return]
         finally:
             steps.close()
 
-    @staticmethod
-    async def _rpc(method: Any, request: Any, budget: CallBudget) -> Any:
+    async def _attest_rpc(self, request: Any, budget: CallBudget) -> tuple[Any, str]:
+        """Attest, and the routing token from the reply's initial metadata ("" if none)."""
         try:
-            return await method(request, timeout=budget.remaining())
+            call = self._stub.Attest(request, timeout=budget.remaining())
+            reply = await call
+            return reply, route_from(await call.initial_metadata())
+        except grpc.RpcError as error:
+            raise service_error(error) from None
+
+    @staticmethod
+    async def _rpc(method: Any, request: Any, budget: CallBudget, route: str = "") -> Any:
+        try:
+            return await method(request, timeout=budget.remaining(), metadata=route_metadata(route))
         except grpc.RpcError as error:
             raise service_error(error) from None
 
@@ -332,6 +357,7 @@ class AsyncChatStream:
                         session_id=session.session_id, request=sealed_to_proto(sealed)
                     ),
                     timeout=self._budget.remaining(),
+                    metadata=route_metadata(session.route),
                 )
                 async for response in self._call:
                     text = reader.feed(response.frame)

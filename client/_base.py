@@ -20,12 +20,26 @@ from encloud.protocol.errors import SessionError, SessionExpiredError
 from encloud.protocol.generation import Message, generation_request
 from encloud.protocol.policy import Policy, load_policy
 from encloud.protocol.verifier import CheckResult, VerifiedAttestation
+from encloud.protocol.wire import ROUTE_HEADER
 
 from ._retry import RetryPolicy
 
 log = logging.getLogger("encloud.client")
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
+
+
+def route_metadata(route: str) -> tuple[tuple[str, str], ...] | None:
+    """The metadata of a call in a session: its replica's routing token, when it has one."""
+    return ((ROUTE_HEADER, route),) if route else None
+
+
+def route_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The routing token in an Attest reply's initial metadata ("" when there is none)."""
+    for key, value in metadata or ():
+        if key == ROUTE_HEADER:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return ""
 
 
 class NoAudit:

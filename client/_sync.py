@@ -17,7 +17,14 @@ from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 from encloud.protocol.verifier import VerifiedAttestation
 from encloud.protocol.wire import sealed_to_proto
 
-from ._base import DEFAULT_TIMEOUT_SECONDS, AuditArg, ClientState, PolicyArg
+from ._base import (
+    DEFAULT_TIMEOUT_SECONDS,
+    AuditArg,
+    ClientState,
+    PolicyArg,
+    route_from,
+    route_metadata,
+)
 from ._retry import CallBudget, RetryPolicy, Verdict
 from ._status import service_error
 
@@ -118,7 +125,9 @@ class Client(ClientState):
             self._set_caller_dek(dek)
             session = self._with_retries(
                 budget,
-                lambda used: self._drive(attest_path.release_key(attempt, dek), budget),
+                lambda used: self._drive(
+                    attest_path.release_key(attempt, dek), budget, attempt.route
+                ),
                 reattest=False,
             )
             self._bind(session)
@@ -139,7 +148,7 @@ class Client(ClientState):
                 request = pb.InferRequest(
                     session_id=session.session_id, request=sealed_to_proto(sealed)
                 )
-                reply = self._rpc(self._stub.Infer, request, budget)
+                reply = self._rpc(self._stub.Infer, request, budget, session.route)
                 return open_answer(reply.response, session.s2c, request_id, transcript)
             finally:
                 self._done(session)
@@ -167,7 +176,7 @@ class Client(ClientState):
                         session_id=session.session_id,
                         end=sealed_to_proto(self._seal_end(session)),
                     )
-                    self._rpc(self._stub.EndSession, end, self._budget(timeout))
+                    self._rpc(self._stub.EndSession, end, self._budget(timeout), session.route)
             finally:
                 self._drop_session()
                 self._wipe_caller_dek()
@@ -199,7 +208,11 @@ class Client(ClientState):
                 return session
             if self._attested is not None:  # attested by the caller; the key goes now
                 attempt = self._attested
-                self._bind(self._drive(attest_path.release_key(attempt, self._caller_dek), budget))
+                self._bind(
+                    self._drive(
+                        attest_path.release_key(attempt, self._caller_dek), budget, attempt.route
+                    )
+                )
             else:
                 self._require_key()
                 reattesting = self._bound_before
@@ -231,7 +244,7 @@ class Client(ClientState):
             end = pb.EndSessionRequest(
                 session_id=session.session_id, end=sealed_to_proto(self._seal_end(session))
             )
-            self._stub.EndSession(end, timeout=timeout)
+            self._stub.EndSession(end, timeout=timeout, metadata=route_metadata(session.route))
         except grpc.RpcError:
             pass
 
@@ -264,31 +277,41 @@ class Client(ClientState):
         if delay:
             time.sleep(delay)
 
-    def _drive(self, steps: Generator[Any, Any, T], budget: CallBudget) -> T:
-        """Run one of the protocol's generators, making each RPC it asks for."""
+    def _drive(self, steps: Generator[Any, Any, T], budget: CallBudget, route: str = "") -> T:
+        """Run one of the protocol's generators, making each RPC it asks for. The routing
+        token of an Attest reply goes with the ReleaseKey that follows (and onto the
+        handshake's attempt)."""
         try:
             call = next(steps)
             while True:
-                method = (
-                    self._stub.Attest
-                    if isinstance(call, attest_path.AttestCall)
-                    else self._stub.ReleaseKey
-                )
                 try:
-                    reply = self._rpc(method, call.request, budget)
+                    if isinstance(call, attest_path.AttestCall):
+                        reply, route = self._attest_rpc(call.request, budget)
+                    else:
+                        reply = self._rpc(self._stub.ReleaseKey, call.request, budget, route)
                 except ServiceError as error:  # the generator may answer it (suite fallback)
                     call = steps.throw(error)
                     continue
                 call = steps.send(reply)
         except StopIteration as done:
+            if isinstance(done.value, attest_path.Handshake):
+                done.value.attempt.route = route
             return done.value  # type: ignore[no-any-return]
         finally:
-            steps.close()  # a failed RPC: the generator wipes what it derived
+            steps.close()
+
+    def _attest_rpc(self, request: Any, budget: CallBudget) -> tuple[Any, str]:
+        """Attest, and the routing token from the reply's initial metadata ("" if none)."""
+        try:
+            reply, call = self._stub.Attest.with_call(request, timeout=budget.remaining())
+        except grpc.RpcError as error:
+            raise service_error(error) from None
+        return reply, route_from(call.initial_metadata())
 
     @staticmethod
-    def _rpc(method: Any, request: Any, budget: CallBudget) -> Any:
+    def _rpc(method: Any, request: Any, budget: CallBudget, route: str = "") -> Any:
         try:
-            return method(request, timeout=budget.remaining())
+            return method(request, timeout=budget.remaining(), metadata=route_metadata(route))
         except grpc.RpcError as error:
             raise service_error(error) from None
 
@@ -330,6 +353,7 @@ class ChatStream:
                         session_id=session.session_id, request=sealed_to_proto(sealed)
                     ),
                     timeout=self._budget.remaining(),
+                    metadata=route_metadata(session.route),
                 )
                 for response in self._call:
                     text = reader.feed(response.frame)

@@ -104,6 +104,9 @@ class Attempt:
     failure: VerificationError | None
     client_secret: bytearray = field(default_factory=bytearray, repr=False)
     """Opens client_commitment inside the sealed key; wiped once the key is released."""
+    route: str = ""
+    """The replica's routing token (wire.ROUTE_HEADER), set by the transport from the Attest
+    reply's initial metadata; "" when the server sent none."""
 
     def qualifying_data(self) -> bytes:
         """Q recomputed from the client's nonce, suite and commitment and the server's
@@ -139,6 +142,10 @@ class Session:
     @property
     def session_id(self) -> bytes:
         return self.attempt.session_id
+
+    @property
+    def route(self) -> str:
+        return self.attempt.route
 
     def take_request_id(self) -> int:
         """Request ids start at 1 and share one space across Infer, StreamInfer and End."""

@@ -12,6 +12,11 @@ from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import HpkeSuiteId
 from encloud.protocol.v2 import encloud_pb2 as pb
 
+ROUTE_HEADER = "encloud-route"
+"""gRPC metadata key of the routing token: the server sends it in the Attest response's initial
+metadata (a header, which load balancers read); the client sends it back on every later call
+of that session. Opaque to the client; it names the replica, never the session."""
+
 
 def suite_to_proto(suite: HpkeSuiteId) -> pb.HpkeSuite:
     return pb.HpkeSuite(kem_id=suite.kem_id, kdf_id=suite.kdf_id, aead_id=suite.aead_id)

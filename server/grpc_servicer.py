@@ -8,12 +8,14 @@ gRPC's own INTERNAL "Exception deserializing request".
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from encloud.protocol.faults import UnavailableError, UnsupportedProtocolVersionError
 from encloud.protocol.v2 import encloud_pb2 as pb
+from encloud.protocol.wire import ROUTE_HEADER
 from encloud.server import grpc_converters as converters
 from encloud.server.core import InferenceCore
 from encloud.server.limits import peer_key, trusted_networks
@@ -21,6 +23,12 @@ from encloud.server.metrics import Metrics
 from encloud.server.status import abort_for, stream_errors, unary_errors
 
 SERVICE_NAME = "encloud.v2.InferenceService"
+
+
+def route_token(replica: str) -> str:
+    """The opaque routing token of a replica: stable across its restarts, one per replica,
+    and not its name (which may say more about the deployment than a proxy log needs)."""
+    return hashlib.sha256(b"encloud/v2 route\x00" + replica.encode()).hexdigest()[:32]
 
 
 class InferenceServicer:
@@ -35,6 +43,7 @@ class InferenceServicer:
     ) -> None:
         self.metrics = metrics
         self.replica = replica
+        self._route = ((ROUTE_HEADER, route_token(replica)),) if replica else ()
         self._ready: InferenceCore | None = service
         self._trusted = trusted_networks(trusted_proxies)
 
@@ -65,6 +74,8 @@ class InferenceServicer:
             request.client_commitment,
             self._peer(context),
         )
+        if self._route:
+            await context.send_initial_metadata(self._route)
         return pb.AttestResponse(
             session_id=result.session_id,
             session_public_key=result.session_public_key,

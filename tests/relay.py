@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -37,6 +38,8 @@ class Relay:
     plan: dict[str, list[Fault]] = field(default_factory=dict)
     """Method name (e.g. "Infer") -> faults for its next calls, in order."""
     calls: list[tuple[str, bytes]] = field(default_factory=list)
+    metadata: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    """Each call's method and the metadata the client sent with it."""
     rewrite: dict[str, Callable[[bytes], bytes]] = field(default_factory=dict)
     """Method name -> a function applied to each request's bytes before forwarding."""
     rewrite_reply: dict[str, Callable[[bytes], bytes]] = field(default_factory=dict)
@@ -65,9 +68,14 @@ class Relay:
         """The request bytes of every call to `method` that reached the relay."""
         return [data for name, data in self.calls if name == method]
 
-    def _next_fault(self, method: str, request: bytes) -> Fault | None:
+    def _next_fault(
+        self, method: str, request: bytes, context: grpc.ServicerContext | None = None
+    ) -> Fault | None:
         with self._lock:
             self.calls.append((method, request))
+            if context is not None:
+                sent = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+                self.metadata.append((method, sent))
             queue = self.plan.get(method, [])
             return queue.pop(0) if queue else None
 
@@ -103,6 +111,15 @@ def _relay_status(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
         context.abort(error.code(), error.details() or "")
 
 
+def _passed_on(context: grpc.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """The client's own metadata (the routing token), without gRPC's reserved keys."""
+    return tuple(
+        (k, v)
+        for k, v in context.invocation_metadata()
+        if k.startswith("encloud-") and isinstance(v, str)
+    )
+
+
 class _Handler(grpc.GenericRpcHandler):
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
@@ -116,11 +133,13 @@ class _Handler(grpc.GenericRpcHandler):
             upstream_stream = relay._channel.unary_stream(full)
 
             def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-                fault = relay._next_fault(name, request)
+                fault = relay._next_fault(name, request, context)
                 if fault is not None and fault.after_frames == 0:
                     _abort(context, fault)
                 messages = upstream_stream(
-                    relay._forwarded(name, request), timeout=context.time_remaining()
+                    relay._forwarded(name, request),
+                    timeout=context.time_remaining(),
+                    metadata=_passed_on(context),
                 )
                 try:
                     for sent, message in enumerate(messages, start=1):
@@ -131,14 +150,19 @@ class _Handler(grpc.GenericRpcHandler):
                     _relay_status(context, error)
 
             return grpc.unary_stream_rpc_method_handler(stream)
-        upstream: Callable[..., bytes] = relay._channel.unary_unary(full)
+        upstream: Any = relay._channel.unary_unary(full)
 
         def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
-            fault = relay._next_fault(name, request)
+            fault = relay._next_fault(name, request, context)
             if fault is not None:
                 _abort(context, fault)
             try:
-                reply = upstream(relay._forwarded(name, request), timeout=context.time_remaining())
+                reply, call = upstream.with_call(
+                    relay._forwarded(name, request),
+                    timeout=context.time_remaining(),
+                    metadata=_passed_on(context),
+                )
+                context.send_initial_metadata(call.initial_metadata() or ())
             except grpc.RpcError as error:  # the server's own status, details and all
                 _relay_status(context, error)
                 raise

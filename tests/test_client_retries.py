@@ -391,3 +391,22 @@ def test_end_session_under_the_callers_own_open_stream(stack) -> None:
             assert stream.completion is not None
             assert stream.completion.finish_reason == "cancelled"
             assert client.session_id is None
+
+
+def test_every_call_of_a_session_carries_its_replicas_routing_token(relay, stack) -> None:
+    """The Attest reply's initial metadata names the replica (not the session); the client
+    sends that token with ReleaseKey, Infer, StreamInfer and EndSession."""
+    with _client(relay, stack) as client:
+        client.attest()
+        client.release_key()
+        client.infer(ASK, max_new_tokens=2)
+        "".join(client.stream(ASK, max_new_tokens=2))
+        first = client.session_id
+        client.end_session()
+        client.infer(ASK, max_new_tokens=2)  # a second session, same replica
+        assert client.session_id != first
+    sent = [(method, md.get("encloud-route", "")) for method, md in relay.metadata]
+    tokens = {token for method, token in sent if method != "Attest"}
+    assert len(tokens) == 1 and len(tokens.pop()) == 32, sent
+    assert [m for m, token in sent if not token] == ["Attest", "Attest"]
+    assert first is not None and first.hex() not in str(sent)
