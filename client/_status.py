@@ -7,7 +7,11 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from encloud.protocol.errors import ServiceError
+from encloud.protocol.errors import EncloudError, ServiceError, TruncatedStreamError
+
+# Statuses that, without the server's ErrorInfo, mean the transport broke (a crash, a reset
+# connection, a proxy ending the HTTP/2 stream without trailers).
+_BROKEN = frozenset({"UNAVAILABLE", "UNKNOWN", "INTERNAL"})
 
 
 def service_error(error: grpc.RpcError) -> ServiceError:
@@ -30,3 +34,16 @@ def service_error(error: grpc.RpcError) -> ServiceError:
         elif detail.Unpack(delay):
             retry = max(0.0, delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9)
     return ServiceError(code.name, message, reason, retry)
+
+
+def after_frames(failure: ServiceError, frames: int) -> EncloudError:
+    """What a stream that failed after `frames` frames raises: the server's own status when
+    it sent one (ErrorInfo reason), the caller's cancel or deadline as it is, and a
+    TruncatedStreamError when the transport broke: the answer is incomplete, whichever way
+    the connection said so (UNAVAILABLE from a crashed server, UNKNOWN through a proxy)."""
+    if failure.code in _BROKEN and not failure.reason:
+        return TruncatedStreamError(
+            f"the stream broke after {frames} frame(s), before its final frame "
+            f"({failure.code}: {failure})"
+        )
+    return failure

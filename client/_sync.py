@@ -26,7 +26,7 @@ from ._base import (
     route_metadata,
 )
 from ._retry import CallBudget, RetryPolicy, Verdict
-from ._status import service_error
+from ._status import after_frames, service_error
 
 T = TypeVar("T")
 END_TIMEOUT_SECONDS = 2.0
@@ -364,7 +364,7 @@ class ChatStream:
             except grpc.RpcError as rpc_error:
                 failure = service_error(rpc_error)
                 if reader is not None and reader.frames > 0:
-                    raise failure from None
+                    raise after_frames(failure, reader.frames) from None
             except ServiceError as error:
                 failure = error
             finally:
