@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Build the encloud server image with Debian's own tools (no registry image is pulled):
+#
+#   deploy/image/build.sh MODEL_DIR [TAG]      (from the repository root, after ./dev setup)
+#
+# 1. the server's Python packages, hash-locked (requirements/server.lock), and the encloud
+#    wheel, installed into a staging folder (CPython 3.11 wheels, as Debian 12's python3.11);
+# 2. a Debian 12 minbase rootfs by mmdebstrap with python3.11 and the TSS2 libraries, the
+#    staging folder and the exported model copied in, a non-root user (uid 10001);
+# 3. imported into podman with the entrypoint, the environment, and the model digest as a
+#    label. Run it read-only, as that user (docs/DEPLOY.md).
+#
+# Prints the image reference. Needs mmdebstrap and podman (./dev installs them).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+MODEL_DIR="$(realpath "${1:?usage: deploy/image/build.sh MODEL_DIR [TAG]}")"
+PY=.venv/bin/python
+DIGEST="$("$PY" -c 'import sys; from encloud.server.inference.manifest import verify_model_folder as v; print(v(sys.argv[1]).model_digest.hex())' "$MODEL_DIR")"
+TAG="${2:-localhost/encloud-server:${DIGEST:0:12}}"
+export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/image/containers.conf}"
+DEBIAN_PACKAGES=python3.11,ca-certificates,libtss2-esys-3.0.2-0,libtss2-fapi1,libtss2-mu0,libtss2-rc0,libtss2-sys1,libtss2-tctildr0,libtss2-tcti-swtpm0,libtss2-tcti-device0
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/encloud"
+echo "image: python packages (requirements/server.lock)" >&2
+"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$work/wheel" . >&2
+"$PY" -m pip install --quiet --no-compile --require-hashes -r requirements/server.lock \
+  --target "$work/encloud/lib" >&2
+"$PY" -m pip install --quiet --no-compile --no-deps --target "$work/encloud/lib" \
+  "$work"/wheel/encloud-*.whl >&2
+echo "image: model $DIGEST" >&2
+cp -r "$MODEL_DIR" "$work/encloud/model"
+
+echo "image: Debian 12 minbase rootfs (mmdebstrap)" >&2
+mmdebstrap --quiet --variant=minbase --include="$DEBIAN_PACKAGES" \
+  --customize-hook="copy-in $work/encloud /opt" \
+  --customize-hook='chroot "$1" useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin encloud' \
+  --customize-hook='mkdir -p "$1/var/lib/encloud" && chown 10001:10001 "$1/var/lib/encloud"' \
+  --customize-hook='chmod -R a+rX "$1/opt/encloud"' \
+  bookworm "$work/rootfs.tar" >&2
+
+echo "image: podman import $TAG" >&2
+podman import --quiet \
+  --change 'USER 10001' \
+  --change 'WORKDIR /var/lib/encloud' \
+  --change 'ENV PYTHONPATH=/opt/encloud/lib' \
+  --change 'ENV PYTHONDONTWRITEBYTECODE=1' \
+  --change 'ENV ENCLOUD_MODEL_DIR=/opt/encloud/model' \
+  --change 'ENV ENCLOUD_STATE_DIR=/var/lib/encloud' \
+  --change 'ENV ENCLOUD_HOST=0.0.0.0' \
+  --change 'ENV ENCLOUD_METRICS_HOST=0.0.0.0' \
+  --change 'EXPOSE 50051' \
+  --change 'EXPOSE 9464' \
+  --change 'VOLUME /var/lib/encloud' \
+  --change "LABEL dev.encloud.model-digest=$DIGEST" \
+  --change 'LABEL org.opencontainers.image.title=encloud-server' \
+  --change 'ENTRYPOINT ["/usr/bin/python3.11", "-m", "encloud.server.app"]' \
+  "$work/rootfs.tar" "$TAG" >/dev/null
+echo "$TAG"
