@@ -109,7 +109,9 @@ class Settings(BaseSettings):
         None,
         ge=1000,
         description="Close connections older than this (with a grace of "
-        "max_connection_age_grace_ms) so clients rebalance across replicas; unset: never.",
+        "max_connection_age_grace_ms) so clients rebalance across replicas; unset: never. "
+        "Sessions stay on their replica only behind a balancer that routes by the "
+        "encloud-route header (docs/DEPLOY.md).",
         json_schema_extra=_unmeasured("connection rebalancing; sessions outlive connections"),
     )
     max_connection_age_grace_ms: int = Field(
