@@ -109,6 +109,23 @@ def test_restart_against_same_tpm_still_verifies(fresh_stack) -> None:
     assert again.workload_pcr_value != first.workload_pcr_value
 
 
+def test_a_client_outlives_a_server_restart_by_attesting_again(fresh_stack) -> None:
+    """The restarted server (same address) has none of the old sessions: the next call is
+    answered SESSION_NOT_FOUND before anything runs, and the client attests again on its own
+    and sends the request again (it failed every later call before the retry rules)."""
+    port = fresh_stack.address.rsplit(":", 1)[1]
+    told: list[object] = []
+    with Client(
+        fresh_stack.address, fresh_stack.policy, audit_log=NO_AUDIT, on_reattest=told.append
+    ) as client:
+        assert client.infer([("user", "Say hello.")], max_new_tokens=4).text
+        fresh_stack.restart_server(port=port)
+        assert fresh_stack.address.endswith(f":{port}")
+        for _ in range(3):
+            assert client.infer([("user", "Say hello.")], max_new_tokens=4).text
+        assert client.reattest_count == 1 and len(told) == 1
+
+
 def test_unknown_session_is_not_found(connect) -> None:
     client = connect()
     client.auto_reattest = False
