@@ -29,6 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _durations: dict[str, float] = {}
 _markers_of: dict[str, set[str]] = {}
+_skipped: list[str] = []
+# ./dev test sets it: there, a skipped test is a failure (a missing tool or environment
+# must be installed by the set-up, not silently left out).
+FAIL_ON_SKIP = os.environ.get("ENCLOUD_FAIL_ON_SKIP") == "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,6 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -49,13 +55,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run when a process a test started (a server, a swtpm) is still alive after
-    every fixture was torn down; kill it, so one run never leaves servers behind."""
+    """Fail the run when a test was skipped under ./dev test, or when a process a test
+    started (a server, a swtpm) is still alive after every fixture was torn down (it is
+    killed, so one run never leaves servers behind)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if FAIL_ON_SKIP and _skipped:
+        if reporter is not None:
+            reporter.write_sep("=", "skipped tests count as failures here", red=True)
+            for nodeid in _skipped:
+                reporter.write_line(f"  {nodeid}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     leftovers = live_descendants()
     if not leftovers:
         return
     kill_all(leftovers)
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     lines = [f"  pid {lf.pid}: {lf.command}" for lf in leftovers]
     message = "processes the tests started were still running (now killed):\n" + "\n".join(lines)
     if reporter is not None:
