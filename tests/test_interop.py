@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from relay import Relay
 
 from encloud.client import NO_AUDIT, Client
 
@@ -90,11 +91,11 @@ def test_node_client_passes_every_vector(node_client: str) -> None:
         assert re.search(pattern, result.stdout, re.MULTILINE), case["name"]
 
 
-def test_node_client_end_to_end(node_client: str, stack: Any) -> None:
-    out = _run_node(
+def _end_to_end(node_client: str, stack: Any, address: str) -> dict:
+    return _run_node(
         node_client,
         "--target",
-        stack.address,
+        address,
         "--policy",
         str(stack.server.policy_path),
         "--prompt",
@@ -102,7 +103,20 @@ def test_node_client_end_to_end(node_client: str, stack: Any) -> None:
         "--max-new-tokens",
         str(MAX_NEW_TOKENS),
     )
+
+
+def test_node_client_end_to_end(node_client: str, stack: Any) -> None:
+    relay = Relay(stack.address).start()  # to see the metadata of every call
+    try:
+        out = _end_to_end(node_client, stack, relay.address)
+    finally:
+        relay.stop()
     assert out["ok"], out
+    # The replica's routing token from the Attest reply went with every later call.
+    route = out["route"]
+    assert len(route) == 32
+    sent = [(method, md.get("encloud-route", "")) for method, md in relay.metadata]
+    assert [m for m, token in sent if token != route] == ["Attest"], sent
     assert all(line.startswith("PASS") for line in out["report"]) and len(out["report"]) >= 20
     assert bytes.fromhex(out["model_digest"]) in stack.policy.allowed_model_digests
     assert out["infer"]["text"].strip()

@@ -55,6 +55,7 @@ async function endToEnd(opt, policy) {
     const stream = client.stream([['user', opt.prompt]], params);
     const pieces = await collect(stream);
     const sessionId = client.session.sessionId;
+    const route = client.session.route;
     await client.endSession();
     // The ended session is gone on the server: a fresh client naming it is refused.
     return {
@@ -67,6 +68,7 @@ async function endToEnd(opt, policy) {
       infer: { text: answer.text, ...answer.completion },
       stream: { pieces, text: pieces.join(''), ...stream.completion },
       session_id: sessionId.toString('hex'),
+      route,
     };
   } finally {
     client.close();

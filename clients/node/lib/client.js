@@ -7,6 +7,15 @@ const { performance } = require('node:perf_hooks');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const E = require('./errors');
+
+/** The routing token's metadata key (docs/PROTOCOL.md, "Routing"). */
+const ROUTE_HEADER = 'encloud-route';
+
+function routeMetadata(route) {
+  const metadata = new grpc.Metadata();
+  if (route) metadata.set(ROUTE_HEADER, route);
+  return metadata;
+}
 const hs = require('./handshake');
 const env = require('./envelope');
 const { verify } = require('./verifier');
@@ -101,11 +110,18 @@ class EncloudClient {
     return new Date(Date.now() + this.timeoutMs);
   }
 
-  call(method, request) {
+  /** A unary call; `route` is the session's routing token (docs/PROTOCOL.md, "Routing"),
+   * sent as `encloud-route` metadata. Resolves to the reply; `onHeaders` gets the reply's
+   * initial metadata (the Attest reply carries the token there). */
+  call(method, request, route = '', onHeaders = null) {
     return new Promise((resolve, reject) => {
-      this.stub[method](request, { deadline: this.deadline() }, (err, reply) =>
-        err ? reject(serviceError(err)) : resolve(reply),
+      const call = this.stub[method](
+        request,
+        routeMetadata(route),
+        { deadline: this.deadline() },
+        (err, reply) => (err ? reject(serviceError(err)) : resolve(reply)),
       );
+      if (onHeaders) call.on('metadata', onHeaders);
     });
   }
 
@@ -129,11 +145,20 @@ class EncloudClient {
     const wireNonce = this.hooks.attestNonce ? this.hooks.attestNonce(nonce) : nonce;
     const clientSecret = crypto.randomBytes(hs.CLIENT_SECRET_LENGTH);
     const commitment = hs.clientCommitment(clientSecret);
-    let reply = await this.call('Attest', {
-      nonce: wireNonce,
-      suite: { kem_id: suite.kemId, kdf_id: suite.kdfId, aead_id: suite.aeadId },
-      client_commitment: commitment,
-    });
+    let route = '';
+    let reply = await this.call(
+      'Attest',
+      {
+        nonce: wireNonce,
+        suite: { kem_id: suite.kemId, kdf_id: suite.kdfId, aead_id: suite.aeadId },
+        client_commitment: commitment,
+      },
+      '',
+      (headers) => {
+        const value = headers.get(ROUTE_HEADER);
+        route = value.length ? String(value[0]) : '';
+      },
+    );
     const receivedAt = performance.now();
     if (this.hooks.attestReply) reply = this.hooks.attestReply(reply);
     const sessionId = Buffer.from(reply.session_id);
@@ -166,6 +191,7 @@ class EncloudClient {
       clientSecret,
       sessionPub,
       ttl,
+      route,
       expiresAt: receivedAt + ttl * 1000,
       attestation,
       c2s: null,
@@ -196,7 +222,11 @@ class EncloudClient {
     const hHs = hs.handshakeHash(s.suite, s.nonce, s.sessionPub, s.sessionId, s.ttl, hEv, enc);
     const keys = await hs.deriveTrafficKeys(Buffer.from(dek), secret, hHs);
     secret.fill(0);
-    const reply = await this.call('ReleaseKey', { session_id: s.sessionId, sealed_key: sealedKey });
+    const reply = await this.call(
+      'ReleaseKey',
+      { session_id: s.sessionId, sealed_key: sealedKey },
+      s.route,
+    );
     await confirmKey(keys.kc, s.sessionId, reply.key_confirmation && fromWire(reply.key_confirmation), hHs);
     s.clientSecret.fill(0); // bound: the secret has done its one job
     s.c2s = new env.SealingKey(keys.c2s, s.sessionId);
@@ -218,7 +248,11 @@ class EncloudClient {
   /** One sealed request, one sealed answer: {text, completion}. */
   async infer(messages, params = {}) {
     const { s, requestId, sealed } = await this.sealRequest(messages, params);
-    const reply = await this.call('Infer', { session_id: s.sessionId, request: toWire(sealed) });
+    const reply = await this.call(
+      'Infer',
+      { session_id: s.sessionId, request: toWire(sealed) },
+      s.route,
+    );
     const payload = await s.s2c.open(fromWire(reply.response), MessageType.RESPONSE, requestId, 0);
     const response = decodePayload('GenerationResponse', payload);
     const t0 = env.transcriptStart(s.sessionId, requestId, sealed.sealed);
@@ -240,6 +274,7 @@ class EncloudClient {
         );
         const call = client.stub.StreamInfer(
           { session_id: s.sessionId, request: toWire(sealed) },
+          routeMetadata(s.route),
           { deadline: client.deadline() },
         );
         let index = 0;
@@ -273,7 +308,7 @@ class EncloudClient {
     if (!s || !s.c2s) return;
     const requestId = s.nextRequestId++;
     const sealed = await s.c2s.seal(MessageType.END, requestId, 0, Buffer.alloc(0));
-    await this.call('EndSession', { session_id: s.sessionId, end: toWire(sealed) });
+    await this.call('EndSession', { session_id: s.sessionId, end: toWire(sealed) }, s.route);
   }
 
   close() {
