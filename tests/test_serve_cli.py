@@ -180,3 +180,11 @@ def test_the_documented_way_tpm_start_then_serve_with_flags(
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.mark.unit
+def test_debug_keeps_the_traceback(tmp_path: Path) -> None:
+    from encloud.server.app import StartupError, run
+
+    with pytest.raises(StartupError, match="no exported model"):
+        run(["--debug", "--model", str(tmp_path / "absent"), "--metrics-port", "0"])
