@@ -330,6 +330,7 @@ def run(argv: Sequence[str] = (), prog: str = "encloud serve") -> int:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     try:
+        preflight(settings)  # before logging is set up: a plain one-line mistake
         asyncio.run(serve(settings))
     except StartupError as err:
         if debug:
