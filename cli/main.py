@@ -51,8 +51,10 @@ def _say_audited(path: Path | None) -> None:
     print(f"audit log: the attestation outcome was {where}", file=sys.stderr)
 
 
-def print_summary(attestation: object, policy: object, out=sys.stdout) -> None:
-    """The verification summary a user reads before trusting the server."""
+def print_summary(attestation: object, policy: object, out=None) -> None:
+    """The verification summary a user reads before trusting the server (to `out`, by
+    default the stdout of the moment: not the one at import time)."""
+    out = sys.stdout if out is None else out
     a = attestation
     dev = getattr(policy, "dev_only", False)
     print("Attestation verified", file=out)
