@@ -499,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the server (see serve --help: flags, ENCLOUD_*, --config)")
 
+    sub.add_parser("proxy", help="a local OpenAI-compatible proxy (see proxy --help)")
     sub.add_parser("export-model", help="convert a model to ONNX (see export-model --help)")
     sub.add_parser("loadgen", help="bounded load against a server (see loadgen --help)")
 
@@ -522,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         from encloud.cli.loadgen import main as loadgen_main
 
         return loadgen_main(argv[1:])
+    if argv[:1] == ["proxy"]:
+        # The OpenAI-compatible proxy owns its options (encloud.proxy.main).
+        from encloud.proxy.main import run as proxy
+
+        return proxy(argv[1:])
     if argv[:1] == ["serve"]:
         # The server's flags are its settings (encloud.server.config).
         from encloud.server.app import run as serve

@@ -11,7 +11,7 @@ compile() {
 }
 compile client.lock
 compile server.lock --extra server
-compile dev.lock --extra server --extra export --extra dev
+compile dev.lock --extra server --extra export --extra proxy --extra dev
 # The optimum exporter's own environment, from its own input (transformers < 4.58).
 "$PY" -m piptools compile --quiet --generate-hashes --allow-unsafe --strip-extras \
   --no-emit-index-url --no-emit-find-links --output-file requirements/optimum.lock \

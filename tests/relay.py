@@ -43,6 +43,8 @@ class Relay:
     rewrite: dict[str, Callable[[bytes], bytes]] = field(default_factory=dict)
     """Method name -> a function applied to each request's bytes before forwarding."""
     rewrite_reply: dict[str, Callable[[bytes], bytes]] = field(default_factory=dict)
+    rewrite_stream: dict[str, Callable[[int, bytes], bytes]] = field(default_factory=dict)
+    """Method name -> a function of (index, message bytes) applied to each streamed reply."""
     """Method name -> a function applied to each unary reply's bytes before returning it."""
     address: str = ""
     _server: grpc.Server | None = None
@@ -141,9 +143,10 @@ class _Handler(grpc.GenericRpcHandler):
                     timeout=context.time_remaining(),
                     metadata=_passed_on(context),
                 )
+                change = relay.rewrite_stream.get(name)
                 try:
                     for sent, message in enumerate(messages, start=1):
-                        yield message
+                        yield change(sent - 1, message) if change is not None else message
                         if fault is not None and sent >= fault.after_frames:
                             _abort(context, fault)
                 except grpc.RpcError as error:  # the server's own status, details and all

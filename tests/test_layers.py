@@ -16,7 +16,13 @@ import pytest
 pytestmark = pytest.mark.lint
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"protocol": "protocol", "client": "client", "cli": "cli", "server": "server"}
+PACKAGES = {
+    "protocol": "protocol",
+    "client": "client",
+    "proxy": "proxy",
+    "cli": "cli",
+    "server": "server",
+}
 
 
 def _lint(packages_root: Path, config: Path) -> subprocess.CompletedProcess[str]:
@@ -76,6 +82,8 @@ def test_the_server_contract_names_every_module_above_attestation_and_inference(
         ("protocol/_planted.py", "import encloud.client", "protocol imports nothing else"),
         ("client/_planted.py", "import encloud.server.settings", "client imports the protocol"),
         ("server/_planted.py", "from encloud.client import Client", "server imports the protocol"),
+        ("proxy/_planted.py", "import encloud.server.app", "proxy builds on the client"),
+        ("client/_planted.py", "import encloud.proxy", "client imports the protocol"),
         (
             "server/attestation/_planted.py",
             "import encloud.server.inference.engine",
