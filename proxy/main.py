@@ -174,8 +174,14 @@ async def serve(settings: ProxySettings) -> None:
         log.info("stopped; sessions ended, keys wiped")
 
     app = build_app(Proxy(pool, metrics), safety, shutdown)
+    # log_config=None: uvicorn's own lines go through the JSON format set up in run().
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        log_config=None,
     )
     server = _Server(config)
     await server.serve()

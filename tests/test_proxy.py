@@ -81,10 +81,22 @@ def _stop(proxy: RunningProxy) -> None:
 
 @pytest.fixture(scope="module")
 def proxy(stack, tmp_path_factory) -> Iterator[RunningProxy]:
-    running = _start_proxy(stack.address, stack.server.policy_path, tmp_path_factory.mktemp("px"))
+    metrics_port = _free_port()
+    running = _start_proxy(
+        stack.address,
+        stack.server.policy_path,
+        tmp_path_factory.mktemp("px"),
+        "--metrics-port",
+        str(metrics_port),
+    )
+    running.metrics_port = metrics_port  # type: ignore[attr-defined]
     yield running
     _stop(running)
-    assert "stopped; sessions ended, keys wiped" in running.log.read_text()
+    log = running.log.read_text()
+    assert "stopped; sessions ended, keys wiped" in log
+    # JSON lines only, and never a prompt or an answer.
+    assert all(line.startswith("{") for line in log.splitlines() if line.strip()), log[:500]
+    assert "Name three colours" not in log and "Count from one" not in log
 
 
 def _grpc_answer(stack, messages: list[dict], max_new_tokens: int, **params) -> tuple[str, object]:
@@ -210,6 +222,15 @@ def test_sse_framing_byte_for_byte_and_the_evidence_headers(proxy: RunningProxy)
     assert report["checks"] and all(c["passed"] for c in report["checks"])
     listed = httpx.get(f"{proxy.base_url}/models").json()["data"][0]
     assert listed["id"] == "encloud" and listed["encloud"]["attested_model_digest"] == model
+
+
+@pytest.mark.proxy
+def test_the_proxy_metrics_count_requests_and_no_sizes(proxy: RunningProxy) -> None:
+    proxy.sdk().chat.completions.create(model="encloud", messages=ASK, max_tokens=2)
+    text = httpx.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics").text  # type: ignore[attr-defined]
+    assert 'encloud_proxy_requests_total{route="chat_completions",status="200"}' in text
+    assert "encloud_proxy_sessions" in text
+    assert "token" not in text.replace("time_to_first_token", "")
 
 
 @pytest.mark.proxy
