@@ -11,6 +11,8 @@ from typing import NoReturn
 
 import grpc
 
+from encloud.client import require_port, tls_credentials
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported as one line (`--help` still shows usage)."""
@@ -28,11 +30,11 @@ def version() -> str:
 
 
 def target(value: str) -> str:
-    """host:port, or [v6]:port; a target without a port would silently dial 443."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or host.endswith(":") or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{value!r} is not host:port (the port is required)")
-    return value
+    """host:port, or [v6]:port (encloud.client.require_port), as an argparse type."""
+    try:
+        return require_port(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(value: str) -> int:
@@ -56,12 +58,4 @@ def add_target_args(parser: argparse.ArgumentParser, *, required: bool = False) 
 def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     """TLS credentials from --ca/--cert/--key; None (plaintext) when none is given.
     A missing file raises OSError, which the command reports as one line."""
-    if (args.cert is None) != (args.key is None):
-        raise ValueError("give --cert and --key together")
-    if args.ca is None and args.cert is None:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=args.ca.read_bytes() if args.ca else None,
-        private_key=args.key.read_bytes() if args.key else None,
-        certificate_chain=args.cert.read_bytes() if args.cert else None,
-    )
+    return tls_credentials(args.ca, args.cert, args.key)

@@ -34,6 +34,7 @@ from encloud.protocol.verifier import CheckResult, VerifiedAttestation
 
 from ._aio import AsyncChatStream, AsyncClient
 from ._base import NO_AUDIT, NoAudit
+from ._channel import require_port, tls_credentials
 from ._retry import RetryPolicy
 from ._sync import ChatStream, Client, first_use_evidence
 
@@ -69,4 +70,6 @@ __all__ = [
     "first_use_evidence",
     "load_policy",
     "parse_policy",
+    "require_port",
+    "tls_credentials",
 ]

@@ -17,11 +17,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import grpc
 from prometheus_client import start_http_server
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from encloud.client import require_port, tls_credentials
 from encloud.protocol.audit import AuditLog
 from encloud.protocol.errors import EncloudError
 from encloud.protocol.policy import load_policy
@@ -62,24 +62,6 @@ class ProxySettings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="Deadline of one request, seconds.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port.")
     log_level: str = Field("INFO", description="Python logging level.")
-
-
-def _check_target(target: str) -> None:
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--target {target!r} is not host:port (the port is required)")
-
-
-def _credentials(settings: ProxySettings) -> grpc.ChannelCredentials | None:
-    if (settings.cert is None) != (settings.key is None):
-        raise ValueError("give --cert and --key together")
-    if settings.ca is None and settings.cert is None:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=settings.ca.read_bytes() if settings.ca else None,
-        private_key=settings.key.read_bytes() if settings.key else None,
-        certificate_chain=settings.cert.read_bytes() if settings.cert else None,
-    )
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -141,14 +123,17 @@ async def serve(settings: ProxySettings) -> None:
 
     _Server = _server_class()
 
-    _check_target(settings.target)
+    try:
+        require_port(settings.target)
+    except ValueError as err:
+        raise ValueError(f"--target {err}") from None
     host, port = _split(settings.listen)
     if not is_loopback(host) and not settings.allow_remote:
         raise ValueError(f"{host} is not loopback: add --allow-remote (and a --token)")
     if not is_loopback(host) and settings.token is None:
         raise ValueError("a non-loopback listen address needs --token")
     policy = load_policy(settings.policy)
-    credentials = _credentials(settings)
+    credentials = tls_credentials(settings.ca, settings.cert, settings.key)
     audit = AuditLog(settings.audit_log)
     pool = SessionPool(
         settings.target,
