@@ -110,21 +110,14 @@ def runtime_event_by_loading(folder: Path) -> dict[str, Any]:
     measure: the server's settings are read from the same ENCLOUD_* environment the
     server gets (needs encloud[server])."""
     try:
-        from encloud.server.inference.engine import Engine
-        from encloud.server.runtime_event import runtime_event
+        from encloud.server.runtime_event import load_engine, runtime_event
         from encloud.server.settings import Settings
     except ImportError as err:
         raise PolicyError(
             "computing the runtime event needs encloud[server]; pass --runtime-event FILE"
         ) from err
     settings = Settings(model_dir=Path(folder))
-    engine = Engine.load(
-        settings.model_dir,
-        threads=settings.threads,
-        provider=settings.provider,
-        max_batch=settings.max_batch,
-        max_cohorts=settings.max_cohorts,
-    )
+    engine = load_engine(settings)
     try:
         return runtime_event(settings, engine.facts())
     finally:

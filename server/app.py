@@ -21,19 +21,24 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from http.server import ThreadingHTTPServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from encloud.protocol.faults import TpmUnavailableError
 from encloud.server import config, logs
-from encloud.server.attestation.startup import AttestationConfig, start_attestation
+from encloud.server.attestation.startup import (
+    AttestationConfig,
+    AttestationRuntime,
+    start_attestation,
+)
 from encloud.server.core import InferenceCore
 from encloud.server.grpc_servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from encloud.server.inference.engine import Engine
 from encloud.server.inference.manifest import ModelIntegrityError
 from encloud.server.metrics import Metrics
-from encloud.server.runtime_event import workload_events
+from encloud.server.runtime_event import load_engine, workload_events
 from encloud.server.sessions import SessionStore
 from encloud.server.settings import Settings
 
@@ -138,14 +143,19 @@ def preflight(settings: Settings) -> None:
             )
 
 
-class _Running:
-    """What a start-up has brought up so far, so a failed start stops exactly that."""
+class _Started:
+    """What a start-up has brought up so far: a failed start stops exactly that, and the
+    shutdown stops it all."""
 
     def __init__(self) -> None:
-        self.metrics_server: object | None = None
+        self.metrics_server: ThreadingHTTPServer | None = None
+        self.metrics_address = ""
         self.server: grpc.aio.Server | None = None
+        self.address = ""
+        self.health: health.aio.HealthServicer | None = None
+        self.servicer: InferenceServicer | None = None
         self.engine: Engine | None = None
-        self.attestation: object | None = None
+        self.attestation: AttestationRuntime | None = None
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -153,33 +163,36 @@ class _Running:
         if self.engine is not None:
             self.engine.close()
         if self.attestation is not None:
-            self.attestation.close()  # type: ignore[attr-defined]
+            self.attestation.close()
         if self.metrics_server is not None:
-            self.metrics_server.shutdown()  # type: ignore[attr-defined]
-            self.metrics_server.server_close()  # type: ignore[attr-defined]
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
 
-def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+def _bind(server: grpc.aio.Server, settings: Settings) -> str:
+    """Bind the gRPC port; the address (host:port) it listens on."""
     credentials = server_credentials(settings)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
     bind = f"{host}:{settings.port}"
     try:
         if credentials is None:
-            return server.add_insecure_port(bind)
-        return server.add_secure_port(bind, credentials)
+            port = server.add_insecure_port(bind)
+        else:
+            port = server.add_secure_port(bind, credentials)
     except RuntimeError:
         raise StartupError(
             f"cannot listen on {bind} (--host/--port, ENCLOUD_HOST/ENCLOUD_PORT): the address "
             "is taken or not this machine's"
         ) from None
+    return f"{host}:{port}"
 
 
-async def _start(settings: Settings, running: _Running, metrics: Metrics) -> tuple:
-    preflight(settings)
-    metrics_address = ""
+async def _start(settings: Settings, started: _Started, metrics: Metrics) -> None:
+    """Metrics, gRPC (NOT_SERVING), the engine, the TPM: each recorded in `started` as it
+    comes up. The preflight checks ran before (run())."""
     if settings.metrics_port is not None:
         try:
-            running.metrics_server, metrics_port = metrics.serve(
+            started.metrics_server, metrics_port = metrics.serve(
                 settings.metrics_host, settings.metrics_port
             )
         except OSError as err:
@@ -187,49 +200,38 @@ async def _start(settings: Settings, running: _Running, metrics: Metrics) -> tup
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
                 f"(ENCLOUD_METRICS_HOST/ENCLOUD_METRICS_PORT): {err.strerror}"
             ) from None
-        metrics_address = f"{settings.metrics_host}:{metrics_port}"
+        started.metrics_address = f"{settings.metrics_host}:{metrics_port}"
 
-    server = grpc.aio.server(options=server_options(settings))
-    running.server = server
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    servicer = InferenceServicer(
+    server = started.server = grpc.aio.server(options=server_options(settings))
+    started.health = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(started.health, server)
+    await _set_health(started.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    started.servicer = InferenceServicer(
         metrics,
         trusted_proxies=settings.trusted_proxies,
         replica=settings.replica_name or socket.gethostname(),
     )
-    add_to_server(servicer, server)
+    add_to_server(started.servicer, server)
     if settings.reflection:
         from encloud.server import reflection
 
         reflection.enable(server, (SERVICE_NAME, health.SERVICE_NAME))
-    port = _bind(server, settings)
+    started.address = _bind(server, settings)
     await server.start()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    address = f"{host}:{port}"
     log.info(
         "listening, not serving yet",
         extra={
-            "address": address,
+            "address": started.address,
             "tls": settings.tls_cert_file is not None,
-            "metrics": metrics_address,
+            "metrics": started.metrics_address,
         },
     )
     try:
-        engine = await asyncio.to_thread(
-            Engine.load,
-            settings.model_dir,
-            threads=settings.threads,
-            provider=settings.provider,
-            max_batch=settings.max_batch,
-            max_cohorts=settings.max_cohorts,
-        )
+        engine = started.engine = await asyncio.to_thread(load_engine, settings)
     except ModelIntegrityError as err:
         raise StartupError(f"the model folder does not verify (--model): {err}") from None
-    running.engine = engine
     try:
-        attestation = await asyncio.to_thread(
+        started.attestation = await asyncio.to_thread(
             start_attestation,
             attestation_config(settings),
             workload_events(settings, engine.model_digest, engine.facts()),
@@ -239,31 +241,23 @@ async def _start(settings: Settings, running: _Running, metrics: Metrics) -> tup
             f"cannot reach the TPM at TCTI {settings.tcti!r} (--tpm / ENCLOUD_TCTI); for a "
             "simulator run `encloud tpm start --state DIR` and use the TCTI it prints"
         ) from None
-    running.attestation = attestation
-    return server, health_servicer, servicer, engine, attestation, address, metrics_address
 
 
 async def serve(settings: Settings) -> None:
     """Start, serve until SIGTERM or SIGINT, drain, stop. A failed start stops what it had
     started (gRPC, metrics, the engine, the TPM) and raises StartupError or the error."""
     logs.configure(settings.log_level, access_log=settings.access_log)
-    started = time.monotonic()
+    began = time.monotonic()
     metrics = Metrics()
-    running = _Running()
+    started = _Started()
     try:
-        (
-            server,
-            health_servicer,
-            servicer,
-            engine,
-            attestation,
-            address,
-            metrics_address,
-        ) = await _start(settings, running, metrics)
+        await _start(settings, started, metrics)
     except BaseException:
-        await running.stop()
+        await started.stop()
         raise
-    metrics_server = running.metrics_server
+    server, health_servicer, servicer = started.server, started.health, started.servicer
+    engine, attestation = started.engine, started.attestation
+    assert server and health_servicer and servicer and engine and attestation
 
     executor = ThreadPoolExecutor(
         max_workers=settings.generation_workers, thread_name_prefix="engine"
@@ -274,18 +268,18 @@ async def serve(settings: Settings) -> None:
     sweeper = asyncio.create_task(_sweep_sessions(service, settings.session_sweep_interval_seconds))
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     if settings.ready_file is not None:
-        ready = address + (f"\nmetrics={metrics_address}" if metrics_address else "")
+        extra = f"\nmetrics={started.metrics_address}" if started.metrics_address else ""
         partial = settings.ready_file.with_name(settings.ready_file.name + ".tmp")
-        partial.write_text(ready + "\n")
+        partial.write_text(started.address + extra + "\n")
         partial.replace(settings.ready_file)  # atomic: a reader never sees half a file
     log.info(
         "serving",
         extra={
-            "address": address,
+            "address": started.address,
             "model_digest": engine.model_digest.hex(),
             "workload_pcr": settings.workload_pcr,
             "records": len(attestation.attester.records),
-            "seconds": round(time.monotonic() - started, 3),
+            "seconds": round(time.monotonic() - began, 3),
         },
     )
 
@@ -307,16 +301,13 @@ async def serve(settings: Settings) -> None:
         cancelled = service.cancel_all()
         log.info("grace period over, cancelling", extra={"calls": cancelled})
     await stopping
+    started.server = None  # stopped above, with its grace
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
     service.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
-    engine.close()
-    attestation.close()
-    if metrics_server is not None:
-        metrics_server.shutdown()  # type: ignore[attr-defined]
-        metrics_server.server_close()  # type: ignore[attr-defined]
+    await started.stop()  # the engine, the TPM, metrics
     log.info("stopped; session keys wiped")
 
 

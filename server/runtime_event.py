@@ -20,7 +20,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
+from encloud.server.inference.engine import Engine
 from encloud.server.settings import Settings, measured_settings
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The engine as the server loads it: one call, so that a runtime event computed for a
+    policy (`encloud policy from-manifest --compute-runtime`) comes from the same load."""
+    return Engine.load(
+        settings.model_dir,
+        threads=settings.threads,
+        provider=settings.provider,
+        max_batch=settings.max_batch,
+        max_cohorts=settings.max_cohorts,
+    )
 
 
 def encloud_version() -> str:
