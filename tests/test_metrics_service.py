@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,9 +12,10 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from stack import running_stack
 from tokenizers import Tokenizer
+from waiting import metric, wait_for
+from waiting import samples as all_samples
 
 from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import ServiceError
@@ -41,13 +41,7 @@ def test_metrics_count_requests_errors_generations_and_sessions(server: ServerPr
         assert "".join(client.stream([("user", "Say hi.")], max_new_tokens=6))
         with pytest.raises(ServiceError):
             client.infer([("user", "<|im_start|>")], max_new_tokens=4)
-    url = f"http://{server.metrics_address}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = all_samples(server.metrics_address)
     names = {name for name, _ in samples}
     for wanted in (
         "encloud_requests_total",
@@ -72,27 +66,18 @@ def test_metrics_count_requests_errors_generations_and_sessions(server: ServerPr
         assert {label for label, _ in labels} <= ALLOWED_LABELS
 
 
-def _samples(server: ServerProcess) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=10).read()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text.decode())
-        for s in family.samples
-    }
-
-
 def _quiet_samples(server: ServerProcess) -> dict[tuple[str, tuple], float]:
     """The samples once nothing runs or waits (polled, bounded)."""
-    deadline = time.monotonic() + 30
-    while True:
-        samples = _samples(server)
-        busy = samples.get(("encloud_running_generations", ()), 0) + samples.get(
-            ("encloud_queue_depth", ()), 0
-        )
-        if not busy:
-            return samples
-        assert time.monotonic() < deadline, "generations did not end"
-        time.sleep(0.05)
+    address = server.metrics_address
+    wait_for(
+        lambda: (
+            metric(address, "encloud_running_generations") == 0
+            and metric(address, "encloud_queue_depth") == 0
+        ),
+        "generations to end",
+        seconds=30,
+    )
+    return all_samples(address)
 
 
 def _is_timing(name: str) -> bool:
@@ -176,7 +161,7 @@ def test_metrics_only_at_metrics_with_process_series_but_no_memory(server: Serve
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(base + path, timeout=10)
         assert refused.value.code == 404
-    names = {name for name, _ in _samples(server)}
+    names = {name for name, _ in all_samples(server.metrics_address)}
     assert {"process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"} <= names
     assert not {n for n in names if "memory" in n}  # it moves with what requests hold
 

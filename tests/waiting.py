@@ -18,15 +18,20 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60.0) ->
         time.sleep(0.02)
 
 
-def metric(metrics_address: str, name: str, **labels: str) -> float:
-    """One sample's value from the server's /metrics (0 when the series does not exist)."""
+def samples(metrics_address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the server's /metrics: (name, sorted labels) -> value."""
     url = f"http://{metrics_address}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(metrics_address: str, name: str, **labels: str) -> float:
+    """One sample's value from the server's /metrics (0 when the series does not exist)."""
+    return samples(metrics_address).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def sessions_expired(metrics_address: str) -> float:
