@@ -20,7 +20,6 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from http.server import ThreadingHTTPServer
 
 import grpc
@@ -259,11 +258,8 @@ async def serve(settings: Settings) -> None:
     engine, attestation = started.engine, started.attestation
     assert server and health_servicer and servicer and engine and attestation
 
-    executor = ThreadPoolExecutor(
-        max_workers=settings.generation_workers, thread_name_prefix="engine"
-    )
     sessions = SessionStore(settings, metrics=metrics)
-    service = InferenceCore(settings, attestation.attester, engine, sessions, executor, metrics)
+    service = InferenceCore(settings, attestation.attester, engine, sessions, metrics)
     servicer.attach(service)
     sweeper = asyncio.create_task(_sweep_sessions(service, settings.session_sweep_interval_seconds))
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
@@ -306,7 +302,6 @@ async def serve(settings: Settings) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
     service.shutdown()
-    executor.shutdown(wait=False, cancel_futures=True)
     await started.stop()  # the engine, the TPM, metrics
     log.info("stopped; session keys wiped")
 

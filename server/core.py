@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,9 +40,10 @@ from encloud.protocol.handshake import (
 )
 from encloud.server import grpc_converters as converters
 from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
+from encloud.server.inference.scheduler import AsyncStream
 from encloud.server.limits import PeerRateLimiter, ServerBusyError
 from encloud.server.metrics import Metrics
-from encloud.server.sessions import ActiveCall, Session, SessionState, SessionStore
+from encloud.server.sessions import ActiveCall, Session, SessionState, SessionStore, StepCounter
 from encloud.server.settings import Settings
 
 log = logging.getLogger("encloud.service")
@@ -54,9 +56,13 @@ class Attester(Protocol):
 
 
 class TextEngine(Protocol):
-    def stream(
-        self, params: GenerationParams, should_stop: Callable[[], bool]
-    ) -> Iterator[str | GenerationResult]: ...
+    def astream(
+        self,
+        params: GenerationParams,
+        should_stop: Callable[[], bool],
+        peer: str = "",
+        on_end: Callable[[str], None] | None = None,
+    ) -> AsyncStream: ...
 
     def count_prompt_tokens(self, messages: Sequence[ChatTurn]) -> int: ...
 
@@ -69,13 +75,43 @@ class AttestResult:
     evidence: Evidence
 
 
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+class _EngineBooks:
+    """A queued request's gauges and cancel counts, kept exact across the engine thread
+    (should_stop, on_end) and the event loop: each request leaves the queue-depth gauge once
+    and the running gauge once, whichever side sees it end."""
 
+    def __init__(self, metrics: Metrics, steps: StepCounter) -> None:
+        self._metrics = metrics
+        self._steps = steps
+        self._lock = threading.Lock()
+        self._started = False
+        self._ended = False
 
-_END = object()
-_CANCEL = object()  # the call's cancel signal was set
+    def queued(self) -> None:
+        self._metrics.queue_depth.inc()
+
+    def should_stop(self) -> bool:  # engine thread, before each of the request's steps
+        with self._lock:
+            if not self._started and not self._ended:
+                self._started = True
+                self._metrics.queue_depth.dec()
+                self._metrics.running.inc()
+        return self._steps.should_stop()
+
+    def on_end(self, finish: str) -> None:  # engine thread, once
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            if self._started:
+                self._metrics.running.dec()
+            else:
+                self._metrics.queue_depth.dec()
+        after = self._steps.steps_after_cancel
+        if after is not None and finish == "cancelled":
+            self._metrics.cancels.inc()
+            if after > 1:
+                self._metrics.cancel_overruns.inc()
 
 
 def _not_started() -> GenerationResult:
@@ -94,14 +130,12 @@ class InferenceCore:
         attester: Attester,
         engine: TextEngine,
         sessions: SessionStore,
-        executor: ThreadPoolExecutor,
         metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._attester = attester
         self._engine = engine
         self._sessions = sessions
-        self._executor = executor
         self._metrics = metrics or Metrics()
         self._tpm_executor = ThreadPoolExecutor(1, thread_name_prefix="tpm")
         self._attest_limiter = PeerRateLimiter(
@@ -307,82 +341,43 @@ class InferenceCore:
     async def _generate(
         self, params: GenerationParams, call: ActiveCall
     ) -> AsyncIterator[str | GenerationResult]:
-        """Run the engine in a worker thread and yield its output on the event loop.
+        """Run the request on the engine and yield its output on the event loop.
 
-        Leaving this generator early (client cancel or disconnect, deadline,
-        session end, shutdown, error) sets the call's cancel signal, which the
-        engine checks before every decode step.
+        The engine thread hands each step's output for every request on this loop over in
+        one wake-up (Engine.astream); no thread waits per request. Leaving this generator
+        early (client cancel or disconnect, deadline, session end, shutdown, error) sets the
+        call's cancel signal, which the engine checks before every step of the request.
         """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
         metrics = self._metrics
         cancel = call.cancel
-        steps = cancel.steps
         limit = self._settings.max_prompt_tokens
-
-        def put(item: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop may be closing
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def should_stop() -> bool:
-            if not steps.started:
-                metrics.queue_depth.dec()
-                metrics.running.inc()
-            return steps.should_stop()
-
-        def work() -> None:
-            engine_finish = ""
-            try:
-                if cancel.is_set():  # cancelled while queued: not even a prefill
-                    put(_not_started())
-                    return
-                if limit is not None and self._engine.count_prompt_tokens(params.messages) > limit:
-                    raise PromptTooLongError(
-                        "the prompt is above the server's limit (max_prompt_tokens in the "
-                        "attested runtime event)"
-                    )
-                for item in self._engine.stream(params, should_stop, call.peer):
-                    if isinstance(item, GenerationResult):
-                        engine_finish = item.finish_reason
-                    put(item)
-            except BaseException as error:  # handed to the event loop, re-raised there
-                put(_Failed(error))
-            finally:
-                if steps.started:
-                    metrics.running.dec()
-                else:
-                    metrics.queue_depth.dec()
-                after = steps.steps_after_cancel
-                if after is not None and engine_finish == "cancelled":
-                    metrics.cancels.inc()
-                    if after > 1:
-                        metrics.cancel_overruns.inc()
-                put(_END)
-
+        books = _EngineBooks(metrics, cancel.steps)
         admitted = time.monotonic()
         first: float | None = None
         last = admitted
         pieces = 0
         finish = "cancelled"
-        metrics.queue_depth.inc()
-        worker = self._executor.submit(work)
-        cancel.when_set(lambda: put(_CANCEL))
+        stream = None
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if item is _CANCEL:
-                    if not worker.cancel():
-                        continue  # running: the engine ends it before its next step
-                    # It never started (EndSession or shutdown reached it while it waited
-                    # for a worker): end now rather than when a worker comes free.
-                    metrics.queue_depth.dec()
-                    item = _not_started()
-                    queue.put_nowait(_END)
-                if isinstance(item, _Failed):
-                    finish = "error"
-                    raise item.error
+            if cancel.is_set():  # cancelled before it was queued: not even a prefill
+                yield _not_started()
+                return
+            if limit is not None and self._engine.count_prompt_tokens(params.messages) > limit:
+                finish = "error"
+                raise PromptTooLongError(
+                    "the prompt is above the server's limit (max_prompt_tokens in the "
+                    "attested runtime event)"
+                )
+            books.queued()
+            try:
+                stream = self._engine.astream(
+                    params, books.should_stop, call.peer, on_end=books.on_end
+                )
+            except BaseException:
+                books.on_end("error")  # refused before the engine saw it
+                raise
+            cancel.when_set(stream.cancel)  # a waiting request leaves without running
+            async for item in stream:
                 if isinstance(item, GenerationResult):
                     finish = item.finish_reason
                 else:
@@ -391,8 +386,13 @@ class InferenceCore:
                     if first is None:
                         first = last
                         metrics.ttft.observe(first - admitted)
-                yield item  # type: ignore[misc]
+                yield item
+        except Exception:  # not GeneratorExit or CancelledError: the caller left
+            finish = "error"
+            raise
         finally:
+            if stream is not None:
+                await stream.aclose()
             cancel.set()
             metrics.generations.labels(_COMPLETED.get(finish, finish)).inc()
             metrics.generation_seconds.observe(time.monotonic() - admitted)

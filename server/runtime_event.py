@@ -32,7 +32,9 @@ def load_engine(settings: Settings) -> Engine:
         threads=settings.threads,
         provider=settings.provider,
         max_batch=settings.max_batch,
-        max_cohorts=settings.max_cohorts,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        kv_budget_tokens=settings.kv_budget_tokens,
+        spinning=settings.engine_spinning,
     )
 
 

@@ -244,15 +244,30 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Most concurrent streams the engine decodes in one batch.",
-        json_schema_extra=_measured("batch shapes and padding change the numerics of a request"),
+        json_schema_extra=_measured("batch shapes change the numerics of a request"),
     )
-    max_cohorts: int = Field(
-        4,
-        ge=1,
-        le=16,
-        description="Batches decoded side by side; a late request waits one step per "
-        "running batch.",
-        json_schema_extra=_measured("how requests are grouped changes the numerics of a request"),
+    prefill_chunk_tokens: int = Field(
+        256,
+        ge=16,
+        le=8192,
+        description="Prompt tokens prefilled per engine step, in all: a running stream waits "
+        "at most one chunk between tokens, and a new prompt is prefilled this many tokens at "
+        "a time.",
+        json_schema_extra=_measured("chunk boundaries change the order of a prompt's sums"),
+    )
+    kv_budget_tokens: int = Field(
+        16384,
+        ge=256,
+        description="KV cache budget: the most prompt + new tokens that admitted requests may "
+        "come to hold, summed; a request that would pass it waits. Bounds the cache's memory "
+        "(tokens x the model's bytes per token).",
+        json_schema_extra=_measured("caps a request's prompt plus answer (PROMPT_TOO_LONG above)"),
+    )
+    engine_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's intra-op threads spin between steps (off: they sleep, "
+        "leaving the cores to the event loop that seals frames and answers Attest).",
+        json_schema_extra=_unmeasured("thread scheduling only: the same sums in the same order"),
     )
     default_max_new_tokens: int = Field(
         256,
@@ -301,16 +316,6 @@ class Settings(BaseSettings):
         "server-wide; beyond it RESOURCE_EXHAUSTED with RetryInfo.",
         json_schema_extra=_unmeasured(
             "load shedding: refused calls get RESOURCE_EXHAUSTED, nothing else changes"
-        ),
-    )
-    generation_workers: int = Field(
-        16,
-        ge=1,
-        le=1024,
-        description="Worker threads that drive the engine's generations (each waits on the "
-        "engine while it decodes; the engine decides how many run at once).",
-        json_schema_extra=_unmeasured(
-            "threads that wait on the engine; the engine decides what runs together"
         ),
     )
 

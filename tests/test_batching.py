@@ -1,6 +1,6 @@
-"""The batch scheduler on the real SmolLM2 export (the precision the server ships): batched
-answers, per-request decoding parameters and cancellation inside a batch (counted in decode
-steps, never in seconds).
+"""The continuous-batching scheduler on the real SmolLM2 export (the precision the server
+ships): batched answers, per-request decoding parameters and cancellation inside a batch
+(counted in engine steps, never in seconds).
 
 Throughput is not asserted here; docs/MODEL_PIPELINE.md has the measured figures.
 """
@@ -13,10 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime_genai as og
 import pytest
 
 from encloud.server.inference.engine import ChatTurn, Engine, GenerationParams, GenerationResult
+from encloud.server.inference.runner import ModelRunner
 
 PROMPTS = (
     "What is the capital of France?",
@@ -51,13 +51,13 @@ def _collect(engine: Engine, params: GenerationParams, out: dict, key, should_st
 
 
 def _run_batched(engine: Engine, jobs: list[tuple[GenerationParams, object]]) -> dict:
-    """Start every job while admission is held, so they all land in one cohort."""
+    """Start every job while admission is held, so they are all admitted in one step."""
     out: dict = {}
     threads = [
         threading.Thread(target=_collect, args=(engine, p, out, i, stop))
         for i, (p, stop) in enumerate(jobs)
     ]
-    started = engine.scheduler.stats.cohorts_started
+    admitted = engine.scheduler.stats.admitted
     with engine.hold_admission():
         for t in threads:
             t.start()
@@ -67,26 +67,28 @@ def _run_batched(engine: Engine, jobs: list[tuple[GenerationParams, object]]) ->
             time.sleep(0.005)
     for t in threads:
         t.join(timeout=300)
-    assert engine.scheduler.stats.cohorts_started == started + 1  # one batch for all of them
+    assert engine.scheduler.stats.admitted == admitted + len(jobs)
     return out
 
 
 def _reference(engine: Engine, prompt: str) -> tuple[list[int], list[float]]:
-    """Batch-1 greedy tokens and, per step, the gap between the top two logits."""
+    """Batch-1 greedy tokens and, per step, the gap between the top two logits: the prompt in
+    one piece on a runner of its own (no scheduler, no other row)."""
     ids = engine._encode_messages((ChatTurn("user", prompt),))
-    params = og.GeneratorParams(engine._model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + NEW_TOKENS)
-    gen = og.Generator(engine._model, params)
-    gen.append_tokens(ids)
-    tokens, gaps = [], []
+    runner = ModelRunner(
+        engine._folder, threads=2, spinning=False, provider="cpu", max_rows=1, max_len=512
+    )
+    runner.ensure(len(ids) + NEW_TOKENS, [0])
+    logits = runner.run(0, ids.reshape(1, -1), [0])[0]
+    tokens, gaps, cached = [], [], len(ids)
     for _ in range(NEW_TOKENS):
-        logits = np.asarray(gen.get_logits()).reshape(-1)
         top2 = np.partition(logits, -2)[-2:]
         gaps.append(float(abs(top2[1] - top2[0])))
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
+        tokens.append(int(np.argmax(logits)))
         if tokens[-1] in engine._eos_ids:
             break
+        logits = runner.run(0, np.array([[tokens[-1]]]), [cached])[0]
+        cached += 1
     return tokens, gaps
 
 
@@ -100,8 +102,8 @@ def test_batched_greedy_matches_single_stream_until_a_near_tie(engine: Engine) -
         safe = next((k for k, g in enumerate(gaps) if g < NEAR_TIE), len(tokens))
         # Text of the reference's tokens before the first near-tie (eos is not text).
         prefix_ids = [t for t in tokens[:safe] if t not in engine._eos_ids]
-        stream = engine._tokenizer.create_stream()
-        prefix = "".join(stream.decode(t) for t in prefix_ids)
+        stream = engine._tokenizer.decoder()
+        prefix = "".join(stream.step(t) for t in prefix_ids)
         text, result = got[i]
         assert text.startswith(prefix), (i, safe, prefix, text)
         compared += safe
@@ -116,13 +118,13 @@ def test_cancel_leaves_the_batch_at_the_next_step(engine: Engine) -> None:
     calls = 0
 
     def stop_after_three_steps() -> bool:
-        # Called once at admission, then before each decode step of this request.
+        # Called once at admission, then before each step of this request (its prefill, which
+        # gives the first token, then one decode step per token).
         nonlocal calls
         calls += 1
         return calls > 4
 
     long_params = GenerationParams((ChatTurn("user", "Tell me a long story."),), 20)
-    steps_before = engine.scheduler.stats.decode_steps
     got = _run_batched(
         engine,
         [(long_params, _never), (long_params, stop_after_three_steps), (long_params, _never)],
@@ -133,10 +135,6 @@ def test_cancel_leaves_the_batch_at_the_next_step(engine: Engine) -> None:
     for i in (0, 2):
         assert got[i][1].finish_reason in ("length", "stop")
         assert got[i][1].completion_tokens > 3
-    # The cohort kept decoding for the others (decode steps are counted per cohort).
-    assert engine.scheduler.stats.decode_steps - steps_before == max(
-        got[i][1].completion_tokens for i in (0, 2)
-    )
 
 
 def test_each_request_keeps_its_own_sampling_parameters(engine: Engine) -> None:
@@ -167,8 +165,8 @@ def test_stop_token_ids_and_repetition_penalty(engine: Engine) -> None:
     # Stop at a token the answer really produces (its first occurrence, from step 3 on).
     tokens, _gaps = _reference(engine, msgs[0].content)
     k = next(k for k in range(3, len(tokens)) if tokens[k] not in tokens[:k])
-    stream = engine._tokenizer.create_stream()
-    expected = "".join(stream.decode(t) for t in tokens[:k])
+    stream = engine._tokenizer.decoder()
+    expected = "".join(stream.step(t) for t in tokens[:k])
     stopped: dict = {}
     _collect(engine, GenerationParams(msgs, 30, stop_token_ids=(tokens[k],)), stopped, 0)
     assert stopped[0][1].finish_reason == "stop"
@@ -195,7 +193,7 @@ def test_peers_take_turns_in_a_batch_of_uneven_prompts(engine: Engine) -> None:
         ("B", "What is the capital of France?"),
     ]
     out: dict = {}
-    started = engine.scheduler.stats.cohorts_started
+    admitted = engine.scheduler.stats.admitted
 
     def collect(key: int, peer: str, prompt: str) -> None:
         params = GenerationParams(messages=(ChatTurn("user", prompt),), max_new_tokens=4)
@@ -213,7 +211,7 @@ def test_peers_take_turns_in_a_batch_of_uneven_prompts(engine: Engine) -> None:
     for t in threads:
         t.join(timeout=120)
         assert not t.is_alive(), "a request was lost by the scheduler"
-    assert engine.scheduler.stats.cohorts_started == started + 1
+    assert engine.scheduler.stats.admitted == admitted + len(jobs)
     for key in range(len(jobs)):
         assert isinstance(out[key][-1], GenerationResult), out.get(key)
         assert out[key][-1].completion_tokens > 0

@@ -245,10 +245,10 @@ def test_utf8_pieces_are_whole_characters(engine: Engine) -> None:
     # The detokeniser itself on byte-fallback tokens (emoji, CJK, kana, ZWJ sequences).
     sample = "a😀🎉 你好世界 こんにちは ñ 🧑\u200d🚀"
     tok = engine._tokenizer
-    stream = tok.create_stream()
+    stream = tok.decoder()
     ids = tok.encode(sample)
     assert len(ids) > len(sample)  # some characters span several tokens
-    out = [stream.decode(int(i)) for i in ids]
+    out = [stream.step(int(i)) for i in ids]
     assert "".join(out) == sample
     assert all("\ufffd" not in p for p in out)
 
@@ -304,7 +304,8 @@ def test_engine_facts(engine: Engine, model_folder: Path) -> None:
     facts = engine.facts()
     _assert_no_floats(facts)
     json.dumps(facts)
-    assert facts["engine"] == "onnxruntime-genai"
+    assert facts["engine"] == "onnxruntime"
+    assert facts["session_options"]["allow_spinning"] is False
     assert "threads" not in facts and "provider" not in facts
     assert "default_max_new_tokens" not in json.dumps(facts)
     assert facts["precision"] == engine.precision
@@ -315,3 +316,32 @@ def test_engine_facts(engine: Engine, model_folder: Path) -> None:
         assert again.facts() == facts
     finally:
         again.close()
+
+
+@pytest.mark.engine
+def test_prompts_tokenise_as_onnxruntime_genai_did(engine: Engine, model_folder: Path) -> None:
+    """The switch from onnxruntime-genai's tokenizer to Hugging Face tokenizers + Jinja2 changed
+    no prompt: the same rendering and the same ids as the library the export came from (it is
+    in the export environment, not the server's)."""
+    import json
+
+    og = pytest.importorskip("onnxruntime_genai")
+    reference = og.Tokenizer(og.Model(str(model_folder)))
+    conversations = [
+        _user("Hi"),
+        (ChatTurn("system", "Be brief."), ChatTurn("user", "ñ 你好 😀 {{ x }} \\n")),
+        (
+            ChatTurn("user", "Hi"),
+            ChatTurn("assistant", "Hello! How can I help?"),
+            ChatTurn("user", "  spaces  and\ttabs\n\nnew lines "),
+        ),
+    ]
+    for turns in conversations:
+        payload = json.dumps([{"role": t.role, "content": t.content} for t in turns])
+        rendered = reference.apply_chat_template(
+            payload, template_str=engine.manifest.chat_template, add_generation_prompt=True
+        )
+        assert engine.render_prompt(turns) == rendered
+        assert engine._encode_messages(turns).tolist() == [
+            int(i) for i in reference.encode(rendered)
+        ]

@@ -15,9 +15,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import pytest
 from stack import Stack, running_stack
 from waiting import metric, wait_for
@@ -28,7 +28,7 @@ from encloud.protocol.faults import ResourceExhaustedError
 from encloud.protocol.handshake import SUITE_V1
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
-from encloud.server.inference.scheduler import BatchScheduler, _Request
+from encloud.server.inference.scheduler import _Request, admissible
 from encloud.server.limits import MAX_TRACKED_PEERS, PeerRateLimiter, peer_key, trusted_networks
 from encloud.server.sessions import SessionStore
 from encloud.server.settings import Settings
@@ -87,26 +87,35 @@ def test_per_peer_quotas_leave_room_for_the_others() -> None:
     store.create(SUITE_V1, os.urandom(32), os.urandom(32), "ipv4:192.0.2.2")  # another peer
 
 
-@pytest.mark.unit
-def test_the_last_cohort_slot_waits_for_a_peer_with_nothing_running() -> None:
-    def request(peer: str) -> _Request:
-        return _Request(
-            ids=None,  # type: ignore[arg-type]
-            max_new_tokens=1,
-            stops=(),
-            stop_ids=frozenset(),
-            sampler=None,  # type: ignore[arg-type]
-            should_stop=lambda: False,
-            peer=peer,
-        )
+def _waiting_request(peer: str, reserved: int = 2) -> _Request:
+    return _Request(
+        ids=np.zeros(reserved - 1, dtype=np.int64),
+        max_new_tokens=1,
+        stops=(),
+        stop_ids=frozenset(),
+        sampler=None,  # type: ignore[arg-type]
+        should_stop=lambda: False,
+        peer=peer,
+    )
 
-    running = SimpleNamespace(rows=[request("A")])
-    waiting = [request("A"), request("A"), request("B"), request("A"), request("C")]
-    scheduler = SimpleNamespace(max_cohorts=2, _cohorts=[running], _waiting=waiting)
-    admissible = BatchScheduler._admissible(scheduler)  # type: ignore[arg-type]
-    assert [r.peer for r in admissible] == ["B", "C"]  # A holds a slot: the last is not A's
-    scheduler._cohorts = []
-    assert [r.peer for r in BatchScheduler._admissible(scheduler)] == ["A", "B", "C", "A", "A"]
+
+@pytest.mark.unit
+def test_the_last_free_row_waits_for_a_peer_with_nothing_running() -> None:
+    waiting = [_waiting_request(p) for p in ("A", "A", "B", "A", "C")]
+    two_free = admissible(waiting, running_peers=["A"], free_rows=2, budget_left=10**6)
+    assert [r.peer for r in two_free] == ["A", "B"]  # peers take turns; the last is not A's
+    one_free = admissible(waiting, running_peers=["A"], free_rows=1, budget_left=10**6)
+    assert [r.peer for r in one_free] == ["B"]
+    idle = admissible(waiting, running_peers=[], free_rows=8, budget_left=10**6)
+    assert [r.peer for r in idle] == ["A", "B", "C", "A", "A"]
+
+
+@pytest.mark.unit
+def test_a_request_over_the_kv_budget_waits_and_a_smaller_one_goes_first() -> None:
+    big, small = _waiting_request("A", reserved=600), _waiting_request("B", reserved=100)
+    chosen = admissible([big, small], running_peers=[], free_rows=8, budget_left=500)
+    assert chosen == [small]
+    assert admissible([big, small], running_peers=[], free_rows=8, budget_left=700) == [big, small]
 
 
 # --- two real peers ---------------------------------------------------------------------------
@@ -124,7 +133,6 @@ def shared_server(model_dir: Path) -> Iterator[tuple[Stack, int]]:
             max_sessions_per_peer=6,
             max_queued_requests_per_peer=4,
             max_streams_per_session=4,
-            max_cohorts=4,
             attest_rate_per_second=20.0,
             attest_burst=64,
         ) as stack,

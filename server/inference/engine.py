@@ -1,20 +1,14 @@
-"""The ONNX Runtime GenAI engine: loads a verified model folder and streams chat completions.
+"""The engine: loads a verified model folder and streams chat completions.
 
-Imports neither torch nor transformers (directly or indirectly): only the standard library,
-numpy, onnxruntime_genai and this package's manifest, encoding and errors.
+Imports neither torch nor transformers (directly or indirectly) nor onnxruntime-genai: only the
+standard library, numpy, onnxruntime, tokenizers, jinja2 and this package.
 
-Prompts are rendered with onnxruntime-genai's ``Tokenizer.apply_chat_template`` given, as
-``template_str``, the chat template recorded in the verified manifest (so the template that is
-measured in the model digest is the one used). Message contents that contain one of the
-tokenizer's special-token strings (``<|im_start|>``, ``<|im_end|>``, ...) are refused: the
-tokenizer would turn them into control tokens and let a message forge role boundaries.
-
-Text is detokenised incrementally with onnxruntime-genai's ``TokenizerStream``, which returns
-only whole UTF-8 characters (it returns "" while a character's bytes are incomplete).
-
-Concurrent ``stream`` calls are batched by a
-:class:`~encloud.server.inference.scheduler.BatchScheduler` thread that owns every generator
-(see that module for the cohort design and docs/MODEL_PIPELINE.md for the figures).
+The exported graph runs under plain ONNX Runtime (:mod:`.runner`), which releases Python's GIL
+while it computes; :class:`~.scheduler.BatchScheduler` batches concurrent ``stream`` /
+``astream`` calls continuously (see that module, and docs/MODEL_PIPELINE.md for the figures).
+Prompts are rendered and tokenised by :class:`~.tokenizer.ChatTokenizer` with the chat template
+recorded in the verified manifest (so the template that is measured in the model digest is the
+one used).
 
 Known answer (in :meth:`Engine.facts`)::
 
@@ -23,12 +17,13 @@ Known answer (in :meth:`Engine.facts`)::
 
 the token ids greedily decoded (at most ``KNOWN_ANSWER_NEW_TOKENS``, stopping early only at
 eos, which is included) for the fixed chat prompts ``KNOWN_ANSWER_PROMPTS`` (each one user
-turn, rendered with the model's chat template), computed once at load, batch 1, before the
-scheduler starts.
+turn, rendered with the model's chat template), computed once at load, one request at a time,
+through the same scheduler that serves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import json
@@ -38,25 +33,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime_genai as og
+import onnxruntime as ort
 
 from encloud.protocol.encoding import encode, sha256, u32
 from encloud.protocol.faults import InvalidArgumentError, PromptTooLongError
 from encloud.server.inference.manifest import Manifest, verify_model_folder
+from encloud.server.inference.runner import ModelRunner
 from encloud.server.inference.sampling import Sampler
 from encloud.server.inference.scheduler import (
+    DEFAULT_KV_BUDGET_TOKENS,
     DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_COHORTS,
+    DEFAULT_PREFILL_CHUNK_TOKENS,
+    AsyncStream,
     BatchScheduler,
+    Delivery,
     GenerationResult,
     _Request,
     _stop_holdback,
     describe,
-    pad_token_id,
 )
+from encloud.server.inference.tokenizer import ChatTokenizer
 
 ROLES = frozenset({"system", "user", "assistant"})
-ENGINE_NAME = "onnxruntime-genai"
+ENGINE_NAME = "onnxruntime"
 KNOWN_ANSWER_LABEL = "encloud/v1 known answer"
 KNOWN_ANSWER_PROMPTS = (
     "What is the capital of France?",
@@ -130,65 +129,31 @@ def cuda_available() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-def _onnxruntime_version() -> str:
-    """Version of the ONNX Runtime library actually mapped in (onnxruntime-genai dlopens the
-    one of the ``onnxruntime`` wheel), else the installed wheel's metadata."""
-    try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-            for line in f:
-                name = line.rsplit("/", 1)[-1].strip()
-                if name.startswith("libonnxruntime.so."):
-                    return name.removeprefix("libonnxruntime.so.")
-    except OSError:
-        pass
-    try:
-        return importlib.metadata.version("onnxruntime")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _special_tokens(folder: Path) -> dict[str, int]:
-    """The tokenizer's special tokens, content -> id."""
-    try:
-        tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return {
-        t["content"]: int(t["id"])
-        for t in tok.get("added_tokens", [])
-        if t.get("special") and isinstance(t.get("content"), str) and t["content"]
-    }
-
-
 class Engine:
     """One loaded model. Create with :meth:`Engine.load`. ``stream`` may be called from several
-    threads at once; the scheduler thread batches them."""
+    threads at once and ``astream`` from event loops; the scheduler thread batches them."""
 
     def __init__(
         self,
         folder: Path,
         manifest: Manifest,
-        model: og.Model,
-        tokenizer: og.Tokenizer,
+        tokenizer: ChatTokenizer,
+        runner: ModelRunner,
         *,
         threads: int,
-        provider: str,
+        spinning: bool,
         context_length: int,
         eos_ids: frozenset[int],
-        special_tokens: tuple[str, ...],
-        pad_id: int,
     ) -> None:
         self._folder = folder
         self._manifest = manifest
-        self._model = model
         self._tokenizer = tokenizer
+        self._runner = runner
         self._threads = threads
-        self._provider = provider
+        self._spinning = spinning
         self._context_length = context_length
         self._eos_ids = eos_ids
-        self._special_tokens = special_tokens
-        self._pad_id = pad_id
-        self._vocab_size = int(model_vocab_size(folder))
+        self._vocab_size = runner.vocab_size
         self._known_answer = ""
         self._scheduler: BatchScheduler | None = None
 
@@ -202,63 +167,53 @@ class Engine:
         threads: int = 2,
         provider: str = "cpu",
         max_batch: int = DEFAULT_MAX_BATCH,
-        max_cohorts: int = DEFAULT_MAX_COHORTS,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
+        spinning: bool = False,
     ) -> Engine:
-        """Verify ``folder`` against its manifest, load it, compute the known answer and start
-        the scheduler (``max_batch`` requests per cohort, ``max_cohorts`` cohorts at once)."""
+        """Verify ``folder`` against its manifest, load it, start the scheduler (``max_batch``
+        rows, prompts prefilled ``prefill_chunk_tokens`` at a time, at most
+        ``kv_budget_tokens`` cached tokens reserved in all) and compute the known answer."""
         if threads < 1:
             raise ValueError("threads must be at least 1")
         folder = Path(folder)
         manifest = verify_model_folder(folder)
         genai_cfg = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
         context_length = int(genai_cfg["model"]["context_length"])
-        specials = _special_tokens(folder)
         cfg_eos = genai_cfg["model"].get("eos_token_id", [])
-        cfg_eos = cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]
-        not_pad = frozenset(int(t) for t in (*cfg_eos, genai_cfg["model"].get("bos_token_id", -1)))
-        pad_id = pad_token_id(
-            list(specials.values()), not_pad, int(genai_cfg["model"].get("pad_token_id", 0))
+        eos_ids = frozenset(int(t) for t in (cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]))
+        tokenizer = ChatTokenizer(folder, manifest.chat_template)
+        runner = ModelRunner(
+            folder,
+            threads=threads,
+            spinning=spinning,
+            provider=provider,
+            max_rows=max_batch,
+            max_len=min(context_length, kv_budget_tokens),
         )
-        cfg = og.Config(str(folder))
-        # The pad token matters only for right-padding batched prompts (see scheduler.py).
-        cfg.overlay(
-            json.dumps(
-                {
-                    "model": {
-                        "pad_token_id": pad_id,
-                        "decoder": {"session_options": _session_options(threads)},
-                    }
-                }
-            )
-        )
-        if provider != "cpu":
-            cfg.clear_providers()
-            cfg.append_provider(provider)
-        model = og.Model(cfg)
-        tokenizer = og.Tokenizer(model)
-        eos_ids = frozenset(int(t) for t in tokenizer.eos_token_ids)
         engine = cls(
             folder,
             manifest,
-            model,
             tokenizer,
+            runner,
             threads=threads,
-            provider=provider,
+            spinning=spinning,
             context_length=context_length,
             eos_ids=eos_ids,
-            special_tokens=tuple(specials),
-            pad_id=pad_id,
         )
-        engine._known_answer = engine._compute_known_answer()
         engine._scheduler = BatchScheduler(
-            model,
+            runner,
             tokenizer,
             eos_ids=eos_ids,
-            pad_id=pad_id,
-            context_length=context_length,
             max_batch=max_batch,
-            max_cohorts=max_cohorts,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+            kv_budget_tokens=kv_budget_tokens,
         )
+        try:
+            engine._known_answer = engine._compute_known_answer()
+        except BaseException:
+            engine.close()
+            raise
         return engine
 
     def close(self) -> None:
@@ -269,26 +224,20 @@ class Engine:
     def _compute_known_answer(self) -> str:
         fields = []
         for prompt in KNOWN_ANSWER_PROMPTS:
-            ids = self._encode_messages((ChatTurn("user", prompt),))
-            tokens = list(self._greedy_ids(ids, KNOWN_ANSWER_NEW_TOKENS))
+            tokens = self._greedy_ids((ChatTurn("user", prompt),), KNOWN_ANSWER_NEW_TOKENS)
             fields.append(b"".join(u32(t) for t in tokens))
         return sha256(encode(KNOWN_ANSWER_LABEL, *fields)).hex()
 
-    def _greedy_ids(self, ids: np.ndarray, n: int) -> Iterator[int]:
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(
-            do_sample=False, max_length=min(len(ids) + n, self._context_length)
+    def _greedy_ids(self, messages: tuple[ChatTurn, ...], n: int) -> list[int]:
+        """Greedy token ids (eos included) through the serving path."""
+        tokens: list[int] = []
+        request = self._request(
+            GenerationParams(messages=messages, max_new_tokens=n), lambda: False, ""
         )
-        gen = og.Generator(self._model, params)
-        gen.append_tokens(ids)
-        for _ in range(n):
-            if gen.is_done():
-                break
-            gen.generate_next_token()
-            tok = int(gen.get_next_tokens()[0])
-            yield tok
-            if tok in self._eos_ids:
-                break
+        request.sampler = _Recording(request.sampler, tokens)  # type: ignore[assignment]
+        for _item in self.scheduler.submit(request):
+            pass
+        return tokens
 
     # ------------------------------------------------------------------ properties
 
@@ -318,10 +267,12 @@ class Engine:
         return {
             "engine": ENGINE_NAME,
             "versions": {
-                "onnxruntime-genai": og.__version__,
-                "onnxruntime": _onnxruntime_version(),
+                "onnxruntime": ort.__version__,
+                "tokenizers": _version("tokenizers"),
+                "jinja2": _version("jinja2"),
             },
-            "session_options": _session_options(self._threads),
+            "session_options": _session_options(self._threads, self._spinning),
+            "graph": "shared KV buffer" if self._runner.shared_buffer else "concatenated KV",
             "precision": self.precision,
             "model_digest": self.model_digest.hex(),
             "context_length": self._context_length,
@@ -348,26 +299,19 @@ class Engine:
         """The chat-template rendering of ``messages`` with the assistant turn opened."""
         if not messages:
             raise InvalidArgumentError("at least one message is required")
-        payload = []
-        for turn in messages:
-            if not isinstance(turn, ChatTurn):
-                raise InvalidArgumentError("messages must be ChatTurn values")
-            for special in self._special_tokens:
-                if special in turn.content:
-                    raise InvalidArgumentError("message contains a reserved control token")
-            payload.append({"role": turn.role, "content": turn.content})
-        return self._tokenizer.apply_chat_template(
-            json.dumps(payload, ensure_ascii=False),
-            template_str=self._manifest.chat_template,
-            add_generation_prompt=True,
-        )
+        if not all(isinstance(turn, ChatTurn) for turn in messages):
+            raise InvalidArgumentError("messages must be ChatTurn values")
+        return self._tokenizer.render(messages)
 
     def _encode_messages(self, messages: Sequence[ChatTurn]) -> np.ndarray:
         ids = self._tokenizer.encode(self.render_prompt(messages))
-        return np.asarray(ids, dtype=np.int32)
+        return np.asarray(ids, dtype=np.int64)
 
     def count_prompt_tokens(self, messages: Sequence[ChatTurn]) -> int:
         return len(self._encode_messages(messages))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids)
 
     # ------------------------------------------------------------------ generation
 
@@ -378,23 +322,44 @@ class Engine:
         ``PromptTooLongError`` at once), then return an iterator of text pieces (whole
         characters, never empty) ending with exactly one :class:`GenerationResult`.
 
-        The request joins a batch when the iterator is first advanced. ``should_stop`` is called
-        (on the scheduler thread) before each of this request's decode steps; when it returns
-        true the request leaves the batch with ``"cancelled"`` and no further step runs for it.
-        Closing the iterator early cancels it the same way. ``peer`` names whose request it
-        is: the scheduler shares cohort slots and places between peers.
+        The request is queued when the iterator is first advanced. ``should_stop`` is called
+        (on the scheduler thread) before each of this request's steps; when it returns true the
+        request leaves with ``"cancelled"`` and no further step runs for it. Closing the
+        iterator early cancels it the same way. ``peer`` names whose request it is: waiting
+        requests are admitted with peers taking turns.
         """
+        return self.scheduler.submit(self._request(params, should_stop, peer))
+
+    def astream(
+        self,
+        params: GenerationParams,
+        should_stop: Callable[[], bool],
+        peer: str = "",
+        on_end: Callable[[str], None] | None = None,
+    ) -> AsyncStream:
+        """:meth:`stream` for an event loop (call it on the loop). The request is queued at
+        once; the engine thread hands every step's output for all of this loop's requests
+        over in one wake-up, and no thread waits per request. ``aclose()`` cancels it.
+        ``on_end(finish_reason)`` runs once on the engine thread when it ends, however it
+        ends ("error" for a failure)."""
+        request = self._request(params, should_stop, peer)
+        request.delivery = Delivery(asyncio.get_running_loop())
+        request.on_end = on_end
+        return self.scheduler.asubmit(request)
+
+    def _request(
+        self, params: GenerationParams, should_stop: Callable[[], bool], peer: str
+    ) -> _Request:
         _validate(params, self._vocab_size)
         ids = self._encode_messages(params.messages)
         n_prompt = len(ids)
-        if n_prompt + 1 > self._context_length:
+        room = min(self._context_length, self.scheduler.kv_budget)
+        if n_prompt + 1 > room:
             # Never the figures: the prompt's size is the caller's secret (docs/ERRORS.md).
             raise PromptTooLongError("the prompt is longer than the model's context")
-        if self._scheduler is None:
-            raise RuntimeError("engine is not started")
-        request = _Request(
+        return _Request(
             ids=ids,
-            max_new_tokens=min(params.max_new_tokens, self._context_length - n_prompt),
+            max_new_tokens=min(params.max_new_tokens, room - n_prompt),
             stops=tuple(s for s in params.stop if s),
             stop_ids=frozenset(params.stop_token_ids),
             sampler=Sampler(
@@ -408,19 +373,46 @@ class Engine:
             should_stop=should_stop,
             peer=peer,
         )
-        return self._scheduler.submit(request)
 
     @contextlib.contextmanager
     def hold_admission(self) -> Iterator[None]:
-        """Tests and benchmarks: requests submitted while held start together as one batch."""
+        """Tests and benchmarks: requests submitted while held are admitted in one step."""
         assert self._scheduler is not None
         with self._scheduler.hold_admission():
             yield
 
     @property
     def scheduler(self) -> BatchScheduler:
-        assert self._scheduler is not None
+        if self._scheduler is None:
+            raise RuntimeError("engine is not started")
         return self._scheduler
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._runner
+
+
+class _Recording:
+    """A sampler that records every token it is shown (the known answer's ids)."""
+
+    def __init__(self, inner: Sampler, into: list[int]) -> None:
+        self._inner = inner
+        self._into = into
+        self.needs_logits = inner.needs_logits
+
+    def observe(self, token: int) -> None:
+        self._into.append(int(token))
+        self._inner.observe(token)
+
+    def choose(self, logits: np.ndarray) -> int:
+        return self._inner.choose(logits)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def model_vocab_size(folder: Path) -> int:
@@ -428,8 +420,14 @@ def model_vocab_size(folder: Path) -> int:
     return int(cfg["model"]["vocab_size"])
 
 
-def _session_options(threads: int) -> dict[str, object]:
-    return {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+def _session_options(threads: int, spinning: bool) -> dict[str, object]:
+    """The session options runner.session_options builds, as the runtime event shows them."""
+    return {
+        "intra_op_num_threads": threads,
+        "inter_op_num_threads": 1,
+        "execution_mode": "sequential",
+        "allow_spinning": spinning,
+    }
 
 
 def _validate(params: GenerationParams, vocab_size: int) -> None:

@@ -10,7 +10,8 @@ machine: int4 MatMulNBits at accuracy level 4 rounds activations to int8).
 docs/MODEL_PIPELINE.md records the ones measured, and tests/test_quality.py gates the default
 precision against the fp32 reference.
 
-Not on the serving path; imports numpy, onnxruntime and onnxruntime_genai (for the tokenizer).
+Not on the serving path; imports numpy, onnxruntime and tokenizers (the model's own
+``tokenizer.json``, as the engine reads it).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ HELDOUT_TEXT = Path(__file__).resolve().parents[2] / "tests" / "data" / "heldout
 
 
 def tokenize(folder: Path, text: str, n_tokens: int) -> np.ndarray:
-    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
 
-    tokenizer = og.Tokenizer(og.Model(str(folder)))
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
     if len(ids) < n_tokens:
         raise ValueError(f"text has {len(ids)} tokens, fewer than {n_tokens}")
     return ids[:n_tokens]

@@ -1,10 +1,8 @@
 """Per-request token selection over one row of logits (numpy only).
 
-onnxruntime-genai 0.18's ``Generator`` has one set of search options for its whole batch, so a
-batch whose rows ask for different temperatures, top-k, top-p, seeds or repetition penalties
-cannot use its built-in sampler. The scheduler reads the batch's logits, lets each row's
-:class:`Sampler` choose that row's token, and writes back logits that are ``-inf`` everywhere
-except the chosen token (the generator's greedy search then picks exactly it).
+Every row of a batch keeps its own temperature, top-k, top-p, seed and repetition penalty: the
+scheduler hands each row's last-position logits to that row's :class:`Sampler` (plain greedy
+rows take the argmax of the step's logits directly).
 
 Order of operations (the same as Hugging Face's ``generate``): repetition penalty over every
 token seen so far (prompt included: a positive logit is divided by the penalty, a negative one

@@ -1,53 +1,54 @@
-"""The batch scheduler: one thread owns every onnxruntime-genai ``Generator`` and steps them.
+"""Continuous batching: one thread steps every running request, admitting new ones at each step.
 
-Why this shape (figures in docs/MODEL_PIPELINE.md): on CPU, onnxruntime-genai 0.18 has no
-continuous batching (its ``Engine`` schedules paged-attention models, which the builder makes
-only for CUDA/WebGPU; for our model it runs static batches of at most 4 and admits nobody until
-a batch drains). A ``Generator`` with ``batch_size = n`` does batch well (total decode tok/s of
-batch 8 is ~2.7x batch 1 here), but its rows are fixed at creation. So requests are admitted in
-*cohorts*: whatever is waiting when the scheduler looks (after a short quiet window, so a burst
-of concurrent streams lands in one cohort) becomes one ``Generator`` (prompts right-padded with a
-pad token that no prompt contains); up to ``max_cohorts`` cohorts run side by side, stepped in
-turn, so a request that arrives while others decode waits for one step of each running cohort,
-not for them to finish.
+Each step (figures in docs/MODEL_PIPELINE.md):
 
-Every request keeps its own decoding parameters: rows that sample (or use a repetition
-penalty) choose their token with their own :class:`~encloud.server.inference.sampling.Sampler`
-and the chosen token is forced through ``Generator.set_logits``; plain greedy cohorts use the
-generator's own argmax.
+1. Requests whose ``should_stop()`` is true, or whose consumer went away, leave: a waiting one is
+   answered ``cancelled`` without running; a running one frees its slot at once.
+2. Waiting requests are admitted while a row is free (``max_batch``) and the KV token budget
+   holds (the sum over admitted requests of prompt + new-token limit, capped by the context, is
+   at most ``kv_budget_tokens``). Peers take turns (round robin in arrival order), so one peer's
+   burst does not fill the rows ahead of another's request. A request that does not fit waits.
+3. One decode call runs every decoding row (rows of different lengths share it: each row has
+   its own sequence length), then prompts are prefilled, first come first served, in chunks,
+   at most ``prefill_chunk_tokens`` prompt tokens per step in all. So a running row waits at most
+   one chunk between tokens, and a prompt of ``p`` tokens gets its first token within
+   ``ceil(p / chunk)`` steps of its first chunk.
+4. Every row's token is chosen by its own :class:`~.sampling.Sampler` (greedy is an argmax over
+   the step's logits), detokenised, checked against stop strings, and its output handed on:
+   once per step for all rows (one wake of each waiting event loop, see :class:`Delivery`).
 
-A request whose ``should_stop()`` is true (checked before each of its decode steps) or whose
-consumer went away leaves at the next step: no further token is chosen, detokenised or
-delivered for it, and its result says ``cancelled``. Its row's slot still rides along in the
-cohort's batched matmuls until the cohort ends (a ``Generator`` cannot drop a row), and the
-cohort (with its KV cache) is freed as soon as every row has finished. KV caches belong to one
-cohort's generator and are never shared between requests or reused.
+Rows are kept compact: rows ``0 .. D-1`` decode, the rows after them are being prefilled. When a
+decoding row ends, the last decoding row's cache moves into its place; when a prefill ends, its
+row swaps with the first prefilling row. Moves copy only the cached tokens. A finished row's
+pages go back to the kernel (runner.release).
+
+Caches are never shared between requests or reused: a slot's next owner starts at length 0 and
+writes before it reads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import logging
 import queue
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime_genai as og
 
+from encloud.server.inference.runner import ModelRunner
 from encloud.server.inference.sampling import Sampler
+from encloud.server.inference.tokenizer import ChatTokenizer, TextStream
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_COHORTS = 4
-# Admission: after the first waiting request, wait until no new one arrived for QUIET seconds
-# (at most WINDOW seconds) so streams started together decode together.
-DEFAULT_ADMISSION_QUIET_S = 0.002
-DEFAULT_ADMISSION_WINDOW_S = 0.010
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
+DEFAULT_KV_BUDGET_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,24 @@ class GenerationResult:
     completion_tokens: int
 
 
-@dataclass(eq=False)  # identity: waiting-list removal must never compare token arrays
+class Delivery:
+    """Where a request's output goes: a thread-safe queue (``stream``), or an event loop's
+    deque woken once per step for all of its requests (``astream``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.inbox: collections.deque[object] = collections.deque()
+        self.ready = asyncio.Event() if loop is not None else None
+
+    def take(self, items: list[object]) -> None:
+        """On the event loop: the step's items arrive."""
+        self.inbox.extend(items)
+        assert self.ready is not None
+        self.ready.set()
+
+
+@dataclass(eq=False)  # identity: list removal must never compare token arrays
 class _Request:
     ids: np.ndarray
     max_new_tokens: int  # already capped by the context
@@ -65,37 +83,77 @@ class _Request:
     stop_ids: frozenset[int]
     sampler: Sampler
     should_stop: Callable[[], bool]
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    peer: str = ""
+    on_end: Callable[[str], None] | None = None
+    """Called once on the engine thread when the request ends, however it ends ("stop",
+    "length", "cancelled" or "error"); should_stop is not called after it."""
+    delivery: Delivery = field(default_factory=Delivery)
     abandoned: threading.Event = field(default_factory=threading.Event)
+    # Scheduler-thread state.
+    row: int = -1
+    decoding: bool = False  # its prompt is cached and it has a token to feed
+    order: int = 0  # admission order: prompts are prefilled first come, first served
+    cached: int = 0  # tokens in the KV cache
+    next_token: int = -1  # chosen, not yet in the cache
     completion: int = 0
     pending: str = ""
-    detok: object = None
+    detok: TextStream | None = None
     done: bool = False
-    peer: str = ""
-    """Whose request it is: cohort slots and places are shared between peers."""
+    outbox: list[object] = field(default_factory=list)
+
+    @property
+    def reserved(self) -> int:
+        """KV tokens this request may come to hold."""
+        return len(self.ids) + self.max_new_tokens
 
     def wants_stop(self) -> bool:
         return self.abandoned.is_set() or bool(self.should_stop())
 
 
-@dataclass
-class _Cohort:
-    generator: og.Generator
-    rows: list[_Request]
-    steps: int = 0
+class AsyncStream:
+    """One request's output on its event loop: text pieces, then one GenerationResult."""
 
-    @property
-    def live(self) -> list[tuple[int, _Request]]:
-        return [(i, r) for i, r in enumerate(self.rows) if not r.done]
+    def __init__(self, request: _Request) -> None:
+        self._request = request
+        self._ended = False
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> str | GenerationResult:
+        delivery = self._request.delivery
+        assert delivery.ready is not None
+        if self._ended:
+            raise StopAsyncIteration
+        while not delivery.inbox:
+            delivery.ready.clear()
+            await delivery.ready.wait()
+        item = delivery.inbox.popleft()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if isinstance(item, GenerationResult):
+            self._ended = True
+        return item  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """From any thread: the request leaves at the engine's next step (or never starts)."""
+        self._request.abandoned.set()
+
+    async def aclose(self) -> None:
+        self._ended = True
+        self._request.abandoned.set()
 
 
 @dataclass
 class SchedulerStats:
     """Counters for tests and benchmarks (no per-request sizes leave the process)."""
 
-    cohorts_started: int = 0
-    largest_batch: int = 0
+    steps: int = 0
     decode_steps: int = 0
+    prefill_chunks: int = 0
+    largest_batch: int = 0
+    admitted: int = 0
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -109,40 +167,71 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def admissible(
+    waiting: Sequence[_Request], *, running_peers: Sequence[str], free_rows: int, budget_left: int
+) -> list[_Request]:
+    """Which waiting requests to admit now, in a fair order.
+
+    Peers take turns (round robin, each peer's requests in arrival order), so one peer's burst
+    does not fill the rows ahead of another's request. The last free row is kept for a peer
+    with no row running, so one peer's spread-out requests cannot take every row while another
+    waits. A request whose prompt + new-token limit does not fit the budget left waits (one
+    behind it that fits may go first)."""
+    by_peer: dict[str, list[_Request]] = {}
+    for r in waiting:
+        by_peer.setdefault(r.peer, []).append(r)
+    queues = list(by_peer.values())
+    turns: list[_Request] = []
+    while queues:
+        turns.extend(q.pop(0) for q in queues)
+        queues = [q for q in queues if q]
+    busy = set(running_peers)
+    chosen: list[_Request] = []
+    for r in turns:
+        if free_rows <= 0:
+            break
+        if free_rows == 1 and r.peer in busy:
+            continue
+        if r.reserved > budget_left:
+            continue
+        chosen.append(r)
+        busy.add(r.peer)
+        free_rows -= 1
+        budget_left -= r.reserved
+    return chosen
+
+
 class BatchScheduler:
-    """Owns the model's generators on one daemon thread; see the module docstring."""
+    """Owns the runner on one daemon thread; see the module docstring."""
 
     def __init__(
         self,
-        model: og.Model,
-        tokenizer: og.Tokenizer,
+        runner: ModelRunner,
+        tokenizer: ChatTokenizer,
         *,
         eos_ids: frozenset[int],
-        pad_id: int,
-        context_length: int,
         max_batch: int = DEFAULT_MAX_BATCH,
-        max_cohorts: int = DEFAULT_MAX_COHORTS,
-        admission_quiet_s: float = DEFAULT_ADMISSION_QUIET_S,
-        admission_window_s: float = DEFAULT_ADMISSION_WINDOW_S,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
     ) -> None:
-        if max_batch < 1 or max_cohorts < 1:
-            raise ValueError("max_batch and max_cohorts must be at least 1")
-        self._model = model
+        if max_batch < 1 or max_batch > runner.max_rows:
+            raise ValueError("max_batch must be between 1 and the runner's rows")
+        if prefill_chunk_tokens < 1 or kv_budget_tokens < 2:
+            raise ValueError("prefill_chunk_tokens and kv_budget_tokens must be positive")
+        self._runner = runner
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
-        self._pad_id = pad_id
-        self._context_length = context_length
         self.max_batch = max_batch
-        self.max_cohorts = max_cohorts
-        self._quiet = admission_quiet_s
-        self._window = admission_window_s
+        self.chunk = prefill_chunk_tokens
+        self.kv_budget = kv_budget_tokens
         self._incoming: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._waiting: list[_Request] = []
-        self._cohorts: list[_Cohort] = []
+        self._rows: list[_Request] = []  # index == KV row; decoding rows first
+        self._finished: list[_Request] = []  # ended this step, output not yet handed on
         self._held = threading.Event()
         self._closed = False
         self.stats = SchedulerStats()
-        self._thread = threading.Thread(target=self._loop, name="encloud-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="encloud-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ callers' side
@@ -154,19 +243,28 @@ class BatchScheduler:
         self._incoming.put(request)
         try:
             while True:
-                item = request.out.get()
+                item = request.delivery.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield item  # type: ignore[misc]
                 if isinstance(item, GenerationResult):
                     return
         finally:
             request.abandoned.set()
 
+    def asubmit(self, request: _Request) -> AsyncStream:
+        """Queue ``request`` now and return its output as an async iterator for the event loop
+        its Delivery belongs to; closing the iterator (even unstarted) cancels it."""
+        if self._closed:
+            raise RuntimeError("scheduler is closed")
+        assert request.delivery.ready is not None
+        self._incoming.put(request)
+        return AsyncStream(request)
+
     @contextlib.contextmanager
     def hold_admission(self) -> Iterator[None]:
         """For tests and benchmarks: admit nothing while held, then everything waiting at
-        release together (up to ``max_batch`` per cohort)."""
+        release in one step (as far as rows and the budget allow)."""
         self._held.set()
         try:
             yield
@@ -175,8 +273,11 @@ class BatchScheduler:
             self._incoming.put(None)  # wake the loop
 
     def waiting(self) -> int:
-        """Requests submitted and not yet in a cohort (approximate, for tests)."""
+        """Requests submitted and not yet admitted (approximate, for tests)."""
         return len(self._waiting) + self._incoming.qsize()
+
+    def running(self) -> int:
+        return len(self._rows)
 
     def close(self) -> None:
         self._closed = True
@@ -198,169 +299,182 @@ class BatchScheduler:
             except queue.Empty:
                 return
 
-    def _admission_window(self) -> None:
-        """Let a burst of arrivals finish arriving before forming a cohort."""
-        start = last = time.monotonic()
-        seen = len(self._waiting)
-        while True:
-            now = time.monotonic()
-            if now - last >= self._quiet or now - start >= self._window:
-                return
-            time.sleep(self._quiet / 4)
-            self._drain(block=False)
-            if len(self._waiting) != seen:
-                seen, last = len(self._waiting), time.monotonic()
-
     def _loop(self) -> None:
         while not self._closed:
             try:
-                self._turn()
+                self._step()
             except Exception as exc:  # a scheduler bug: fail what it holds, keep serving
                 # Type and place only: an exception's message may quote request data.
                 frames = traceback.extract_tb(exc.__traceback__)[-5:]
                 log.error(
-                    "scheduler turn failed; its requests get the error",
+                    "engine step failed; its requests get the error",
                     extra={
                         "error_type": type(exc).__name__,
                         "where": [f"{f.filename}:{f.lineno}" for f in frames],
                     },
                 )
-                self._fail([r for c in self._cohorts for r in c.rows], exc)
-                self._fail(self._waiting, exc)
-                self._cohorts.clear()
+                for r in [*self._rows, *self._waiting]:
+                    self._fail(r, exc)
+                self._runner.clear()
+                self._rows.clear()
                 self._waiting.clear()
-        for cohort in self._cohorts:
-            self._fail(cohort.rows, RuntimeError("engine closed"))
-        self._fail(self._waiting, RuntimeError("engine closed"))
+            self._flush()
+        for r in [*self._rows, *self._waiting]:
+            self._fail(r, RuntimeError("engine closed"))
+        self._flush()
 
-    def _turn(self) -> None:
-        """Take arrivals, admit what fits, and run one decode step of every cohort."""
-        self._drain(block=not self._cohorts and not self._waiting)
-        if self._waiting and not self._held.is_set() and len(self._cohorts) < self.max_cohorts:
-            if not self._cohorts:
-                self._admission_window()
+    def _step(self) -> None:
+        self._drain(block=not self._rows and not self._waiting)
+        if not self._held.is_set():
             self._admit()
-        for cohort in list(self._cohorts):
-            try:
-                self._step(cohort)
-            except Exception as exc:  # delivered to every row of the cohort
-                self._fail(cohort.rows, exc)
-            if all(r.done for r in cohort.rows):
-                self._cohorts.remove(cohort)
-                del cohort  # frees the generator and its KV cache
+        self._drop_stopped()
+        if not self._rows:
+            return
+        self.stats.steps += 1
+        self._decode()
+        self._prefill()
 
-    def _fail(self, rows: Sequence[_Request], exc: BaseException) -> None:
-        for r in rows:
-            if not r.done:
-                r.done = True
-                r.out.put(exc)
+    # --- admission and leaving
 
-    def _admit(self) -> None:
-        # Cancelled while waiting: answer without generating.
-        for r in [r for r in self._waiting if r.wants_stop()]:
+    def _drop_stopped(self) -> None:
+        """A waiting request leaves once abandoned (its consumer closed the stream or its call
+        was cancelled); ``should_stop`` is asked at admission and before each step it runs in."""
+        for r in [r for r in self._waiting if r.abandoned.is_set()]:
             self._waiting.remove(r)
             self._finish(r, "cancelled")
-        while self._waiting and len(self._cohorts) < self.max_cohorts:
-            candidates = self._admissible()
-            if not candidates:
-                return
-            # A prompt that contains the pad token cannot be right-padded: it runs alone.
-            first = candidates[0]
-            if self._pad_id in first.ids:
-                batch = [first]
-            else:
-                batch = [r for r in candidates if self._pad_id not in r.ids][: self.max_batch]
-            chosen = {id(r) for r in batch}
-            self._waiting = [r for r in self._waiting if id(r) not in chosen]
-            try:
-                self._cohorts.append(self._start(batch))
-            except Exception as exc:  # delivered to the requests it concerns
-                self._fail(batch, exc)
+        for r in [r for r in self._rows if r.wants_stop()]:
+            self._finish(r, "cancelled")
 
-    def _admissible(self) -> list[_Request]:
-        """Waiting requests that may start a cohort now, in a fair order.
-
-        The last free cohort slot is kept for peers with no row running, so one peer's
-        spread-out requests cannot take every slot while another waits: that peer's next
-        request starts within one step of each running cohort. Within a cohort, peers take
-        turns (round robin in arrival order), so a burst of one peer does not fill the
-        batch ahead of another's request."""
-        waiting = self._waiting
-        if self.max_cohorts > 1 and len(self._cohorts) == self.max_cohorts - 1:
-            busy = {r.peer for c in self._cohorts for r in c.rows if not r.done}
-            waiting = [r for r in waiting if r.peer not in busy]
-        by_peer: dict[str, list[_Request]] = {}
-        for r in waiting:
-            by_peer.setdefault(r.peer, []).append(r)
-        turns: list[_Request] = []
-        queues = list(by_peer.values())
-        while queues:
-            turns.extend(q.pop(0) for q in queues)
-            queues = [q for q in queues if q]
-        return turns
-
-    def _start(self, batch: list[_Request]) -> _Cohort:
-        n = len(batch)
-        width = max(len(r.ids) for r in batch)
-        max_length = min(max(len(r.ids) + r.max_new_tokens for r in batch), self._context_length)
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(batch_size=n, do_sample=False, max_length=max_length)
-        generator = og.Generator(self._model, params)
-        tokens = np.full((n, width), self._pad_id, dtype=np.int32)
-        for i, r in enumerate(batch):
-            tokens[i, : len(r.ids)] = r.ids
-            r.detok = self._tokenizer.create_stream()
-        generator.append_tokens(tokens if n > 1 else tokens[0])
-        self.stats.cohorts_started += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, n)
-        return _Cohort(generator, batch)
-
-    def _step(self, cohort: _Cohort) -> None:
-        for _i, r in cohort.live:
+    def _admit(self) -> None:
+        chosen = admissible(
+            self._waiting,
+            running_peers=[r.peer for r in self._rows],
+            free_rows=self.max_batch - len(self._rows),
+            budget_left=self.kv_budget - sum(r.reserved for r in self._rows),
+        )
+        for r in chosen:
+            self._waiting.remove(r)
             if r.wants_stop():
                 self._finish(r, "cancelled")
-        live = cohort.live
-        if not live:
+                continue
+            r.row = len(self._rows)
+            r.order = self.stats.admitted
+            r.detok = self._tokenizer.decoder()
+            self._rows.append(r)
+            self.stats.admitted += 1
+
+    def _decoding(self) -> int:
+        """Rows 0 .. D-1 decode; the count D."""
+        n = 0
+        while n < len(self._rows) and self._rows[n].decoding:
+            n += 1
+        return n
+
+    def _remove_row(self, r: _Request) -> None:
+        """Free ``r``'s row, keeping decoding rows first and every row compact."""
+        rows = self._rows
+        i = rows.index(r)
+        d = self._decoding()
+        last = len(rows) - 1
+        if i < d:
+            # The last decoding row fills the hole; the last row then fills its place.
+            self._place(rows[d - 1], i)
+            if d - 1 != last:
+                self._place(rows[last], d - 1)
+        elif i != last:
+            self._place(rows[last], i)
+        rows.pop()
+        if rows:
+            self._runner.release(last)
+        else:
+            self._runner.clear()
+        r.row = -1
+
+    def _place(self, r: _Request, row: int) -> None:
+        if r.row == row:
             return
-        gen = cohort.generator
-        if any(r.sampler.needs_logits for _i, r in live):
-            n = len(cohort.rows)
-            logits = np.asarray(gen.get_logits()).reshape(n, -1)
-            forced = np.full(logits.shape, -np.inf, dtype=np.float32)
-            for i, r in enumerate(cohort.rows):
-                tok = r.sampler.choose(logits[i]) if not r.done else self._pad_id
-                forced[i, tok] = 0.0
-            gen.set_logits(forced)
-        gen.generate_next_token()
-        cohort.steps += 1
+        self._runner.move(r.row, row, r.cached)
+        self._rows[row] = r
+        r.row = row
+
+    def _promote(self, r: _Request) -> None:
+        """A prefill finished: move ``r`` to the first non-decoding row."""
+        d = self._decoding()  # r is not counted yet: its row is >= d
+        other = self._rows[d]
+        if other is not r:
+            self._runner.swap(r.row, d, r.cached, other.cached)
+            self._rows[d], self._rows[r.row] = r, other
+            other.row, r.row = r.row, d
+        r.decoding = True
+
+    # --- the step
+
+    def _decode(self) -> None:
+        d = self._decoding()
+        if not d:
+            return
+        rows = self._rows[:d]
+        self._runner.ensure(max(r.cached for r in rows) + 1, [r.cached for r in self._rows])
+        tokens = np.array([[r.next_token] for r in rows], dtype=np.int64)
+        logits = self._runner.run(0, tokens, [r.cached for r in rows])
         self.stats.decode_steps += 1
-        tokens = gen.get_next_tokens()
-        for i, r in live:
-            self._deliver(r, int(tokens[i]))
+        self.stats.largest_batch = max(self.stats.largest_batch, d)
+        for r in rows:
+            r.cached += 1
+        chosen = self._choose(rows, logits)
+        for r, token in zip(rows, chosen, strict=True):
+            self._deliver(r, token)
+
+    def _prefill(self) -> None:
+        budget = self.chunk
+        for r in sorted((r for r in self._rows if not r.decoding), key=lambda r: r.order):
+            if budget <= 0:
+                return
+            n = min(budget, len(r.ids) - r.cached)
+            piece = r.ids[r.cached : r.cached + n].reshape(1, n)
+            self._runner.ensure(r.cached + n, [row.cached for row in self._rows])
+            logits = self._runner.run(r.row, piece, [r.cached])
+            self.stats.prefill_chunks += 1
+            r.cached += n
+            budget -= n
+            if r.cached == len(r.ids):
+                self._promote(r)
+                self._deliver(r, self._choose([r], logits)[0])
+
+    def _choose(self, rows: list[_Request], logits: np.ndarray) -> list[int]:
+        greedy = np.argmax(logits, axis=-1)
+        return [
+            r.sampler.choose(logits[i]) if r.sampler.needs_logits else int(greedy[i])
+            for i, r in enumerate(rows)
+        ]
+
+    # --- output
 
     def _deliver(self, r: _Request, token: int) -> None:
         r.completion += 1
         r.sampler.observe(token)
+        r.next_token = token
         if token in self._eos_ids or token in r.stop_ids:
             self._finish(r, "stop")
             return
-        piece = r.detok.decode(token)  # type: ignore[attr-defined]
+        assert r.detok is not None
+        piece = r.detok.step(token)
         if piece:
             if not r.stops:
-                r.out.put(piece)
+                r.outbox.append(piece)
             else:
                 r.pending += piece
                 cuts = [i for i in (r.pending.find(s) for s in r.stops) if i >= 0]
                 if cuts:
                     cut = min(cuts)
                     if cut:
-                        r.out.put(r.pending[:cut])
+                        r.outbox.append(r.pending[:cut])
                     r.pending = ""
                     self._finish(r, "stop")
                     return
                 keep = _stop_holdback(r.pending, r.stops)
                 if len(r.pending) > keep:
-                    r.out.put(r.pending[: len(r.pending) - keep])
+                    r.outbox.append(r.pending[: len(r.pending) - keep])
                     r.pending = r.pending[len(r.pending) - keep :]
         if r.completion >= r.max_new_tokens:
             self._finish(r, "length")
@@ -368,32 +482,69 @@ class BatchScheduler:
     def _finish(self, r: _Request, reason: str) -> None:
         if r.done:
             return
-        r.done = True
         if r.pending:
-            r.out.put(r.pending)
+            r.outbox.append(r.pending)
             r.pending = ""
+        self._end(r, GenerationResult(reason, len(r.ids), r.completion))
+
+    def _fail(self, r: _Request, exc: BaseException) -> None:
+        if not r.done:
+            self._end(r, exc)
+
+    def _end(self, r: _Request, last: object) -> None:
+        r.done = True
         r.detok = None
-        r.out.put(GenerationResult(reason, len(r.ids), r.completion))
+        r.outbox.append(last)
+        if r.on_end is not None:
+            reason = last.finish_reason if isinstance(last, GenerationResult) else "error"
+            try:
+                r.on_end(reason)
+            except Exception:  # a caller's bookkeeping must not stop the engine
+                log.exception("on_end callback failed")
+        if r.row >= 0 and r in self._rows:
+            self._remove_row(r)
+        self._finished.append(r)
+
+    def _flush(self) -> None:
+        """Hand this step's output on: each event loop is woken once for all its requests."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Delivery, list[object]]]] = {}
+        for r in [*self._rows, *self._finished]:
+            if not r.outbox:
+                continue
+            items, r.outbox = r.outbox, []
+            loop = r.delivery.loop
+            if loop is None:
+                for item in items:
+                    r.delivery.queue.put(item)
+            else:
+                by_loop.setdefault(loop, []).append((r.delivery, items))
+        self._finished = []
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody waits
+                loop.call_soon_threadsafe(_hand_over, batch)
+
+
+def _hand_over(batch: list[tuple[Delivery, list[object]]]) -> None:
+    for delivery, items in batch:
+        delivery.take(items)
 
 
 def describe(scheduler: BatchScheduler) -> dict[str, object]:
-    """The scheduler's answer-affecting settings, for the runtime event (no floats)."""
+    """How the engine batches, for the runtime event (no floats)."""
     return {
-        "kind": "cohorts of onnxruntime-genai Generators, right-padded",
+        "kind": "continuous batching, per-step admission, chunked prefill",
         "max_batch": scheduler.max_batch,
-        "max_cohorts": scheduler.max_cohorts,
-        "pad_token_id": scheduler._pad_id,
+        "prefill_chunk_tokens": scheduler.chunk,
+        "kv_budget_tokens": scheduler.kv_budget,
     }
 
 
-def pad_token_id(special_ids: Sequence[int], excluded: frozenset[int], fallback: int) -> int:
-    """The pad token for right-padding cohorts: the smallest special token that is neither an
-    end nor a begin token (chat messages may not contain special tokens, so prompts rarely hold
-    it; one that does runs alone)."""
-    for tid in sorted(special_ids):
-        if tid not in excluded:
-            return int(tid)
-    return int(fallback)
-
-
-__all__ = ["BatchScheduler", "GenerationResult", "SchedulerStats", "describe", "pad_token_id"]
+__all__ = [
+    "AsyncStream",
+    "BatchScheduler",
+    "Delivery",
+    "GenerationResult",
+    "SchedulerStats",
+    "admissible",
+    "describe",
+]
