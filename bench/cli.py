@@ -48,6 +48,12 @@ FIGURE_KEYS = (
     "perplexity.encloud",
     "perplexity.fp32",
     "perplexity.llama_cpp",
+    "open_loop.offered_tok_s",
+    "open_loop.served_tok_s",
+    "open_loop.ttft_ms_p50",
+    "open_loop.ttft_ms_p99",
+    "open_loop.itl_ms_p50",
+    "open_loop.itl_ms_p99",
 )
 PEER_KEYS = frozenset(
     {
@@ -72,6 +78,8 @@ MEANINGS = {
     "frame_seal_us": "seal one token frame, us (median)",
     "frame_open_us": "open one token frame, us (median)",
     "perplexity": "teacher-forced, held-out text",
+    "open_loop": "Poisson arrivals at 75 % of the peak aggregate, seeded (offered/served "
+    "tok/s; TTFT and inter-token latency, ms)",
 }
 
 

@@ -25,6 +25,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import queue
+import random
 import tempfile
 import threading
 import time
@@ -70,13 +72,16 @@ class Budget:
     micro_samples: int
     micro_iterations: int
     ppl_tokens: int
+    open_loop_s: float  # seconds of Poisson arrivals
 
 
 BUDGETS = {
-    "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64),
-    "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512),
-    "full": Budget("full", 2, 11, 128, 1024, 10, 250, 1000, 1, 3, 128, 15, 5000, 512),
+    "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64, 3.0),
+    "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512, 30.0),
+    "full": Budget("full", 2, 11, 128, 1024, 10, 250, 1000, 1, 3, 128, 15, 5000, 512, 120.0),
 }
+OPEN_LOOP_LOAD = 0.75  # of the peak aggregate throughput measured in the same run
+OPEN_LOOP_SEED = 20261201
 
 Log = Callable[[str], None]
 DECODE_KEYS = [
@@ -91,6 +96,17 @@ HANDSHAKE_KEYS = [
     "handshake_ms_xwing.p50",
 ]
 CONCURRENCY_KEYS = [f"{fig}.{n}" for fig in ("aggregate_tok_s", "ttft_ms_p99") for n in LEVELS]
+OPEN_LOOP_KEYS = [
+    f"open_loop.{k}"
+    for k in (
+        "offered_tok_s",
+        "served_tok_s",
+        "ttft_ms_p50",
+        "ttft_ms_p99",
+        "itl_ms_p50",
+        "itl_ms_p99",
+    )
+]
 
 
 class Results:
@@ -109,6 +125,7 @@ class Results:
             },
             "verify_us": [],
             "concurrency": {},
+            "open_loop": None,
             "server_rss": None,
             "frame_seal_us": [],
             "frame_open_us": [],
@@ -302,6 +319,7 @@ class Bench:
             self._phase(HANDSHAKE_KEYS, lambda: self._handshake(address, policy, workdir))
             self._phase(["verify_us.p50"], lambda: self._verify(address, policy))
             self._phase(CONCURRENCY_KEYS, lambda: self._concurrency(address, policy))
+            self._phase(OPEN_LOOP_KEYS, lambda: self._open_loop(address, policy))
         finally:
             code = server.terminate()
             self.results.notes["server_exit_code"] = code
@@ -511,6 +529,88 @@ class Bench:
         finally:
             for client in clients:
                 client.close()
+
+    def _open_loop(self, address: str, policy: Any) -> None:
+        """Requests arrive as a seeded Poisson process at OPEN_LOOP_LOAD of the peak aggregate
+        throughput measured above, each on its own pre-attested session, whatever the server
+        is doing (open loop: no arrival waits for an answer)."""
+        from bench.stats import figures_from_samples
+        from encloud.client import NO_AUDIT, Client
+
+        b = self.budget
+        peak = max(
+            (
+                v
+                for v in figures_from_samples(self.results.samples)["aggregate_tok_s"].values()
+                if v is not None
+            ),
+            default=None,
+        )
+        if peak is None:
+            raise RuntimeError("no peak throughput was measured")
+        n = b.conc_new_tokens
+        rate = OPEN_LOOP_LOAD * peak / n  # requests per second
+        rng = random.Random(OPEN_LOOP_SEED)  # noqa: S311 (a reproducible load, not a secret)
+        arrivals, t = [], rng.expovariate(rate)
+        while t < b.open_loop_s:
+            arrivals.append(t)
+            t += rng.expovariate(rate)
+        self.log(
+            f"open loop: {len(arrivals)} requests of {n} tokens in {b.open_loop_s:.0f} s "
+            f"({rate:.2f}/s, {OPEN_LOOP_LOAD:.0%} of {peak:.0f} tok/s)"
+        )
+        pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        clients = [Client(address, policy, audit_log=NO_AUDIT, timeout=600.0) for _ in range(64)]
+        for client in clients:
+            client.attest()
+            client.release_key()
+            pool.put(client)
+        streams: list[dict[str, Any]] = []
+        errors: list[BaseException] = []
+
+        def one(at: float) -> None:
+            client = pool.get()
+            try:
+                run = client_stream(client, PROMPT, n)
+                run["arrival_s"] = at
+                streams.append(run)
+            except BaseException as error:
+                errors.append(error)
+            finally:
+                pool.put(client)
+
+        threads = []
+        start = _now()
+        try:
+            for at in arrivals:
+                delay = start + at - _now()
+                if delay > 0:
+                    time.sleep(delay)
+                threads.append(threading.Thread(target=one, args=(at,), daemon=True))
+                threads[-1].start()
+            for thread in threads:
+                thread.join(timeout=900)
+        finally:
+            for client in clients:
+                client.close()
+        if errors:
+            raise RuntimeError(f"{len(errors)} open-loop stream(s) failed: {errors[0]!r}")
+        self.results.samples["open_loop"] = {
+            "duration_s": b.open_loop_s,
+            "rate_per_s": rate,
+            "new_tokens": n,
+            "peak_tok_s": peak,
+            "streams": [
+                {
+                    "arrival_s": r["arrival_s"],
+                    "ttft_ms": r["ttft_ms"],
+                    "tokens": r["tokens"],
+                    "decode_s": r["decode_s"],
+                    "end_s": r["end"] - start,
+                }
+                for r in streams
+            ],
+        }
 
     # -- phases without the server -------------------------------------------------------
 
