@@ -280,7 +280,7 @@ def test_a_flooding_peer_leaves_the_other_a_share_of_the_engine(shared_server) -
     )
     # B got through every time, and never waited as long as one of A's answers takes. Which
     # slot B's request takes is decided by the scheduler: tested without timing in
-    # test_the_last_cohort_slot_waits_for_a_peer_with_nothing_running.
+    # test_the_last_free_row_waits_for_a_peer_with_nothing_running.
     assert max(b_ttfts) < a_median
 
 
