@@ -278,10 +278,12 @@ def test_a_flooding_peer_leaves_the_other_a_share_of_the_engine(shared_server) -
         f"median {statistics.median(b_ttfts) * 1000:.0f} ms, max {max(b_ttfts) * 1000:.0f} ms "
         f"over {len(b_ttfts)} tries"
     )
-    # B got through every time, and never waited as long as one of A's answers takes. Which
-    # slot B's request takes is decided by the scheduler: tested without timing in
+    # B got through every time, typically faster than one of A's answers takes, and never as
+    # long as A's longest (with cohorts, B could wait a whole answer). Which row B's request
+    # takes is decided by the scheduler: tested without timing in
     # test_the_last_free_row_waits_for_a_peer_with_nothing_running.
-    assert max(b_ttfts) < a_median
+    assert statistics.median(b_ttfts) < a_median
+    assert max(b_ttfts) < max(a_streams)
 
 
 @pytest.mark.faults
