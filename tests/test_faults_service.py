@@ -247,14 +247,14 @@ def test_sigterm_drains_then_cancels_with_a_sealed_final_and_exits_zero(
 def test_end_session_while_its_infer_waits_for_the_engine(model_dir: Path, tmp_path: Path) -> None:
     """EndSession reaches an Infer that has not started yet: the Infer is answered at once
     with a sealed `cancelled` answer, and EndSession does not wait for the engine."""
-    running = Server(tmp_path, model_dir, generation_workers=1)
+    running = Server(tmp_path, model_dir, max_batch=1)
     try:
         running.start()
         metrics = running.process.metrics_address
         busy, waiting = running.client(), running.client()
         stream = busy.stream([("user", LONG_PROMPT)], max_new_tokens=300)
         pieces = iter(stream)
-        assert next(pieces)  # the one generation worker is taken
+        assert next(pieces)  # the engine's one row is taken
         answers: list[object] = []
 
         def ask() -> None:
@@ -270,7 +270,7 @@ def test_end_session_while_its_infer_waits_for_the_engine(model_dir: Path, tmp_p
             "the Infer queueing",
         )
         waiting.end_session(timeout=30)
-        stream.cancel()  # frees the worker (only matters when the Infer still waits)
+        stream.cancel()  # frees the row (only matters when the Infer still waits)
         asker.join(timeout=60)
         assert not asker.is_alive()
         (answer,) = answers
