@@ -48,8 +48,12 @@ from encloud.server.inference.templates import TEMPLATES
 # Builder arguments per precision (see docs/MODEL_PIPELINE.md for each one's speed and
 # perplexity). "int4-q8head": int4 body, lm_head 8-bit (matmul_mixed_precision=
 # last_matmul:int8), embeddings untied and kept fp32. "fp16" targets CUDA (onnxruntime-genai-cuda).
+# Every precision is built with ``prune_lm_head``: the graph returns the last position's logits
+# only, so a prompt's prefill runs the lm_head on one row instead of every token (the engine
+# prefills one request at a time, so the last position is the prompt's last token).
+_PRUNE = "prune_lm_head=true"
 PRECISION_ARGS: dict[str, tuple[str, ...]] = {
-    "int4": ("-p", "int4", "-e", "cpu"),
+    "int4": ("-p", "int4", "-e", "cpu", "--extra_options", _PRUNE),
     "int4-q8head": (
         "-p",
         "int4",
@@ -59,14 +63,15 @@ PRECISION_ARGS: dict[str, tuple[str, ...]] = {
         # Untied: with shared embeddings the 0.18 builder emits a dangling lm_head input.
         "shared_embeddings=false",
         "matmul_mixed_precision=last_matmul:int8",
+        _PRUNE,
     ),
-    "int8": ("-p", "int8", "-e", "cpu"),
-    "fp32": ("-p", "fp32", "-e", "cpu"),
-    "fp16": ("-p", "fp16", "-e", "cuda"),
+    "int8": ("-p", "int8", "-e", "cpu", "--extra_options", _PRUNE),
+    "fp32": ("-p", "fp32", "-e", "cpu", "--extra_options", _PRUNE),
+    "fp16": ("-p", "fp16", "-e", "cuda", "--extra_options", _PRUNE),
     # The builder's int4 export (these arguments), whose weights are then replaced by the GGUF's
     # own Q4_1 codes and scales plus an exact per-block correction, and its Q8_0 embeddings
     # (gguf_native.py).
-    "q4_1-native": ("-p", "int4", "-e", "cpu"),
+    "q4_1-native": ("-p", "int4", "-e", "cpu", "--extra_options", _PRUNE),
 }
 PRECISIONS = tuple(PRECISION_ARGS)
 # Precisions built from the GGUF's own quantised tensors: a GGUF source only.
@@ -335,7 +340,8 @@ def export_model(
     if template_text is not None:
         digest_hex = sha256(template_text.encode("utf-8")).hex()
         model_versions["chat_template"] = f"{chat_template} sha256:{digest_hex}"
-    # The builder arguments are a fixed function of the precision name (PRECISION_ARGS).
+    if exporter == "builder":  # part of the key: a change of arguments is a new model
+        model_versions["builder_args"] = " ".join(PRECISION_ARGS[precision])
     key = cache_key(kind, digest, precision, model_versions)
     models = cache_root / "models"
     final = models / key

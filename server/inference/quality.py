@@ -1,10 +1,11 @@
 """Quality gate: teacher-forced perplexity of an exported model over held-out text.
 
-One forward pass of plain ONNX Runtime over the first ``n_tokens`` tokens of the text (the
-model's own tokenizer, no chat template, no special tokens added), with an empty KV cache; the
-perplexity is ``exp(mean(-log p(t_i | t_<i)))`` over tokens 2..n. The exported model is the one
-the engine serves, so the figure measures exactly what is served (with CPU kernels of this
-machine: int4 MatMulNBits at accuracy level 4 rounds activations to int8).
+Token by token through the engine's runner (plain ONNX Runtime, the KV cache as served) over
+the first ``n_tokens`` tokens of the text (the model's own tokenizer, no chat template, no
+special tokens added); the perplexity is ``exp(mean(-log p(t_i | t_<i)))`` over tokens 2..n.
+The exported model is the one the engine serves, through the engine's own runner, so the figure
+measures exactly what is served (with CPU kernels of this machine: int4 MatMulNBits at accuracy
+level 4 rounds activations to int8).
 
 ``python -m encloud.server.inference.quality FOLDER [TEXT] [--tokens 512]`` prints the figure;
 docs/MODEL_PIPELINE.md records the ones measured, and tests/test_quality.py gates the default
@@ -17,7 +18,6 @@ Not on the serving path; imports numpy, onnxruntime and tokenizers (the model's 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -38,39 +38,23 @@ def tokenize(folder: Path, text: str, n_tokens: int) -> np.ndarray:
 
 
 def perplexity(folder: Path, ids: np.ndarray, threads: int = 2) -> float:
-    """Teacher-forced perplexity of the model in ``folder`` over the token ids ``ids``."""
-    import onnxruntime as ort
+    """Teacher-forced perplexity of the model in ``folder`` over the token ids ``ids``.
 
-    cfg = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))
-    dec = cfg["model"]["decoder"]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(
-        str(Path(folder) / dec["filename"]), opts, providers=["CPUExecutionProvider"]
-    )
+    Token by token through the engine's own runner (the exported graphs return the last
+    position's logits only): feed ``t_i`` with ``t_<i`` cached, read ``p(t_{i+1})``."""
+    from encloud.server.inference.runner import ModelRunner
+
     n = len(ids)
-    feeds: dict[str, np.ndarray] = {}
-    for inp in sess.get_inputs():
-        dtype = np.int64 if "int64" in inp.type else np.int32
-        if inp.name == "input_ids":
-            feeds[inp.name] = ids.reshape(1, n).astype(dtype)
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((1, n), dtype=dtype)
-        elif inp.name == "position_ids":
-            feeds[inp.name] = np.arange(n, dtype=dtype).reshape(1, n)
-        elif inp.name.startswith("past_key_values"):
-            kv_dtype = np.float16 if "float16" in inp.type else np.float32
-            shape = (1, dec["num_key_value_heads"], 0, dec["head_size"])
-            feeds[inp.name] = np.zeros(shape, dtype=kv_dtype)
-        else:
-            raise ValueError(f"unexpected model input {inp.name}")
-    (logits,) = sess.run(["logits"], feeds)
-    logits = np.asarray(logits, dtype=np.float64).reshape(n, -1)[:-1]
-    logits -= logits.max(axis=1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    nll = -logp[np.arange(n - 1), ids[1:]]
-    return float(math.exp(nll.mean()))
+    runner = ModelRunner(
+        Path(folder), threads=threads, spinning=False, provider="cpu", max_rows=1, max_len=n
+    )
+    runner.ensure(n, [0])
+    nll = 0.0
+    for i in range(n - 1):
+        logits = runner.run(0, ids[i : i + 1].reshape(1, 1), [i])[0].astype(np.float64)
+        logits -= logits.max()
+        nll -= logits[int(ids[i + 1])] - math.log(np.exp(logits).sum())
+    return float(math.exp(nll / (n - 1)))
 
 
 def main(argv: list[str] | None = None) -> int:
