@@ -361,7 +361,7 @@ class AsyncChatStream:
                 )
                 async for response in self._call:
                     text = reader.feed(response.frame)
-                    if text is not None:
+                    if text:  # None for the final frame; "" for an empty frame (a frame clock)
                         yield text
                 self.completion = reader.finish()
                 return

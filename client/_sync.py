@@ -357,7 +357,7 @@ class ChatStream:
                 )
                 for response in self._call:
                     text = reader.feed(response.frame)
-                    if text is not None:
+                    if text:  # None for the final frame; "" for an empty frame (a frame clock)
                         yield text
                 self.completion = reader.finish()
                 return

@@ -75,6 +75,52 @@ class AttestResult:
     evidence: Evidence
 
 
+async def _on_a_clock(
+    source: AsyncIterator[str | GenerationResult], interval: float
+) -> AsyncIterator[str | GenerationResult]:
+    """Re-time an answer onto a fixed clock: at every tick, the text that arrived since the last
+    one (possibly empty); at the first tick after the engine finished, that text, then the
+    result. Frames then follow elapsed time only (docs/THREAT_MODEL.md)."""
+    pending: list[str] = []
+    outcome: list[GenerationResult | BaseException] = []
+    finished = asyncio.Event()
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                if isinstance(item, GenerationResult):
+                    outcome.append(item)
+                    break
+                pending.append(item)
+        except Exception as error:  # re-raised on the clock's side
+            outcome.append(error)
+        finally:
+            finished.set()
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(pump())
+    tick = loop.time()
+    try:
+        while True:
+            tick += interval
+            await asyncio.sleep(max(0.0, tick - loop.time()))
+            done = finished.is_set()
+            text = "".join(pending)
+            pending.clear()
+            if done and outcome and isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            yield text
+            if done:
+                if outcome:
+                    yield outcome[0]  # type: ignore[misc]
+                return
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await source.aclose()  # type: ignore[attr-defined]
+
+
 class _EngineBooks:
     """A queued request's gauges and cancel counts, kept exact across the engine thread
     (should_stop, on_end) and the event loop: each request leaves the queue-depth gauge once
@@ -225,8 +271,12 @@ class InferenceCore:
         seq = 0
         finish_reason = "cancelled"
         result: GenerationResult | None = None
+        interval = self._settings.stream_frame_interval_ms / 1000.0
         async with self._call(session, request_id) as call:
-            async for item in self._generate(params, call):
+            items = self._generate(params, call)
+            if interval > 0:
+                items = _on_a_clock(items, interval)
+            async for item in items:
                 if isinstance(item, GenerationResult):
                     result, finish_reason = item, item.finish_reason
                     break

@@ -263,6 +263,18 @@ class Settings(BaseSettings):
         "(tokens x the model's bytes per token).",
         json_schema_extra=_measured("caps a request's prompt plus answer (PROMPT_TOO_LONG above)"),
     )
+    stream_frame_interval_ms: int = Field(
+        0,
+        ge=0,
+        le=2000,
+        description="0: a StreamInfer FRAME as soon as text is ready (one per engine step). "
+        "Above 0: frames on a fixed clock, one every this many ms, empty ones included, so the "
+        "frames' number and timing show only the elapsed time, not the token count "
+        "(docs/THREAT_MODEL.md).",
+        json_schema_extra=_measured(
+            "what an observer of the traffic learns (token count and timing, or elapsed time)"
+        ),
+    )
     engine_spinning: bool = Field(
         False,
         description="Let ONNX Runtime's intra-op threads spin between steps (off: they sleep, "

@@ -288,7 +288,7 @@ class EncloudClient {
             index += 1;
             for (const message of messagesIn) {
               const out = await reader.feed(message);
-              if (out.text !== undefined) yield out.text;
+              if (out.text) yield out.text; // an empty frame (a server's frame clock) shows nothing
             }
           }
         } catch (err) {
