@@ -48,6 +48,9 @@ FIGURE_KEYS = (
     "perplexity.encloud",
     "perplexity.fp32",
     "perplexity.llama_cpp",
+    "perplexity_2.encloud",
+    "perplexity_2.fp32",
+    "perplexity_2.llama_cpp",
     "open_loop.offered_tok_s",
     "open_loop.served_tok_s",
     "open_loop.ttft_ms_p50",
@@ -61,6 +64,8 @@ PEER_KEYS = frozenset(
         "ttft_ms.llama_cpp",
         "perplexity.fp32",
         "perplexity.llama_cpp",
+        "perplexity_2.fp32",
+        "perplexity_2.llama_cpp",
     }
 )
 MEANINGS = {
@@ -77,7 +82,8 @@ MEANINGS = {
     "server_peak_rss_mb": "server VmHWM after one 1024-token-context stream, MB",
     "frame_seal_us": "seal one token frame, us (median)",
     "frame_open_us": "open one token frame, us (median)",
-    "perplexity": "teacher-forced, held-out text",
+    "perplexity": "teacher-forced, tests/data/heldout_prose.txt (first 512 tokens)",
+    "perplexity_2": "teacher-forced, tests/data/heldout_prose_2.txt (first 2,048 tokens)",
     "open_loop": "Poisson arrivals at 75 % of the peak aggregate, seeded (offered/served "
     "tok/s; TTFT and inter-token latency, ms)",
 }

@@ -42,6 +42,7 @@ from bench.peers import LlamaPeer, PeerUnavailable, llama_cpp_missing_reason
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 FRAME_TEXT = " lighthouse"
 LEVELS = (1, 4, 8, 16)
+PPL_MODELS = ("encloud", "fp32", "llama_cpp")
 # The benchmark measures the handshake, not the per-peer Attest rate limiter: every handshake
 # comes from 127.0.0.1, so the limit is lifted for the benchmark's server (settings unknown to
 # a server version are ignored). Metrics on a free port, so parallel servers do not collide.
@@ -73,13 +74,16 @@ class Budget:
     micro_iterations: int
     ppl_tokens: int
     open_loop_s: float  # seconds of Poisson arrivals
+    ppl2_tokens: int  # tokens of the second held-out text
 
 
 BUDGETS = {
-    "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64, 3.0),
-    "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512, 30.0),
-    "full": Budget("full", 2, 11, 128, 1024, 10, 250, 1000, 1, 3, 128, 15, 5000, 512, 120.0),
+    "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64, 3.0, 64),
+    "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512, 30.0, 2048),
+    "full": Budget("full", 2, 11, 128, 1024, 10, 250, 1000, 1, 3, 128, 15, 5000, 512, 120.0, 2048),
 }
+# Written for this repository (CC0), 2,554 tokens; its SHA-256 is checked by tests/test_quality.py.
+SECOND_HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "tests/data/heldout_prose_2.txt"
 OPEN_LOOP_LOAD = 0.75  # of the peak aggregate throughput measured in the same run
 OPEN_LOOP_SEED = 20261201
 
@@ -130,6 +134,7 @@ class Results:
             "frame_seal_us": [],
             "frame_open_us": [],
             "perplexity": {},
+            "perplexity_2": {},
         }
         self.reasons: dict[str, str] = {}
         self.versions: dict[str, str] = {}
@@ -242,7 +247,7 @@ class Bench:
                 self._with_server(workdir, model_dir, llama)
                 self._phase(["frame_seal_us", "frame_open_us"], self._envelope)
                 self._phase(
-                    ["perplexity.encloud", "perplexity.fp32", "perplexity.llama_cpp"],
+                    [f"{k}.{m}" for k in ("perplexity", "perplexity_2") for m in PPL_MODELS],
                     lambda: self._perplexity(model_dir, llama),
                 )
             finally:
@@ -639,44 +644,50 @@ class Bench:
                 self.results.samples["frame_open_us"].append(open_us)
 
     def _perplexity(self, model_dir: Path, llama: LlamaPeer | None) -> None:
+        """Both held-out texts: every model on the same token ids, the same formula."""
+        from encloud.server.inference import quality
         from encloud.server.inference.export import export_model
 
         res = self.results
-        n = self.budget.ppl_tokens
-        self.log(f"perplexity: {n} tokens of held-out text, teacher-forced")
-        ids, score, harness, text = _perplexity_harness(model_dir, n, self.threads)
-        res.notes["perplexity"] = {"tokens": n, "harness": harness, "text": text}
-        self.log(f"  harness {harness}, text {text}")
-        res.samples["perplexity"]["encloud"] = score(model_dir)
+        texts = {
+            "perplexity": (Path(quality.HELDOUT_TEXT), self.budget.ppl_tokens),
+            "perplexity_2": (SECOND_HELDOUT_TEXT, self.budget.ppl2_tokens),
+        }
+        fp32: Path | None = None
         if not self.peers:
-            res.fail(["perplexity.fp32"], "reference not measured (--no-peers)")
+            res.fail([f"{k}.fp32" for k in texts], "reference not measured (--no-peers)")
         else:
             try:
                 fp32 = export_model(None, self.cache_root, "fp32", progress=self.log)
-                res.samples["perplexity"]["fp32"] = score(fp32)
             except Exception as error:  # the export extras may be missing
                 res.fail(
-                    ["perplexity.fp32"],
+                    [f"{k}.fp32" for k in texts],
                     f"fp32 export unavailable ({type(error).__name__}: {error}); "
                     "it needs encloud[export]",
                 )
-        if llama is not None:
-            try:
-                res.samples["perplexity"]["llama_cpp"] = llama.call({"op": "ppl", "ids": ids})
-            except PeerUnavailable as error:
-                res.fail(["perplexity.llama_cpp"], str(error))
+        for key, (text_path, n) in texts.items():
+            self.log(f"{key}: {n} tokens of {text_path.name}, teacher-forced")
+            ids, score, harness, text = _perplexity_harness(model_dir, text_path, n, self.threads)
+            res.notes[key] = {"tokens": n, "harness": harness, "text": text}
+            res.samples[key]["encloud"] = score(model_dir)
+            if fp32 is not None:
+                res.samples[key]["fp32"] = score(fp32)
+            if llama is not None:
+                try:
+                    res.samples[key]["llama_cpp"] = llama.call({"op": "ppl", "ids": ids})
+                except PeerUnavailable as error:
+                    res.fail([f"{key}.llama_cpp"], str(error))
 
 
 def _perplexity_harness(
-    model_dir: Path, n: int, threads: int
+    model_dir: Path, text_path: Path, n: int, threads: int
 ) -> tuple[list[int], Callable[[Path], dict[str, Any]], str, str]:
-    """The one perplexity (encloud.server.inference.quality: its held-out text, its
-    teacher-forced method). Returns the token ids, a scorer of a model folder, the harness
-    and the text."""
+    """The one perplexity (encloud.server.inference.quality's teacher-forced method, token by
+    token through the engine's runner) over the first ``n`` tokens of ``text_path``. Returns
+    the token ids, a scorer of a model folder, the harness and the text."""
     from encloud.server.inference import quality
 
     root = Path(__file__).resolve().parent.parent
-    text_path = Path(quality.HELDOUT_TEXT)
     array = quality.tokenize(model_dir, text_path.read_text(encoding="utf-8"), n)
     ids = [int(t) for t in array]
 

@@ -32,6 +32,8 @@ PEER_KEYS = {
     "ttft_ms.llama_cpp",
     "perplexity.fp32",
     "perplexity.llama_cpp",
+    "perplexity_2.fp32",
+    "perplexity_2.llama_cpp",
 }
 KEYS = (
     [f"decode_tok_s.{e}" for e in ENGINES]
@@ -42,7 +44,7 @@ KEYS = (
     + [f"aggregate_tok_s.{n}" for n in LEVELS]
     + [f"ttft_ms_p99.{n}" for n in LEVELS]
     + ["server_peak_rss_mb", "frame_seal_us", "frame_open_us"]
-    + [f"perplexity.{m}" for m in ("encloud", "fp32", "llama_cpp")]
+    + [f"{k}.{m}" for k in ("perplexity", "perplexity_2") for m in ("encloud", "fp32", "llama_cpp")]
     + [
         f"open_loop.{k}"
         for k in (
@@ -115,11 +117,12 @@ def _recompute(samples: dict[str, Any]) -> dict[str, float | None]:
     out["server_peak_rss_mb"] = samples["server_rss"]["vmhwm_kb"] / 1024
     out["frame_seal_us"] = statistics.median(samples["frame_seal_us"])
     out["frame_open_us"] = statistics.median(samples["frame_open_us"])
-    for model in ("encloud", "fp32", "llama_cpp"):
-        entry = samples["perplexity"].get(model)
-        out[f"perplexity.{model}"] = (
-            math.exp(entry["nll_sum"] / entry["predicted"]) if entry else None
-        )
+    for key in ("perplexity", "perplexity_2"):
+        for model in ("encloud", "fp32", "llama_cpp"):
+            entry = samples[key].get(model)
+            out[f"{key}.{model}"] = (
+                math.exp(entry["nll_sum"] / entry["predicted"]) if entry else None
+            )
     return out
 
 
@@ -154,7 +157,7 @@ def test_every_key_present_and_peers_number_or_null_with_reason(report: dict[str
                 value,
                 report["reasons"].get(key),
             )
-    for key in PEER_KEYS - {"perplexity.fp32"}:  # --no-peers: llama.cpp is not measured
+    for key in PEER_KEYS - {"perplexity.fp32", "perplexity_2.fp32"}:  # --no-peers: no llama.cpp
         assert _get(report, key) is None
     assert "samples" in report and "machine" in report
 

@@ -31,3 +31,17 @@ def test_default_precision_within_floor_of_fp32() -> None:
     assert ppl <= ref["floor_ratio"] * ref["fp32_perplexity"], (DEFAULT_PRECISION, ppl)
     # And it is a real language model on this text, not a degenerate one.
     assert ppl >= 0.9 * ref["fp32_perplexity"]
+
+
+@pytest.mark.unit
+def test_the_held_out_texts_are_the_committed_ones() -> None:
+    """Committed with their hashes before any precision is tuned on them: a text that changes
+    would make every recorded perplexity incomparable."""
+    import hashlib
+
+    expected = {
+        "heldout_prose.txt": "366e1e65d3fac36a7591a4d1b5ea9423bdae1c91dd03f0fcf128cea342b7dc72",
+        "heldout_prose_2.txt": "92ac2ef6383695a2f8bfade0e4bcbf0f32475a94697d6c771fa7fbec87110247",
+    }
+    for name, digest in expected.items():
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest, name
