@@ -84,6 +84,10 @@ BUDGETS = {
 }
 # Written for this repository (CC0), 2,554 tokens; its SHA-256 is checked by tests/test_quality.py.
 SECOND_HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "tests/data/heldout_prose_2.txt"
+# Between two engines' decode runs: the measured run-order bias (encloud's TTFT was 91-99 ms
+# after llama.cpp and 116-121 ms after the in-process engine, whose spinning threads then held
+# the cores) is gone once intra-op threads sleep; the pause keeps any left-over work apart.
+COOL_DOWN_S = 0.5
 OPEN_LOOP_LOAD = 0.75  # of the peak aggregate throughput measured in the same run
 OPEN_LOOP_SEED = 20261201
 
@@ -129,6 +133,7 @@ class Results:
             },
             "verify_us": [],
             "concurrency": {},
+            "concurrency_vmhwm_kb": {},
             "open_loop": None,
             "server_rss": None,
             "frame_seal_us": [],
@@ -323,7 +328,7 @@ class Bench:
                 close()
             self._phase(HANDSHAKE_KEYS, lambda: self._handshake(address, policy, workdir))
             self._phase(["verify_us.p50"], lambda: self._verify(address, policy))
-            self._phase(CONCURRENCY_KEYS, lambda: self._concurrency(address, policy))
+            self._phase(CONCURRENCY_KEYS, lambda: self._concurrency(address, policy, pid))
             self._phase(OPEN_LOOP_KEYS, lambda: self._open_loop(address, policy))
         finally:
             code = server.terminate()
@@ -351,14 +356,17 @@ class Bench:
         if llama is not None:
             runners.append(("llama_cpp", run_llama))
         total = b.decode_warmup + b.decode_runs
+        res.notes["decode_cool_down_s"] = COOL_DOWN_S
         self.log(f"decode: {total} rounds of {b.new_tokens} tokens ({b.decode_warmup} warm-up)")
         dead: set[str] = set()
         for i in range(total):
             # rotate the order so no engine always runs right after another one
             order = runners[i % len(runners) :] + runners[: i % len(runners)]
+            previous = ""
             for name, runner in order:
                 if name in dead:
                     continue
+                time.sleep(COOL_DOWN_S)  # the previous engine's threads settle first
                 try:
                     sample = runner()
                 except PeerUnavailable as error:
@@ -369,6 +377,8 @@ class Bench:
                 sample.pop("start", None)
                 sample.pop("end", None)
                 sample["round"] = i
+                sample["after"] = previous  # which engine ran just before (run-order bias)
+                previous = name
                 if i >= b.decode_warmup:
                     res.samples["decode"][name].append(sample)
             self.log(f"  round {i + 1}/{total} done")
@@ -486,7 +496,7 @@ class Bench:
             if i >= 5:
                 self.results.samples["verify_us"].append((_now() - started) * 1e6)
 
-    def _concurrency(self, address: str, policy: Any) -> None:
+    def _concurrency(self, address: str, policy: Any, pid: int) -> None:
         from encloud.client import NO_AUDIT, Client
 
         b = self.budget
@@ -524,6 +534,8 @@ class Bench:
                         }
                     )
                 res.samples["concurrency"][str(level)] = rounds
+                # VmHWM is the server's peak over its life so far: after this level's rounds.
+                res.samples["concurrency_vmhwm_kb"][str(level)] = _proc_status(pid).get("VmHWM")
                 self.log(
                     f"  {level:2d} streams: "
                     + ", ".join(

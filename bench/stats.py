@@ -95,6 +95,11 @@ def figures_from_samples(samples: Mapping[str, Any]) -> dict[str, Any]:
         out["ttft_ms_p99"][level] = percentile(ttfts, 99)
 
     out["open_loop"] = open_loop_figures(samples.get("open_loop"))
+    hwm_by_level = samples.get("concurrency_vmhwm_kb") or {}
+    out["server_peak_rss_mb_after"] = {
+        level: (hwm_by_level[level] / 1024.0 if hwm_by_level.get(level) else None)
+        for level in ("8", "16")
+    }
 
     rss = samples.get("server_rss") or {}
     hwm = rss.get("vmhwm_kb")

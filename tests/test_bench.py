@@ -44,6 +44,7 @@ KEYS = (
     + [f"aggregate_tok_s.{n}" for n in LEVELS]
     + [f"ttft_ms_p99.{n}" for n in LEVELS]
     + ["server_peak_rss_mb", "frame_seal_us", "frame_open_us"]
+    + ["server_peak_rss_mb_after.8", "server_peak_rss_mb_after.16"]
     + [f"{k}.{m}" for k in ("perplexity", "perplexity_2") for m in ("encloud", "fp32", "llama_cpp")]
     + [
         f"open_loop.{k}"
@@ -115,6 +116,8 @@ def _recompute(samples: dict[str, Any]) -> dict[str, float | None]:
     out["open_loop.itl_ms_p50"] = _nearest_rank(itls, 50)
     out["open_loop.itl_ms_p99"] = _nearest_rank(itls, 99)
     out["server_peak_rss_mb"] = samples["server_rss"]["vmhwm_kb"] / 1024
+    for level in ("8", "16"):
+        out[f"server_peak_rss_mb_after.{level}"] = samples["concurrency_vmhwm_kb"][level] / 1024
     out["frame_seal_us"] = statistics.median(samples["frame_seal_us"])
     out["frame_open_us"] = statistics.median(samples["frame_open_us"])
     for key in ("perplexity", "perplexity_2"):
