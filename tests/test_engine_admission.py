@@ -158,3 +158,10 @@ async def _probe_rate(work, seconds: float) -> float:  # type: ignore[no-untyped
         await asyncio.sleep(0)
         count += 1
     return count / (time.perf_counter() - start)
+
+
+def test_a_device_provider_is_refused_not_run_wrong(model_dir: Path) -> None:
+    from encloud.server.inference.runner import ModelRunner
+
+    with pytest.raises(ValueError, match="not supported by the continuous-batching engine"):
+        ModelRunner(model_dir, threads=1, spinning=False, provider="cuda", max_rows=1, max_len=256)

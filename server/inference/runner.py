@@ -114,9 +114,14 @@ class ModelRunner:
             for i in range(self.layers)
         ]
         self._logits = outs.get("logits", "logits")
+        if provider != "cpu":
+            # The buffer is host memory bound by pointer, and a row move is a host copy: on a
+            # device, past and present would not share memory. Refused rather than run wrong.
+            raise ValueError(
+                f"provider {provider!r} is not supported by the continuous-batching engine yet "
+                "(its KV buffer is host memory; docs/MODEL_PIPELINE.md)"
+            )
         providers = ["CPUExecutionProvider"]
-        if provider == "cuda":
-            providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(
             str(Path(folder) / decoder["filename"]),
             session_options(threads, spinning),
