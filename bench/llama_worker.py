@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
             )
         elif op == "ppl":
             ids = [int(t) for t in command["ids"]]
-            if scorer is None:
+            if scorer is None or scorer.n_ctx() < len(ids) + 8:  # one context per length
+                scorer = None
                 scorer = llama_cpp.Llama(
                     model_path=gguf,
                     n_ctx=max(len(ids) + 8, 64),
