@@ -84,10 +84,12 @@ BUDGETS = {
 }
 # Written for this repository (CC0), 2,554 tokens; its SHA-256 is checked by tests/test_quality.py.
 SECOND_HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "tests/data/heldout_prose_2.txt"
-# Between two engines' decode runs: the measured run-order bias (encloud's TTFT was 91-99 ms
-# after llama.cpp and 116-121 ms after the in-process engine, whose spinning threads then held
-# the cores) is gone once intra-op threads sleep; the pause keeps any left-over work apart.
+# Between two engines' decode runs (run-order bias: encloud's TTFT was 91-99 ms after llama.cpp
+# and 116-121 ms after the in-process engine; with a fixed 0.5 s pause, 322-584 ms after
+# llama.cpp against 78-136 ms otherwise): wait until every process of the benchmark is idle.
 COOL_DOWN_S = 0.5
+SETTLE_QUIET_S = 0.2
+SETTLE_MAX_S = 10.0
 OPEN_LOOP_LOAD = 0.75  # of the peak aggregate throughput measured in the same run
 OPEN_LOOP_SEED = 20261201
 
@@ -321,7 +323,7 @@ class Bench:
             with Client(address, policy, audit_log=NO_AUDIT, timeout=600.0) as client:
                 client.attest()
                 client.release_key()
-                self._phase(DECODE_KEYS, lambda: self._decode(client, engine, llama))
+                self._phase(DECODE_KEYS, lambda: self._decode(client, engine, llama, pid))
                 self._phase(["server_peak_rss_mb"], lambda: self._server_rss(client, engine, pid))
             close = getattr(engine, "close", None)  # the batching engine's scheduler thread
             if close is not None:
@@ -335,7 +337,7 @@ class Bench:
             self.results.notes["server_exit_code"] = code
             swtpm.stop()
 
-    def _decode(self, client: Any, engine: Any, llama: LlamaPeer | None) -> None:
+    def _decode(self, client: Any, engine: Any, llama: LlamaPeer | None, pid: int) -> None:
         from encloud.server.inference.engine import ChatTurn
 
         b = self.budget
@@ -356,7 +358,10 @@ class Bench:
         if llama is not None:
             runners.append(("llama_cpp", run_llama))
         total = b.decode_warmup + b.decode_runs
-        res.notes["decode_cool_down_s"] = COOL_DOWN_S
+        res.notes["decode_cool_down"] = (
+            f"before each run, wait until the server, the harness and the llama.cpp worker use "
+            f"no CPU for {SETTLE_QUIET_S} s (at least {COOL_DOWN_S} s, at most {SETTLE_MAX_S} s)"
+        )
         self.log(f"decode: {total} rounds of {b.new_tokens} tokens ({b.decode_warmup} warm-up)")
         dead: set[str] = set()
         for i in range(total):
@@ -366,7 +371,7 @@ class Bench:
             for name, runner in order:
                 if name in dead:
                     continue
-                time.sleep(COOL_DOWN_S)  # the previous engine's threads settle first
+                settled = _settle([pid, os.getpid(), *([llama.pid] if llama else [])])
                 try:
                     sample = runner()
                 except PeerUnavailable as error:
@@ -378,6 +383,7 @@ class Bench:
                 sample.pop("end", None)
                 sample["round"] = i
                 sample["after"] = previous  # which engine ran just before (run-order bias)
+                sample["settle_s"] = settled
                 previous = name
                 if i >= b.decode_warmup:
                     res.samples["decode"][name].append(sample)
@@ -754,6 +760,32 @@ def _audit_env(durability: str | None) -> Iterator[None]:
             os.environ.pop(name, None)
             if value is not None:
                 os.environ[name] = value
+
+
+def _cpu_ticks(pids: list[int]) -> int:
+    """utime + stime of every thread of these processes, in clock ticks."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def _settle(pids: list[int]) -> float:
+    """Wait (at least COOL_DOWN_S) until these processes used no CPU for SETTLE_QUIET_S;
+    returns the seconds waited (SETTLE_MAX_S at most)."""
+    start = _now()
+    time.sleep(COOL_DOWN_S)
+    while _now() - start < SETTLE_MAX_S:
+        before = _cpu_ticks(pids)
+        time.sleep(SETTLE_QUIET_S)
+        if _cpu_ticks(pids) == before:
+            break
+    return _now() - start
 
 
 def _proc_status(pid: int) -> dict[str, int]:

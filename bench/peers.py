@@ -41,6 +41,7 @@ class LlamaPeer:
         )
         self._buffer = b""
         self._log_path = log_path
+        self.pid = self._proc.pid
         ready = self._read(timeout=180.0)
         self.versions: dict[str, str] = ready.get("versions", {})
 

@@ -276,9 +276,11 @@ class Settings(BaseSettings):
         ),
     )
     engine_spinning: bool = Field(
-        False,
-        description="Let ONNX Runtime's intra-op threads spin between steps (off: they sleep, "
-        "leaving the cores to the event loop that seals frames and answers Attest).",
+        True,
+        description="Let ONNX Runtime's intra-op threads spin between parallel sections "
+        "(measured on 2 cores: a batch-1 decode step 8.9 ms spinning, 12.7-14.3 ms sleeping; "
+        "an event-loop probe kept 62-67 % of its idle rate during a 1,000-token prefill "
+        "spinning, 72-74 % sleeping). Off: more CPU left to the event loop, slower steps.",
         json_schema_extra=_unmeasured("thread scheduling only: the same sums in the same order"),
     )
     default_max_new_tokens: int = Field(

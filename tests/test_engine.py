@@ -305,7 +305,7 @@ def test_engine_facts(engine: Engine, model_folder: Path) -> None:
     _assert_no_floats(facts)
     json.dumps(facts)
     assert facts["engine"] == "onnxruntime"
-    assert facts["session_options"]["allow_spinning"] is False
+    assert facts["session_options"]["allow_spinning"] is True
     assert "threads" not in facts and "provider" not in facts
     assert "default_max_new_tokens" not in json.dumps(facts)
     assert facts["precision"] == engine.precision

@@ -100,14 +100,19 @@ def _waiting_request(peer: str, reserved: int = 2) -> _Request:
 
 
 @pytest.mark.unit
-def test_the_last_free_row_waits_for_a_peer_with_nothing_running() -> None:
+def test_the_next_free_row_goes_to_the_peer_with_fewest_rows_running() -> None:
     waiting = [_waiting_request(p) for p in ("A", "A", "B", "A", "C")]
-    two_free = admissible(waiting, running_peers=["A"], free_rows=2, budget_left=10**6)
-    assert [r.peer for r in two_free] == ["A", "B"]  # peers take turns; the last is not A's
-    one_free = admissible(waiting, running_peers=["A"], free_rows=1, budget_left=10**6)
+    # A holds three rows: the one free row goes to B (arrived after two of A's), then C.
+    one_free = admissible(waiting, running_peers=["A"] * 3, free_rows=1, budget_left=10**6)
     assert [r.peer for r in one_free] == ["B"]
+    two_free = admissible(waiting, running_peers=["A"] * 3, free_rows=2, budget_left=10**6)
+    assert [r.peer for r in two_free] == ["B", "C"]
+    # Nobody running: peers take turns, each in arrival order; nothing is held back.
     idle = admissible(waiting, running_peers=[], free_rows=8, budget_left=10**6)
     assert [r.peer for r in idle] == ["A", "B", "C", "A", "A"]
+    # One caller alone may fill every row.
+    alone = admissible(waiting[:2], running_peers=["A"] * 14, free_rows=2, budget_left=10**6)
+    assert len(alone) == 2
 
 
 @pytest.mark.unit
@@ -281,7 +286,7 @@ def test_a_flooding_peer_leaves_the_other_a_share_of_the_engine(shared_server) -
     # B got through every time, typically faster than one of A's answers takes, and never as
     # long as A's longest (with cohorts, B could wait a whole answer). Which row B's request
     # takes is decided by the scheduler: tested without timing in
-    # test_the_last_free_row_waits_for_a_peer_with_nothing_running.
+    # test_the_next_free_row_goes_to_the_peer_with_fewest_rows_running.
     assert statistics.median(b_ttfts) < a_median
     assert max(b_ttfts) < max(a_streams)
 

@@ -169,7 +169,7 @@ class Engine:
         max_batch: int = DEFAULT_MAX_BATCH,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
-        spinning: bool = False,
+        spinning: bool = True,
     ) -> Engine:
         """Verify ``folder`` against its manifest, load it, start the scheduler (``max_batch``
         rows, prompts prefilled ``prefill_chunk_tokens`` at a time, at most

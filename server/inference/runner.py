@@ -70,7 +70,7 @@ def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    # A spinning pool burns the cores the event loop needs between steps (sealing, Attest).
+    # Spinning: faster steps; sleeping: more CPU left to the event loop (docs/MODEL_PIPELINE.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
@@ -130,10 +130,17 @@ class ModelRunner:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._position_ids = names.get("position_ids", "position_ids")
         self.shared_buffer = self._position_ids not in inputs
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        # The builder's prune_lm_head: logits of the last position only, [batch, 1, vocab].
+        self.last_only = outputs[self._logits].shape[1] == 1
+        self._logits_dtype = (
+            np.float16 if outputs[self._logits].type == "tensor(float16)" else np.float32
+        )
         kv_type = inputs[self._past[0][0]].type
         self.kv_dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
         self.max_rows = max_rows
         self.max_len = max_len
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._kv = self._allocate(0)
         self.growths = 0
 
@@ -161,6 +168,7 @@ class ModelRunner:
                     new[layer, :, row, :, :length] = old[layer, :, row, :, :length]
             _free(old[layer])
         self._kv = new
+        self._bindings.clear()  # they point into the old buffer
         self.growths += 1
 
     @property
@@ -189,21 +197,31 @@ class ModelRunner:
         mask = np.zeros((n, max(totals)), dtype=np.int64)
         for i, total in enumerate(totals):
             mask[i, :total] = 1
-        binding = self.session.io_binding()
+        binding = self._binding(first_row, n)
         binding.bind_cpu_input(self._input_ids, np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input(self._mask, mask)
-        for layer in range(self.layers):
-            for kind in (0, 1):
-                view = self._kv[layer, kind, first_row : first_row + n]
-                shape = list(view.shape)
-                ptr = view.ctypes.data
-                dtype = self.kv_dtype
-                binding.bind_input(self._past[layer][kind], "cpu", 0, dtype, shape, ptr)
-                binding.bind_output(self._present[layer][kind], "cpu", 0, dtype, shape, ptr)
-        binding.bind_output(self._logits)
+        logits = np.empty((n, 1 if self.last_only else s, self.vocab_size), self._logits_dtype)
+        binding.bind_output(
+            self._logits, "cpu", 0, self._logits_dtype, list(logits.shape), logits.ctypes.data
+        )
         self.session.run_with_iobinding(binding)
-        out = binding.get_outputs()
-        return np.asarray(out[-1].numpy(), dtype=np.float32).reshape(n, -1, self.vocab_size)
+        return logits.astype(np.float32, copy=False)
+
+    def _binding(self, first_row: int, n: int) -> ort.IOBinding:
+        """An I/O binding with rows ``first_row .. +n`` of the buffer bound as past and present,
+        kept for the next step over the same rows (binding 2 x layers tensors costs ~0.5 ms)."""
+        key = (first_row, n)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self.session.io_binding()
+            for layer in range(self.layers):
+                for kind in (0, 1):
+                    view = self._kv[layer, kind, first_row : first_row + n]
+                    shape, ptr, dtype = list(view.shape), view.ctypes.data, self.kv_dtype
+                    binding.bind_input(self._past[layer][kind], "cpu", 0, dtype, shape, ptr)
+                    binding.bind_output(self._present[layer][kind], "cpu", 0, dtype, shape, ptr)
+            self._bindings[key] = binding
+        return binding
 
     def _run_concat(self, first_row: int, tokens: np.ndarray, past: list[int]) -> np.ndarray:
         n, s = tokens.shape
@@ -261,6 +279,7 @@ class ModelRunner:
 
     def clear(self) -> None:
         """Drop the whole buffer (no row is running)."""
+        self._bindings.clear()
         self._kv = self._allocate(0)
 
 

@@ -6,8 +6,9 @@ Each step (figures in docs/MODEL_PIPELINE.md):
    answered ``cancelled`` without running; a running one frees its slot at once.
 2. Waiting requests are admitted while a row is free (``max_batch``) and the KV token budget
    holds (the sum over admitted requests of prompt + new-token limit, capped by the context, is
-   at most ``kv_budget_tokens``). Peers take turns (round robin in arrival order), so one peer's
-   burst does not fill the rows ahead of another's request. A request that does not fit waits.
+   at most ``kv_budget_tokens``). Peers with fewer rows running go first and peers take turns
+   (:func:`admissible`), so one peer's flood does not keep another's request from the next row
+   that frees. A request that does not fit waits.
 3. One decode call runs every decoding row (rows of different lengths share it: each row has
    its own sequence length), then prompts are prefilled, first come first served, in chunks,
    at most ``prefill_chunk_tokens`` prompt tokens per step in all. So a running row waits at most
@@ -172,30 +173,29 @@ def admissible(
 ) -> list[_Request]:
     """Which waiting requests to admit now, in a fair order.
 
-    Peers take turns (round robin, each peer's requests in arrival order), so one peer's burst
-    does not fill the rows ahead of another's request. The last free row is kept for a peer
-    with no row running, so one peer's spread-out requests cannot take every row while another
-    waits. A request whose prompt + new-token limit does not fit the budget left waits (one
-    behind it that fits may go first)."""
+    Peers with fewer rows running go first, and peers take turns (one request each per turn,
+    each peer's requests in arrival order), so one peer's burst or flood does not keep another
+    peer's request waiting: it takes the next row that frees. No row is held back while nobody
+    else waits, so one caller alone can use every row. A request whose prompt + new-token
+    limit does not fit the budget left waits (one behind it that fits may go first)."""
+    running: dict[str, int] = {}
+    for peer in running_peers:
+        running[peer] = running.get(peer, 0) + 1
     by_peer: dict[str, list[_Request]] = {}
     for r in waiting:
         by_peer.setdefault(r.peer, []).append(r)
-    queues = list(by_peer.values())
-    turns: list[_Request] = []
-    while queues:
-        turns.extend(q.pop(0) for q in queues)
-        queues = [q for q in queues if q]
-    busy = set(running_peers)
     chosen: list[_Request] = []
-    for r in turns:
-        if free_rows <= 0:
-            break
-        if free_rows == 1 and r.peer in busy:
-            continue
+    while free_rows > 0 and by_peer:
+        # Fewest rows running first; ties in order of each peer's first arrival.
+        peer = min(by_peer, key=lambda p: running.get(p, 0))
+        queue_ = by_peer[peer]
+        r = queue_.pop(0)
+        if not queue_:
+            del by_peer[peer]
         if r.reserved > budget_left:
             continue
         chosen.append(r)
-        busy.add(r.peer)
+        running[peer] = running.get(peer, 0) + 1
         free_rows -= 1
         budget_left -= r.reserved
     return chosen
