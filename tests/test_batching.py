@@ -92,12 +92,20 @@ def _reference(engine: Engine, prompt: str) -> tuple[list[int], list[float]]:
     return tokens, gaps
 
 
-def test_batched_greedy_matches_single_stream_until_a_near_tie(engine: Engine) -> None:
-    jobs = [(GenerationParams((ChatTurn("user", p),), NEW_TOKENS), _never) for p in PROMPTS]
+@pytest.mark.parametrize("prompts", [PROMPTS, (PROMPTS[1],) * 4], ids=["uneven", "same-length"])
+def test_batched_greedy_matches_single_stream_until_a_near_tie(
+    engine: Engine, prompts: tuple[str, ...]
+) -> None:
+    """Prompts of different lengths (prefilled one call each), and prompts of one length
+    (prefilled together in one batched call), against batch-1 references."""
+    jobs = [(GenerationParams((ChatTurn("user", p),), NEW_TOKENS), _never) for p in prompts]
+    chunks_before = engine.scheduler.stats.prefill_calls
     got = _run_batched(engine, jobs)
-    assert engine.scheduler.stats.largest_batch >= len(PROMPTS)
+    assert engine.scheduler.stats.largest_batch >= len(prompts)
+    if len(set(prompts)) == 1:  # one batched prefill call for all of them
+        assert engine.scheduler.stats.prefill_calls == chunks_before + 1
     compared = 0
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(prompts):
         tokens, gaps = _reference(engine, prompt)
         safe = next((k for k, g in enumerate(gaps) if g < NEAR_TIE), len(tokens))
         # Text of the reference's tokens before the first near-tie (eos is not text).
@@ -109,7 +117,7 @@ def test_batched_greedy_matches_single_stream_until_a_near_tie(engine: Engine) -
         compared += safe
         if safe == len(tokens):
             assert result.completion_tokens == len(tokens)
-    assert compared >= len(PROMPTS) * 4  # the comparison covered real text, not only ties
+    assert compared >= len(prompts) * 4  # the comparison covered real text, not only ties
 
 
 def test_cancel_leaves_the_batch_at_the_next_step(engine: Engine) -> None:
