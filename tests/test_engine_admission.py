@@ -165,3 +165,24 @@ def test_a_device_provider_is_refused_not_run_wrong(model_dir: Path) -> None:
 
     with pytest.raises(ValueError, match="not supported by the continuous-batching engine"):
         ModelRunner(model_dir, threads=1, spinning=False, provider="cuda", max_rows=1, max_len=256)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_run = engine.runner.run
+    calls = {"n": 0}
+
+    def fail_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected kernel failure")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "run", fail_once)
+    params = GenerationParams((ChatTurn("user", "Say hi."),), 4)
+    with pytest.raises(RuntimeError, match="injected"):
+        list(engine.stream(params, _no))
+    items = list(engine.stream(params, _no))  # the engine thread is alive and serving
+    assert isinstance(items[-1], GenerationResult) and items[-1].completion_tokens > 0
+    assert engine.scheduler.running() == 0

@@ -314,6 +314,8 @@ class BatchScheduler:
                         "where": [f"{f.filename}:{f.lineno}" for f in frames],
                     },
                 )
+                for r in self._rows:
+                    r.row = -1  # the buffer is dropped whole: no row moves on the way out
                 for r in [*self._rows, *self._waiting]:
                     self._fail(r, exc)
                 self._runner.clear()
