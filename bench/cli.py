@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write the figures and samples here")
     parser.add_argument(
+        "--before",
+        type=Path,
+        help="a JSON report of an earlier run (e.g. the previous engine): the table shows it "
+        "as a 'before' column, its figures recomputed from its samples",
+    )
+    parser.add_argument(
         "--no-peers", action="store_true", help="skip llama.cpp and the fp32 reference"
     )
     parser.add_argument("--threads", type=int, default=2, help="engine threads, every engine")
@@ -142,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     report = build_report(results, budget_name, args.threads, load_before, load_after)
     report["elapsed_s"] = time.monotonic() - started
-    print(render_markdown(report))
+    before = None
+    if args.before is not None:
+        before = json.loads(args.before.read_text(encoding="utf-8"))
+        before.update(figures_from_samples(before["samples"]))
+        before["goals"] = goals(before)
+    print(render_markdown(report, before))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -249,25 +260,35 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    """The table; with ``before`` (an earlier run's report), a "before" column beside it."""
     m = report["machine"]
+    head = "| key | before | after | meaning |" if before else "| key | value | meaning |"
     lines = [
         f"encloud benchmark, {report['budget']['mode']} mode: {m['cpu']}, {m['cores']} cores, "
         f"{m['threads_per_engine']} threads per engine; load average "
         f"{m['load_average_before'][0]} before, {m['load_average_after'][0]} after",
         "",
-        "| key | value | meaning |",
-        "|---|---|---|",
+        head,
+        "|---|---|---|---|" if before else "|---|---|---|",
     ]
     for key in FIGURE_KEYS:
-        value = lookup(report, key)
-        shown = _fmt(value)
-        if value is None:
-            shown = f"null ({report['reasons'].get(key, 'no reason')})"
+        shown = _shown(report, key)
         meaning = MEANINGS.get(key.split(".")[0], "")
-        lines.append(f"| `{key}` | {shown} | {meaning} |")
+        earlier = f" {_shown(before, key)} |" if before else ""
+        lines.append(f"| `{key}` |{earlier} {shown} | {meaning} |")
     lines += ["", "| goal | value | met |", "|---|---|---|"]
     for goal in report["goals"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[goal["met"]]
         lines.append(f"| {goal['goal']} | {_fmt(goal['value'])} (`{goal['figure']}`) | {met} |")
     return "\n".join(lines)
+
+
+def _shown(report: dict[str, Any], key: str) -> str:
+    try:
+        value = lookup(report, key)
+    except (KeyError, TypeError):
+        return "not in this report"
+    if value is None:
+        return f"null ({report.get('reasons', {}).get(key, 'no reason')})"
+    return _fmt(value)

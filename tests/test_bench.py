@@ -207,3 +207,12 @@ def test_goals_listed_with_their_figures(report: dict[str, Any]) -> None:
         assert goal["met"] in (True, False, None)
         if goal["value"] is None:
             assert goal["met"] is None
+
+
+def test_a_before_column_from_an_earlier_report(report: dict[str, Any]) -> None:
+    from bench.cli import render_markdown
+
+    table = render_markdown(report, report)
+    assert "| key | before | after | meaning |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| `decode_tok_s.encloud`"))
+    assert row.count("|") == 5
