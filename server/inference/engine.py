@@ -415,11 +415,6 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def model_vocab_size(folder: Path) -> int:
-    cfg = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))
-    return int(cfg["model"]["vocab_size"])
-
-
 def _session_options(threads: int, spinning: bool) -> dict[str, object]:
     """The session options runner.session_options builds, as the runtime event shows them."""
     return {

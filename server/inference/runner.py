@@ -142,7 +142,6 @@ class ModelRunner:
         self.max_len = max_len
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._kv = self._allocate(0)
-        self.growths = 0
 
     def _allocate(self, cap: int) -> np.ndarray:
         shape = (self.layers, 2, self.max_rows, self.kv_heads, cap, self.head_size)
@@ -169,11 +168,6 @@ class ModelRunner:
             _free(old[layer])
         self._kv = new
         self._bindings.clear()  # they point into the old buffer
-        self.growths += 1
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_size * self._kv.itemsize
 
     # ------------------------------------------------------------------ steps
 
