@@ -47,7 +47,12 @@ class ChatTokenizer:
     def __init__(self, folder: Path, chat_template: str) -> None:
         folder = Path(folder)
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.special_tokens: dict[str, int] = _special_tokens(folder)
+        # content -> id of the special tokens, from the tokenizer already loaded
+        self.special_tokens: dict[str, int] = {
+            added.content: int(token_id)
+            for token_id, added in self._tokenizer.get_added_tokens_decoder().items()
+            if added.special and added.content
+        }
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
         )
@@ -87,19 +92,6 @@ class TextStream:
 
     def step(self, token: int) -> str:
         return self._stream.step(self._tokenizer, token) or ""
-
-
-def _special_tokens(folder: Path) -> dict[str, int]:
-    """The tokenizer's special tokens, content -> id."""
-    try:
-        tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return {
-        t["content"]: int(t["id"])
-        for t in tok.get("added_tokens", [])
-        if t.get("special") and isinstance(t.get("content"), str) and t["content"]
-    }
 
 
 def _template_tokens(folder: Path) -> dict[str, Any]:
