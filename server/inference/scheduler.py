@@ -151,8 +151,6 @@ class SchedulerStats:
     """Counters for tests and benchmarks (no per-request sizes leave the process)."""
 
     steps: int = 0
-    decode_steps: int = 0
-    prefill_chunks: int = 0
     prefill_calls: int = 0
     largest_batch: int = 0
     admitted: int = 0
@@ -422,7 +420,6 @@ class BatchScheduler:
         self._runner.ensure(max(r.cached for r in rows) + 1, [r.cached for r in self._rows])
         tokens = np.array([[r.next_token] for r in rows], dtype=np.int64)
         logits = self._runner.run(0, tokens, [r.cached for r in rows])
-        self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, d)
         for r in rows:
             r.cached += 1
@@ -451,7 +448,6 @@ class BatchScheduler:
             first, n = group[0]
             pieces = np.stack([r.ids[r.cached : r.cached + n] for r, _ in group])
             logits = self._runner.run(first.row, pieces, [r.cached for r, _ in group])
-            self.stats.prefill_chunks += len(group)
             self.stats.prefill_calls += 1
             for i, (r, _) in enumerate(group):
                 r.cached += n
