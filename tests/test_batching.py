@@ -154,8 +154,14 @@ def test_each_request_keeps_its_own_sampling_parameters(engine: Engine) -> None:
     _collect(engine, greedy, alone, "greedy")
     first = _run_batched(engine, [(greedy, _never), (sampled, _never)])
     second = _run_batched(engine, [(greedy, _never), (sampled, _never)])
-    # The greedy row is not sampled because its neighbour samples.
-    assert first[0][0] == alone["greedy"][0]
+    # The greedy row is not sampled because its neighbour samples: equal to the batch-1
+    # reference up to its first near-tie (where batch-2 kernels may break the tie otherwise).
+    tokens, gaps = _reference(engine, PROMPTS[0])
+    agreed = next((i for i, gap in enumerate(gaps) if gap < NEAR_TIE), len(tokens))
+    assert agreed >= 4, "the prompt should give a few clear greedy steps"
+    expected = engine.decode(tokens[:agreed]).rstrip("\ufffd")
+    assert alone["greedy"][0].startswith(expected)
+    assert first[0][0].startswith(expected)
     # A fixed seed gives the same text in the same batch composition.
     assert first[1][0] == second[1][0]
     texts = {
