@@ -37,6 +37,7 @@ import onnxruntime as ort
 
 from encloud.protocol.encoding import encode, sha256, u32
 from encloud.protocol.faults import InvalidArgumentError, PromptTooLongError
+from encloud.server.inference.kv_buffer import KVLayout, KVStore
 from encloud.server.inference.manifest import Manifest, verify_model_folder
 from encloud.server.inference.runner import ModelRunner
 from encloud.server.inference.sampling import Sampler
@@ -170,10 +171,13 @@ class Engine:
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
         spinning: bool = True,
+        kv_store: Callable[[KVLayout], KVStore] | None = None,
     ) -> Engine:
         """Verify ``folder`` against its manifest, load it, start the scheduler (``max_batch``
         rows, prompts prefilled ``prefill_chunk_tokens`` at a time, at most
-        ``kv_budget_tokens`` cached tokens reserved in all) and compute the known answer."""
+        ``kv_budget_tokens`` cached tokens reserved in all) and compute the known answer.
+        ``kv_store`` replaces the provider's KV store (tests: the device store over host
+        memory)."""
         if threads < 1:
             raise ValueError("threads must be at least 1")
         folder = Path(folder)
@@ -190,6 +194,7 @@ class Engine:
             provider=provider,
             max_rows=max_batch,
             max_len=min(context_length, kv_budget_tokens),
+            kv_store=kv_store,
         )
         engine = cls(
             folder,

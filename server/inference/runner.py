@@ -5,17 +5,21 @@ Python's GIL through every step and admits no row into a running batch on the CP
 ``InferenceSession`` releases the GIL while it runs, and the builder's ``GroupQueryAttention``
 takes a sequence length per row, so rows of different lengths share one step.
 
-The buffer. One array ``[layers, 2 (key, value), max_rows, kv_heads, cap, head_size]`` holds
-every row's cache; row ``r`` is slot ``r``. Its length ``cap`` grows, by copying, only when a row
-needs more (to the next multiple of ``GROWTH_TOKENS`` above 5/4 of the need, at most
-``max_len``): ``GroupQueryAttention`` on the CPU does work in proportion to the buffer's length
-(measured: a 40-token prompt took 87 ms over a 512-token buffer, 466 ms over 8,192), so a buffer
-as long as the context would slow every step. It is allocated with ``numpy.zeros``, which maps
-fresh zero pages that the kernel commits only when written; only cached tokens are ever written
-or copied, so its resident size follows the tokens actually cached (page-rounded), never
-``max_rows x cap``; when a row ends, :meth:`release` hands its pages back
-(``madvise(MADV_DONTNEED)``), and a growth copy frees each old layer as soon as it is copied.
-The KV token budget is enforced by the scheduler's admission, not here.
+The buffer. One tensor ``[layers, 2 (key, value), max_rows, kv_heads, cap, head_size]`` holds
+every row's cache; row ``r`` is slot ``r``. It lives in host memory on the CPU and in device
+memory under CUDA (:mod:`encloud.server.inference.kv_buffer`); what follows is the host one.
+Its length ``cap`` grows, by copying, only when a row needs more (to the next multiple of
+``GROWTH_TOKENS`` above 5/4 of the need, at most ``max_len``): ``GroupQueryAttention`` on the CPU
+does work in proportion to the buffer's length (measured: a 40-token prompt took 87 ms over a
+512-token buffer, 466 ms over 8,192), so a buffer as long as the context would slow every step. It
+is allocated with ``numpy.zeros``, which maps fresh zero pages that the kernel commits only when
+written; only cached tokens are ever written or copied, so its resident size follows the tokens
+actually cached (page-rounded), never ``max_rows x cap``; when a row ends, :meth:`release` hands its
+pages back (``madvise(MADV_DONTNEED)``), and a growth copy frees each old layer as soon as it is
+copied.
+The KV token budget is enforced by the scheduler's admission, not here. Under CUDA the same
+tensor is device memory and rows move by device copies; inputs and logits stay host memory
+(ONNX Runtime copies them).
 
 Two graph shapes:
 
@@ -36,31 +40,23 @@ pad.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
-import mmap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-_MADV_DONTNEED = 4
+from encloud.server.inference.kv_buffer import (
+    DeviceKV,
+    HostKV,
+    KVLayout,
+    KVStore,
+    cuda_copy2d,
+)
+
 GROWTH_TOKENS = 256
-
-
-def _libc_madvise():  # type: ignore[no-untyped-def]
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    fn = libc.madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _libc_madvise()
+PROVIDERS = ("cpu", "cuda")
 
 
 def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
@@ -73,6 +69,24 @@ def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
     # Spinning: faster steps; sleeping: more CPU left to the event loop (docs/MODEL_PIPELINE.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
+
+
+def execution_providers(provider: str) -> list:
+    """ONNX Runtime's provider list for ``provider``; CUDA libraries from the ``nvidia-*``
+    wheels are loaded first where this ONNX Runtime can (``preload_dlls``)."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError(
+                "provider 'cuda': this ONNX Runtime has no CUDA provider "
+                "(install onnxruntime-gpu from requirements/server-gpu.lock)"
+            )
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            preload(directory="")
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    raise ValueError(f"provider must be one of {PROVIDERS}, not {provider!r}")
 
 
 class ModelRunner:
@@ -88,7 +102,10 @@ class ModelRunner:
         provider: str,
         max_rows: int,
         max_len: int,
+        kv_store: Callable[[KVLayout], KVStore] | None = None,
     ) -> None:
+        """``kv_store`` builds the store (tests run :class:`DeviceKV` over host memory);
+        default: host memory on the CPU, device memory under CUDA."""
         cfg = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))
         decoder = cfg["model"]["decoder"]
         self.layers = int(decoder["num_hidden_layers"])
@@ -114,19 +131,19 @@ class ModelRunner:
             for i in range(self.layers)
         ]
         self._logits = outs.get("logits", "logits")
-        if provider != "cpu":
-            # The buffer is host memory bound by pointer, and a row move is a host copy: on a
-            # device, past and present would not share memory. Refused rather than run wrong.
-            raise ValueError(
-                f"provider {provider!r} is not supported by the continuous-batching engine yet "
-                "(its KV buffer is host memory; docs/MODEL_PIPELINE.md)"
-            )
-        providers = ["CPUExecutionProvider"]
+        self.provider = provider
         self.session = ort.InferenceSession(
             str(Path(folder) / decoder["filename"]),
             session_options(threads, spinning),
-            providers=providers,
+            providers=execution_providers(provider),
         )
+        if provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # ONNX Runtime falls back to the CPU when the CUDA provider fails to load (a missing
+            # cuDNN, an old driver); the device store would then be bound to a CPU session.
+            raise ValueError(
+                "provider 'cuda': ONNX Runtime could not start its CUDA provider here "
+                "(see its log for the missing library or driver)"
+            )
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._position_ids = names.get("position_ids", "position_ids")
         self.shared_buffer = self._position_ids not in inputs
@@ -141,15 +158,22 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_len = max_len
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
-        self._kv = self._allocate(0)
-
-    def _allocate(self, cap: int) -> np.ndarray:
-        shape = (self.layers, 2, self.max_rows, self.kv_heads, cap, self.head_size)
-        return np.zeros(shape, self.kv_dtype)
+        layout = KVLayout(self.layers, max_rows, self.kv_heads, self.head_size, self.kv_dtype)
+        self._store = kv_store(layout) if kv_store is not None else _store_for(provider, layout)
+        if not self.shared_buffer and not isinstance(self._store, HostKV):
+            # The plain-attention path gathers and scatters rows with numpy.
+            raise ValueError(
+                f"provider {provider!r} serves the builder's GroupQueryAttention graph only; "
+                "this export has plain attention (position_ids)"
+            )
 
     @property
     def cap(self) -> int:
-        return int(self._kv.shape[4])
+        return self._store.cap
+
+    @property
+    def kv_device(self) -> str:
+        return self._store.device
 
     def ensure(self, needed: int, cached: list[int]) -> None:
         """Make every row able to hold ``needed`` tokens; ``cached[r]`` is what row ``r``
@@ -159,15 +183,8 @@ class ModelRunner:
         if needed > self.max_len:
             raise ValueError("a row would pass the buffer's length")
         target = -(-max(needed, needed * 5 // 4) // GROWTH_TOKENS) * GROWTH_TOKENS
-        new = self._allocate(min(target, self.max_len))
-        old = self._kv
-        for layer in range(self.layers):
-            for row, length in enumerate(cached):
-                if length:
-                    new[layer, :, row, :, :length] = old[layer, :, row, :, :length]
-            _free(old[layer])
-        self._kv = new
         self._bindings.clear()  # they point into the old buffer
+        self._store.grow(min(target, self.max_len), cached)
 
     # ------------------------------------------------------------------ steps
 
@@ -208,12 +225,13 @@ class ModelRunner:
         binding = self._bindings.get(key)
         if binding is None:
             binding = self.session.io_binding()
+            shape = [n, self.kv_heads, self.cap, self.head_size]
+            device, dtype = self._store.device, self.kv_dtype
             for layer in range(self.layers):
                 for kind in (0, 1):
-                    view = self._kv[layer, kind, first_row : first_row + n]
-                    shape, ptr, dtype = list(view.shape), view.ctypes.data, self.kv_dtype
-                    binding.bind_input(self._past[layer][kind], "cpu", 0, dtype, shape, ptr)
-                    binding.bind_output(self._present[layer][kind], "cpu", 0, dtype, shape, ptr)
+                    ptr = self._store.pointer(layer, kind, first_row)
+                    binding.bind_input(self._past[layer][kind], device, 0, dtype, shape, ptr)
+                    binding.bind_output(self._present[layer][kind], device, 0, dtype, shape, ptr)
             self._bindings[key] = binding
         return binding
 
@@ -232,10 +250,11 @@ class ModelRunner:
             self._position_ids: positions,
         }
         rows = slice(first_row, first_row + n)
+        kv = self._host_array()
         for layer in range(self.layers):
             for kind in (0, 1):
                 feeds[self._past[layer][kind]] = np.ascontiguousarray(
-                    self._kv[layer, kind, rows, :, :width]
+                    kv[layer, kind, rows, :, :width]
                 )
         wanted = [self._logits] + [name for pair in self._present for name in pair]
         logits, *presents = self.session.run(wanted, feeds)
@@ -243,8 +262,12 @@ class ModelRunner:
             for kind in (0, 1):
                 new = presents[2 * layer + kind][:, :, width:]
                 for i, p in enumerate(past):
-                    self._kv[layer, kind, first_row + i, :, p : p + s] = new[i]
+                    kv[layer, kind, first_row + i, :, p : p + s] = new[i]
         return np.asarray(logits, dtype=np.float32)
+
+    def _host_array(self) -> np.ndarray:
+        assert isinstance(self._store, HostKV)
+        return self._store.array
 
     # ------------------------------------------------------------------ slots
 
@@ -252,41 +275,28 @@ class ModelRunner:
         """Copy the first ``length`` cached tokens of row ``src`` into row ``dst``."""
         if src == dst or length <= 0:
             return
-        self._kv[:, :, dst, :, :length] = self._kv[:, :, src, :, :length]
+        self._store.move(src, dst, length)
 
     def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
         """Exchange the caches of rows ``a`` and ``b``."""
-        if a == b:
+        if a == b or max(length_a, length_b) <= 0:
             return
-        n = max(length_a, length_b)
-        if n <= 0:
-            return
-        held = self._kv[:, :, a, :, :n].copy()
-        self._kv[:, :, a, :, :n] = self._kv[:, :, b, :, :n]
-        self._kv[:, :, b, :, :n] = held
+        self._store.swap(a, b, length_a, length_b)
 
     def release(self, row: int) -> None:
-        """Give row ``row``'s pages back to the kernel (they read as zeros afterwards)."""
-        for layer in range(self.layers):
-            for kind in (0, 1):
-                _free(self._kv[layer, kind, row])
+        """Row ``row`` ended: give its memory back where the store can (host pages)."""
+        self._store.release(row)
 
     def clear(self) -> None:
         """Drop the whole buffer (no row is running)."""
         self._bindings.clear()
-        self._kv = self._allocate(0)
+        self._store.clear()
 
 
-def _free(region: np.ndarray) -> None:
-    """madvise(MADV_DONTNEED) over the whole pages inside a contiguous region."""
-    if _madvise is None or not region.nbytes:
-        return
-    page = mmap.PAGESIZE
-    start = region.ctypes.data
-    first = -(-start // page) * page
-    last = ((start + region.nbytes) // page) * page
-    if last > first:
-        _madvise(first, last - first, _MADV_DONTNEED)
+def _store_for(provider: str, layout: KVLayout) -> KVStore:
+    if provider == "cuda":
+        return DeviceKV(layout, "cuda", cuda_copy2d())
+    return HostKV(layout)
 
 
-__all__ = ["ModelRunner", "session_options"]
+__all__ = ["PROVIDERS", "ModelRunner", "execution_providers", "session_options"]
