@@ -225,7 +225,8 @@ class Settings(BaseSettings):
     )
     provider: Literal["cpu", "cuda"] = Field(
         "cpu",
-        description="ONNX Runtime provider.",
+        description="ONNX Runtime provider. cuda needs onnxruntime-gpu "
+        "(requirements/server-gpu.lock) and keeps the KV cache in device memory.",
         json_schema_extra=_measured(
             "CPU and CUDA kernels give different numerics, so different answers"
         ),
