@@ -6,7 +6,8 @@
 # 1. the server's Python packages, hash-locked (requirements/server.lock), and the encloud
 #    wheel, installed into a staging folder (CPython 3.11 wheels, as Debian 12's python3.11);
 # 2. a Debian 12 minbase rootfs by mmdebstrap with python3.11 and the TSS2 libraries, the
-#    staging folder and the exported model copied in, a non-root user (uid 10001);
+#    staging folder and the exported model copied in, a non-root user (uid 10001) (steps 1-2
+#    are deploy/image/stage.sh, shared with the measured VM image, build-vm.sh);
 # 3. imported into podman with the entrypoint, the environment, and the model digest as a
 #    label. Run it read-only, as that user (docs/DEPLOY.md).
 #
@@ -18,26 +19,16 @@ PY=.venv/bin/python
 DIGEST="$("$PY" -c 'import sys; from encloud.server.inference.manifest import verify_model_folder as v; print(v(sys.argv[1]).model_digest.hex())' "$MODEL_DIR")"
 TAG="${2:-localhost/encloud-server:${DIGEST:0:12}}"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/image/containers.conf}"
-DEBIAN_PACKAGES=python3.11,ca-certificates,libtss2-esys-3.0.2-0,libtss2-fapi1,libtss2-mu0,libtss2-rc0,libtss2-sys1,libtss2-tctildr0,libtss2-tcti-swtpm0,libtss2-tcti-device0
+. deploy/image/stage.sh
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/encloud"
-echo "image: python packages (requirements/server.lock)" >&2
-"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$work/wheel" . >&2
-"$PY" -m pip install --quiet --no-compile --require-hashes -r requirements/server.lock \
-  --target "$work/encloud/lib" >&2
-"$PY" -m pip install --quiet --no-compile --no-deps --target "$work/encloud/lib" \
-  "$work"/wheel/encloud-*.whl >&2
+stage_encloud "$work" "$MODEL_DIR"
 echo "image: model $DIGEST" >&2
-cp -r "$MODEL_DIR" "$work/encloud/model"
 
 echo "image: Debian 12 minbase rootfs (mmdebstrap)" >&2
-mmdebstrap --quiet --variant=minbase --include="$DEBIAN_PACKAGES" \
-  --customize-hook="copy-in $work/encloud /opt" \
-  --customize-hook='chroot "$1" useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin encloud' \
+mmdebstrap --quiet --variant=minbase --include="$ROOTFS_PACKAGES" "${ROOTFS_HOOKS[@]}" \
   --customize-hook='mkdir -p "$1/var/lib/encloud" && chown 10001:10001 "$1/var/lib/encloud"' \
-  --customize-hook='chmod -R a+rX "$1/opt/encloud"' \
   bookworm "$work/rootfs.tar" >&2
 
 echo "image: podman import $TAG" >&2
