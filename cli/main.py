@@ -185,6 +185,30 @@ def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_from_image(args: argparse.Namespace) -> int:
+    from encloud.cli import reference
+
+    if not args.runtime_event:
+        print("encloud: give --runtime-event FILE (the image's published event)", file=sys.stderr)
+        return 2
+    events = [reference.runtime_event_from_file(p) for p in args.runtime_event]
+    pinned = [reference.read_pinned_key(p) for p in args.ak_pin]
+    roots = [der for p in args.ak_roots for der in reference.read_roots(p)]
+    policy = reference.policy_from_image(
+        args.image_dir,
+        events,
+        args.firmware_reference,
+        pinned_public_keys=pinned,
+        certificate_roots=roots,
+        max_session_ttl_seconds=args.max_session_ttl,
+    )
+    _write_policy(args.output, policy)
+    print(f"policy written to {args.output}")
+    for index, value in sorted(policy.pcr_values.items()):
+        print(f"  PCR {index:2}: {value.hex()}")
+    return 0
+
+
 def cmd_policy_init(args: argparse.Namespace) -> int:
     from encloud.cli import reference
     from encloud.client import first_use_evidence
@@ -220,6 +244,10 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(f"encloud: cannot read {args.file}: {err.strerror}", file=sys.stderr)
         return 2
     problems = policy_problems(data)
+    if not problems and args.production_except_hardware:
+        from encloud.protocol.policy import production_gaps_except_hardware
+
+        problems = production_gaps_except_hardware(parse_policy(data))
     if problems:
         print(f"{args.file}: NOT usable: {len(problems)} problem(s)", file=sys.stderr)
         for problem in problems:
@@ -465,6 +493,28 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--workload-pcr", type=int, default=15)
     fm.add_argument("--max-session-ttl", type=int, default=900, help="seconds")
     fm.set_defaults(func=cmd_policy_from_manifest)
+    fi = policy_sub.add_parser(
+        "from-image", help="boot PCRs predicted from the measured VM image, without booting it"
+    )
+    fi.add_argument("image_dir", type=Path, help="deploy/image/build-vm.sh's output folder")
+    fi.add_argument("-o", "--output", type=Path, required=True, help="policy file to write")
+    fi.add_argument(
+        "--firmware-reference",
+        type=Path,
+        default=Path("deploy/image/ovmf-reference.json"),
+        help="the firmware's PCRs from a recorded reference boot of the pinned OVMF build",
+    )
+    fi.add_argument(
+        "--runtime-event",
+        type=Path,
+        action="append",
+        default=[],
+        help="JSON runtime event published for the image (repeatable)",
+    )
+    fi.add_argument("--ak-pin", type=Path, action="append", default=[], help="AK key to pin")
+    fi.add_argument("--ak-roots", type=Path, action="append", default=[], help="AK roots (PEM)")
+    fi.add_argument("--max-session-ttl", type=int, default=900, help="seconds")
+    fi.set_defaults(func=cmd_policy_from_image)
     init = policy_sub.add_parser("init", help="DEV ONLY: a policy from a running server")
     add_target_args(init, required=True)
     init.add_argument("-o", "--output", type=Path, required=True, help="policy file to write")
@@ -472,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_policy_init)
     check = policy_sub.add_parser("check", help="validate a policy file")
     check.add_argument("file", type=Path)
+    check.add_argument(
+        "--production-except-hardware",
+        action="store_true",
+        help="every production rule but the hardware report's (an emulated boot: no SEV-SNP)",
+    )
     check.set_defaults(func=cmd_policy_check)
 
     audit = sub.add_parser("audit", help="the audit log: verify, keys, checkpoints")

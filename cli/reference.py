@@ -173,6 +173,10 @@ def read_pcr_values(path: Path) -> dict[int, bytes]:
     return out
 
 
+IMAGE_PCR_SELECTION = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15)
+"""The PCRs the measured image's server quotes (deploy/image/vm/systemd/encloud.service)."""
+
+
 def policy_from_manifest(
     model_dirs: Iterable[Path],
     runtime_events: Iterable[Mapping[str, Any]],
@@ -236,3 +240,52 @@ def policy_from_evidence(
     except VerificationError as err:
         raise PolicyError(f"the server's own evidence does not verify: {err}") from err
     return policy, list(runtimes.values())
+
+
+def policy_from_image(
+    image_dir: Path,
+    runtime_events: Iterable[Mapping[str, Any]],
+    firmware_reference: Path,
+    *,
+    pinned_public_keys: Iterable[bytes] = (),
+    certificate_roots: Iterable[bytes] = (),
+    pcr_selection: Iterable[int] = IMAGE_PCR_SELECTION,
+    workload_pcr: int = 15,
+    max_session_ttl_seconds: int = 900,
+) -> Policy:
+    """A policy for the measured VM image (deploy/image/build-vm.sh): boot PCRs predicted from
+    the image's files (encloud.cli.image_pcrs), the firmware's own PCRs from the recorded
+    reference boot of the pinned OVMF build, the model digest the image was built with."""
+    from encloud.cli import image_pcrs
+
+    image_dir = Path(image_dir)
+    try:
+        built = strict_loads((image_dir / "image.json").read_bytes())
+        uki = (image_dir / "uki.efi").read_bytes()
+        reference = strict_loads(Path(firmware_reference).read_bytes())
+    except (OSError, ValueError) as err:
+        raise PolicyError(f"cannot read the image or the firmware reference: {err}") from err
+    try:
+        variables = _hex_map(reference["secure_boot_variables"])
+        phases = [str(p) for p in reference["phases"]]
+        values = {int(k): bytes.fromhex(v) for k, v in reference["pcr_values"].items()}
+        model_digest = bytes.fromhex(built["model_digest"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise PolicyError(f"image.json or the firmware reference is malformed: {err!r}") from err
+    values.update(image_pcrs.predict(uki, variables, phases))
+    selection = list(pcr_selection)
+    return build_policy(
+        pcr_selection=selection,
+        workload_pcr=workload_pcr,
+        allowed_model_digests=[model_digest],
+        allowed_runtime_events=[runtime_event_digest(e) for e in runtime_events],
+        pinned_public_keys=pinned_public_keys,
+        certificate_roots=certificate_roots,
+        pcr_values={i: v for i, v in values.items() if i in selection and i != workload_pcr},
+        max_session_ttl_seconds=max_session_ttl_seconds,
+        dev_only=False,
+    )
+
+
+def _hex_map(obj: Mapping[str, str]) -> dict[str, bytes]:
+    return {name: bytes.fromhex(value) for name, value in obj.items()}

@@ -374,8 +374,6 @@ def policy_gaps(policy: Policy) -> list[str]:
         gaps.append("platform.amd_roots: no AMD root (ARK) to verify the VCEK chain against")
     if platform is None or not platform.production:
         return gaps
-    if policy.dev_only:
-        gaps.append("dev_only: a production policy is not a trust-on-first-use policy")
     trusted = set(policy.unsafe_test_roots)
     for i, der in enumerate(platform.amd_roots):
         if der not in trusted and not is_production_amd_root(der):
@@ -386,6 +384,27 @@ def policy_gaps(policy: Policy) -> list[str]:
         gaps.append("platform.min_tcb: no minimum TCB (bootloader, tee, snp, microcode)")
     if platform.vmpl is None and platform.kind in ("sev-snp", "azure-sev-snp"):
         gaps.append("platform.vmpl: the VMPL the report must come from is not stated")
+    return gaps + _boot_chain_gaps(policy)
+
+
+def production_gaps_except_hardware(policy: Policy) -> list[str]:
+    """What keeps ``policy`` from being a production policy, every rule applied but those on
+    the hardware report (platform: AMD roots, launch measurement, TCB, VMPL): for a boot
+    emulated without SEV-SNP (deploy/image/run-vm.sh), whose policy pins the same boot chain
+    a production one does ([] = passes)."""
+    gaps = [g for g in policy_gaps(policy) if not g.startswith("platform.")]
+    if policy.platform is None or not policy.platform.production:
+        gaps += _boot_chain_gaps(policy)
+    return gaps
+
+
+def _boot_chain_gaps(policy: Policy) -> list[str]:
+    """A production policy's boot-chain rules: not trust on first use, the workload PCR
+    outside the boot PCRs, every boot PCR quoted and pinned, every other quoted PCR pinned
+    or waived."""
+    gaps: list[str] = []
+    if policy.dev_only:
+        gaps.append("dev_only: a production policy is not a trust-on-first-use policy")
     if policy.workload_pcr in BOOT_PCRS:
         gaps.append(
             f"workload_pcr: PCR {policy.workload_pcr} covers {BOOT_PCRS[policy.workload_pcr]}"
