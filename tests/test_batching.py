@@ -72,16 +72,23 @@ def _run_batched(engine: Engine, jobs: list[tuple[GenerationParams, object]]) ->
 
 
 def _reference(engine: Engine, prompt: str) -> tuple[list[int], list[float]]:
+    return greedy_reference(engine, prompt, NEW_TOKENS)
+
+
+def greedy_reference(
+    engine: Engine, prompt: str, n: int, runner: ModelRunner | None = None
+) -> tuple[list[int], list[float]]:
     """Batch-1 greedy tokens and, per step, the gap between the top two logits: the prompt in
-    one piece on a runner of its own (no scheduler, no other row)."""
+    one piece on a runner of its own (no scheduler, no other row; ``runner`` reuses one)."""
     ids = engine._encode_messages((ChatTurn("user", prompt),))
-    runner = ModelRunner(
-        engine._folder, threads=2, spinning=False, provider="cpu", max_rows=1, max_len=512
-    )
-    runner.ensure(len(ids) + NEW_TOKENS, [0])
+    if runner is None:
+        runner = ModelRunner(
+            engine._folder, threads=2, spinning=False, provider="cpu", max_rows=1, max_len=512
+        )
+    runner.ensure(len(ids) + n, [0])
     logits = runner.run(0, ids.reshape(1, -1), [0])[0]
     tokens, gaps, cached = [], [], len(ids)
-    for _ in range(NEW_TOKENS):
+    for _ in range(n):
         top2 = np.partition(logits, -2)[-2:]
         gaps.append(float(abs(top2[1] - top2[0])))
         tokens.append(int(np.argmax(logits)))
