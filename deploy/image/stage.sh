@@ -19,6 +19,10 @@ stage_encloud() {
     --target "$work/encloud/lib" >&2
   "$PY" -m pip install --quiet --no-compile --no-deps --target "$work/encloud/lib" \
     "$work"/wheel/encloud-*.whl >&2
+  # pip records where the wheel came from (a temporary path): the one file that made two
+  # builds of one commit differ.
+  rm "$work"/encloud/lib/encloud-*.dist-info/direct_url.json
+  sed -i '/direct_url.json/d' "$work"/encloud/lib/encloud-*.dist-info/RECORD
   cp -r "$model_dir" "$work/encloud/model"
   ROOTFS_HOOKS=(
     --customize-hook="copy-in $work/encloud /opt"
