@@ -256,6 +256,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     policy = parse_policy(data)
     kind = "vTPM only" if policy.platform is None else policy.platform.kind
     mode = "production" if policy.production else "dev"
+    if args.production_except_hardware and not policy.production:
+        mode = "production (every rule but the hardware report's)"
     print(f"{args.file}: complete {mode} policy ({kind}), version {policy.version}")
     print(f"  digest: {policy_digest(policy).hex()}")
     print(

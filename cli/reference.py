@@ -268,11 +268,12 @@ def policy_from_image(
     try:
         variables = _hex_map(reference["secure_boot_variables"])
         phases = [str(p) for p in reference["phases"]]
+        before_uki = [bytes.fromhex(e["sha256"]) for e in reference["pcr4_before_uki"]]
         values = {int(k): bytes.fromhex(v) for k, v in reference["pcr_values"].items()}
         model_digest = bytes.fromhex(built["model_digest"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise PolicyError(f"image.json or the firmware reference is malformed: {err!r}") from err
-    values.update(image_pcrs.predict(uki, variables, phases))
+    values.update(image_pcrs.predict(uki, variables, phases, before_uki))
     selection = list(pcr_selection)
     return build_policy(
         pcr_selection=selection,

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from encloud.cli.image_pcrs import (
+    CALLING_EFI_APPLICATION,
+    SEPARATOR,
     ZERO,
     authenticode_sha256,
     boot_events,
@@ -116,7 +118,15 @@ def _image_dir(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     firmware = {str(i): f"{i:02x}" * 32 for i in (0, 1, 2, 3, 5, 6, 8, 9, 14)}
     reference.write_text(
         json.dumps(
-            {"pcr_values": firmware, "secure_boot_variables": {}, "phases": ["sysinit", "ready"]}
+            {
+                "pcr_values": firmware,
+                "secure_boot_variables": {"SecureBoot": "00"},
+                "pcr4_before_uki": [
+                    {"event": "calling", "sha256": sha256(CALLING_EFI_APPLICATION).hex()},
+                    {"event": "separator", "sha256": sha256(SEPARATOR).hex()},
+                ],
+                "phases": ["sysinit", "ready"],
+            }
         )
     )
     event = tmp_path / "runtime.json"
@@ -141,15 +151,17 @@ def test_policy_from_image_pins_the_predicted_boot_chain(tmp_path: Path, capsys)
     args += ["--runtime-event", str(event), "--ak-pin", str(ak), "-o", str(out)]
     assert main(args) == 0
     policy = load_policy(out)
-    expected = predict((image / "uki.efi").read_bytes(), {}, ["sysinit", "ready"])
-    for index in (4, 7, 11, 12, 13):
+    expected = predict(
+        (image / "uki.efi").read_bytes(), {"SecureBoot": b"\x00"}, ["sysinit", "ready"]
+    )
+    for index in (4, 7, 8, 9, 11, 12, 13):
         assert policy.pcr_values[index] == expected[index]
     assert policy.pcr_values[0] == bytes.fromhex("00" * 32)  # from the firmware reference
     assert 15 not in policy.pcr_values  # the workload PCR is replayed, not pinned
     assert list(policy.allowed_model_digests) == [bytes.fromhex("ab" * 32)]
     capsys.readouterr()
     assert main(["policy", "check", str(out), "--production-except-hardware"]) == 0
-    assert "complete dev policy" in capsys.readouterr().out
+    assert "complete production (every rule but the hardware report's)" in capsys.readouterr().out
 
 
 def test_production_except_hardware_names_an_unpinned_boot_pcr(tmp_path: Path, capsys) -> None:
@@ -180,3 +192,19 @@ def test_policy_from_image_with_a_broken_reference_is_one_line(tmp_path: Path, c
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
     assert "firmware reference is malformed" in err
+
+
+def test_the_committed_firmware_reference_is_its_event_log_replayed() -> None:
+    """deploy/image/ovmf-reference.json holds what firmware_reference reads from the recorded
+    event log: the firmware PCRs replayed, PCR 4's events before the UKI, Secure Boot's state."""
+    from encloud.cli.image_pcrs import firmware_reference, parse_event_log
+
+    root = Path(__file__).resolve().parent.parent / "deploy" / "image"
+    log = (root / "ovmf-reference.evlog").read_bytes()
+    committed = json.loads((root / "ovmf-reference.json").read_text())
+    for key, value in firmware_reference(log).items():
+        assert committed[key] == value, key
+    assert committed["secure_boot_variables"]["SecureBoot"] == "00"  # OVMF without Secure Boot
+    events = parse_event_log(log)
+    applications = [e for e in events if e.pcr == 4 and e.event_type == 0x80000003]
+    assert len(applications) == 2  # the UKI, then the kernel systemd-stub loaded

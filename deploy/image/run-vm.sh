@@ -14,8 +14,12 @@ STATE="${2:?usage: deploy/image/run-vm.sh IMAGE_DIR STATE_DIR [PORT]}"
 PORT="${3:-50051}"
 OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
 OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
-for f in "$OVMF_CODE" "$OVMF_VARS" "$IMAGE/esp.img" "$IMAGE/root.squashfs" "$IMAGE/root.verity"; do
-  [[ -f $f ]] || { echo "run-vm: $f is missing" >&2; exit 2; }
+command -v qemu-system-x86_64 >/dev/null && [[ -f $OVMF_CODE ]] || {
+  echo "run-vm: needs QEMU and OVMF: apt-get install --no-install-recommends qemu-system-x86 ovmf" >&2
+  exit 2
+}
+for f in "$IMAGE/esp.img" "$IMAGE/root.squashfs" "$IMAGE/root.verity"; do
+  [[ -f $f ]] || { echo "run-vm: $f is missing (deploy/image/build-vm.sh writes it)" >&2; exit 2; }
 done
 mkdir -p -m 0700 "$STATE/tpm"
 cp "$OVMF_VARS" "$STATE/vars.fd"
