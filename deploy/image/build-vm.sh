@@ -15,7 +15,9 @@
 #
 # Reproducible: every timestamp is the commit's time (SOURCE_DATE_EPOCH), the verity salt and
 # UUID are derived from the model digest, so two builds of one commit against one Debian
-# mirror state give the same root hash and UKI. OUT_DIR gets uki.efi, esp.img, root.squashfs,
+# mirror state give the same root.squashfs, root.verity (so root hash) and uki.efi (so
+# predicted PCRs). esp.img is not: mtools stamps its FAT directories with the build's time
+# (the ESP is not measured; the UKI in it is). OUT_DIR gets uki.efi, esp.img, root.squashfs,
 # root.verity and image.json (what was built, and the hashes). Needs mmdebstrap, squashfs-tools,
 # cryptsetup-bin, binutils, mtools, dosfstools and systemd-boot-efi (./dev installs them).
 set -euo pipefail
@@ -47,7 +49,7 @@ mmdebstrap --quiet --variant=minbase --aptopt='APT::Install-Recommends "false"' 
   --essential-hook="copy-in $VM/initramfs-tools/scripts/local-top/encloud-verity /etc/initramfs-tools/scripts/local-top" \
   --customize-hook="copy-in $VM/systemd/encloud.service /etc/systemd/system" \
   --customize-hook="copy-in $VM/systemd/80-dhcp.network /etc/systemd/network" \
-  --customize-hook="copy-in $VM/systemd/60-encloud-tpm.rules /etc/udev/rules.d" \
+  --customize-hook="copy-in $VM/systemd/70-encloud-tpm.rules /etc/udev/rules.d" \
   --customize-hook="copy-in $VM/systemd/fstab /etc" \
   --customize-hook='mkdir -p "$1/var/lib/encloud"' \
   --customize-hook='chroot "$1" systemctl enable encloud.service systemd-networkd.service' \
@@ -85,6 +87,18 @@ objcopy \
   --add-section .linux="$work/vmlinuz" --change-section-vma .linux=0x2000000 \
   --add-section .initrd="$work/initrd" --change-section-vma .initrd=0x3000000 \
   "$STUB" "$OUT/uki.efi"
+# objcopy stamps the PE header with the current time (and its checksum): the commit's time
+# instead, checksum zero (UEFI ignores it; the Authenticode hash excludes it).
+"$PY" - "$OUT/uki.efi" "$SOURCE_DATE_EPOCH" <<'PYEOF'
+import struct, sys
+path, epoch = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as f:
+    pe = struct.unpack("<I", (f.seek(0x3C), f.read(4))[1])[0]
+    f.seek(pe + 8)
+    f.write(struct.pack("<I", epoch))
+    f.seek(pe + 24 + 64)
+    f.write(struct.pack("<I", 0))
+PYEOF
 
 echo "build-vm: ESP" >&2
 rm -f "$OUT/esp.img"
