@@ -16,7 +16,10 @@ differs between the stores is how rows are copied (growth, compaction) and freed
   checks its pointer arithmetic against :class:`HostKV` on the real model.
 
 Copies run on the legacy default stream after ``run_with_iobinding`` returned (ONNX Runtime
-synchronises the provider's stream at the end of a run), and complete before the next run.
+synchronises the provider's stream at the end of a run). A device-to-device ``cudaMemcpy2D``
+may return before it completes, and ONNX Runtime's stream need not wait for the legacy one, so
+each copy is followed by ``cudaDeviceSynchronize``: the next run reads finished rows (copies
+are rare: a growth, a compaction).
 """
 
 from __future__ import annotations
@@ -233,6 +236,8 @@ def cuda_copy2d() -> Copy2D:
     memcpy2d.argtypes = [ctypes.c_void_p, ctypes.c_size_t] * 2 + [ctypes.c_size_t] * 2
     memcpy2d.argtypes += [ctypes.c_int]
     memcpy2d.restype = ctypes.c_int
+    synchronize = runtime.cudaDeviceSynchronize
+    synchronize.restype = ctypes.c_int
     error_string = runtime.cudaGetErrorString
     error_string.argtypes = [ctypes.c_int]
     error_string.restype = ctypes.c_char_p
@@ -241,6 +246,7 @@ def cuda_copy2d() -> Copy2D:
         if not width or not height:
             return
         code = memcpy2d(dst, dpitch, src, spitch, width, height, _CUDA_MEMCPY_DEVICE_TO_DEVICE)
+        code = code or synchronize()
         if code:
             raise RuntimeError(f"cudaMemcpy2D failed: {error_string(code).decode()}")
 
