@@ -149,7 +149,8 @@ def batching(model: Path, provider: str, failures: list[str]) -> None:
         with engine.hold_admission():
             for t in threads:
                 t.start()
-            while engine.scheduler.waiting() < len(threads):
+            deadline = time.monotonic() + 120
+            while engine.scheduler.waiting() < len(threads) and time.monotonic() < deadline:
                 time.sleep(0.005)
         for t in threads:
             t.join(timeout=300)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +197,10 @@ def _batched(engine: Engine, prompts: list[str]) -> list[str]:
     with engine.hold_admission():
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60
         while engine.scheduler.waiting() < len(prompts):
-            threading.Event().wait(0.005)
+            assert time.monotonic() < deadline, "requests never reached the scheduler"
+            time.sleep(0.005)
     for t in threads:
         t.join(timeout=300)
     return out
