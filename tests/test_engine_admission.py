@@ -130,11 +130,16 @@ def test_the_event_loop_keeps_half_its_rate_during_a_long_prefill(engine: Engine
     params = GenerationParams((ChatTurn("user", prompt),), 1)
     loop = asyncio.new_event_loop()
     try:
-        idle = loop.run_until_complete(_probe_rate(None, 0.5))
+        # The idle rate is measured on both sides of the prefill: one short window alone can
+        # catch a burst of the machine's own work (one CI run: 46.8 % against one window).
+        before = loop.run_until_complete(_probe_rate(None, 0.5))
         busy = loop.run_until_complete(_probe_rate(lambda: list(engine.stream(params, _no)), 0))
+        after = loop.run_until_complete(_probe_rate(None, 0.5))
     finally:
         loop.close()
-    assert busy >= idle / 2, (idle, busy)
+    idle = (before + after) / 2
+    print(f"event-loop probe: {busy / idle:.0%} of its idle rate during the prefill")
+    assert busy >= idle / 2, (before, after, busy)
 
 
 def _no() -> bool:
