@@ -33,8 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from encloud.server.inference.engine import (
     KNOWN_ANSWER_NEW_TOKENS,
     KNOWN_ANSWER_PROMPTS,
@@ -43,6 +41,7 @@ from encloud.server.inference.engine import (
     GenerationParams,
     GenerationResult,
 )
+from encloud.server.inference.quality import greedy_with_gaps
 from encloud.server.inference.runner import ModelRunner
 
 # fp16 kernels on two providers differ by more than batched kernels on one.
@@ -64,26 +63,13 @@ def greedy_reference(model: Path, provider: str, prompts: list[str], n: int) -> 
     """Per prompt: greedy token ids and each step's top-two logit gap, one row, no scheduler."""
     engine = Engine.load(model, threads=2, provider=provider)
     try:
+        runner = ModelRunner(
+            model, threads=2, spinning=False, provider=provider, max_rows=1, max_len=1024
+        )
         out = []
         for prompt in prompts:
-            ids = np.asarray(
-                engine._tokenizer.encode(engine.render_prompt([ChatTurn("user", prompt)])),
-                dtype=np.int64,
-            )
-            runner = ModelRunner(
-                model, threads=2, spinning=False, provider=provider, max_rows=1, max_len=1024
-            )
-            runner.ensure(len(ids) + n, [0])
-            logits = runner.run(0, ids.reshape(1, -1), [0])[0]
-            tokens: list[int] = []
-            gaps: list[float] = []
-            for _ in range(n):
-                top2 = np.partition(logits, -2)[-2:]
-                gaps.append(float(abs(top2[1] - top2[0])))
-                tokens.append(int(np.argmax(logits)))
-                if tokens[-1] in engine._eos_ids:
-                    break
-                logits = runner.run(0, np.array([[tokens[-1]]]), [len(ids) + len(tokens) - 1])[0]
+            ids = engine._encode_messages([ChatTurn("user", prompt)])
+            tokens, gaps = greedy_with_gaps(runner, ids, n, engine._eos_ids)
             out.append({"prompt": prompt, "tokens": tokens, "gaps": gaps})
         return out
     finally:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from encloud.server.inference.engine import ChatTurn, Engine, GenerationParams, GenerationResult
+from encloud.server.inference.quality import greedy_with_gaps
 from encloud.server.inference.runner import ModelRunner
 
 PROMPTS = (
@@ -85,18 +86,7 @@ def greedy_reference(
         runner = ModelRunner(
             engine._folder, threads=2, spinning=False, provider="cpu", max_rows=1, max_len=512
         )
-    runner.ensure(len(ids) + n, [0])
-    logits = runner.run(0, ids.reshape(1, -1), [0])[0]
-    tokens, gaps, cached = [], [], len(ids)
-    for _ in range(n):
-        top2 = np.partition(logits, -2)[-2:]
-        gaps.append(float(abs(top2[1] - top2[0])))
-        tokens.append(int(np.argmax(logits)))
-        if tokens[-1] in engine._eos_ids:
-            break
-        logits = runner.run(0, np.array([[tokens[-1]]]), [cached])[0]
-        cached += 1
-    return tokens, gaps
+    return greedy_with_gaps(runner, ids, n, engine._eos_ids)
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS, (PROMPTS[1],) * 4], ids=["uneven", "same-length"])

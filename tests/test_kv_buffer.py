@@ -12,13 +12,12 @@ The CUDA copy itself (``cudaMemcpy2D``) and the CUDA kernels run only on a GPU:
 from __future__ import annotations
 
 import ctypes
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import cache_root
+from test_batching import _run_batched
 
 from encloud.server.inference.engine import ChatTurn, Engine, GenerationParams
 from encloud.server.inference.kv_buffer import DeviceKV, HostKV, KVLayout, KVStore, host_copy2d
@@ -187,20 +186,6 @@ def test_the_cuda_export_serves_through_the_device_store(cuda_export: Path) -> N
 
 def _batched(engine: Engine, prompts: list[str]) -> list[str]:
     """The prompts' greedy answers, admitted together (so they share steps)."""
-    out = [""] * len(prompts)
-
-    def run(i: int) -> None:
-        params = GenerationParams((ChatTurn("user", prompts[i]),), 12)
-        out[i] = "".join(x for x in engine.stream(params, lambda: False) if isinstance(x, str))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    with engine.hold_admission():
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while engine.scheduler.waiting() < len(prompts):
-            assert time.monotonic() < deadline, "requests never reached the scheduler"
-            time.sleep(0.005)
-    for t in threads:
-        t.join(timeout=300)
-    return out
+    jobs = [(GenerationParams((ChatTurn("user", p),), 12), lambda: False) for p in prompts]
+    out = _run_batched(engine, jobs)
+    return [out[i][0] for i in range(len(prompts))]

@@ -20,8 +20,12 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from encloud.server.inference.runner import ModelRunner
 
 DEFAULT_TOKENS = 512
 HELDOUT_TEXT = Path(__file__).resolve().parents[2] / "tests" / "data" / "heldout_prose.txt"
@@ -55,6 +59,26 @@ def perplexity(folder: Path, ids: np.ndarray, threads: int = 2) -> float:
         logits -= logits.max()
         nll -= logits[int(ids[i + 1])] - math.log(np.exp(logits).sum())
     return float(math.exp(nll / (n - 1)))
+
+
+def greedy_with_gaps(
+    runner: ModelRunner, ids: np.ndarray, n: int, eos_ids: frozenset[int]
+) -> tuple[list[int], list[float]]:
+    """Up to ``n`` greedy tokens after the prompt ``ids`` on row 0 of ``runner`` alone (no
+    scheduler, no other row), and each step's gap between the top two logits: the batch-1
+    reference that batched answers are compared with up to their first near-tie."""
+    runner.ensure(len(ids) + n, [0])
+    logits = runner.run(0, np.asarray(ids, dtype=np.int64).reshape(1, -1), [0])[0]
+    tokens: list[int] = []
+    gaps: list[float] = []
+    for _ in range(n):
+        top2 = np.partition(logits, -2)[-2:]
+        gaps.append(float(abs(top2[1] - top2[0])))
+        tokens.append(int(np.argmax(logits)))
+        if tokens[-1] in eos_ids:
+            break
+        logits = runner.run(0, np.array([[tokens[-1]]]), [len(ids) + len(tokens) - 1])[0]
+    return tokens, gaps
 
 
 def main(argv: list[str] | None = None) -> int:
