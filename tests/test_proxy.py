@@ -21,7 +21,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from relay import Relay
-from waiting import wait_for
+from waiting import samples, wait_for
 
 from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import ServiceError
@@ -99,6 +99,16 @@ def proxy(stack, tmp_path_factory) -> Iterator[RunningProxy]:
     assert "Name three colours" not in log and "Count from one" not in log
 
 
+def _wait_until_idle(stack) -> None:
+    """Until the server's engine runs nothing: answers compared token for token must each run
+    alone, since a batched step's logits differ from a lone row's (docs/MODEL_PIPELINE.md)."""
+
+    def idle() -> bool:
+        return samples(stack.server.metrics_address)[("encloud_running_generations", ())] == 0
+
+    wait_for(idle, "the engine idle")
+
+
 def _grpc_answer(stack, messages: list[dict], max_new_tokens: int, **params) -> tuple[str, object]:
     with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
         answer = client.infer(
@@ -158,6 +168,7 @@ def test_the_status_table_and_retry_after() -> None:
 
 @pytest.mark.proxy
 def test_the_sdk_gets_the_grpc_clients_answer_and_usage(stack, proxy: RunningProxy) -> None:
+    _wait_until_idle(stack)
     text, done = _grpc_answer(stack, ASK, 24, seed=7)
     reply = proxy.sdk().chat.completions.create(model="encloud", messages=ASK, **PARAMS)
     assert reply.choices[0].message.content == text
@@ -333,6 +344,7 @@ def test_attack_a_server_that_fails_attestation_gets_no_prompt(stack, tmp_path, 
 @pytest.mark.attack
 def test_attack_a_flipped_frame_ends_the_sdk_stream_after_a_true_prefix(stack, tmp_path) -> None:
     messages = [{"role": "user", "content": "Count from one to thirty."}]
+    _wait_until_idle(stack)
     text, _ = _grpc_answer(stack, messages, 64, seed=7)
 
     def flip_third(index: int, message: bytes) -> bytes:
@@ -381,17 +393,24 @@ def test_32_concurrent_sdk_clients_and_the_added_first_token_time(stack, proxy) 
     assert not errors and len(done) == 32, errors[:3]
 
     # First-token time, one request at a time, warm sessions: direct gRPC vs through the proxy.
-    def ttft(stream_factory) -> float:
+    def ttft(stream_factory, stop: str) -> float:
+        """Seconds to the first piece; then ``stream.<stop>()`` ends the generation, so that
+        none outlives the measurement."""
         started = time.monotonic()
-        for _ in stream_factory():
-            return time.monotonic() - started
+        stream = stream_factory()
+        try:
+            for _ in stream:
+                return time.monotonic() - started
+        finally:
+            getattr(stream, stop)()
         raise AssertionError("no first piece")
 
     sdk = proxy.sdk()
     with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
         client.infer([("user", "Hi")], max_new_tokens=1)
         direct = [
-            ttft(lambda: client.stream([("user", "Say hi.")], max_new_tokens=4)) for _ in range(10)
+            ttft(lambda: client.stream([("user", "Say hi.")], max_new_tokens=4), "cancel")
+            for _ in range(10)
         ]
     via = [
         ttft(
@@ -400,7 +419,8 @@ def test_32_concurrent_sdk_clients_and_the_added_first_token_time(stack, proxy) 
                 messages=[{"role": "user", "content": "Say hi."}],
                 max_tokens=4,
                 stream=True,
-            )
+            ),
+            "close",
         )
         for _ in range(10)
     ]
@@ -417,6 +437,7 @@ def test_32_concurrent_sdk_clients_and_the_added_first_token_time(stack, proxy) 
 def test_the_openai_npm_package_from_node_gets_the_same_answer(stack, proxy) -> None:
     folder = Path(__file__).parent.parent / "clients" / "openai-node"
     assert (folder / "node_modules" / "openai").is_dir(), "./dev installs it (npm ci)"
+    _wait_until_idle(stack)  # a batch-mate changes the logits (docs/MODEL_PIPELINE.md)
     text, done = _grpc_answer(stack, ASK, 24, seed=7)
     ran = subprocess.run(
         ["node", "chat.mjs", proxy.base_url, ASK[0]["content"], "24", "7"],
