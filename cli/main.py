@@ -232,6 +232,14 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
     print(f"dev-only policy written to {args.output}")
     for event in runtimes:
         print(f"  runtime event seen: {json.dumps(event, sort_keys=True)}")
+    if args.runtime_event_out is not None:
+        from encloud.protocol import eventlog
+
+        # The log lists start-ups in order: the last runtime event is the running server's.
+        records = eventlog.parse(reply.evidence.workload_event_log)
+        last = [r.event.data for r in records if r.event.event_type == eventlog.EVENT_RUNTIME]
+        args.runtime_event_out.write_bytes(last[-1])
+        print(f"runtime event of this start-up written to {args.runtime_event_out}")
     return 0
 
 
@@ -426,6 +434,38 @@ def cmd_tpm_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tpm_ak(args: argparse.Namespace) -> int:
+    """The AK public key of a swtpm state folder, as PEM: what a cloud's AK API returns for
+    a VM's vTPM, for `policy from-image --ak-pin` before the VM boots. The server recreates
+    the same AK from the TPM's endorsement seed at every start (encloud.server.attestation.tpm)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from encloud.protocol.faults import TpmUnavailableError
+    from encloud.protocol.tpm_structures import parse_public
+    from encloud.server.attestation.swtpm import Swtpm, SwtpmError
+    from encloud.server.attestation.tpm import Tpm
+
+    if not Path(args.state).is_dir():
+        print(f"encloud tpm ak: {args.state} is not a folder", file=sys.stderr)
+        return 1
+    swtpm = Swtpm(args.state)
+    try:
+        swtpm.start()
+        with Tpm.open(swtpm.tcti) as tpm:
+            key = parse_public(tpm.ak_public()).public_key()
+    except (SwtpmError, TpmUnavailableError) as err:
+        print(f"encloud tpm ak: {err}", file=sys.stderr)
+        return 1
+    finally:
+        swtpm.stop()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    Path(args.output).write_bytes(pem)
+    print(f"AK of {Path(args.state).resolve()} written to {args.output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from encloud.cli.demo import run_demo
 
@@ -521,6 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_target_args(init, required=True)
     init.add_argument("-o", "--output", type=Path, required=True, help="policy file to write")
     init.add_argument("--workload-pcr", type=int, default=15)
+    init.add_argument(
+        "--runtime-event-out",
+        type=Path,
+        help="also write the runtime event of the server's current start-up (a reference "
+        "boot's event, for `policy from-image --runtime-event`)",
+    )
     init.set_defaults(func=cmd_policy_init)
     check = policy_sub.add_parser("check", help="validate a policy file")
     check.add_argument("file", type=Path)
@@ -565,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     tpm_start = tpm_sub.add_parser("start", help="run swtpm on a state folder until Ctrl-C")
     tpm_start.add_argument("--state", type=Path, required=True, help="swtpm state folder")
     tpm_start.set_defaults(func=cmd_tpm_start)
+    tpm_ak = tpm_sub.add_parser("ak", help="write the AK public key of a swtpm state folder")
+    tpm_ak.add_argument("--state", type=Path, required=True, help="swtpm state folder")
+    tpm_ak.add_argument("-o", "--output", type=Path, required=True, help="PEM file to write")
+    tpm_ak.set_defaults(func=cmd_tpm_ak)
 
     demo = sub.add_parser("demo", help="swtpm + server + encrypted chat, all local")
     demo.add_argument("--prompt", default="What is encryption? Answer briefly.")

@@ -111,6 +111,19 @@ def test_policy_init_is_dev_only_and_warns(stack, tmp_path, capsys) -> None:
     assert "dev_only" in capsys.readouterr().err
 
 
+def test_policy_init_writes_the_runtime_event_a_from_image_policy_pins(stack, tmp_path) -> None:
+    """A publisher's reference boot: the runtime event of the running start-up, as a file that
+    `policy from-image --runtime-event` (and from-manifest) read back to the same pin."""
+    event = tmp_path / "runtime-event.json"
+    args = ["policy", "init", "--target", stack.address, "-o", str(tmp_path / "dev.json")]
+    assert main([*args, "--runtime-event-out", str(event)]) == 0
+    out = tmp_path / "policy.json"
+    args = ["policy", "from-manifest", str(stack.model_dir), "--runtime-event", str(event)]
+    args += ["--ak-pin", str(_ak_pem(stack, tmp_path)), "-o", str(out)]
+    assert main(args) == 0
+    assert load_policy(out).allowed_runtime_events == stack.policy.allowed_runtime_events
+
+
 @pytest.mark.unit
 def test_policy_check_names_the_bad_field(tmp_path, capsys) -> None:
     path = tmp_path / "bad.json"

@@ -31,6 +31,7 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
         (["policy", "init", "--target", "h:1"], 2, "required: -o/--output"),
         (["loadgen", "--target", "h", "--policy", "p.json", "--no-audit"], 2, "not host:port"),
         (["nonsense"], 2, "invalid choice"),
+        (["tpm", "ak", "--state", "no-such-folder", "-o", "ak.pem"], 1, "is not a folder"),
     ],
     ids=[
         "no-port",
@@ -42,6 +43,7 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
         "missing-option",
         "loadgen-no-port",
         "unknown-command",
+        "tpm-ak-no-state",
     ],
 )
 def test_a_mistake_is_one_line(args, code, wanted, tmp_path: Path) -> None:
