@@ -272,3 +272,28 @@ def test_audit_log_with_checkpoints_from_the_cli(stack, tmp_path, capsys) -> Non
     log.write_text("".join(lines))
     assert main(verify) == 1
     assert "entry 1 was edited" in capsys.readouterr().err
+
+
+@pytest.mark.tpm
+def test_tpm_ak_reads_before_start_up_the_ak_a_server_on_that_tpm_quotes_with(
+    model_dir, tmp_path
+) -> None:
+    """`encloud tpm ak` on a TPM state nobody serves yet (a VM's, before it boots) gives the
+    key the server later quotes with: a pin known in advance, as a cloud's AK API gives it."""
+    from stack import running_stack
+
+    from encloud.cli.reference import read_pinned_key
+
+    state = tmp_path / "swtpm"  # where running_stack keeps its swtpm state
+    state.mkdir(mode=0o700)
+    first, again = tmp_path / "ak.pem", tmp_path / "ak-again.pem"
+    assert main(["tpm", "ak", "--state", str(state), "-o", str(first)]) == 0
+    assert main(["tpm", "ak", "--state", str(state), "-o", str(again)]) == 0
+    assert first.read_bytes() == again.read_bytes()
+    with running_stack(tmp_path, model_dir) as stack:
+        assert stack.policy.pinned_public_keys == (read_pinned_key(first),)
+    # A TPM with another endorsement seed has another AK: the pin names this TPM.
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    assert main(["tpm", "ak", "--state", str(other), "-o", str(tmp_path / "other.pem")]) == 0
+    assert read_pinned_key(tmp_path / "other.pem") != read_pinned_key(first)
