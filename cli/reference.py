@@ -256,8 +256,6 @@ def policy_from_image(
     """A policy for the measured VM image (deploy/image/build-vm.sh): boot PCRs predicted from
     the image's files (encloud.cli.image_pcrs), the firmware's own PCRs from the recorded
     reference boot of the pinned OVMF build, the model digest the image was built with."""
-    from encloud.cli import image_pcrs
-
     image_dir = Path(image_dir)
     try:
         built = strict_loads((image_dir / "image.json").read_bytes())
@@ -266,14 +264,10 @@ def policy_from_image(
     except (OSError, ValueError) as err:
         raise PolicyError(f"cannot read the image or the firmware reference: {err}") from err
     try:
-        variables = _hex_map(reference["secure_boot_variables"])
-        phases = [str(p) for p in reference["phases"]]
-        before_uki = [bytes.fromhex(e["sha256"]) for e in reference["pcr4_before_uki"]]
-        values = {int(k): bytes.fromhex(v) for k, v in reference["pcr_values"].items()}
+        values = boot_pcrs(uki, reference)
         model_digest = bytes.fromhex(built["model_digest"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise PolicyError(f"image.json or the firmware reference is malformed: {err!r}") from err
-    values.update(image_pcrs.predict(uki, variables, phases, before_uki))
     selection = list(pcr_selection)
     return build_policy(
         pcr_selection=selection,
@@ -286,6 +280,24 @@ def policy_from_image(
         max_session_ttl_seconds=max_session_ttl_seconds,
         dev_only=False,
     )
+
+
+def boot_pcrs(uki: bytes, reference: Mapping[str, Any]) -> dict[int, bytes]:
+    """Every boot PCR of an image booted on the firmware of ``reference`` (a firmware reference
+    file's JSON): the firmware's own PCRs as recorded, the rest predicted from the UKI.
+    Raises KeyError, TypeError or ValueError on a malformed reference."""
+    from encloud.cli import image_pcrs
+
+    values = {int(k): bytes.fromhex(v) for k, v in reference["pcr_values"].items()}
+    values.update(
+        image_pcrs.predict(
+            uki,
+            _hex_map(reference["secure_boot_variables"]),
+            [str(p) for p in reference["phases"]],
+            [bytes.fromhex(e["sha256"]) for e in reference["pcr4_before_uki"]],
+        )
+    )
+    return values
 
 
 def _hex_map(obj: Mapping[str, str]) -> dict[str, bytes]:

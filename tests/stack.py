@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ class Stack:
             self.workdir, self.swtpm.tcti, self.model_dir, **{**ONE_PEER_IS_EVERYONE, **settings}
         )
         self.address = self.server.start()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a process the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # Every test client dials from 127.0.0.1: one peer. Its per-peer quotas are the global ones

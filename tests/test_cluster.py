@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack import ONE_PEER_IS_EVERYONE
+from stack import ONE_PEER_IS_EVERYONE, free_port
 from waiting import wait_for
 
 from encloud.client import NO_AUDIT, Client, RetryPolicy
@@ -90,12 +89,6 @@ class Cluster:
     by_fingerprint: dict[str, Replica] = field(default_factory=dict)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _policy_for_all(replicas: list[Replica]) -> Policy:
     """The first replica's dev policy with every replica's AK pinned."""
     obj = json.loads(replicas[0].server.policy_path.read_text())
@@ -137,7 +130,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             replica = Replica(f"r{n}", workdir, swtpm, None)  # type: ignore[arg-type]
             replicas.append(replica)
             replica.start(model_dir)
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             "ENCLOUD_LB_BIND": f"127.0.0.1:{port}",

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,8 +32,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stack import free_port
 
-from encloud.cli import image_pcrs
+from encloud.cli.reference import boot_pcrs
 from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import PcrValueError
 from encloud.protocol.policy import Policy, load_policy
@@ -56,6 +56,12 @@ def image(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert shutil.which(tool), f"{tool} is not installed (./dev installs it)"
     out = tmp_path_factory.mktemp("image")
     started = time.monotonic()
+    _build(model_dir, out)
+    print(f"\nimage built in {time.monotonic() - started:.0f} s")
+    return out
+
+
+def _build(model_dir: Path, out: Path) -> None:
     built = subprocess.run(
         [str(ROOT / "deploy" / "image" / "build-vm.sh"), str(model_dir), str(out)],
         capture_output=True,
@@ -64,8 +70,6 @@ def image(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=ROOT,
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    print(f"\nimage built in {time.monotonic() - started:.0f} s")
-    return out
 
 
 @dataclass
@@ -80,16 +84,10 @@ class Vm:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _booted(image_dir: Path, state: Path) -> Iterator[Vm]:
     """run-vm.sh in the background, as the docs run it; killed with its swtpm on exit."""
-    port = _free_port()
+    port = free_port()
     with (state.parent / f"{state.name}.out").open("wb") as out:
         process = subprocess.Popen(
             [str(ROOT / "deploy" / "image" / "run-vm.sh"), str(image_dir), str(state), str(port)],
@@ -212,11 +210,13 @@ def _replace(path: Path) -> bytearray:
 # --- the image as built ------------------------------------------------------------------
 
 
+REFERENCE = json.loads(FIRMWARE_REFERENCE.read_text())
+
+
 @pytest.fixture(scope="module")
-def predicted(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, bytes]:
+def predicted(image: Path) -> dict[int, bytes]:
     """Every boot PCR, from the files alone: nothing has booted yet."""
-    reference = json.loads(FIRMWARE_REFERENCE.read_text())
-    firmware = reference["firmware"]
+    firmware = REFERENCE["firmware"]
     installed = subprocess.run(
         ["dpkg-query", "-W", "-f=${Version}", firmware["package"]],
         capture_output=True,
@@ -228,20 +228,13 @@ def predicted(image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int
         f"{firmware['package']} {installed} is installed; {FIRMWARE_REFERENCE.name} was recorded "
         f"with {firmware['version']}: record a new reference (docs/ATTESTATION.md)"
     )
-    values = {int(k): bytes.fromhex(v) for k, v in reference["pcr_values"].items()}
-    values.update(_predict(image / "uki.efi"))
+    values = _predict(image / "uki.efi")
     assert sorted(values) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14]
     return values
 
 
 def _predict(uki: Path) -> dict[int, bytes]:
-    reference = json.loads(FIRMWARE_REFERENCE.read_text())
-    return image_pcrs.predict(
-        uki.read_bytes(),
-        {k: bytes.fromhex(v) for k, v in reference["secure_boot_variables"].items()},
-        [str(p) for p in reference["phases"]],
-        [bytes.fromhex(e["sha256"]) for e in reference["pcr4_before_uki"]],
-    )
+    return boot_pcrs(uki.read_bytes(), REFERENCE)
 
 
 def test_the_booted_image_verifies_under_its_predicted_policy_and_streams(
@@ -328,14 +321,7 @@ def test_a_second_build_of_the_same_tree_gives_the_same_root_hash_and_pcrs(
     image: Path, model_dir: Path, tmp_path: Path
 ) -> None:
     again = tmp_path / "again"
-    built = subprocess.run(
-        [str(ROOT / "deploy" / "image" / "build-vm.sh"), str(model_dir), str(again)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        cwd=ROOT,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
+    _build(model_dir, again)
     first = json.loads((image / "image.json").read_text())
     second = json.loads((again / "image.json").read_text())
     assert second["verity_root_hash"] == first["verity_root_hash"]

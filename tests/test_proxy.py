@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from relay import Relay
+from stack import free_port
 from waiting import samples, wait_for
 
 from encloud.client import NO_AUDIT, Client
@@ -31,12 +31,6 @@ from encloud.proxy.openai_api import OpenAIError, error_from, parse_chat_request
 ENCLOUD = str(Path(sys.executable).with_name("encloud"))
 ASK = [{"role": "user", "content": "Name three colours."}]
 PARAMS = {"max_tokens": 24, "seed": 7}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -54,7 +48,7 @@ class RunningProxy:
 
 
 def _start_proxy(target: str, policy: Path, workdir: Path, *extra: str) -> RunningProxy:
-    port = _free_port()
+    port = free_port()
     log = workdir / "proxy.log"
     args = ["proxy", "--target", target, "--policy", str(policy)]
     args += ["--listen", f"127.0.0.1:{port}", "--audit-log", str(workdir / "audit.jsonl")]
@@ -81,7 +75,7 @@ def _stop(proxy: RunningProxy) -> None:
 
 @pytest.fixture(scope="module")
 def proxy(stack, tmp_path_factory) -> Iterator[RunningProxy]:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     running = _start_proxy(
         stack.address,
         stack.server.policy_path,
