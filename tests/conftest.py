@@ -89,6 +89,14 @@ def model_dir() -> Path:
     return export_model(None, cache_root(), DEFAULT_PRECISION, progress=lambda _: None)
 
 
+@pytest.fixture(scope="session")
+def embeddings_model_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2, exported to ONNX (cached like the chat model)."""
+    from encloud.server.inference.embeddings_export import export_embeddings_model
+
+    return export_embeddings_model(cache_root(), progress=lambda _: None)
+
+
 @pytest.fixture(scope="module")
 def stack(model_dir: Path) -> Iterator[Stack]:
     """One server per test module (start-up loads the model: a few seconds)."""
