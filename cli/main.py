@@ -63,7 +63,8 @@ def print_summary(attestation: object, policy: object, out=None) -> None:
         f"  workload PCR {a.workload_pcr}: {a.workload_pcr_value.hex()}",  # type: ignore[attr-defined]
         file=out,
     )
-    print(f"  model digest: {a.model_digest.hex()}", file=out)  # type: ignore[attr-defined]
+    for role, digest in a.models.items():  # type: ignore[attr-defined]
+        print(f"  {role} model digest: {digest.hex()}", file=out)
     print(f"  workload events replayed: {len(a.events)}", file=out)  # type: ignore[attr-defined]
     print("  outcome: PASS (every check of the policy)", file=out)
     for index, why in getattr(policy, "pcr_waivers", {}).items():
@@ -153,16 +154,22 @@ def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
     if bool(args.runtime_event) == bool(args.compute_runtime):
         print("encloud: give --runtime-event FILE or --compute-runtime (one)", file=sys.stderr)
         return 2
+    if not args.model_dir and not args.embeddings_model:
+        print("encloud: name a chat model folder or --embeddings-model DIR", file=sys.stderr)
+        return 2
+    embeddings = args.embeddings_model[0] if args.embeddings_model else None
     if args.runtime_event:
         events = [reference.runtime_event_from_file(p) for p in args.runtime_event]
     else:
-        events = [reference.runtime_event_by_loading(d) for d in args.model_dir]
+        chat_dirs: list[Path | None] = list(args.model_dir) or [None]
+        events = [reference.runtime_event_by_loading(d, embeddings) for d in chat_dirs]
     pinned = [reference.read_pinned_key(p) for p in args.ak_pin]
     roots = [der for p in args.ak_roots for der in reference.read_roots(p)]
     values = reference.read_pcr_values(args.pcr_values) if args.pcr_values else None
     policy = reference.policy_from_manifest(
         args.model_dir,
         events,
+        embedding_model_dirs=args.embeddings_model,
         pinned_public_keys=pinned,
         certificate_roots=roots,
         pcr_values=values,
@@ -174,6 +181,8 @@ def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
     print(f"policy written to {args.output}")
     for digest in policy.allowed_model_digests:
         print(f"  model digest (recomputed from the files): {digest.hex()}")
+    for digest in policy.allowed_embedding_model_digests:
+        print(f"  embedding model digest (recomputed from the files): {digest.hex()}")
     for digest in policy.allowed_runtime_events:
         print(f"  runtime event SHA-256: {digest.hex()}")
     if not policy.pcr_values:
@@ -372,6 +381,53 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embed texts through an attested session: one JSON line per text on stdout; the
+    attestation summary on stderr, so the output pipes into other tools."""
+    import contextlib
+
+    from encloud.client import NO_AUDIT, Client
+    from encloud.protocol.policy import load_policy
+
+    texts = list(args.text) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        print(
+            "encloud embed: no texts (give them as arguments or one per line on stdin)",
+            file=sys.stderr,
+        )
+        return 2
+    credentials = channel_credentials(args)
+    policy = load_policy(args.policy)
+    audit_path = _audit_path(args)
+    with Client(
+        args.target,
+        policy,
+        audit_log=audit_path if audit_path is not None else NO_AUDIT,
+        credentials=credentials,
+    ) as client:
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                attestation = client.attest()
+            finally:
+                if client.last_attempt is not None:
+                    _say_audited(audit_path)
+            print_summary(attestation, policy)
+        result = client.embed(
+            texts,
+            dimensions=args.dimensions,
+            normalize=not args.no_normalize,
+            truncate=args.truncate,
+        )
+    for index, vector in enumerate(result.vectors):
+        print(json.dumps({"index": index, "embedding": vector}))
+    print(
+        f"[{len(result.vectors)} vectors of {result.dimensions} dimensions; "
+        f"{result.prompt_tokens} tokens; response bound to the request]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _read_prompts():
     while True:
         try:
@@ -499,7 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     fm = policy_sub.add_parser(
         "from-manifest", help="reference values computed offline from the exported model"
     )
-    fm.add_argument("model_dir", type=Path, nargs="+", help="exported model folder(s)")
+    fm.add_argument("model_dir", type=Path, nargs="*", help="exported chat model folder(s)")
+    fm.add_argument(
+        "--embeddings-model",
+        type=Path,
+        action="append",
+        default=[],
+        help="exported embedding model folder (repeatable; --compute-runtime loads the first)",
+    )
     fm.add_argument("-o", "--output", type=Path, required=True, help="policy file to write")
     fm.add_argument(
         "--runtime-event",
@@ -600,10 +663,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=positive_int, default=256)
     chat.set_defaults(func=cmd_chat)
 
+    embed = sub.add_parser("embed", help="attest, release a key, embed texts encrypted")
+    _add_client_args(embed)
+    embed.add_argument("text", nargs="*", help="texts to embed; without them, one per line")
+    embed.add_argument("--dimensions", type=positive_int, help="keep the first N components")
+    embed.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    embed.add_argument(
+        "--truncate", action="store_true", help="cut over-long texts instead of refusing them"
+    )
+    embed.set_defaults(func=cmd_embed)
+
     sub.add_parser("serve", help="run the server (see serve --help: flags, ENCLOUD_*, --config)")
 
     sub.add_parser("proxy", help="a local OpenAI-compatible proxy (see proxy --help)")
     sub.add_parser("export-model", help="convert a model to ONNX (see export-model --help)")
+    sub.add_parser(
+        "export-embeddings-model",
+        help="the embedded all-MiniLM-L6-v2 to ONNX (see export-embeddings-model --help)",
+    )
     sub.add_parser("loadgen", help="bounded load against a server (see loadgen --help)")
 
     tpm = sub.add_parser("tpm", help="a TPM 2.0 simulator (swtpm) for a server outside the demo")
@@ -645,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
         from encloud.server.inference.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["export-embeddings-model"]:
+        from encloud.server.inference.embeddings_export import main as export_embeddings
+
+        return export_embeddings(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

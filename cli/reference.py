@@ -105,23 +105,39 @@ def runtime_event_from_file(path: Path) -> dict[str, Any]:
     return obj
 
 
-def runtime_event_by_loading(folder: Path) -> dict[str, Any]:
-    """Load the engine here and return the runtime event a server on this folder would
-    measure: the server's settings are read from the same ENCLOUD_* environment the
-    server gets (needs encloud[server])."""
+def runtime_event_by_loading(
+    folder: Path | None, embeddings_folder: Path | None = None
+) -> dict[str, Any]:
+    """Load the models here and return the runtime event a server on these folders would
+    measure (chat at `folder`, embeddings at `embeddings_folder`; either may be None): the
+    server's other settings are read from the same ENCLOUD_* environment the server gets
+    (needs encloud[server])."""
     try:
-        from encloud.server.runtime_event import load_engine, runtime_event
+        from encloud.server.runtime_event import load_embedder, load_engine, runtime_event
         from encloud.server.settings import Settings
     except ImportError as err:
         raise PolicyError(
             "computing the runtime event needs encloud[server]; pass --runtime-event FILE"
         ) from err
-    settings = Settings(model_dir=Path(folder))
-    engine = load_engine(settings)
+    chat: dict[str, Any] = {"model_dir": Path(folder)} if folder is not None else {}
+    settings = Settings(
+        **chat,
+        serve_chat=folder is not None,
+        embeddings_model_dir=Path(embeddings_folder) if embeddings_folder else None,
+    )
+    engine = load_engine(settings) if folder is not None else None
+    embedder = load_embedder(settings)
     try:
-        return runtime_event(settings, engine.facts())
+        return runtime_event(
+            settings,
+            engine.facts() if engine is not None else None,
+            embedder.facts() if embedder is not None else None,
+        )
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
+        if embedder is not None:
+            embedder.close()
 
 
 def runtime_event_digest(event: Mapping[str, Any]) -> bytes:
@@ -181,6 +197,7 @@ def policy_from_manifest(
     model_dirs: Iterable[Path],
     runtime_events: Iterable[Mapping[str, Any]],
     *,
+    embedding_model_dirs: Iterable[Path] = (),
     pinned_public_keys: Iterable[bytes] = (),
     certificate_roots: Iterable[bytes] = (),
     pcr_values: Mapping[int, bytes] | None = None,
@@ -193,6 +210,7 @@ def policy_from_manifest(
         pcr_selection=pcr_selection,
         workload_pcr=workload_pcr,
         allowed_model_digests=[model_digest_of_folder(d) for d in model_dirs],
+        allowed_embedding_model_digests=[model_digest_of_folder(d) for d in embedding_model_dirs],
         allowed_runtime_events=[runtime_event_digest(e) for e in runtime_events],
         pinned_public_keys=pinned_public_keys,
         certificate_roots=certificate_roots,
@@ -215,7 +233,7 @@ def policy_from_evidence(
         raise PolicyError("the server's quote is not a one-bank PCR quote")
     selection = attest.quote.pcr_select[0].indices
     records = eventlog.parse(evidence.workload_event_log)
-    models = sorted({r.event.data for r in records if r.event.event_type == eventlog.EVENT_MODEL})
+    models = eventlog.logged_models(r.event for r in records)
     runtimes: dict[bytes, dict[str, Any]] = {}
     for r in records:
         if r.event.event_type == eventlog.EVENT_RUNTIME:
@@ -223,7 +241,8 @@ def policy_from_evidence(
     policy = build_policy(
         pcr_selection=selection,
         workload_pcr=workload_pcr,
-        allowed_model_digests=models,
+        allowed_model_digests=models.get(eventlog.ROLE_CHAT, []),
+        allowed_embedding_model_digests=models.get(eventlog.ROLE_EMBEDDINGS, []),
         allowed_runtime_events=sorted(runtimes),
         pinned_public_keys=[spki_der(evidence.ak_public)],
         pcr_values={i: v for i, v in evidence.pcr_values.items() if i != workload_pcr},

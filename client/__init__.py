@@ -12,9 +12,11 @@ typed errors below. docs/CLIENT.md has the whole API.
 """
 
 from encloud.protocol.audit import AuditLog
+from encloud.protocol.embedding import Embeddings
 from encloud.protocol.errors import (
     AkUntrustedError,
     DecryptError,
+    EmbeddingFormatError,
     EncloudError,
     EnvelopeError,
     KeyConfirmationError,
@@ -50,6 +52,8 @@ __all__ = [
     "Client",
     "Completion",
     "DecryptError",
+    "EmbeddingFormatError",
+    "Embeddings",
     "EncloudError",
     "EnvelopeError",
     "KeyConfirmationError",

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from encloud.protocol import attest
 from encloud.protocol.audit import AuditLog
+from encloud.protocol.embedding import embedding_request
 from encloud.protocol.envelope import MessageType, Sealed, transcript_start
 from encloud.protocol.errors import SessionError, SessionExpiredError
 from encloud.protocol.generation import Message, generation_request
@@ -204,6 +205,15 @@ class ClientState:
         payload = generation_request(messages, params)
         request_id = session.take_request_id()
         sealed = session.c2s.seal(MessageType.REQUEST, request_id, 0, payload)
+        return request_id, sealed, transcript_start(session.session_id, request_id, sealed.data)
+
+    def _seal_embed(
+        self, session: attest.Session, texts: Sequence[str], options: Mapping[str, Any]
+    ) -> tuple[int, Sealed, bytes]:
+        """(request id, sealed EMBED_REQUEST, T_0): a new request id for every attempt."""
+        payload = embedding_request(texts, **options)
+        request_id = session.take_request_id()
+        sealed = session.c2s.seal(MessageType.EMBED_REQUEST, request_id, 0, payload)
         return request_id, sealed, transcript_start(session.session_id, request_id, sealed.data)
 
     def _seal_end(self, session: attest.Session) -> Sealed:

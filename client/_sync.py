@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from encloud.protocol import attest as attest_path
+from encloud.protocol.embedding import Embeddings, open_embeddings
 from encloud.protocol.errors import ServiceError, SessionError, SessionExpiredError
 from encloud.protocol.generation import Answer, Completion, Message, StreamReader, open_answer
 from encloud.protocol.v2 import encloud_pb2 as pb
@@ -150,6 +151,40 @@ class Client(ClientState):
                 )
                 reply = self._rpc(self._stub.Infer, request, budget, session.route)
                 return open_answer(reply.response, session.s2c, request_id, transcript)
+            finally:
+                self._done(session)
+
+        return self._with_retries(budget, once)
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = False,
+        timeout: float | None = None,
+    ) -> Embeddings:
+        """One sealed batch of texts, one sealed batch of vectors (row i for texts[i]),
+        bound to the request by its transcript hash. `dimensions` keeps the first
+        components (before normalisation); `truncate` cuts a text above the server's
+        per-text token limit instead of refusing it (TEXT_TOO_LONG)."""
+        budget = self._budget(timeout)
+        texts = list(texts) if not isinstance(texts, str) else texts
+        options = {"dimensions": dimensions, "normalize": normalize, "truncate": truncate}
+
+        def once(used: list[attest_path.Session]) -> Embeddings:
+            session = self._ensure_session(budget)
+            used.append(session)
+            try:
+                request_id, sealed, transcript = self._seal_embed(session, texts, options)
+                request = pb.EmbedRequest(
+                    session_id=session.session_id, request=sealed_to_proto(sealed)
+                )
+                reply = self._rpc(self._stub.Embed, request, budget, session.route)
+                return open_embeddings(
+                    reply.response, session.s2c, request_id, transcript, len(texts), dimensions
+                )
             finally:
                 self._done(session)
 

@@ -39,6 +39,7 @@ from encloud.protocol.errors import (
     ServiceError,
     VerificationError,
 )
+from encloud.protocol.eventlog import ROLE_EMBEDDINGS
 from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import (
     CLIENT_SECRET_LENGTH,
@@ -208,6 +209,7 @@ def audit_entry(attempt: Attempt) -> dict[str, Any]:
         ak_fingerprint=verified.ak_fingerprint if verified else None,
         model_digest=verified.model_digest if verified else None,
         failed_check=attempt.failure.check if attempt.failure is not None else None,
+        embedding_model_digest=verified.models.get(ROLE_EMBEDDINGS) if verified else None,
     )
 
 

@@ -187,18 +187,25 @@ def attestation_entry(
     ak_fingerprint: str | None,
     model_digest: bytes | None,
     failed_check: str | None,
+    embedding_model_digest: bytes | None = None,
 ) -> dict[str, Any]:
     """The entry for one attestation outcome: digests and the outcome, never a secret.
+    `model_digest` is the chat model's; `embedding_model_digest` is added only for a server
+    that serves embeddings.
 
     One function for every caller (encloud.protocol.attest.audit_entry), so all write the same.
     """
+    extra = (
+        {"embedding_model_digest": embedding_model_digest.hex()} if embedding_model_digest else {}
+    )
     return {
+        **extra,
         "event": "attestation",
         "server": server,
         "nonce_sha256": hashlib.sha256(nonce).hexdigest(),
         "attest_sha256": hashlib.sha256(quote_attest).hexdigest(),
         "ak_fingerprint": ak_fingerprint,
-        "model_digest": model_digest.hex() if model_digest is not None else None,
+        "model_digest": model_digest.hex() if model_digest else None,
         "policy_sha256": policy_digest.hex(),
         "outcome": "pass" if failed_check is None else "fail",
         "failed_check": failed_check,

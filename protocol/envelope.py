@@ -34,6 +34,8 @@ class MessageType(IntEnum):
     FINAL = 4
     END = 5
     KEY_CONFIRM = 6
+    EMBED_REQUEST = 7
+    EMBED_RESPONSE = 8
 
 
 PAD_BUCKETS = {
@@ -43,6 +45,8 @@ PAD_BUCKETS = {
     MessageType.REQUEST: 1024,
     MessageType.RESPONSE: 1024,
     MessageType.END: 1024,
+    MessageType.EMBED_REQUEST: 1024,
+    MessageType.EMBED_RESPONSE: 1024,
 }
 
 

@@ -188,6 +188,10 @@ class TranscriptMismatchError(EnvelopeError):
     """The final frame's transcript hash differs from the one the client computed."""
 
 
+class EmbeddingFormatError(EnvelopeError):
+    """An opened Embed response does not have the shape its request asked for."""
+
+
 class KeyExhaustedError(EnvelopeError):
     """The session key reached its message budget; start a new session."""
 

@@ -7,16 +7,21 @@ Each record is one JSON object on its own line, in the CEL-JSON shape:
 
 The measured bytes of an event are E("encloud/v1 event", event_type, data);
 its digest is their SHA-256, and extending the PCR with it replays as
-PCR' = SHA-256(PCR || digest). The event types of protocol v1:
+PCR' = SHA-256(PCR || digest). The event types:
 
-- "model": data is the 32-byte model digest from the model manifest.
-- "runtime": data is the canonical JSON of the runtime event (session
-  options, decoding defaults, engine versions, known-answer hash).
+- "model": one per served model; data is the canonical JSON
+  {"digest":"<64 hex: the model manifest's digest>","role":"chat"|"embeddings"}.
+- "runtime": data is the canonical JSON of the runtime event (the measured
+  settings, the engines' facts).
+
+A start-up is its model events, roles in the order of MODEL_ROLES and none
+twice, then one runtime event (docs/PROTOCOL.md, "The workload event log").
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +33,11 @@ CONTENT_TYPE = "encloud"
 EVENT_MODEL = "model"
 EVENT_RUNTIME = "runtime"
 EVENT_TYPES = frozenset({EVENT_MODEL, EVENT_RUNTIME})
+_DIGEST_HEX = re.compile(r"[0-9a-f]{64}")
+ROLE_CHAT = "chat"
+ROLE_EMBEDDINGS = "embeddings"
+MODEL_ROLES = (ROLE_CHAT, ROLE_EMBEDDINGS)
+"""The model roles, in the order a start-up measures them."""
 _RECORD_KEYS = {"recnum", "pcr", "digests", "content_type", "content"}
 
 
@@ -64,6 +74,43 @@ class EventRecord:
             "content": {"event_type": self.event.event_type, "data": self.event.data.hex()},
         }
         return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def model_event(role: str, digest: bytes) -> WorkloadEvent:
+    """The event measuring one served model."""
+    if role not in MODEL_ROLES or len(digest) != 32:
+        raise ValueError(f"a model event needs a role in {MODEL_ROLES} and a 32-byte digest")
+    return WorkloadEvent(EVENT_MODEL, canonical_json({"digest": digest.hex(), "role": role}))
+
+
+def parse_model_event(data: bytes) -> tuple[str, bytes]:
+    """(role, digest) of a model event's data; EventLogFormatError unless it is exactly the
+    canonical JSON model_event writes."""
+    try:
+        obj = strict_loads(data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise EventLogFormatError("a model event is not ASCII JSON") from err
+    if not isinstance(obj, dict) or set(obj) != {"digest", "role"}:
+        raise EventLogFormatError("a model event must have exactly digest and role")
+    role, digest = obj["role"], obj["digest"]
+    if role not in MODEL_ROLES:
+        raise EventLogFormatError(f"a model event has unknown role {role!r}")
+    # Exactly 64 lowercase hex digits (bytes.fromhex alone would skip whitespace).
+    if not isinstance(digest, str) or not _DIGEST_HEX.fullmatch(digest):
+        raise EventLogFormatError("a model event's digest is not 64 lowercase hex digits")
+    if canonical_json(obj) != data:
+        raise EventLogFormatError("a model event is not canonical JSON")
+    return role, bytes.fromhex(digest)
+
+
+def logged_models(events: Iterable[WorkloadEvent]) -> dict[str, list[bytes]]:
+    """Role -> the sorted distinct digests the log's model events measured."""
+    found: dict[str, set[bytes]] = {}
+    for event in events:
+        if event.event_type == EVENT_MODEL:
+            role, digest = parse_model_event(event.data)
+            found.setdefault(role, set()).add(digest)
+    return {role: sorted(digests) for role, digests in found.items()}
 
 
 def canonical_json(obj: object) -> bytes:

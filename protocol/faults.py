@@ -24,6 +24,7 @@ class Kind(enum.Enum):
     PERMISSION_DENIED = "PERMISSION_DENIED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
@@ -47,6 +48,19 @@ class InvalidArgumentError(DomainError):
 
 class PromptTooLongError(InvalidArgumentError):
     reason = "PROMPT_TOO_LONG"
+
+
+class TextTooLongError(InvalidArgumentError):
+    """An Embed text above the per-text token limit, without `truncate`."""
+
+    reason = "TEXT_TOO_LONG"
+
+
+class ModelNotServedError(DomainError):
+    """The method needs a model role (chat, embeddings) this server did not measure."""
+
+    kind = Kind.UNIMPLEMENTED
+    reason = "MODEL_NOT_SERVED"
 
 
 class InvalidRequestPayloadError(InvalidArgumentError):

@@ -47,8 +47,12 @@ Fields:
 - `workload_pcr` (int): the PCR the server extends the model and runtime
   events into; it must be in `pcr_selection` and should be one that locality 0
   cannot reset (15, not 16 or 23).
-- `allowed_model_digests` (list of hex): the 32-byte model digests (from the
-  model manifest) the policy accepts, at least one, no duplicates.
+- `allowed_model_digests` (list of hex): the 32-byte digests (from the model
+  manifest) of the chat models the policy accepts, no duplicates. Empty only
+  when `allowed_embedding_model_digests` is not: a policy accepts some model.
+- `allowed_embedding_model_digests` (optional, list of hex): the same for the
+  embedding models (role "embeddings" in the event log). Absent or empty: a
+  server that measured any embedding model is refused.
 - `allowed_runtime_events` (list of hex): SHA-256 over the data bytes (the
   canonical JSON) of each accepted runtime event, at least one, no duplicates.
 - `ak` (object): how the attestation key is trusted.
@@ -174,7 +178,9 @@ _KEYS = frozenset(
         "max_session_ttl_seconds",
     }
 )
-_OPTIONAL_KEYS = frozenset({"platform", "pcr_waivers", "hpke_suites"})
+_OPTIONAL_KEYS = frozenset(
+    {"platform", "pcr_waivers", "hpke_suites", "allowed_embedding_model_digests"}
+)
 _PLATFORM_KEYS = frozenset(
     {"kind", "production", "amd_roots", "measurements", "min_tcb", "vmpl", "allow_debug", "azure"}
 )
@@ -286,6 +292,16 @@ class Policy:
     hpke_suites: tuple[str, ...] | None = None
     """The key-release suites accepted, in the order a client offers them; None: both,
     the post-quantum hybrid first (DEFAULT_SUITES)."""
+    allowed_embedding_model_digests: tuple[bytes, ...] = ()
+    """The embedding models accepted (role "embeddings"); empty: none."""
+
+    def allowed_models(self, role: str) -> tuple[bytes, ...]:
+        """The model digests accepted for a model role of the event log."""
+        if role == "chat":
+            return self.allowed_model_digests
+        if role == "embeddings":
+            return self.allowed_embedding_model_digests
+        return ()
 
     @property
     def suites(self) -> tuple[HpkeSuiteId, ...]:
@@ -325,6 +341,10 @@ class Policy:
             "ak": ak_obj,
             "max_session_ttl_seconds": self.max_session_ttl_seconds,
         }
+        if self.allowed_embedding_model_digests:
+            obj["allowed_embedding_model_digests"] = sorted(
+                d.hex() for d in self.allowed_embedding_model_digests
+            )
         if self.pcr_waivers:
             obj["pcr_waivers"] = {str(i): why for i, why in sorted(self.pcr_waivers.items())}
         if self.hpke_suites is not None:
@@ -511,6 +531,7 @@ def build_policy(
     pcr_waivers: Mapping[int, str] | None = None,
     unsafe_test_roots: Iterable[bytes] = (),
     hpke_suites: Iterable[str] | None = None,
+    allowed_embedding_model_digests: Iterable[bytes] = (),
 ) -> Policy:
     """Build a policy from Python values, validated exactly as a parsed one."""
     ak: dict[str, Any] = {
@@ -531,6 +552,9 @@ def build_policy(
         "ak": ak,
         "max_session_ttl_seconds": max_session_ttl_seconds,
     }
+    embedding_models = [d.hex() for d in allowed_embedding_model_digests]
+    if embedding_models:
+        obj["allowed_embedding_model_digests"] = embedding_models
     if pcr_waivers:
         obj["pcr_waivers"] = {str(i): why for i, why in pcr_waivers.items()}
     if hpke_suites is not None:
@@ -567,9 +591,11 @@ def _hex(value: object, field: str, size: int) -> bytes:
         raise _fail(field, f"must be {2 * size} lowercase hex digits") from err
 
 
-def _hex_list(obj: Mapping[str, Any], field: str, size: int) -> tuple[bytes, ...]:
+def _hex_list(
+    obj: Mapping[str, Any], field: str, size: int, *, may_be_empty: bool = False
+) -> tuple[bytes, ...]:
     value = obj[field]
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list) or not (value or may_be_empty):
         raise _fail(field, "must be a non-empty list of hex strings")
     items = [_hex(item, f"{field}[{i}]", size) for i, item in enumerate(value)]
     if len(set(items)) != len(items):
@@ -729,7 +755,14 @@ def _from_obj(
             raise _fail(field, "the workload PCR is checked by replay and must not be pinned")
         pcr_values[index] = _hex(value, field, digest_size)
 
-    model_digests = _hex_list(obj, "allowed_model_digests", 32)
+    model_digests = _hex_list(obj, "allowed_model_digests", 32, may_be_empty=True)
+    embedding_models = (
+        _hex_list(obj, "allowed_embedding_model_digests", 32, may_be_empty=True)
+        if "allowed_embedding_model_digests" in obj
+        else ()
+    )
+    if not model_digests and not embedding_models:
+        raise _fail("allowed_model_digests", "must list a model (or name embedding models)")
     runtime_events = _hex_list(obj, "allowed_runtime_events", 32)
     pinned, roots = _ak(obj["ak"])
     gce = _gce(obj["ak"]["gce"]) if "gce" in obj["ak"] else None
@@ -754,6 +787,7 @@ def _from_obj(
         pcr_waivers=MappingProxyType(dict(sorted(waivers.items()))),
         unsafe_test_roots=unsafe_test_roots,
         hpke_suites=_suites(obj["hpke_suites"]) if "hpke_suites" in obj else None,
+        allowed_embedding_model_digests=embedding_models,
     )
     gaps = policy_gaps(policy) if check_gaps else []
     if gaps:

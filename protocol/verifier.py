@@ -16,6 +16,7 @@ import hmac
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
@@ -34,6 +35,7 @@ from encloud.protocol.errors import (
     AttestTypeError,
     DebugEnabledError,
     EventDigestError,
+    EventLogFormatError,
     EventLogReplayError,
     EventSequenceError,
     HardwareBindingRequiredError,
@@ -116,8 +118,8 @@ class VerifiedAttestation:
     """Hex SHA-256 of the AK's DER SubjectPublicKeyInfo."""
     workload_pcr: int
     workload_pcr_value: bytes
-    model_digest: bytes
-    """The model digest of the last (running) start-up."""
+    models: Mapping[str, bytes]
+    """Role ("chat", "embeddings") -> model digest, of the last (running) start-up."""
     runtime_event: dict[str, Any]
     """The parsed runtime event of the last (running) start-up."""
     events: list[eventlog.EventRecord]
@@ -134,6 +136,11 @@ class VerifiedAttestation:
     """What the hardware report proved ("" when the evidence was vTPM only)."""
     trust_note: str = ""
     """Who stays trusted for what, in words (e.g. Google for the vTPM's PCRs on GCP)."""
+
+    @property
+    def model_digest(self) -> bytes:
+        """The running chat model's digest; b"" when the server serves embeddings only."""
+        return self.models.get(eventlog.ROLE_CHAT, b"")
 
 
 def spki_der(ak_public_bytes: bytes) -> bytes:
@@ -211,11 +218,12 @@ def verify(
         recomputed from its content, equals the logged digest (EventDigestError).
     16. event_log_replay: the log replays from zero to the quoted workload PCR
         value (EventLogReplayError).
-    17. event_sequence: the log is one or more start-ups, each exactly
-        [model, runtime], with a 32-byte model digest and a runtime event in
-        canonical JSON (an object); the last start-up is the running one
-        (EventSequenceError).
-    18. model_digest: every start-up's model digest is allowed (ModelNotAllowedError).
+    17. event_sequence: the log is one or more start-ups, each one or more model
+        events (canonical {"digest","role"} JSON, roles chat then embeddings, none
+        twice) then one runtime event in canonical JSON (an object); the last
+        start-up is the running one (EventSequenceError).
+    18. model_digest: every start-up's every model digest is allowed for its role
+        (ModelNotAllowedError).
     19. runtime_event: every start-up's runtime event (SHA-256 of its data) is
         allowed (RuntimeNotAllowedError).
     20. session_ttl: 0 < session_ttl_seconds <= max_session_ttl_seconds
@@ -408,16 +416,17 @@ class _Run:
 
         self.step("event_sequence")
         startups = _check_sequence(records)
-        self.ok(f"{len(startups)} start-up(s) of [model, runtime]; the last is running")
+        self.ok(f"{len(startups)} start-up(s) of [model..., runtime]; the last is running")
 
         self.step("model_digest")
-        allowed_models = set(policy.allowed_model_digests)
-        for i, (model, _) in enumerate(startups):
-            if model.event.data not in allowed_models:
-                raise ModelNotAllowedError(
-                    f"start-up {i} model digest {model.event.data.hex()} is not allowed"
-                )
-        self.ok(f"model digest {startups[-1][0].event.data.hex()} allowed")
+        for i, (models, _) in enumerate(startups):
+            for role, digest in models.items():
+                if digest not in policy.allowed_models(role):
+                    raise ModelNotAllowedError(
+                        f"start-up {i} {role} model digest {digest.hex()} is not allowed"
+                    )
+        running = ", ".join(f"{role} {digest.hex()}" for role, digest in startups[-1][0].items())
+        self.ok(f"model digests allowed: {running}")
 
         self.step("runtime_event")
         allowed_runtimes = set(policy.allowed_runtime_events)
@@ -439,12 +448,12 @@ class _Run:
             )
         self.ok(f"session TTL {ttl} s <= {policy.max_session_ttl_seconds} s")
 
-        model, runtime = startups[-1]
+        models, runtime = startups[-1]
         return VerifiedAttestation(
             ak_fingerprint=fingerprint,
             workload_pcr=policy.workload_pcr,
             workload_pcr_value=workload_value,
-            model_digest=model.event.data,
+            models=MappingProxyType(dict(models)),
             runtime_event=json.loads(runtime.event.data),
             events=list(records),
             attest_digest=sha256(ev.quote_attest),
@@ -847,29 +856,44 @@ def _check_pcr_digest(
 
 def _check_sequence(
     records: list[eventlog.EventRecord],
-) -> list[tuple[eventlog.EventRecord, eventlog.EventRecord]]:
+) -> list[tuple[dict[str, bytes], eventlog.EventRecord]]:
+    """Split the log into start-ups: model events (roles in MODEL_ROLES order, none twice,
+    at least one), then one runtime event."""
     if not records:
         raise EventSequenceError("the log has no start-up")
-    if len(records) % 2:
-        raise EventSequenceError(f"{len(records)} records are not whole [model, runtime] pairs")
-    startups = []
-    for i in range(0, len(records), 2):
-        model, runtime = records[i], records[i + 1]
-        n = i // 2
-        if model.event.event_type != eventlog.EVENT_MODEL:
-            raise EventSequenceError(f"start-up {n} begins with {model.event.event_type!r}")
-        if runtime.event.event_type != eventlog.EVENT_RUNTIME:
-            raise EventSequenceError(f"start-up {n} has {runtime.event.event_type!r} second")
-        if len(model.event.data) != 32:
-            raise EventSequenceError(f"start-up {n} model digest is not 32 bytes")
-        try:
-            parsed = json.loads(runtime.event.data)
-        except (UnicodeDecodeError, ValueError) as err:
-            raise EventSequenceError(f"start-up {n} runtime event is not JSON") from err
-        if not isinstance(parsed, dict) or eventlog.canonical_json(parsed) != runtime.event.data:
-            raise EventSequenceError(f"start-up {n} runtime event is not a canonical JSON object")
-        startups.append((model, runtime))
+    startups: list[tuple[dict[str, bytes], eventlog.EventRecord]] = []
+    models: dict[str, bytes] = {}
+    for record in records:
+        n = len(startups)
+        if record.event.event_type == eventlog.EVENT_MODEL:
+            try:
+                role, digest = eventlog.parse_model_event(record.event.data)
+            except EventLogFormatError as err:
+                raise EventSequenceError(f"start-up {n}: {err}") from None
+            order = eventlog.MODEL_ROLES.index(role)
+            if any(eventlog.MODEL_ROLES.index(seen) >= order for seen in models):
+                raise EventSequenceError(f"start-up {n} measures {role!r} out of order or twice")
+            models[role] = digest
+            continue
+        if not models:
+            raise EventSequenceError(f"start-up {n} has no model event before its runtime event")
+        _check_runtime(record, n)
+        startups.append((models, record))
+        models = {}
+    if models:
+        raise EventSequenceError(f"start-up {len(startups)} ends without its runtime event")
     return startups
+
+
+def _check_runtime(runtime: eventlog.EventRecord, n: int) -> None:
+    if runtime.event.event_type != eventlog.EVENT_RUNTIME:
+        raise EventSequenceError(f"start-up {n} has {runtime.event.event_type!r} there")
+    try:
+        parsed = json.loads(runtime.event.data)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise EventSequenceError(f"start-up {n} runtime event is not JSON") from err
+    if not isinstance(parsed, dict) or eventlog.canonical_json(parsed) != runtime.event.data:
+        raise EventSequenceError(f"start-up {n} runtime event is not a canonical JSON object")
 
 
 __all__ = [

@@ -25,9 +25,11 @@ from encloud.proxy.openai_api import (
     chunk,
     completion,
     completion_id,
+    embeddings_response,
     error_from,
     finish_reason,
     parse_chat_request,
+    parse_embeddings_request,
     usage,
 )
 from encloud.proxy.pool import SessionPool
@@ -36,9 +38,12 @@ log = logging.getLogger("encloud.proxy")
 
 MODEL_ID = "encloud"
 MODEL_IDS = frozenset({MODEL_ID})
+EMBEDDINGS_MODEL_ID = "encloud-embeddings"
+EMBEDDINGS_MODEL_IDS = frozenset({EMBEDDINGS_MODEL_ID})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 EVIDENCE_HEADER = "x-encloud-evidence"
 MODEL_HEADER = "x-encloud-model-digest"
+EMBEDDINGS_MODEL_HEADER = "x-encloud-embedding-model-digest"
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -138,10 +143,12 @@ def _evidence_headers(client: AsyncClient) -> dict[str, str]:
     attestation = client.attestation
     if attestation is None:
         return {}
-    return {
-        EVIDENCE_HEADER: attestation.attest_digest.hex(),
-        MODEL_HEADER: attestation.model_digest.hex(),
-    }
+    headers = {EVIDENCE_HEADER: attestation.attest_digest.hex()}
+    if attestation.model_digest:
+        headers[MODEL_HEADER] = attestation.model_digest.hex()
+    if "embeddings" in attestation.models:
+        headers[EMBEDDINGS_MODEL_HEADER] = attestation.models["embeddings"].hex()
+    return headers
 
 
 def _sse(obj: object) -> bytes:
@@ -251,25 +258,52 @@ class Proxy:
         response.headers["Cache-Control"] = "no-cache"
         return self._answer(response)
 
-    def _answer(self, response: Response) -> Response:
-        self.metrics.requests.labels("chat_completions", str(response.status_code)).inc()
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise OpenAIError(400, "the body is not valid JSON", code="invalid_json") from None
+            wanted = parse_embeddings_request(body, EMBEDDINGS_MODEL_IDS)
+            async with self.pool.client() as client:
+                result = await client.embed(wanted.texts, dimensions=wanted.dimensions)
+                headers = _evidence_headers(client)
+            out = embeddings_response(
+                EMBEDDINGS_MODEL_ID, result.vectors, result.prompt_tokens, wanted.base64
+            )
+            return self._answer(JSONResponse(out, headers=headers), "embeddings")
+        except Exception as failure:  # every failure becomes an OpenAI error object
+            return self._answer(_error(failure), "embeddings")
+
+    def _answer(self, response: Response, route: str = "chat_completions") -> Response:
+        self.metrics.requests.labels(route, str(response.status_code)).inc()
         self.metrics.sessions.set(self.pool.sessions)
-        log.info("request", extra={"route": "chat_completions", "status": response.status_code})
+        log.info("request", extra={"route": route, "status": response.status_code})
         return response
 
     async def models(self, request: Request) -> Response:
         latest = self.pool.report(None)
-        entry = {
-            "id": MODEL_ID,
-            "object": "model",
-            "created": 0,
-            "owned_by": "encloud",
-            "encloud": {
-                "allowed_model_digests": [d.hex() for d in self.pool.policy.allowed_model_digests],
-                "attested_model_digest": latest["model_digest"] if latest else None,
-            },
-        }
-        return JSONResponse({"object": "list", "data": [entry]})
+        policy = self.pool.policy
+        entries = []
+        for model_id, allowed, attested in (
+            (MODEL_ID, policy.allowed_model_digests, "model_digest"),
+            (EMBEDDINGS_MODEL_ID, policy.allowed_embedding_model_digests, "embedding_model_digest"),
+        ):
+            if not allowed:
+                continue  # the policy accepts no model of this role: nothing to offer
+            entries.append(
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "encloud",
+                    "encloud": {
+                        "allowed_model_digests": [d.hex() for d in allowed],
+                        "attested_model_digest": latest.get(attested) if latest else None,
+                    },
+                }
+            )
+        return JSONResponse({"object": "list", "data": entries})
 
     async def attestation(self, request: Request) -> Response:
         digest = request.query_params.get("evidence")
@@ -290,6 +324,7 @@ def build_app(proxy: Proxy, safety: Safety, on_shutdown: Callable[[], Awaitable[
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", proxy.chat, methods=["POST"]),
+            Route("/v1/embeddings", proxy.embeddings, methods=["POST"]),
             Route("/v1/models", proxy.models, methods=["GET"]),
             Route("/v1/encloud/attestation", proxy.attestation, methods=["GET"]),
         ],

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions API, translated to encloud's generation requests and back.
+"""The OpenAI chat-completions and embeddings APIs, translated to encloud's requests and back.
 
 Pure functions, no I/O: request JSON -> (messages, generation parameters), answers ->
 OpenAI response and chunk objects, and failures -> an OpenAI error object with its HTTP
@@ -8,7 +8,9 @@ refused otherwise, naming it: never silently ignored (docs/PROXY.md).
 
 from __future__ import annotations
 
+import base64
 import secrets
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -202,6 +204,73 @@ def parse_chat_request(body: object, model_ids: frozenset[str]) -> ChatRequest:
     return ChatRequest(messages, params, stream, bool(options.get("include_usage")))
 
 
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    texts: list[str]
+    dimensions: int | None
+    base64: bool
+    single: bool
+
+
+EMBEDDINGS_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
+
+
+def parse_embeddings_request(body: object, model_ids: frozenset[str]) -> EmbeddingsRequest:
+    """Validate an OpenAI embeddings body; OpenAIError (400, 404) naming the field. Token-id
+    input is refused: the server tokenises (it knows the model's tokenizer, the caller may
+    not)."""
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    unknown = sorted(set(body) - EMBEDDINGS_FIELDS)
+    if unknown:
+        raise _bad(
+            f"unsupported parameter(s): {', '.join(unknown)}", unknown[0], "unsupported_parameter"
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or model not in model_ids:
+        raise OpenAIError(
+            404,
+            f"the model {model!r} does not exist here; GET /v1/models lists the attested ones",
+            param="model",
+            code="model_not_found",
+        )
+    raw = body.get("input")
+    single = isinstance(raw, str)
+    texts = [raw] if single else raw
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise _bad("input must be a string or a non-empty list of strings", "input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise _bad("encoding_format must be 'float' or 'base64'", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise _bad("dimensions must be a positive integer", "dimensions")
+    return EmbeddingsRequest(texts, dimensions, fmt == "base64", single)
+
+
+def embeddings_response(
+    model: str, vectors: list[list[float]], prompt_tokens: int, as_base64: bool
+) -> dict[str, Any]:
+    """OpenAI's embeddings list; base64 is little-endian float32, as OpenAI sends it."""
+
+    def encode(vector: list[float]) -> list[float] | str:
+        if not as_base64:
+            return vector
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(v)}
+            for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
@@ -287,6 +356,7 @@ STATUS_TABLE: dict[str, tuple[int, str, str]] = {
     "NOT_FOUND": (502, "api_error", "session_lost"),
     "PERMISSION_DENIED": (502, "api_error", "upstream_refused"),
     "FAILED_PRECONDITION": (502, "api_error", "upstream_refused"),
+    "UNIMPLEMENTED": (404, "invalid_request_error", "model_not_found"),
     "ALREADY_EXISTS": (502, "api_error", "upstream_refused"),
     "INTERNAL": (502, "api_error", "upstream_error"),
     "UNKNOWN": (502, "api_error", "upstream_error"),

@@ -102,6 +102,11 @@ class SessionPool:
             ],
             "ak_fingerprint": verified.ak_fingerprint if verified else None,
             "model_digest": verified.model_digest.hex() if verified else None,
+            "embedding_model_digest": (
+                verified.models["embeddings"].hex()
+                if verified and "embeddings" in verified.models
+                else None
+            ),
             "policy_sha256": attempt.policy_sha256.hex(),
             "server": attempt.target,
             "verified_at": datetime.datetime.fromtimestamp(

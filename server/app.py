@@ -25,6 +25,7 @@ from http.server import ThreadingHTTPServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from encloud.protocol.eventlog import ROLE_CHAT, ROLE_EMBEDDINGS
 from encloud.protocol.faults import TpmUnavailableError
 from encloud.server import config, logs
 from encloud.server.attestation.startup import (
@@ -34,10 +35,11 @@ from encloud.server.attestation.startup import (
 )
 from encloud.server.core import InferenceCore
 from encloud.server.grpc_servicer import SERVICE_NAME, InferenceServicer, add_to_server
+from encloud.server.inference.embedder import Embedder
 from encloud.server.inference.engine import Engine
 from encloud.server.inference.manifest import ModelIntegrityError
 from encloud.server.metrics import Metrics
-from encloud.server.runtime_event import load_engine, workload_events
+from encloud.server.runtime_event import load_embedder, load_engine, workload_events
 from encloud.server.sessions import SessionStore
 from encloud.server.settings import Settings
 
@@ -122,11 +124,22 @@ class StartupError(RuntimeError):
 
 def preflight(settings: Settings) -> None:
     """What can be checked before anything starts, each failure one StartupError."""
-    manifest = settings.model_dir / "manifest.json"
-    if not manifest.is_file():
+    if not settings.serve_chat and settings.embeddings_model_dir is None:
+        raise StartupError(
+            "nothing to serve: --no-serve-chat (ENCLOUD_SERVE_CHAT=false) needs "
+            "--embeddings-model DIR (ENCLOUD_EMBEDDINGS_MODEL_DIR)"
+        )
+    if settings.serve_chat and not (settings.model_dir / "manifest.json").is_file():
         raise StartupError(
             f"no exported model at {settings.model_dir} (--model / ENCLOUD_MODEL_DIR): "
             "export one with `encloud export-model` and point the server at the folder it prints"
+        )
+    embeddings = settings.embeddings_model_dir
+    if embeddings is not None and not (embeddings / "manifest.json").is_file():
+        raise StartupError(
+            f"no exported embedding model at {embeddings} (--embeddings-model / "
+            "ENCLOUD_EMBEDDINGS_MODEL_DIR): export one with `encloud export-embeddings-model` "
+            "and point the server at the folder it prints"
         )
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         path = getattr(settings, name)
@@ -154,6 +167,7 @@ class _Started:
         self.health: health.aio.HealthServicer | None = None
         self.servicer: InferenceServicer | None = None
         self.engine: Engine | None = None
+        self.embedder: Embedder | None = None
         self.attestation: AttestationRuntime | None = None
 
     async def stop(self) -> None:
@@ -161,6 +175,8 @@ class _Started:
             await self.server.stop(None)
         if self.engine is not None:
             self.engine.close()
+        if self.embedder is not None:
+            self.embedder.close()
         if self.attestation is not None:
             self.attestation.close()
         if self.metrics_server is not None:
@@ -225,15 +241,30 @@ async def _start(settings: Settings, started: _Started, metrics: Metrics) -> Non
             "metrics": started.metrics_address,
         },
     )
+    models: dict[str, bytes] = {}
+    if settings.serve_chat:
+        try:
+            engine = started.engine = await asyncio.to_thread(load_engine, settings)
+        except ModelIntegrityError as err:
+            raise StartupError(f"the model folder does not verify (--model): {err}") from None
+        models[ROLE_CHAT] = engine.model_digest
     try:
-        engine = started.engine = await asyncio.to_thread(load_engine, settings)
+        embedder = started.embedder = await asyncio.to_thread(load_embedder, settings)
     except ModelIntegrityError as err:
-        raise StartupError(f"the model folder does not verify (--model): {err}") from None
+        raise StartupError(
+            f"the embedding model folder does not verify (--embeddings-model): {err}"
+        ) from None
+    if embedder is not None:
+        models[ROLE_EMBEDDINGS] = embedder.model_digest
+    events = workload_events(
+        settings,
+        models,
+        started.engine.facts() if started.engine is not None else None,
+        embedder.facts() if embedder is not None else None,
+    )
     try:
         started.attestation = await asyncio.to_thread(
-            start_attestation,
-            attestation_config(settings),
-            workload_events(settings, engine.model_digest, engine.facts()),
+            start_attestation, attestation_config(settings), events
         )
     except TpmUnavailableError:
         raise StartupError(
@@ -255,11 +286,13 @@ async def serve(settings: Settings) -> None:
         await started.stop()
         raise
     server, health_servicer, servicer = started.server, started.health, started.servicer
-    engine, attestation = started.engine, started.attestation
-    assert server and health_servicer and servicer and engine and attestation
+    engine, embedder, attestation = started.engine, started.embedder, started.attestation
+    assert server and health_servicer and servicer and attestation
 
     sessions = SessionStore(settings, metrics=metrics)
-    service = InferenceCore(settings, attestation.attester, engine, sessions, metrics)
+    service = InferenceCore(
+        settings, attestation.attester, engine, sessions, metrics, embedder=embedder
+    )
     servicer.attach(service)
     sweeper = asyncio.create_task(_sweep_sessions(service, settings.session_sweep_interval_seconds))
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
@@ -272,7 +305,8 @@ async def serve(settings: Settings) -> None:
         "serving",
         extra={
             "address": started.address,
-            "model_digest": engine.model_digest.hex(),
+            "model_digest": engine.model_digest.hex() if engine else "",
+            "embeddings_model_digest": embedder.model_digest.hex() if embedder else "",
             "workload_pcr": settings.workload_pcr,
             "records": len(attestation.attester.records),
             "seconds": round(time.monotonic() - began, 3),

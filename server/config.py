@@ -26,6 +26,7 @@ CONFIG_FILE_ENV = "ENCLOUD_CONFIG_FILE"
 # Short names for the flags people type most.
 FLAG_ALIASES = {
     "model_dir": ("--model",),
+    "embeddings_model_dir": ("--embeddings-model",),
     "tcti": ("--tpm",),
     "tls_cert_file": ("--tls-cert",),
     "tls_key_file": ("--tls-key",),

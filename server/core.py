@@ -18,15 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from encloud.protocol.embedding import embedding_response, padded_rows
 from encloud.protocol.encoding import sha256
 from encloud.protocol.envelope import MessageType, Sealed, transcript_next, transcript_start
 from encloud.protocol.evidence import Evidence
 from encloud.protocol.faults import (
     DomainError,
     InvalidArgumentError,
+    ModelNotServedError,
     PromptTooLongError,
     ResourceExhaustedError,
     SessionStateError,
+    TextTooLongError,
     UnavailableError,
     UnsupportedSuiteError,
 )
@@ -39,6 +42,7 @@ from encloud.protocol.handshake import (
     quote_qualifying_data,
 )
 from encloud.server import grpc_converters as converters
+from encloud.server.inference.embedder import Embedding
 from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
 from encloud.server.inference.scheduler import AsyncStream
 from encloud.server.limits import PeerRateLimiter, ServerBusyError
@@ -65,6 +69,22 @@ class TextEngine(Protocol):
     ) -> AsyncStream: ...
 
     def count_prompt_tokens(self, messages: Sequence[ChatTurn]) -> int: ...
+
+
+class EmbeddingModel(Protocol):
+    """What the service needs from the embedding model: batched across callers."""
+
+    @property
+    def dimension(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    async def aembed(
+        self, texts: Sequence[str], *, dimensions: int | None = None, normalize: bool = True
+    ) -> Embedding: ...
 
 
 @dataclass(frozen=True)
@@ -174,13 +194,16 @@ class InferenceCore:
         self,
         settings: Settings,
         attester: Attester,
-        engine: TextEngine,
+        engine: TextEngine | None,
         sessions: SessionStore,
         metrics: Metrics | None = None,
+        *,
+        embedder: EmbeddingModel | None = None,
     ) -> None:
         self._settings = settings
         self._attester = attester
         self._engine = engine
+        self._embedder = embedder
         self._sessions = sessions
         self._metrics = metrics or Metrics()
         self._tpm_executor = ThreadPoolExecutor(1, thread_name_prefix="tpm")
@@ -293,6 +316,64 @@ class InferenceCore:
             final = converters.final_payload(finish_reason, result, transcript)
             yield session.sealer().seal(MessageType.FINAL, request_id, seq, final, reserved=True)
 
+    async def embed(self, session_id: bytes, sealed_request: Sealed) -> Sealed:
+        """One sealed batch of texts -> one sealed batch of vectors (docs/PROTOCOL.md, Embed)."""
+        self._check_open()
+        embedder = self._embedder
+        if embedder is None:
+            raise ModelNotServedError("this server serves no embedding model")
+        session = self._sessions.get(session_id)
+        payload = session.open_from_client(sealed_request, MessageType.EMBED_REQUEST)
+        self._sessions.touch(session)
+        params = converters.embed_params_from_payload(payload, self._settings)
+        if params.dimensions is not None and params.dimensions > embedder.dimension:
+            raise InvalidArgumentError(
+                f"dimensions is above the model's {embedder.dimension} (in the runtime event)"
+            )
+        counts = await asyncio.to_thread(embedder.count_tokens, params.texts)
+        prompt_tokens = self._check_embed_tokens(counts, params.truncate, embedder.max_tokens)
+        request_id = sealed_request.request_id
+        transcript = transcript_start(session_id, request_id, sealed_request.data)
+        admitted = time.monotonic()
+        outcome = "error"
+        try:
+            async with self._call(session, request_id):
+                result = await embedder.aembed(
+                    params.texts, dimensions=params.dimensions, normalize=params.normalize
+                )
+                count, dimensions = result.vectors.shape
+                payload = embedding_response(
+                    result.vectors.astype("<f4").tobytes(),
+                    count,
+                    dimensions,
+                    padded_rows(count, self._settings.embed_max_texts),
+                    prompt_tokens,
+                    transcript,
+                )
+                sealed = session.sealer().seal(MessageType.EMBED_RESPONSE, request_id, 0, payload)
+                outcome = "completed"
+                return sealed
+        finally:
+            self._metrics.embed_requests.labels(outcome).inc()
+            self._metrics.embed_seconds.observe(time.monotonic() - admitted)
+
+    def _check_embed_tokens(self, counts: Sequence[int], truncate: bool, per_text: int) -> int:
+        """The tokens the model will run (after truncation to `per_text`, the embedder's
+        limit: the model's, or embed_max_tokens_per_text below it), within the limits."""
+        for index, tokens in enumerate(counts):
+            if tokens > per_text and not truncate:
+                raise TextTooLongError(
+                    f"text {index} is above the per-text token limit (embed_max_tokens_per_text "
+                    "or the model's, in the attested runtime event); ask to truncate to embed it"
+                )
+        total = sum(min(tokens, per_text) for tokens in counts)
+        if total > self._settings.embed_max_total_tokens:
+            raise InvalidArgumentError(
+                "the texts are above the server's total token limit (embed_max_total_tokens "
+                "in the attested runtime event)"
+            )
+        return total
+
     async def end_session(self, session_id: bytes, sealed_end: Sealed) -> None:
         session = self._sessions.get(session_id)
         session.open_end(sealed_end)
@@ -346,6 +427,8 @@ class InferenceCore:
         self, session_id: bytes, sealed_request: Sealed
     ) -> tuple[Session, GenerationParams]:
         self._check_open()
+        if self._engine is None:
+            raise ModelNotServedError("this server serves no chat model (embeddings only)")
         session = self._sessions.get(session_id)
         payload = session.open_from_client(sealed_request, MessageType.REQUEST)
         self._sessions.touch(session)  # it authenticated: the idle timer may move
@@ -399,6 +482,8 @@ class InferenceCore:
         call's cancel signal, which the engine checks before every step of the request.
         """
         metrics = self._metrics
+        engine = self._engine
+        assert engine is not None  # _open_request refused the request otherwise
         cancel = call.cancel
         limit = self._settings.max_prompt_tokens
         books = _EngineBooks(metrics, cancel.steps)
@@ -412,7 +497,7 @@ class InferenceCore:
             if cancel.is_set():  # cancelled before it was queued: not even a prefill
                 yield _not_started()
                 return
-            if limit is not None and self._engine.count_prompt_tokens(params.messages) > limit:
+            if limit is not None and engine.count_prompt_tokens(params.messages) > limit:
                 finish = "error"
                 raise PromptTooLongError(
                     "the prompt is above the server's limit (max_prompt_tokens in the "
@@ -420,9 +505,7 @@ class InferenceCore:
                 )
             books.queued()
             try:
-                stream = self._engine.astream(
-                    params, books.should_stop, call.peer, on_end=books.on_end
-                )
+                stream = engine.astream(params, books.should_stop, call.peer, on_end=books.on_end)
             except BaseException:
                 books.on_end("error")  # refused before the engine saw it
                 raise

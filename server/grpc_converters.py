@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -98,6 +99,39 @@ def generation_params_from_payload(payload: bytes, settings: Settings) -> Genera
         stop=tuple(request.stop),
         repetition_penalty=penalty,
         stop_token_ids=tuple(request.stop_token_ids),
+    )
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    """A decrypted EmbeddingRequest, its shape checked (limits that need tokens: core)."""
+
+    texts: tuple[str, ...]
+    dimensions: int | None
+    normalize: bool
+    truncate: bool
+
+
+def embed_params_from_payload(payload: bytes, settings: Settings) -> EmbedParams:
+    """Parse and validate a decrypted EmbeddingRequest. Messages never echo content."""
+    request = pb.EmbeddingRequest()
+    try:
+        request.ParseFromString(payload)
+    except DecodeError:  # also invalid UTF-8 in a text
+        raise InvalidRequestPayloadError(
+            "the request payload is not a valid EmbeddingRequest"
+        ) from None
+    if not request.texts:
+        raise InvalidArgumentError("the request has no texts")
+    if len(request.texts) > settings.embed_max_texts:
+        raise InvalidArgumentError(
+            "more texts than the server's limit (embed_max_texts in the attested runtime event)"
+        )
+    return EmbedParams(
+        texts=tuple(request.texts),
+        dimensions=request.dimensions or None,
+        normalize=not request.unnormalized,
+        truncate=request.truncate,
     )
 
 

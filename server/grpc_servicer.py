@@ -111,6 +111,14 @@ class InferenceServicer:
             yield pb.StreamInferResponse(frame=converters.sealed_to_proto(frame))
 
     @unary_errors
+    async def Embed(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        request = converters.parse(pb.EmbedRequest, data)
+        response = await self._service.embed(
+            request.session_id, converters.sealed_from_proto(request.request)
+        )
+        return pb.EmbedResponse(response=converters.sealed_to_proto(response))
+
+    @unary_errors
     async def EndSession(
         self, data: bytes, context: grpc.aio.ServicerContext
     ) -> pb.EndSessionResponse:
@@ -135,6 +143,7 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
         "StreamInfer": grpc.unary_stream_rpc_method_handler(
             servicer.StreamInfer, response_serializer=_serialize
         ),
+        "Embed": unary(servicer.Embed, response_serializer=_serialize),
         "EndSession": unary(servicer.EndSession, response_serializer=_serialize),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -101,6 +101,19 @@ class Metrics:
             ["finish_reason"],
             registry=r,
         )
+        self.embed_requests = Counter(
+            "encloud_embed_requests",
+            "Embed requests ended: completed, or error (no count of texts or tokens: those "
+            "describe the plaintext).",
+            ["outcome"],
+            registry=r,
+        )
+        self.embed_seconds = Histogram(
+            "encloud_embed_seconds",
+            "From admission to the sealed response of an Embed request.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.cancels = Counter(
             "encloud_cancels",
             "Generations the engine stopped on a cancel (client cancel, disconnect, "

@@ -2,7 +2,11 @@
 
     runtime_event = {"encloud": <package version>,
                      "settings": <every measured setting>,
-                     "engine": <what the engine reports about itself>}
+                     "engine": <what the chat engine reports about itself>,
+                     "embedder": <what the embedding model's runner reports>}
+
+"engine" is there when the server serves chat, "embedder" when it serves embeddings; each
+served model also has its own model event (role chat or embeddings) before this one.
 
 Every setting says whether it is measured, and why (server/settings.py); the measured ones
 are those that change answers, the limits a request meets, or how long keys live. The
@@ -19,7 +23,14 @@ import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
-from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
+from encloud.protocol.eventlog import (
+    EVENT_RUNTIME,
+    MODEL_ROLES,
+    WorkloadEvent,
+    canonical_json,
+    model_event,
+)
+from encloud.server.inference.embedder import Embedder
 from encloud.server.inference.engine import Engine
 from encloud.server.settings import Settings, measured_settings
 
@@ -38,6 +49,18 @@ def load_engine(settings: Settings) -> Engine:
     )
 
 
+def load_embedder(settings: Settings) -> Embedder | None:
+    """The embedding model as the server loads it, or None when it serves no embeddings."""
+    if settings.embeddings_model_dir is None:
+        return None
+    return Embedder.load(
+        settings.embeddings_model_dir,
+        threads=settings.threads,
+        max_batch_texts=settings.embed_batch_texts,
+        max_tokens=settings.embed_max_tokens_per_text,
+    )
+
+
 def encloud_version() -> str:
     try:
         return importlib.metadata.version("encloud")
@@ -45,19 +68,29 @@ def encloud_version() -> str:
         return "unknown"
 
 
-def runtime_event(settings: Settings, engine_facts: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "encloud": encloud_version(),
-        "settings": measured_settings(settings),
-        "engine": dict(engine_facts),
-    }
+def runtime_event(
+    settings: Settings,
+    engine_facts: Mapping[str, Any] | None,
+    embedder_facts: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    event: dict[str, Any] = {"encloud": encloud_version(), "settings": measured_settings(settings)}
+    if engine_facts is not None:
+        event["engine"] = dict(engine_facts)
+    if embedder_facts is not None:
+        event["embedder"] = dict(embedder_facts)
+    return event
 
 
 def workload_events(
-    settings: Settings, model_digest: bytes, engine_facts: Mapping[str, Any]
+    settings: Settings,
+    models: Mapping[str, bytes],
+    engine_facts: Mapping[str, Any] | None,
+    embedder_facts: Mapping[str, Any] | None = None,
 ) -> list[WorkloadEvent]:
-    """The [model, runtime] pair measured at every start-up."""
-    return [
-        WorkloadEvent(EVENT_MODEL, model_digest),
-        WorkloadEvent(EVENT_RUNTIME, canonical_json(runtime_event(settings, engine_facts))),
-    ]
+    """What every start-up measures: a model event per served model (role -> digest, in
+    MODEL_ROLES order), then the runtime event."""
+    if not models:
+        raise ValueError("a start-up serves at least one model")
+    events = [model_event(role, models[role]) for role in MODEL_ROLES if role in models]
+    runtime = runtime_event(settings, engine_facts, embedder_facts)
+    return [*events, WorkloadEvent(EVENT_RUNTIME, canonical_json(runtime))]

@@ -223,6 +223,46 @@ class Settings(BaseSettings):
         description="Exported ONNX model folder with its manifest.json.",
         json_schema_extra=_unmeasured("a path; the model digest measures the model itself"),
     )
+    serve_chat: bool = Field(
+        True,
+        description="Serve the chat model at model_dir (Infer, StreamInfer); false serves "
+        "embeddings only (then embeddings_model_dir is required).",
+        json_schema_extra=_unmeasured("the model events show which models are served"),
+    )
+    embeddings_model_dir: Path | None = Field(
+        None,
+        description="Exported embedding model folder (`encloud export-embeddings-model`); "
+        "unset: no Embed (UNIMPLEMENTED, MODEL_NOT_SERVED).",
+        json_schema_extra=_unmeasured("a path; its model event measures the model itself"),
+    )
+    embed_max_texts: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most texts in one Embed request; also the largest response bucket "
+        "(responses are padded to 1, 8, 32 or this many vectors).",
+        json_schema_extra=_measured("a limit every Embed request meets, and a response size"),
+    )
+    embed_max_tokens_per_text: int | None = Field(
+        None,
+        ge=3,
+        description="Most tokens per Embed text (TEXT_TOO_LONG above, unless the request "
+        "asks to truncate); unset: the model's own limit.",
+        json_schema_extra=_measured("a limit every Embed text meets"),
+    )
+    embed_max_total_tokens: int = Field(
+        16384,
+        ge=2,
+        description="Most tokens in all texts of one Embed request (after truncation).",
+        json_schema_extra=_measured("a limit every Embed request meets"),
+    )
+    embed_batch_texts: int = Field(
+        32,
+        ge=1,
+        le=256,
+        description="Most texts the embedding model runs in one call, across requests.",
+        json_schema_extra=_measured("batch shapes change the last bits of a vector"),
+    )
     provider: Literal["cpu", "cuda"] = Field(
         "cpu",
         description="ONNX Runtime provider. cuda needs onnxruntime-gpu "

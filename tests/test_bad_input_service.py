@@ -197,3 +197,17 @@ def test_each_bad_input_gets_its_code_and_others_keep_working(
     reader.join(timeout=120)
     assert outcome and outcome[0]
     assert stream.completion is not None
+
+
+@pytest.mark.embeddings
+def test_embed_on_a_chat_only_server_is_unimplemented_by_name(stack) -> None:
+    """This module's server measured no embedding model: Embed says so by name, and the
+    session it was asked in keeps serving chat."""
+    from encloud.client import NO_AUDIT, ServiceError
+
+    with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
+        assert set(client.attest().models) == {"chat"}
+        with pytest.raises(ServiceError) as refused:
+            client.embed(["hello"])
+        assert (refused.value.code, refused.value.reason) == ("UNIMPLEMENTED", "MODEL_NOT_SERVED")
+        assert client.infer([("user", "Say hi.")], max_new_tokens=2).text

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from encloud.protocol import eventlog
 from encloud.protocol.audit import AuditLog, parse_checkpoint, parse_line
 from encloud.protocol.bundle import EvidenceBundle, parse_bundle
+from encloud.protocol.embedding import embedding_request, embedding_response, open_embeddings
 from encloud.protocol.envelope import (
     PAD_BUCKETS,
     MessageType,
@@ -35,11 +36,14 @@ from encloud.protocol.errors import (
     AuditLogError,
     BundleError,
     DecryptError,
+    EmbeddingFormatError,
     EventLogFormatError,
     HeaderMismatchError,
     MalformedEvidenceError,
     PolicyError,
+    TranscriptMismatchError,
 )
+from encloud.protocol.faults import InvalidArgumentError
 from encloud.protocol.handshake import SUITE_V1
 from encloud.protocol.policy import parse_policy
 from encloud.protocol.tpm_structures import (
@@ -48,6 +52,7 @@ from encloud.protocol.tpm_structures import (
     parse_public,
     parse_signature,
 )
+from encloud.protocol.v2 import encloud_pb2 as pb
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.unit]
 
@@ -232,3 +237,42 @@ def test_envelope_open(message_type, wire_type, request_id, seq, data) -> None:
 @given(st.sampled_from(sorted(set(PAD_BUCKETS.values()))), st.binary(max_size=2100))
 def test_unpad(bucket: int, data: bytes) -> None:
     only(DecryptError, lambda d: unpad(d, bucket), data)
+
+
+# --- Embed payloads ------------------------------------------------------------------------------
+
+_MODEL_EVENT = eventlog.model_event(eventlog.ROLE_EMBEDDINGS, bytes(range(32))).data
+
+
+@PROPERTY
+@given(json_mutations(_MODEL_EVENT))
+def test_model_event(data: bytes) -> None:
+    only(EventLogFormatError, eventlog.parse_model_event, data)
+
+
+_EMBED_RESPONSE = embedding_response(bytes(2 * 4 * 4), 2, 4, 8, 9, bytes(32))
+
+
+@PROPERTY
+@given(mutations(_EMBED_RESPONSE))
+def test_embedding_response(payload: bytes) -> None:
+    """An authenticated payload of any shape: the client raises only its typed errors."""
+    sealed = SealingKey(bytearray(_SEAL_KEY), _SESSION).seal(
+        MessageType.EMBED_RESPONSE, 3, 0, payload
+    )
+    message = pb.SealedMessage(type=sealed.type, request_id=3, seq=0, sealed=sealed.data)
+    opener = OpeningKey(bytearray(_SEAL_KEY), _SESSION)
+    only(
+        (EmbeddingFormatError, TranscriptMismatchError),
+        lambda m: open_embeddings(m, opener, 3, bytes(32), 2, 4),
+        message,
+    )
+
+
+@PROPERTY
+@given(mutations(embedding_request(["a text", "another"], dimensions=8)))
+def test_embedding_request_on_the_server(payload: bytes) -> None:
+    from encloud.server.grpc_converters import embed_params_from_payload
+    from encloud.server.settings import Settings
+
+    only(InvalidArgumentError, lambda p: embed_params_from_payload(p, Settings()), payload)

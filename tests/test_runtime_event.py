@@ -19,7 +19,13 @@ from stack import Stack, running_stack
 
 from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import RuntimeNotAllowedError
-from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent, canonical_json
+from encloud.protocol.eventlog import (
+    EVENT_RUNTIME,
+    ROLE_CHAT,
+    WorkloadEvent,
+    canonical_json,
+    model_event,
+)
 from encloud.protocol.policy import Policy, load_policy
 from encloud.protocol.verifier import verify
 from encloud.server.attestation.startup import AttestationConfig, start_attestation
@@ -149,7 +155,7 @@ class _Measurer:
 
 def _events(settings: Settings) -> list[WorkloadEvent]:
     return [
-        WorkloadEvent(EVENT_MODEL, MODEL_DIGEST),
+        model_event(ROLE_CHAT, MODEL_DIGEST),
         WorkloadEvent(EVENT_RUNTIME, _runtime_event_bytes(settings)),
     ]
 

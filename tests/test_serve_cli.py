@@ -107,8 +107,13 @@ def test_an_unknown_key_in_the_config_file_is_named(tmp_path) -> None:
         (["--model", "/no/such/model"], r"no exported model at /no/such/model \(--model"),
         (["--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"], r"tls_cert_file .*no file"),
         (["--provider", "cuda"], r"provider cuda .*no usable CUDA"),
+        (["--no-serve-chat"], r"nothing to serve: --no-serve-chat .* needs --embeddings-model"),
+        (
+            ["--embeddings-model", "/no/such/dir"],
+            r"no exported embedding model at /no/such/dir \(--embeddings-model",
+        ),
     ],
-    ids=["no-model", "no-tls-file", "no-cuda"],
+    ids=["no-model", "no-tls-file", "no-cuda", "nothing-to-serve", "no-embedding-model"],
 )
 def test_a_start_up_mistake_is_one_line(args, wanted, model_dir: Path) -> None:
     if "--model" not in args:

@@ -20,6 +20,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from encloud.protocol import errors, eventlog
+from encloud.protocol.embedding import (
+    embedding_request,
+    embedding_response,
+    open_embeddings,
+    padded_rows,
+)
 from encloud.protocol.encoding import encode, u8, u16, u32, u64
 from encloud.protocol.envelope import (
     PAD_BUCKETS,
@@ -48,7 +54,7 @@ from encloud.protocol.handshake import (
 )
 from encloud.protocol.policy import parse_policy
 from encloud.protocol.v2 import encloud_pb2 as pb
-from encloud.protocol.verifier import spki_der, verify
+from encloud.protocol.verifier import _check_sequence, spki_der, verify
 from encloud.server.inference.manifest import compute_model_digest
 
 pytestmark = pytest.mark.unit
@@ -293,6 +299,75 @@ def test_infer_response() -> None:
     assert completion.finish_reason == infer["expect"]["finish_reason"]
 
 
+# --- Embed -------------------------------------------------------------------------------------
+
+
+def test_embed_request_and_buckets() -> None:
+    v = load("embed")
+    sid = b(v["session_id"])
+    request = sealed(v["request"])
+    assert transcript_start(sid, v["request_id"], request.data) == b(v["transcript"])
+    opener = OpeningKey(bytearray(b(v["keys"]["c2s"])), sid)
+    payload = opener.open(request, MessageType.EMBED_REQUEST, v["request_id"], 0)
+    assert payload == b(v["request_payload"])
+    assert payload == embedding_request(v["texts"], dimensions=v["dimensions"])
+    parsed = pb.EmbeddingRequest.FromString(payload)
+    assert list(parsed.texts) == v["texts"] and not parsed.unnormalized and not parsed.truncate
+    for count, rows in v["row_buckets"].items():
+        assert padded_rows(int(count), v["max_texts"]) == rows
+
+
+def _open_embed(v: dict[str, Any], message: dict[str, Any]) -> Any:
+    opener = OpeningKey(bytearray(b(v["keys"]["s2c"])), b(v["session_id"]))
+    response = pb.SealedMessage(
+        type=message["type"],
+        request_id=message["request_id"],
+        seq=message["seq"],
+        sealed=b(message["sealed"]),
+    )
+    return open_embeddings(
+        response, opener, v["request_id"], b(v["transcript"]), len(v["texts"]), v["dimensions"]
+    )
+
+
+@pytest.mark.parametrize("case", load("embed")["cases"], ids=lambda c: c["name"])
+def test_embed_cases(case: dict[str, Any]) -> None:
+    v = load("embed")
+    if "error" in case:
+        with pytest.raises(error_class(case["error"])):
+            _open_embed(v, case["response"])
+        return
+    result = _open_embed(v, case["response"])
+    assert result.vectors == v["expect"]["vectors"]
+    assert result.dimensions == v["expect"]["dimensions"]
+    assert result.prompt_tokens == v["expect"]["prompt_tokens"]
+
+
+def test_embed_response_size_shows_only_the_bucket() -> None:
+    """Every count in one bucket seals to the same size (docs/THREAT_MODEL.md)."""
+    sizes = {
+        count: len(
+            pad(
+                embedding_response(
+                    bytes(count * 384 * 4),
+                    count,
+                    384,
+                    padded_rows(count, 64),
+                    7 + count * 300,
+                    bytes(32),
+                ),
+                PAD_BUCKETS[MessageType.EMBED_RESPONSE],
+            )
+        )
+        for count in range(1, 65)
+    }
+    by_bucket: dict[int, set[int]] = {}
+    for count, size in sizes.items():
+        by_bucket.setdefault(padded_rows(count, 64), set()).add(size)
+    assert sorted(by_bucket) == [1, 8, 32, 64]
+    assert all(len(found) == 1 for found in by_bucket.values()), by_bucket
+
+
 # --- event log and model digest -----------------------------------------------------------------
 
 
@@ -309,6 +384,17 @@ def test_events_and_replay() -> None:
         assert pcr == b(step["pcr_after"])
         assert record.to_json_line().decode() == step["line"]
     assert eventlog.replay(records) == pcr
+
+
+@pytest.mark.parametrize("case", load("eventlog")["sequences"], ids=lambda c: c["name"])
+def test_startup_sequences(case: dict[str, Any]) -> None:
+    records = eventlog.parse(case["log"].encode("ascii"))
+    if "error" in case:
+        with pytest.raises(error_class(case["error"])):
+            _check_sequence(records)
+        return
+    startups = _check_sequence(records)
+    assert [{r: d.hex() for r, d in models.items()} for models, _ in startups] == case["startups"]
 
 
 def test_model_digest() -> None:

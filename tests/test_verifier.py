@@ -470,7 +470,7 @@ def test_malformed_event_log_refused(sc):
 
 @pytest.mark.attack
 def test_edited_event_refused(sc):
-    edited = eventlog.WorkloadEvent(eventlog.EVENT_MODEL, hashlib.sha256(b"evil").digest())
+    edited = eventlog.model_event(eventlog.ROLE_CHAT, hashlib.sha256(b"evil").digest())
     sc.records[0] = replace(sc.records[0], event=edited)
     refused(EventDigestError, sc)
 
@@ -704,7 +704,7 @@ def test_server_attester_evidence_verifies_on_swtpm(tmp_path):
 
     runtime = b.runtime_bytes(b.RUNTIME_EVENT)
     events = [
-        eventlog.WorkloadEvent(eventlog.EVENT_MODEL, b.MODEL_DIGEST),
+        eventlog.model_event(eventlog.ROLE_CHAT, b.MODEL_DIGEST),
         eventlog.WorkloadEvent(eventlog.EVENT_RUNTIME, runtime),
     ]
     with Swtpm(tmp_path / "state") as sw, Tpm.open(sw.tcti) as tpm:

@@ -218,7 +218,7 @@ def event_records(
     records = []
     for model, runtime in startups:
         for event in (
-            eventlog.WorkloadEvent(eventlog.EVENT_MODEL, model),
+            eventlog.model_event(eventlog.ROLE_CHAT, model),
             eventlog.WorkloadEvent(eventlog.EVENT_RUNTIME, runtime_bytes(runtime)),
         ):
             records.append(eventlog.EventRecord(len(records), pcr, event.digest(), event))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65ncloud/v2/encloud.proto\x12\nencloud.v2\"<\n\tHpkeSuite\x12\x0e\n\x06kem_id\x18\x01 \x01(\r\x12\x0e\n\x06kdf_id\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x03 \x01(\r\"g\n\rSealedMessage\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.encloud.v2.MessageType\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\r\x12\x0e\n\x06sealed\x18\x04 \x01(\x0c\"\xe1\x02\n\x08\x45vidence\x12\x14\n\x0cquote_attest\x18\x01 \x01(\x0c\x12\x17\n\x0fquote_signature\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\x12\x1c\n\x14\x61k_certificate_chain\x18\x04 \x03(\x0c\x12\x1a\n\x12pcr_hash_algorithm\x18\x05 \x01(\r\x12\x37\n\npcr_values\x18\x06 \x03(\x0b\x32#.encloud.v2.Evidence.PcrValuesEntry\x12\x1a\n\x12workload_event_log\x18\x07 \x01(\x0c\x12\x15\n\rhardware_kind\x18\x08 \x01(\t\x12\x17\n\x0fhardware_report\x18\t \x01(\x0c\x12\"\n\x1ahardware_certificate_chain\x18\n \x03(\x0c\x1a\x30\n\x0ePcrValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"_\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12$\n\x05suite\x18\x02 \x01(\x0b\x32\x15.encloud.v2.HpkeSuite\x12\x19\n\x11\x63lient_commitment\x18\x03 \x01(\x0c\"}\n\x0e\x41ttestResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x1a\n\x12session_public_key\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12&\n\x08\x65vidence\x18\x04 \x01(\x0b\x32\x14.encloud.v2.Evidence\";\n\x11ReleaseKeyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nsealed_key\x18\x02 \x01(\x0c\"I\n\x12ReleaseKeyResponse\x12\x33\n\x10key_confirmation\x18\x01 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"N\n\x0cInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"<\n\rInferResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"T\n\x12StreamInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"?\n\x13StreamInferResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"O\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12&\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"\x14\n\x12\x45ndSessionResponse\">\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.encloud.v2.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb6\x02\n\x11GenerationRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.encloud.v2.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x1f\n\x0fGenerationChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"}\n\x0fGenerationFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.encloud.v2.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.encloud.v2.Usage\x12\x17\n\x0ftranscript_hash\x18\x03 \x01(\x0c\"N\n\x12GenerationResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.encloud.v2.GenerationFinal*\xc4\x01\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_TYPE_REQUEST\x10\x01\x12\x19\n\x15MESSAGE_TYPE_RESPONSE\x10\x02\x12\x16\n\x12MESSAGE_TYPE_FRAME\x10\x03\x12\x16\n\x12MESSAGE_TYPE_FINAL\x10\x04\x12\x14\n\x10MESSAGE_TYPE_END\x10\x05\x12\x1c\n\x18MESSAGE_TYPE_KEY_CONFIRM\x10\x06*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_KEY_EXHAUSTED\x10\x04\x32\xfd\x02\n\x10InferenceService\x12?\n\x06\x41ttest\x12\x19.encloud.v2.AttestRequest\x1a\x1a.encloud.v2.AttestResponse\x12K\n\nReleaseKey\x12\x1d.encloud.v2.ReleaseKeyRequest\x1a\x1e.encloud.v2.ReleaseKeyResponse\x12<\n\x05Infer\x12\x18.encloud.v2.InferRequest\x1a\x19.encloud.v2.InferResponse\x12P\n\x0bStreamInfer\x12\x1e.encloud.v2.StreamInferRequest\x1a\x1f.encloud.v2.StreamInferResponse0\x01\x12K\n\nEndSession\x12\x1d.encloud.v2.EndSessionRequest\x1a\x1e.encloud.v2.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65ncloud/v2/encloud.proto\x12\nencloud.v2\"<\n\tHpkeSuite\x12\x0e\n\x06kem_id\x18\x01 \x01(\r\x12\x0e\n\x06kdf_id\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x03 \x01(\r\"g\n\rSealedMessage\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.encloud.v2.MessageType\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\r\x12\x0e\n\x06sealed\x18\x04 \x01(\x0c\"\xe1\x02\n\x08\x45vidence\x12\x14\n\x0cquote_attest\x18\x01 \x01(\x0c\x12\x17\n\x0fquote_signature\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\x12\x1c\n\x14\x61k_certificate_chain\x18\x04 \x03(\x0c\x12\x1a\n\x12pcr_hash_algorithm\x18\x05 \x01(\r\x12\x37\n\npcr_values\x18\x06 \x03(\x0b\x32#.encloud.v2.Evidence.PcrValuesEntry\x12\x1a\n\x12workload_event_log\x18\x07 \x01(\x0c\x12\x15\n\rhardware_kind\x18\x08 \x01(\t\x12\x17\n\x0fhardware_report\x18\t \x01(\x0c\x12\"\n\x1ahardware_certificate_chain\x18\n \x03(\x0c\x1a\x30\n\x0ePcrValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"_\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12$\n\x05suite\x18\x02 \x01(\x0b\x32\x15.encloud.v2.HpkeSuite\x12\x19\n\x11\x63lient_commitment\x18\x03 \x01(\x0c\"}\n\x0e\x41ttestResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x1a\n\x12session_public_key\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12&\n\x08\x65vidence\x18\x04 \x01(\x0b\x32\x14.encloud.v2.Evidence\";\n\x11ReleaseKeyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nsealed_key\x18\x02 \x01(\x0c\"I\n\x12ReleaseKeyResponse\x12\x33\n\x10key_confirmation\x18\x01 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"N\n\x0cInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"<\n\rInferResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"T\n\x12StreamInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"?\n\x13StreamInferResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"N\n\x0c\x45mbedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"<\n\rEmbedResponse\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"O\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12&\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x19.encloud.v2.SealedMessage\"\x14\n\x12\x45ndSessionResponse\">\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.encloud.v2.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb6\x02\n\x11GenerationRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.encloud.v2.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x1f\n\x0fGenerationChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"}\n\x0fGenerationFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.encloud.v2.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.encloud.v2.Usage\x12\x17\n\x0ftranscript_hash\x18\x03 \x01(\x0c\"N\n\x12GenerationResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.encloud.v2.GenerationFinal\"]\n\x10\x45mbeddingRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x14\n\x0cunnormalized\x18\x03 \x01(\x08\x12\x10\n\x08truncate\x18\x04 \x01(\x08\"\x85\x01\n\x11\x45mbeddingResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x07\x12\x12\n\ndimensions\x18\x02 \x01(\x07\x12\x0c\n\x04rows\x18\x03 \x01(\x07\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x07\x12\x17\n\x0ftranscript_hash\x18\x06 \x01(\x0c*\x85\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_TYPE_REQUEST\x10\x01\x12\x19\n\x15MESSAGE_TYPE_RESPONSE\x10\x02\x12\x16\n\x12MESSAGE_TYPE_FRAME\x10\x03\x12\x16\n\x12MESSAGE_TYPE_FINAL\x10\x04\x12\x14\n\x10MESSAGE_TYPE_END\x10\x05\x12\x1c\n\x18MESSAGE_TYPE_KEY_CONFIRM\x10\x06\x12\x1e\n\x1aMESSAGE_TYPE_EMBED_REQUEST\x10\x07\x12\x1f\n\x1bMESSAGE_TYPE_EMBED_RESPONSE\x10\x08*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_KEY_EXHAUSTED\x10\x04\x32\xbb\x03\n\x10InferenceService\x12?\n\x06\x41ttest\x12\x19.encloud.v2.AttestRequest\x1a\x1a.encloud.v2.AttestResponse\x12K\n\nReleaseKey\x12\x1d.encloud.v2.ReleaseKeyRequest\x1a\x1e.encloud.v2.ReleaseKeyResponse\x12<\n\x05Infer\x12\x18.encloud.v2.InferRequest\x1a\x19.encloud.v2.InferResponse\x12P\n\x0bStreamInfer\x12\x1e.encloud.v2.StreamInferRequest\x1a\x1f.encloud.v2.StreamInferResponse0\x01\x12<\n\x05\x45mbed\x12\x18.encloud.v2.EmbedRequest\x1a\x19.encloud.v2.EmbedResponse\x12K\n\nEndSession\x12\x1d.encloud.v2.EndSessionRequest\x1a\x1e.encloud.v2.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVIDENCE_PCRVALUESENTRY']._loaded_options = None
   _globals['_EVIDENCE_PCRVALUESENTRY']._serialized_options = b'8\001'
-  _globals['_MESSAGETYPE']._serialized_start=1996
-  _globals['_MESSAGETYPE']._serialized_end=2192
-  _globals['_ROLE']._serialized_start=2194
-  _globals['_ROLE']._serialized_end=2274
-  _globals['_FINISHREASON']._serialized_start=2277
-  _globals['_FINISHREASON']._serialized_end=2434
+  _globals['_MESSAGETYPE']._serialized_start=2369
+  _globals['_MESSAGETYPE']._serialized_end=2630
+  _globals['_ROLE']._serialized_start=2632
+  _globals['_ROLE']._serialized_end=2712
+  _globals['_FINISHREASON']._serialized_start=2715
+  _globals['_FINISHREASON']._serialized_end=2872
   _globals['_HPKESUITE']._serialized_start=40
   _globals['_HPKESUITE']._serialized_end=100
   _globals['_SEALEDMESSAGE']._serialized_start=102
@@ -63,22 +63,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMINFERREQUEST']._serialized_end=1149
   _globals['_STREAMINFERRESPONSE']._serialized_start=1151
   _globals['_STREAMINFERRESPONSE']._serialized_end=1214
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1216
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1295
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1297
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1317
-  _globals['_CHATMESSAGE']._serialized_start=1319
-  _globals['_CHATMESSAGE']._serialized_end=1381
-  _globals['_GENERATIONREQUEST']._serialized_start=1384
-  _globals['_GENERATIONREQUEST']._serialized_end=1694
-  _globals['_USAGE']._serialized_start=1696
-  _globals['_USAGE']._serialized_end=1753
-  _globals['_GENERATIONCHUNK']._serialized_start=1755
-  _globals['_GENERATIONCHUNK']._serialized_end=1786
-  _globals['_GENERATIONFINAL']._serialized_start=1788
-  _globals['_GENERATIONFINAL']._serialized_end=1913
-  _globals['_GENERATIONRESPONSE']._serialized_start=1915
-  _globals['_GENERATIONRESPONSE']._serialized_end=1993
-  _globals['_INFERENCESERVICE']._serialized_start=2437
-  _globals['_INFERENCESERVICE']._serialized_end=2818
+  _globals['_EMBEDREQUEST']._serialized_start=1216
+  _globals['_EMBEDREQUEST']._serialized_end=1294
+  _globals['_EMBEDRESPONSE']._serialized_start=1296
+  _globals['_EMBEDRESPONSE']._serialized_end=1356
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1358
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1437
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1439
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1459
+  _globals['_CHATMESSAGE']._serialized_start=1461
+  _globals['_CHATMESSAGE']._serialized_end=1523
+  _globals['_GENERATIONREQUEST']._serialized_start=1526
+  _globals['_GENERATIONREQUEST']._serialized_end=1836
+  _globals['_USAGE']._serialized_start=1838
+  _globals['_USAGE']._serialized_end=1895
+  _globals['_GENERATIONCHUNK']._serialized_start=1897
+  _globals['_GENERATIONCHUNK']._serialized_end=1928
+  _globals['_GENERATIONFINAL']._serialized_start=1930
+  _globals['_GENERATIONFINAL']._serialized_end=2055
+  _globals['_GENERATIONRESPONSE']._serialized_start=2057
+  _globals['_GENERATIONRESPONSE']._serialized_end=2135
+  _globals['_EMBEDDINGREQUEST']._serialized_start=2137
+  _globals['_EMBEDDINGREQUEST']._serialized_end=2230
+  _globals['_EMBEDDINGRESPONSE']._serialized_start=2233
+  _globals['_EMBEDDINGRESPONSE']._serialized_end=2366
+  _globals['_INFERENCESERVICE']._serialized_start=2875
+  _globals['_INFERENCESERVICE']._serialized_end=3318
 # @@protoc_insertion_point(module_scope)

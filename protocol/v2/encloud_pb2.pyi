@@ -54,6 +54,10 @@ class _MessageTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageTy
     """An empty payload from the client that ends the session."""
     MESSAGE_TYPE_KEY_CONFIRM: _MessageType.ValueType  # 6
     """The server's key confirmation: the handshake hash, request id 0."""
+    MESSAGE_TYPE_EMBED_REQUEST: _MessageType.ValueType  # 7
+    """An EmbeddingRequest from the client (Embed)."""
+    MESSAGE_TYPE_EMBED_RESPONSE: _MessageType.ValueType  # 8
+    """An EmbeddingResponse from the server (Embed)."""
 
 class MessageType(_MessageType, metaclass=_MessageTypeEnumTypeWrapper):
     """Type codes of sealed messages. The code is part of the associated data, so
@@ -74,6 +78,10 @@ MESSAGE_TYPE_END: MessageType.ValueType  # 5
 """An empty payload from the client that ends the session."""
 MESSAGE_TYPE_KEY_CONFIRM: MessageType.ValueType  # 6
 """The server's key confirmation: the handshake hash, request id 0."""
+MESSAGE_TYPE_EMBED_REQUEST: MessageType.ValueType  # 7
+"""An EmbeddingRequest from the client (Embed)."""
+MESSAGE_TYPE_EMBED_RESPONSE: MessageType.ValueType  # 8
+"""An EmbeddingResponse from the server (Embed)."""
 Global___MessageType: _TypeAlias = MessageType  # noqa: Y015
 
 class _Role:
@@ -540,6 +548,60 @@ class StreamInferResponse(_message.Message):
 Global___StreamInferResponse: _TypeAlias = StreamInferResponse  # noqa: Y015
 
 @_typing.final
+class EmbedRequest(_message.Message):
+    """One sealed batch of texts to embed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.bytes
+    """The session from AttestResponse, with a released key."""
+    @_builtins.property
+    def request(self) -> Global___SealedMessage:
+        """Type EMBED_REQUEST; plaintext an EmbeddingRequest."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.bytes = ...,
+        request: Global___SealedMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    """The sealed vectors for EmbedRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___SealedMessage:
+        """Type EMBED_RESPONSE, same request id, seq 0; plaintext an
+        EmbeddingResponse.
+        """
+
+    def __init__(
+        self,
+        *,
+        response: Global___SealedMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
 class EndSessionRequest(_message.Message):
     """Ends a session."""
 
@@ -804,3 +866,97 @@ class GenerationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerationResponse: _TypeAlias = GenerationResponse  # noqa: Y015
+
+@_typing.final
+class EmbeddingRequest(_message.Message):
+    """Texts to embed (plaintext of an EMBED_REQUEST message)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    UNNORMALIZED_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    dimensions: _builtins.int
+    """Keep only the first `dimensions` components of each vector (before
+    normalisation); 0 means the model's full dimension.
+    """
+    unnormalized: _builtins.bool
+    """Skip the L2 normalisation; unset or false gives unit vectors."""
+    truncate: _builtins.bool
+    """A text above the model's per-text token limit is cut to it when true; when
+    false (the default) the request is refused with INVALID_ARGUMENT
+    (TEXT_TOO_LONG), naming the text's index.
+    """
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts, UTF-8, one vector each, in order; 1 to the server's
+        embed_max_texts (in the attested runtime event).
+        """
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        dimensions: _builtins.int = ...,
+        unnormalized: _builtins.bool = ...,
+        truncate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "texts", b"texts", "truncate", b"truncate", "unnormalized", b"unnormalized"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbeddingRequest: _TypeAlias = EmbeddingRequest  # noqa: Y015
+
+@_typing.final
+class EmbeddingResponse(_message.Message):
+    """Embedding vectors (plaintext of an EMBED_RESPONSE message). Every field is
+    fixed-width and non-zero, so the payload's length depends only on `rows`
+    and `dimensions` (docs/PROTOCOL.md, "Embed").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_HASH_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """The number of texts embedded: rows 0 .. count-1 of `vectors`."""
+    dimensions: _builtins.int
+    """Components per vector."""
+    rows: _builtins.int
+    """Rows in `vectors`: the request's count rounded up to its bucket (1, 8,
+    32, then embed_max_texts); rows count .. rows-1 are zeros.
+    """
+    vectors: _builtins.bytes
+    """rows x dimensions little-endian IEEE-754 float32, row-major: row i is the
+    vector of texts[i].
+    """
+    prompt_tokens: _builtins.int
+    """Tokens the model ran over all texts, after any truncation (never zero:
+    every text has at least its two special tokens).
+    """
+    transcript_hash: _builtins.bytes
+    """T_0 over the sealed request (the Infer rule), 32 bytes."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        dimensions: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        vectors: _builtins.bytes = ...,
+        prompt_tokens: _builtins.int = ...,
+        transcript_hash: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dimensions", b"dimensions", "prompt_tokens", b"prompt_tokens", "rows", b"rows", "transcript_hash", b"transcript_hash", "vectors", b"vectors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbeddingResponse: _TypeAlias = EmbeddingResponse  # noqa: Y015

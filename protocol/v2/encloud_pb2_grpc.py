@@ -55,6 +55,11 @@ class InferenceServiceStub:
                 request_serializer=encloud_dot_v2_dot_encloud__pb2.StreamInferRequest.SerializeToString,
                 response_deserializer=encloud_dot_v2_dot_encloud__pb2.StreamInferResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/encloud.v2.InferenceService/Embed',
+                request_serializer=encloud_dot_v2_dot_encloud__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=encloud_dot_v2_dot_encloud__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/encloud.v2.InferenceService/EndSession',
                 request_serializer=encloud_dot_v2_dot_encloud__pb2.EndSessionRequest.SerializeToString,
@@ -97,6 +102,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One sealed batch of texts, one sealed batch of embedding vectors. A server
+        that measured no embedding model answers UNIMPLEMENTED (MODEL_NOT_SERVED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EndSession(self, request, context):
         """Ends the session; the server drops its keys and state. The request is
         sealed, so only the key holder can end a session.
@@ -127,6 +140,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.StreamInfer,
                     request_deserializer=encloud_dot_v2_dot_encloud__pb2.StreamInferRequest.FromString,
                     response_serializer=encloud_dot_v2_dot_encloud__pb2.StreamInferResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=encloud_dot_v2_dot_encloud__pb2.EmbedRequest.FromString,
+                    response_serializer=encloud_dot_v2_dot_encloud__pb2.EmbedResponse.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
@@ -243,6 +261,33 @@ class InferenceService:
             '/encloud.v2.InferenceService/StreamInfer',
             encloud_dot_v2_dot_encloud__pb2.StreamInferRequest.SerializeToString,
             encloud_dot_v2_dot_encloud__pb2.StreamInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/encloud.v2.InferenceService/Embed',
+            encloud_dot_v2_dot_encloud__pb2.EmbedRequest.SerializeToString,
+            encloud_dot_v2_dot_encloud__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

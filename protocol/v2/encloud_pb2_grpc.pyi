@@ -62,6 +62,10 @@ class InferenceServiceStub:
     """One sealed chat request, a stream of sealed frames ending with a sealed
     final frame.
     """
+    Embed: _grpc.UnaryUnaryMultiCallable[_encloud_pb2.EmbedRequest, _encloud_pb2.EmbedResponse]
+    """One sealed batch of texts, one sealed batch of embedding vectors. A server
+    that measured no embedding model answers UNIMPLEMENTED (MODEL_NOT_SERVED).
+    """
     EndSession: _grpc.UnaryUnaryMultiCallable[_encloud_pb2.EndSessionRequest, _encloud_pb2.EndSessionResponse]
     """Ends the session; the server drops its keys and state. The request is
     sealed, so only the key holder can end a session.
@@ -85,6 +89,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     StreamInfer: _aio.UnaryStreamMultiCallable[_encloud_pb2.StreamInferRequest, _encloud_pb2.StreamInferResponse]  # type: ignore[assignment]
     """One sealed chat request, a stream of sealed frames ending with a sealed
     final frame.
+    """
+    Embed: _aio.UnaryUnaryMultiCallable[_encloud_pb2.EmbedRequest, _encloud_pb2.EmbedResponse]  # type: ignore[assignment]
+    """One sealed batch of texts, one sealed batch of embedding vectors. A server
+    that measured no embedding model answers UNIMPLEMENTED (MODEL_NOT_SERVED).
     """
     EndSession: _aio.UnaryUnaryMultiCallable[_encloud_pb2.EndSessionRequest, _encloud_pb2.EndSessionResponse]  # type: ignore[assignment]
     """Ends the session; the server drops its keys and state. The request is
@@ -130,6 +138,16 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_encloud_pb2.StreamInferResponse], _abc.AsyncIterator[_encloud_pb2.StreamInferResponse]]:
         """One sealed chat request, a stream of sealed frames ending with a sealed
         final frame.
+        """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _encloud_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_encloud_pb2.EmbedResponse, _abc.Awaitable[_encloud_pb2.EmbedResponse]]:
+        """One sealed batch of texts, one sealed batch of embedding vectors. A server
+        that measured no embedding model answers UNIMPLEMENTED (MODEL_NOT_SERVED).
         """
 
     @_abc_1.abstractmethod

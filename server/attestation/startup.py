@@ -19,7 +19,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from encloud.protocol.encoding import sha256
-from encloud.protocol.eventlog import EVENT_MODEL, EVENT_RUNTIME, WorkloadEvent
+from encloud.protocol.eventlog import (
+    EVENT_RUNTIME,
+    ROLE_CHAT,
+    ROLE_EMBEDDINGS,
+    WorkloadEvent,
+    logged_models,
+)
 from encloud.protocol.hardware.binding import KIND_AZURE_HCL
 from encloud.server.attestation.attester import HardwareSource, Remeasure, TpmAttester
 from encloud.server.attestation.measure import check_workload_pcr, measure_workload
@@ -189,7 +195,7 @@ def write_dev_policy(path: Path, settings: AttestationConfig, runtime: Attestati
     # Every start-up since the TPM's last reset is in the log and the verifier checks each:
     # pin them all (a restart with other settings adds one; none is dropped).
     logged = [record.event for record in runtime.attester.records]
-    models = sorted({e.data.hex() for e in logged if e.event_type == EVENT_MODEL})
+    models = logged_models(logged)
     runtimes = sorted({sha256(e.data).hex() for e in logged if e.event_type == EVENT_RUNTIME})
     policy = {
         "version": 1,
@@ -198,7 +204,8 @@ def write_dev_policy(path: Path, settings: AttestationConfig, runtime: Attestati
         "pcr_selection": settings.pcr_selection,
         "pcr_values": {str(index): values[index].hex() for index in pinned},
         "workload_pcr": settings.workload_pcr,
-        "allowed_model_digests": models,
+        "allowed_model_digests": [d.hex() for d in models.get(ROLE_CHAT, [])],
+        "allowed_embedding_model_digests": [d.hex() for d in models.get(ROLE_EMBEDDINGS, [])],
         "allowed_runtime_events": runtimes,
         "ak": {
             "pinned_public_keys": [base64.b64encode(spki_der(runtime.attester.ak_public)).decode()]

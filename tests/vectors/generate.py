@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encloud.protocol import eventlog
+from encloud.protocol.embedding import embedding_request, embedding_response, padded_rows
 from encloud.protocol.encoding import encode, sha256, u8, u16, u32, u64
 from encloud.protocol.envelope import (
     PAD_BUCKETS,
@@ -53,7 +54,17 @@ from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.server.inference.manifest import compute_model_digest
 
 HERE = Path(__file__).resolve().parent
-FILES = ("encoding", "handshake", "envelope", "stream", "eventlog", "evidence", "policy", "audit")
+FILES = (
+    "encoding",
+    "handshake",
+    "envelope",
+    "stream",
+    "embed",
+    "eventlog",
+    "evidence",
+    "policy",
+    "audit",
+)
 
 
 def seed(label: str, n: int = 32) -> bytes:
@@ -285,7 +296,7 @@ def records_for(startups: list[tuple[bytes, bytes]]) -> list[eventlog.EventRecor
     records = []
     for model, runtime in startups:
         for event in (
-            eventlog.WorkloadEvent(eventlog.EVENT_MODEL, model),
+            eventlog.model_event(eventlog.ROLE_CHAT, model),
             eventlog.WorkloadEvent(eventlog.EVENT_RUNTIME, runtime),
         ):
             records.append(eventlog.EventRecord(len(records), WORKLOAD_PCR, event.digest(), event))
@@ -536,64 +547,64 @@ def handshake_vectors() -> tuple[dict[str, Any], dict[str, bytes]]:
 # reference (cryptography) and one made by npm @hpke/hybridkem-x-wing 0.7.0, recorded once;
 # the script checks on every run that the reference opens both (docs/PROTOCOL.md).
 XWING_SEALED_BY_PYTHON = (
-    "894ee73eb19e2c8db185760abf6366ca0e4f84ecd9cad6069377d41bbd7c8825e2bc143ade89e7a39ae83aae"
-    "deb7d278a9f97c2d7f32074c2b6e532114b31bb337ce33075ffc3e1cb0740e6f7432cc8cdf12021566bc8487"
-    "fbfb1ba931ca38b63f2b08d65fb1c5861a1869c41550a3c78689f45a210ea6fdc02a97b4ff2862a7f8d8dcd2"
-    "8c5a547dbe1ec6382faff594a1335d1275be89e728a5c0d358700e3c9a5e705966331711c45717a9b494458e"
-    "d487ad2f3c9c17886711e9a599646dc39056f9cf21b769f80f1768609ed101693f6787660e8c7eb1016cd398"
-    "6ae278ce7cc018e5655cd95eadbd3f32bfa0c6bda8b8c6128827eb48fae374d2d681d02fb40b17a2e2f60e74"
-    "9288cc6bf73542ae8e7a4a1b058a23e83fea0048d0c9e4e9c1b313e0684c8e415de48099adc14da236c18e24"
-    "e876bbd97794266fa2cf7afa693d026fce337daa7525f570e19516595c6d73115591f7ed9093a8020a4b6517"
-    "e375e97b8eabe1cc7cf44d15f400e62eaf5d93c261fc0cbe6d6a1a41c2ae7699ff9821979ad7f25955018a07"
-    "1bac5d0dc9e3253959c50f2e4515914fdb8a16a3ed8318a26071e12fafee6fdbbba8798888b18555ebb41986"
-    "1eb889914766d10b057b2c060de792832b07e12f8b639c32c186b7ee697de1e0a2f501a52b763384f6ae1f59"
-    "0ae796967d052faed5fab367a4cba1b80cca7c6413b683e8deaf50044f1ae93d7b35bfa7b88592f6c1c5ed8c"
-    "2c09a16fd30a82d2c45f0ca377a7e8d78215264a1fd4ab73687e315468cbf172011cebc8abbf11562b5cf6b8"
-    "29e1bdd437cb9147bf22f27fadfe5917b2df9babdbe0b1d05a11fe3859fdc5a205fd0f449896b26aff6c58ac"
-    "c9a36086211ffbd80f01f317cc28dc5510ecae44dca1015b806643c2a0d24c2cb5e9d492f0642d71011a7abc"
-    "b1cd81a87865889dd161ee4b415c6ba178fed6d5ca28fa34f8e94330085371d9e6f627f2bbc6e28d4c2da008"
-    "aa3f404cd7372e78d0b7fe916c6d7bd02227313cd745ac1b66eb5a103b2c9716b12713f9b65e883d759f6c94"
-    "0e8a3ca674641e17cea2dbcc4777504b75fb578cb8f6a1e6c8efafc602633e748518ae9886bb72f690c9423d"
-    "788c81cdc8a4bffb4a70c75fe2e81d3fbff00d541e107fd3e09a9a1d16fa043d5b69dc1bfd6558bac826a58c"
-    "7c7cb01915c4d7773be47f6f3bc56b9fa55cc899cc6823b4237e1fd009be901eb02c01e0dcfd638f745ec7f8"
-    "59b6fc9c4daf8e823b305a1645f585e85e2a3bfb729e079dfbc1c530a968b8fe8d119354275d66f0967f9c2f"
-    "415dd1d94bf1f59e05f71f884036627a20719936a8585552126a749cab4503d96061f782f1c443ecc887355a"
-    "1d0adcd398e91fe356eb69edc3c6f322f9a3ef70f34d7e883e6a0f44de624e9b028f5ad5b1e3f087b2cc7940"
-    "b42171dc66ee6e41ce0ad3a13255668cbc1586e57dda7c247619148d0b61d5a2c382b63b99ee8087f89e23ae"
-    "1880e8de6dcf1e58f3e4098223ce2e0cb844a525b84fef726034afbe80b48b0503c1d9d175c51069d9be3276"
-    "6a97e338162faf71e68a33c3016060e9a2135476af04798af19514a3a9566109ebf4337376e3737ebce8819d"
-    "4aa6574afc17c10706440f13419c5b8946f2019b8f495a697409cbce620593c52b535573d9db08821a20a20f"
-    "b98056d69c6163882ef9051cd5451c474f3d77832c23e817b5cc3f50a16fa92b0a97cbbc5e47cc1d6b59cdc8"
+    "d81f7766a0a7af54b351fb1dea0d5730f9ea831f6ecc5f55177e63e3b05a09d838f0a30d55850dcaecf0c47e"
+    "68ceafdaaa97a251df894e2d804887ed0494fc779f029604ffa9acf75d0e54de83358f0e64cab08134440a9e"
+    "d736015d1d9dd32e5619921857f7c325c353f730117f2167c9474c5f93d2960a4c6682c47a6c8ea143c18569"
+    "3e70f6174753172af8b5402efc57188cfab8770a62109dbe79ba65b381319f8adc1a2b1e63d81b10fba8b4cf"
+    "ff98d76482db211b3e20a30ff9eece8e995680d86db80d5bfc64514bc5664092d3be65437897ba13a0ddc095"
+    "d8c4de3b232ceafcba603c25dcd6fd9b102df3bf4d573018cf076476ee8fe697dc755a03938981d9c3e10949"
+    "2a1f0853dd93116dc16a764fe619dcdc5b0cec1695638b043454a76870b2a8a7fbe4f8271cf12ee91a2bf247"
+    "e196996b28c16779f7338d09e1809f3f5d09810466f6b178dafe8ad0f25517803ce5b376d21030ca37a2df60"
+    "4cb53bf2813f556d3ca306a63a1003ea92e2aa6d42aa8bc06cd72267796d8e81eb8e8742592998cf5ab8d544"
+    "026e853fcfc51e3919d7e514fe4191ae7959f75e767f521c5e6995882667fa530b7c1cbbeda0012b56e7c4ea"
+    "97c42ca00de0e69b429831e3f3f6e083b63d92b2e925f310a1dbbd9f59e508777bb8b21ceb6f02e3344b8413"
+    "ddf5257194585f3fa7b5b109d6a1e60203842355d4c44585b1b2edf74a44f7024976d5ee1f8538ed0084b3cd"
+    "dd1ff6e4ad116b3485d42111ec52b0858533b1f240b31e45bf9b54c68382c60afe2138437211d996b1e93aa7"
+    "a103a74a6b4dd01b8c9d802fcecd38968b01b639cadcb09448defca5b4ca050ccd8b3e2045dcfcfe47852918"
+    "860e802ae8003bd56a25e4b51786d6f664aeec82bf60f5923857f337836affa866babbc5d4763251d9990fe9"
+    "29b7e4bdeb693028f75fc171bf652da87142fde3e62216ee5dec59cea96e5431bd3e417093cdfb3f3dbdeaff"
+    "4f81f2c0a8199092a94db46d340df4423d95fb88257abea17ec3e245d2446214c627ad4c7fd7582f750dc523"
+    "c5a395c0697d54bfc44922f526fe7c3c5c302933c6484b7b98a4b0ab158ab0bb202216c0792b96672803eafe"
+    "56282d1891cdce550e9bae77e3247c39c095707e2c332b1c2b8df3bc3418f0a2918a98e7154d331b5590477f"
+    "2645c02016e2e6cadf172ac59014d69a950de33ef20dce87a2cb02ab915f0e8a9905732de284e7d5d6720ad4"
+    "e221e872dd56ae11e6c1ed6cf6d94ca59f819b1853a4bfde5e2916d26fcfc5b3431088853fe09624c25cb4e7"
+    "dbdb85910a7e56c8b7169ed122e686fda0c3e1827cd4cd5bd6fc375b904c4567fa77214a01ed00bcc4717e56"
+    "b3401401f523272abfe9cc17cb7bc3751a9e36673ed59a8623420edbca536103c736dbbae23ef3435e9ae905"
+    "38af820e80c6c5e21019aaec1604cdc0c87b86efc5803565008ae282317c636f26841144c11f4b2c4e1f9ad6"
+    "e800e717c52e95b001fef34c60056e29b0b8c54eeb557222f5f25bafd79b42b46c5334577a8c2822249e5f34"
+    "0e1f270ec07698f1005d065af8ce53d135881e0a8c866876504577a766b7b1dc6d9e529ecfa65e55c9590341"
+    "fdeec2c1ee5baddf30316867d7b3ac51e309185dfad4f403866e28d42865bb1b9e8d04629a540286c6e111b5"
+    "267e369b4b73d42ec2b2f137d0d6a5ba5df08b5138fa5e519fb0ab4e7c77107a2c6b4b9b534c7686aa42ad82"
 )
 XWING_SEALED_BY_NODE = (
-    "12749f4a130cfeb42e0f279412c8af7f83394307155ae314a23e5daf8505f66fb30092a65b7cf2a2a516329c"
-    "175a1e8f5f416e77a710b1e8692dd8b79677c008c551e026db03868af043198f4ad6ed035483231447db94f4"
-    "0a69d2fb224df364145ff841924e609eb04d0112665fc64b1183f65f8aee142855c771448066aea63a971f75"
-    "de7f4cd09c5cb97dc0817f6e6de7e8bb2f5a0aaea84581cd9af7e063837b85281414ace657f6d162c522de5b"
-    "b5cb09c7773366475da91088b4c21ed490cee751121964957cdca4f1ad5d85a362952e68cf3795a3505407ba"
-    "65afc7cfa09f499a5a55239e2df955dc2dfbbf5711aa4eaf4a77b3de672defb2df5ea5b61460d420cc6a3f69"
-    "d7385ef64537dfdc581a05d78eba3cdd969fa7049b78abfa1cc6fe08a3b0b80a24cce1b0971abf1a95509cdb"
-    "107ec3c4030ccd730c4b7ecf000341ccbe6339d61e0705ff36074826c4491f85e4599db1539c2e80a271bb1a"
-    "117252690719d52a0c029802cc9d932555b401513c11422cbdcecd1ce0a0a6744ceea2cd9080570b0a34cb8b"
-    "3ab00b6084648fd8d2bbc3da818eaabfb4d937872e7bd5124c0b8e57c32fb6522c7d4c88e04c883090badf55"
-    "bac337c3679176365ece366174ebf9de4cc784b5fd64c1b91c221040945d0c9877b5fe2179e9f14c1fa2aa79"
-    "7270ffcf86c8b4ebe8c3c115148b3f95cd659ea63121e94d2fc856a9ced9318c9537f0e002a8e92a6a4017ac"
-    "cd9dd697c74404275a50ddbd2b23c5b7fef267d337beb96f1e33238022d6ec2612d0aaf7b8b54a5f3f8402be"
-    "c882710d40c81cb6596f09db9c62ceeb1de2f1a63cbc033e07a5622e88dd0f17d3c1ad81f2235a1210164f9d"
-    "4ee04002814da5352a112eb029d448992a48f45f5c0473ae4744ad30e4a9d2e0121eceae2c6c5d1a48485a39"
-    "63fd69156eeb83788cfcffe267c5d208fac6fa012b015f05f580c6db0dc39a7c049c02ac580d258548131956"
-    "057e7e5a1fd2a3933d7813499ddc57514c5ddfafec2f97a7ae3f3f5d4b56d90535d2c6e4475beece8a2864b7"
-    "94d86586d71264e92859b5fb18595f7ac6a2620e676fe10b3c6e084e3b760496679d24a8259eaade0dbb29c4"
-    "7571380f2c98fa5e0fb14c6a63dafe3fc98be09f7d2aacf262e27dfa4e58702f9794036778f2276497ea3724"
-    "0b0cbfe442c51b7b4bb7bfadb2bd14ccb4ed435222f346b7e4104d04b1510b1f0a82f14fa7cac48f97afcba2"
-    "33a3f2ce9e4e39788f42152670f0bd09bc1f5c45440ebacb9eb67f2f21823463e90d78faa11db4d30e7d9d38"
-    "d19e3f2d603618f99fead7ada68068c7e73d2c00b86179ee91655ba3b485aec45ebbac2e4a26bb48fa63dc93"
-    "c000380f9230a7d85214d98e7b61dbc390ce2b137910d0dad7e87cd587c041dd02c9aae1bf71a8f2c3f01fc9"
-    "6e7b0224a2d4f18ad04f2b7f85139339a8b8ccef1104a7f461fc23d36b68ad3a0a845bbe7b583678c7b458f1"
-    "afa9112b64f02dc07e1fcb0359c34bc3164768bd0a83c6641442da3c073df7786108c08b9a841cecf101c05a"
-    "cf4b076e8b3dcebbbb4c33776da087aa8aee8a5208406c49c15a5d987517e802824ea65404406c3b17f19a12"
-    "8b86673928a084f2faf688e4c6377568e64794d2e63670e0f72ff5a37cc8ea807399dc90b0281f03fda4b9d4"
-    "5243953e898a2f85c5a0c74d85f24aee2352438b3688d2cce3457d4907e17c23947e4c9f13fc47a8024489b4"
+    "c521df8cf972432d06c7e3a194c6ba2e742ef1eaf909d3dabae09c35c467f42e3ad1b113bf6a7873b6a6b25f"
+    "7077a6bd764cc0e99fb734231cebcd736d9c37ec9320d9dc249be36a278e2566ac8417033ad65fe08a3ad306"
+    "829ff4e20ca22b177a9471ab6671f1550787102ab26eb650041de1b7a51cac31c7708b6e34a7753e4386054d"
+    "c2f40fbf512b0141e706b2ab80700773ae751655dbcf16b06c9d21c4fee338bbc428e76396aed1f3cb5d9dca"
+    "2e536efb85b88c42f0d9249bb6226d814796d01c01d3f9061a65b34b76a790dcb0fc95ae6b051106c5c6403b"
+    "64d3b4abaaff01804b3aa767f950051ebf66a7d9eabab15c0e34eedf4e986466fa01d0fa9eab0b994f73831b"
+    "47a11628479e3ba47c82c89172d8f5f3c8ce4e40e0fee7b4b66d167b7029f4965bb934b56d65daf8d917d8a4"
+    "3267e46484e888b29b1354dd9cf0683b23eefafc791b182c8d7144980af868026b9c3df83e389d820aa609f8"
+    "9344d7064e7076620c0e485838b9bdab85381f44cd795c670aa0f286b18b5046dccd67a03e0e4766771f45ea"
+    "2caa9521e624345fda1d0f3c0f471238832c2600a04653ec0f4d9bf682780ce2d1e88df296e317714b2a515f"
+    "047e1c2aedac915ad612433e8c17ddd41d9b70423d7faf751b1820c7b13b54e27a2efac0256c3d98add591ab"
+    "f7849a7fc86e21cdfc1eb91e5186098fff118a90b22461effcbc4655108d6c5c4b22981e64ca9dd8cac1a570"
+    "df73c350125b2593b89edce4fc08c33bdf2d034e96a7ae76524d5cfb7c658d13df56b82a6a500ad7ef325cd5"
+    "a6ffc78b0bf67357ed21bad16ab6f3581ce229be2bf94835bf7fd096cb105ba6a4d51e125a7fcae5ba326675"
+    "95aa29607ba8f6cd5000bf025a20cd8ca5af90b56dce70c982cdcd2fb9a5541349af7f059128e3b1c92a06ef"
+    "3cf9b72d8824882483b55ec02a57ad03cc8c165369c0488da3873b63aa6fba2e79037aeb0af5b7df5f626955"
+    "75bae8511e1168ae923bd95abe690f529db826e6a8a4952f031faa1c85efb956e1914d5a70eaeddb7bf9a16e"
+    "23f7cbe215f9ba8b24a569496c7812d1c0a49c841e38c9102b46ce24233157cfc77209949354b6d75049d215"
+    "820518476cf3215ee2693d7965bb2bef050a77aa77f3b16aed3a0a9ac1b8ef26a0a16a93bb98cd92a2f84836"
+    "b860a906d1891ff9136f89e3187aef6822585b7ec0cba9b36ad49f968f88b827c1eca8e775d499c79887f197"
+    "25254ce9bbe880e1002d492890ddfaae8c9e350bbd2ce97329d59b41e9f1eb9b053fb9800528a1cf76d8fb78"
+    "acd5dbf5146fdd0b62e05c9100c4552ba52e33118ff2242ac298dd37d40feb8276424d93d28326212e645ba0"
+    "b0922b603b50ba2941fe8e64fa947ab9d5a46d36a0868adefb23815710e202a48f06043bc565d20aa0110cc1"
+    "3a5ce4606203448d7551fe9851e2ebd50694610136bf1027608256f876c331a0df214b5ff8385fabf38ba49c"
+    "1581c155e9e1e5732b4fb6111f1fd4f7515d7dd4585639a363246e77ffe20807072cab45eb406a7773703fc9"
+    "91fc8057c6f363a738411095f6042aa3a189e31e75936f9a01a76349eea6b1d1c17695eea9239b17d7e2f9bc"
+    "2bf730f36c1004d9b12833adbd26b198a46a016471529e0da9f3cef8485dc50423417dc7b2dd2d2fa9dd685c"
+    "09a6ca1f2d7cdf00f496c3661711ad22d0ab896908660b6b786d5ee12d4885efbe019dc7cfc1ec33c171931a"
 )
 
 
@@ -1158,7 +1169,219 @@ def stream_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
     }
 
 
+# --- Embed ---------------------------------------------------------------------------------------
+
+
+def embed_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
+    """One Embed request of 3 texts at 4 dimensions: the sealed request, the response padded
+    to the 8-row bucket, and responses a client must refuse."""
+    c2s, s2c = keys["c2s"], keys["s2c"]
+    request_id = 3
+    texts = ["A cat sat.", "Der Hund bellt.", "\u732b"]
+    request_payload = embedding_request(texts, dimensions=4)
+    request = seal_fixed(
+        c2s,
+        SESSION_ID,
+        MessageType.EMBED_REQUEST,
+        request_id,
+        0,
+        request_payload,
+        seed("nonce embed request", 12),
+    )
+    t0 = transcript_start(SESSION_ID, request_id, request)
+    vectors = [[0.5, -0.5, 0.5, -0.5], [1.0, 0.0, 0.0, 0.0], [0.0, 0.75, -0.25, 0.125]]
+    flat = struct.pack(f"<{len(vectors) * 4}f", *(x for row in vectors for x in row))
+    rows = padded_rows(len(texts), 64)
+
+    def response(payload: bytes, label: str, rid: int = request_id) -> dict[str, Any]:
+        sealed = seal_fixed(
+            s2c, SESSION_ID, MessageType.EMBED_RESPONSE, rid, 0, payload, seed(label, 12)
+        )
+        return sealed_json(MessageType.EMBED_RESPONSE, rid, 0, sealed)
+
+    good_payload = embedding_response(flat, 3, 4, rows, 17, t0)
+    dirty = bytearray(good_payload)
+    dirty[dirty.index(flat) + len(flat) + 5] = 1  # a byte of padding row 3
+
+    def case(name: str, description: str, message: dict[str, Any], error: str | None = None):
+        out: dict[str, Any] = {"name": name, "description": description, "response": message}
+        if error is not None:
+            out["error"] = error
+        return out
+
+    cases = [
+        case("valid", "3 vectors of 4 floats, padded to 8 rows", response(good_payload, "e0")),
+        case(
+            "other_transcript",
+            "a response bound to another request's T_0",
+            response(embedding_response(flat, 3, 4, rows, 17, sha256(b"other")), "e1"),
+            "TranscriptMismatchError",
+        ),
+        case(
+            "fewer_vectors",
+            "2 vectors for 3 texts",
+            response(embedding_response(flat[:32], 2, 4, rows, 17, t0), "e2"),
+            "EmbeddingFormatError",
+        ),
+        case(
+            "other_dimensions",
+            "vectors of 2 components when 4 were asked for",
+            response(embedding_response(flat[:24], 3, 2, rows, 17, t0), "e3"),
+            "EmbeddingFormatError",
+        ),
+        case(
+            "dirty_padding",
+            "a padding row that is not zeros",
+            response(bytes(dirty), "e4"),
+            "EmbeddingFormatError",
+        ),
+        case(
+            "as_infer_response",
+            "the same payload sealed as a RESPONSE (an Infer answer)",
+            sealed_json(
+                MessageType.RESPONSE,
+                request_id,
+                0,
+                seal_fixed(
+                    s2c,
+                    SESSION_ID,
+                    MessageType.RESPONSE,
+                    request_id,
+                    0,
+                    good_payload,
+                    seed("e5", 12),
+                ),
+            ),
+            "HeaderMismatchError",
+        ),
+        case(
+            "relabelled_type",
+            "a RESPONSE relabelled EMBED_RESPONSE in its clear header",
+            dict(
+                sealed_json(
+                    MessageType.RESPONSE,
+                    request_id,
+                    0,
+                    seal_fixed(
+                        s2c,
+                        SESSION_ID,
+                        MessageType.RESPONSE,
+                        request_id,
+                        0,
+                        good_payload,
+                        seed("e6", 12),
+                    ),
+                ),
+                type=int(MessageType.EMBED_RESPONSE),
+            ),
+            "DecryptError",
+        ),
+        case(
+            "not_a_message",
+            "an authenticated payload that is not an EmbeddingResponse",
+            response(b"\xff\xff\xff", "e8"),
+            "EmbeddingFormatError",
+        ),
+        case(
+            "other_request",
+            "the valid response of request 2 relabelled as request 3",
+            dict(response(good_payload, "e7", rid=2), request_id=request_id),
+            "DecryptError",
+        ),
+    ]
+    return {
+        "description": "Embed: the sealed EmbeddingRequest and EmbeddingResponse of the session "
+        "of handshake.json (float32 little-endian rows, zero rows to the bucket, T_0 binding)",
+        "session_id": hx(SESSION_ID),
+        "keys": {"c2s": hx(c2s), "s2c": hx(s2c)},
+        "request_id": request_id,
+        "texts": texts,
+        "dimensions": 4,
+        "request": sealed_json(MessageType.EMBED_REQUEST, request_id, 0, request),
+        "request_payload": hx(request_payload),
+        "transcript": hx(t0),
+        "max_texts": 64,
+        "row_buckets": {str(n): padded_rows(n, 64) for n in (1, 2, 8, 9, 32, 33, 64)},
+        "expect": {"vectors": vectors, "dimensions": 4, "prompt_tokens": 17, "rows": rows},
+        "response_payload": hx(good_payload),
+        "cases": cases,
+    }
+
+
 # --- event log and model digest -----------------------------------------------------------------
+
+
+def sequence_vectors() -> list[dict[str, Any]]:
+    """Logs whose records are well formed, and how the start-up grammar reads them: model
+    events (roles chat then embeddings, none twice) then one runtime event."""
+    chat, embed = MODEL_DIGEST, seed("embedding model")
+    runtime = eventlog.WorkloadEvent(eventlog.EVENT_RUNTIME, RUNTIME_DATA)
+
+    def model(role: str, digest: bytes) -> eventlog.WorkloadEvent:
+        return eventlog.model_event(role, digest)
+
+    def raw(data: bytes) -> eventlog.WorkloadEvent:
+        return eventlog.WorkloadEvent(eventlog.EVENT_MODEL, data)
+
+    def log(*events: eventlog.WorkloadEvent) -> str:
+        records = [
+            eventlog.EventRecord(i, WORKLOAD_PCR, e.digest(), e) for i, e in enumerate(events)
+        ]
+        return eventlog.serialize(records).decode("ascii")
+
+    def ok(name: str, events: tuple, models: list[dict[str, str]]) -> dict[str, Any]:
+        return {"name": name, "log": log(*events), "startups": models}
+
+    def bad(name: str, events: tuple) -> dict[str, Any]:
+        return {"name": name, "log": log(*events), "error": "EventSequenceError"}
+
+    c, e = model("chat", chat), model("embeddings", embed)
+    return [
+        ok("chat", (c, runtime), [{"chat": hx(chat)}]),
+        ok("embeddings_only", (e, runtime), [{"embeddings": hx(embed)}]),
+        ok("both", (c, e, runtime), [{"chat": hx(chat), "embeddings": hx(embed)}]),
+        ok(
+            "restart_adds_embeddings",
+            (c, runtime, c, e, runtime),
+            [{"chat": hx(chat)}, {"chat": hx(chat), "embeddings": hx(embed)}],
+        ),
+        bad("embeddings_before_chat", (e, c, runtime)),
+        bad("role_twice", (c, c, runtime)),
+        bad("no_model", (runtime,)),
+        bad("no_runtime", (c,)),
+        bad("raw_32_byte_digest", (raw(chat), runtime)),
+        bad(
+            "unknown_role",
+            (raw(eventlog.canonical_json({"digest": hx(chat), "role": "x"})), runtime),
+        ),
+        bad(
+            "extra_key",
+            (raw(eventlog.canonical_json({"digest": hx(chat), "role": "chat", "v": 1})), runtime),
+        ),
+        bad(
+            "not_canonical",
+            (raw(b'{"role":"chat","digest":"' + hx(chat).encode() + b'"}'), runtime),
+        ),
+        bad(
+            "short_digest",
+            (raw(eventlog.canonical_json({"digest": "00", "role": "chat"})), runtime),
+        ),
+        bad(
+            "digest_with_space",
+            (
+                raw(
+                    eventlog.canonical_json(
+                        {"digest": hx(chat)[:2] + " " + hx(chat)[2:], "role": "chat"}
+                    )
+                ),
+                runtime,
+            ),
+        ),
+        bad(
+            "uppercase_hex",
+            (raw(eventlog.canonical_json({"digest": hx(chat).upper(), "role": "chat"})), runtime),
+        ),
+    ]
 
 
 def eventlog_vectors() -> dict[str, Any]:
@@ -1209,6 +1432,7 @@ def eventlog_vectors() -> dict[str, Any]:
     ]
     canonical.append({"json": RUNTIME_DATA.decode("ascii"), "canonical": True})
     return {
+        "sequences": sequence_vectors(),
         "description": "workload events: measured bytes, digests, PCR replay, CEL-JSON lines; "
         "the model digest; canonical JSON",
         "events": steps,
@@ -2407,6 +2631,7 @@ def build() -> dict[str, str]:
         "handshake": handshake,
         "envelope": envelope_vectors(keys),
         "stream": stream_vectors(keys),
+        "embed": embed_vectors(keys),
         "eventlog": eventlog_vectors(),
         "evidence": evidence_vectors(),
         "policy": policy_vectors(),

@@ -1,14 +1,23 @@
 #!/usr/bin/env node
 'use strict';
-// Runs the Node.js client against a real server and prints one JSON object.
+// Runs the Node.js client against a real server.
 //
 //   node bin/encloud-node.js --target HOST:PORT --policy POLICY.json [--prompt TEXT]
 //        [--max-new-tokens N] [--attacks]
+//   node bin/encloud-node.js embed --target HOST:PORT --policy POLICY.json
+//        [--dimensions N] [--no-normalize] [--truncate] [--array] [--] [TEXT ...]
 //
-// Without --attacks: attest (with the verifier's report), release a fresh key, Infer,
-// StreamInfer, EndSession. With --attacks: the wrong-nonce and stream-tampering attacks,
-// each through the client's test-only hooks (an on-path party's view), each expected to
-// fail with its typed error; the output names the error each attack got.
+// Without a subcommand it prints one JSON object. Without --attacks: attest (with the
+// verifier's report), release a fresh key, Infer, StreamInfer, EndSession. With --attacks:
+// the wrong-nonce and stream-tampering attacks, each through the client's test-only hooks
+// (an on-path party's view), each expected to fail with its typed error; the output names
+// the error each attack got.
+//
+// embed: attest, release a fresh key, Embed the texts (the arguments; without any, one per
+// non-blank line of stdin), EndSession. stdout gets one JSON line per text in order,
+// {"index": i, "embedding": [float, ...]} (as `encloud embed` prints), or with --array one
+// JSON array of the vectors; the attestation summary and a closing line go to stderr.
+// A failure prints {"ok": false, "error", "check", "message"} on stdout and exits 1.
 const fs = require('node:fs');
 const crypto = require('node:crypto');
 const { EncloudClient, policy: pol } = require('../lib');
@@ -24,6 +33,36 @@ function args(argv) {
     else if (a === '--attacks') out.attacks = true;
     else throw new Error(`unknown argument ${a}`);
   }
+  if (!out.target || !out.policy) throw new Error('--target and --policy are required');
+  return out;
+}
+
+function positiveInt(text, name) {
+  if (!/^[1-9][0-9]*$/.test(text || '') || Number(text) > 0xffffffff) {
+    throw new Error(`${name} must be a positive integer`);
+  }
+  return Number(text);
+}
+
+function embedArgs(argv) {
+  const out = { texts: [], dimensions: undefined, normalize: true, truncate: false, array: false };
+  let i = 3;
+  for (; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--') {
+      i++;
+      break;
+    }
+    if (a === '--target') out.target = argv[++i];
+    else if (a === '--policy') out.policy = argv[++i];
+    else if (a === '--dimensions') out.dimensions = positiveInt(argv[++i], '--dimensions');
+    else if (a === '--no-normalize') out.normalize = false;
+    else if (a === '--truncate') out.truncate = true;
+    else if (a === '--array') out.array = true;
+    else if (a.startsWith('--')) throw new Error(`unknown argument ${a}`);
+    else out.texts.push(a);
+  }
+  out.texts.push(...argv.slice(i));
   if (!out.target || !out.policy) throw new Error('--target and --policy are required');
   return out;
 }
@@ -63,6 +102,7 @@ async function endToEnd(opt, policy) {
       ak_fingerprint: attestation.akFingerprint,
       suite_kem_id: suiteKemId,
       model_digest: attestation.modelDigest.toString('hex'),
+      models: Object.fromEntries(Object.entries(attestation.models).map(([r, d]) => [r, d.toString('hex')])),
       attest_digest: attestation.attestDigest.toString('hex'),
       report,
       infer: { text: answer.text, ...answer.completion },
@@ -162,7 +202,51 @@ async function attacks(opt, policy) {
   return { ok: true, attacks: results };
 }
 
+async function embed(opt, policy) {
+  const texts = opt.texts.length
+    ? opt.texts
+    : fs
+        .readFileSync(0, 'utf8')
+        .split('\n')
+        .map((line) => line.replace(/\r$/, ''))
+        .filter((line) => line.trim());
+  if (!texts.length) throw new Error('no texts (give them as arguments or one per line on stdin)');
+  const client = new EncloudClient(opt.target, policy);
+  try {
+    const attestation = await client.attest();
+    const models = Object.entries(attestation.models).map(([r, d]) => `${r} ${d.toString('hex')}`);
+    process.stderr.write(
+      `attested: AK ${attestation.akFingerprint}; models: ${models.join(', ')}; ` +
+        `${client.lastReport.length} checks passed\n`,
+    );
+    await client.releaseKey();
+    const result = await client.embed(texts, {
+      dimensions: opt.dimensions,
+      normalize: opt.normalize,
+      truncate: opt.truncate,
+    });
+    await client.endSession();
+    if (opt.array) process.stdout.write(`${JSON.stringify(result.vectors)}\n`);
+    else {
+      result.vectors.forEach((vector, index) => {
+        process.stdout.write(`${JSON.stringify({ index, embedding: vector })}\n`);
+      });
+    }
+    process.stderr.write(
+      `[${result.vectors.length} vectors of ${result.dimensions} dimensions; ` +
+        `${result.promptTokens} tokens; response bound to the request]\n`,
+    );
+  } finally {
+    client.close();
+  }
+}
+
 async function main() {
+  if (process.argv[2] === 'embed') {
+    const opt = embedArgs(process.argv);
+    await embed(opt, pol.parsePolicy(fs.readFileSync(opt.policy)));
+    return;
+  }
   const opt = args(process.argv);
   const policy = pol.parsePolicy(fs.readFileSync(opt.policy));
   const result = opt.attacks ? await attacks(opt, policy) : await endToEnd(opt, policy);

@@ -20,6 +20,7 @@ const hs = require('./handshake');
 const env = require('./envelope');
 const { verify } = require('./verifier');
 const { StreamReader, checkFinal } = require('./stream');
+const { embeddingRequest, openEmbeddings, textList } = require('./embedding');
 const { PROTO_ROOT, PROTO_FILE, encodePayload, decodePayload, Role, errorReason } = require('./proto');
 const { equal } = require('./encoding');
 
@@ -237,11 +238,17 @@ class EncloudClient {
   }
 
   async sealRequest(messages, params) {
+    return this.sealPayload(MessageType.REQUEST, () => generationRequest(messages, params));
+  }
+
+  /** Seal a request's payload (built and checked before a request id is taken) under the
+   * next request id, seq 0. */
+  async sealPayload(type, build) {
     const s = this.liveSession();
     if (!s.c2s) throw new E.SessionError('release the key before sending requests');
-    const payload = generationRequest(messages, params);
+    const payload = build();
     const requestId = s.nextRequestId++;
-    const sealed = await s.c2s.seal(MessageType.REQUEST, requestId, 0, payload);
+    const sealed = await s.c2s.seal(type, requestId, 0, payload);
     return { s, requestId, sealed };
   }
 
@@ -258,6 +265,37 @@ class EncloudClient {
     const t0 = env.transcriptStart(s.sessionId, requestId, sealed.sealed);
     const completion = checkFinal(response.final || {}, t0);
     return { text: response.text, completion };
+  }
+
+  /**
+   * One sealed batch of texts, one sealed batch of vectors (row i for texts[i]), bound to
+   * the request by its transcript hash T_0. texts: an array (or iterable) of strings, at
+   * least one (the server allows up to its embed_max_texts). dimensions: keep the first N
+   * components (before normalisation; the response must have exactly N); normalize: unit
+   * vectors (default true); truncate: cut a text above the server's per-text token limit
+   * instead of refusing it (TEXT_TOO_LONG).
+   * Resolves to {vectors: number[][], dimensions, promptTokens}: plain arrays of JS numbers
+   * (each float32 widened exactly to a double). Throws TranscriptMismatchError,
+   * EmbeddingFormatError, HeaderMismatchError or DecryptError for a response that is not
+   * the answer to this request, ServiceError when the server refuses the call.
+   */
+  async embed(texts, { dimensions, normalize = true, truncate = false } = {}) {
+    let list = null;
+    const { s, requestId, sealed } = await this.sealPayload(MessageType.EMBED_REQUEST, () => {
+      list = textList(texts); // an iterable is read once, here
+      return embeddingRequest(list, { dimensions, normalize, truncate });
+    });
+    const reply = await this.call(
+      'Embed',
+      { session_id: s.sessionId, request: toWire(sealed) },
+      s.route,
+    );
+    const t0 = env.transcriptStart(s.sessionId, requestId, sealed.sealed);
+    // A reply without its sealed message reads as an empty one (type 0): HeaderMismatchError.
+    const response = reply.response
+      ? fromWire(reply.response)
+      : { type: 0, requestId: 0n, seq: 0, sealed: Buffer.alloc(0) };
+    return openEmbeddings(response, s.s2c, requestId, t0, list.length, dimensions ?? null);
   }
 
   /** A streamed answer: an async iterator of text pieces; `.completion` after the end. */
@@ -328,4 +366,13 @@ async function confirmKey(kc, sessionId, message, hHs) {
   if (!equal(proof, hHs)) throw new E.KeyConfirmationError('the key confirmation is for another handshake');
 }
 
-module.exports = { EncloudClient, confirmKey, generationRequest, fromWire, toWire, evidenceFromWire };
+module.exports = {
+  EncloudClient,
+  confirmKey,
+  generationRequest,
+  embeddingRequest,
+  openEmbeddings,
+  fromWire,
+  toWire,
+  evidenceFromWire,
+};

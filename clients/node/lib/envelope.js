@@ -9,8 +9,17 @@ const subtle = crypto.webcrypto.subtle;
 const NONCE_LENGTH = 12;
 const TAG_LENGTH = 16;
 const MAX_MESSAGES_PER_KEY = 2 ** 28;
-const MessageType = { REQUEST: 1, RESPONSE: 2, FRAME: 3, FINAL: 4, END: 5, KEY_CONFIRM: 6 };
-const PAD_BUCKETS = { 1: 1024, 2: 1024, 3: 64, 4: 128, 5: 1024, 6: 128 };
+const MessageType = {
+  REQUEST: 1,
+  RESPONSE: 2,
+  FRAME: 3,
+  FINAL: 4,
+  END: 5,
+  KEY_CONFIRM: 6,
+  EMBED_REQUEST: 7,
+  EMBED_RESPONSE: 8,
+};
+const PAD_BUCKETS = { 1: 1024, 2: 1024, 3: 64, 4: 128, 5: 1024, 6: 128, 7: 1024, 8: 1024 };
 
 function associatedData(type, sessionId, requestId, seq) {
   return encode('encloud/v2 aead', u8(type), sessionId, u64(requestId), u32(seq));

@@ -77,6 +77,7 @@ for (const name of [
   'StreamOrderError',
   'TruncatedStreamError',
   'TranscriptMismatchError',
+  'EmbeddingFormatError', // an opened Embed response has not the shape its request asked for
   'KeyExhaustedError',
 ]) {
   sub(name, EnvelopeError);

@@ -1,10 +1,23 @@
 'use strict';
 // The workload event log (CEL-JSON lines), event digests and PCR replay, and the
 // canonical JSON check of the runtime event (docs/PROTOCOL.md, "The workload event log").
+//
+// The event types (protocol/eventlog.py):
+// - "model": one per served model; data is the canonical JSON
+//   {"digest":"<64 lowercase hex: the model manifest's digest>","role":"chat"|"embeddings"}.
+// - "runtime": data is the canonical JSON of the runtime event.
+// A start-up is its model events, roles in the order of MODEL_ROLES and none twice, then one
+// runtime event (verifier.checkSequence).
 const { EventLogFormatError } = require('./errors');
 const { encode, sha256 } = require('./encoding');
 
-const EVENT_TYPES = new Set(['model', 'runtime']);
+const EVENT_MODEL = 'model';
+const EVENT_RUNTIME = 'runtime';
+const EVENT_TYPES = new Set([EVENT_MODEL, EVENT_RUNTIME]);
+const ROLE_CHAT = 'chat';
+const ROLE_EMBEDDINGS = 'embeddings';
+/** The model roles, in the order a start-up measures them. */
+const MODEL_ROLES = Object.freeze([ROLE_CHAT, ROLE_EMBEDDINGS]);
 const RECORD_KEYS = ['content', 'content_type', 'digests', 'pcr', 'recnum'];
 
 function measuredBytes(eventType, data) {
@@ -101,6 +114,63 @@ function parse(data) {
       }
       return record;
     });
+}
+
+/** The data of the event measuring one served model: canonical {"digest","role"} JSON. */
+function modelEvent(role, digest) {
+  digest = Buffer.from(digest);
+  if (!MODEL_ROLES.includes(role) || digest.length !== 32) {
+    throw new RangeError(`a model event needs a role in ${MODEL_ROLES.join(', ')} and a 32-byte digest`);
+  }
+  return { eventType: EVENT_MODEL, data: Buffer.from(`{"digest":"${digest.toString('hex')}","role":"${role}"}`, 'ascii') };
+}
+
+/**
+ * {role, digest} of a model event's data; EventLogFormatError unless it is exactly the
+ * canonical JSON modelEvent writes: ASCII, the keys digest and role only, a known role,
+ * a digest of 64 lowercase hex digits.
+ */
+function parseModelEvent(data) {
+  data = Buffer.from(data);
+  if (data.some((byte) => byte > 0x7f)) throw new EventLogFormatError('a model event is not ASCII JSON');
+  const text = data.toString('latin1');
+  let obj;
+  try {
+    obj = JSON.parse(text);
+  } catch {
+    throw new EventLogFormatError('a model event is not ASCII JSON');
+  }
+  if (!sameKeys(obj, ['digest', 'role'])) {
+    throw new EventLogFormatError('a model event must have exactly digest and role');
+  }
+  const { role, digest } = obj;
+  if (!MODEL_ROLES.includes(role)) throw new EventLogFormatError('a model event has an unknown role');
+  if (typeof digest !== 'string' || !/^[0-9a-f]{64}$/.test(digest)) {
+    throw new EventLogFormatError('a model event is not a canonical 32-byte digest');
+  }
+  // The canonical form of {digest, role} with these values, byte for byte (sorted keys, no
+  // whitespace): anything else (key order, spaces, escapes, duplicate keys) is refused.
+  if (text !== `{"digest":"${digest}","role":"${role}"}`) {
+    throw new EventLogFormatError('a model event is not a canonical 32-byte digest');
+  }
+  return { role, digest: Buffer.from(digest, 'hex') };
+}
+
+/** Role -> the sorted distinct digests the records' model events measured (records as
+ * parse() returns them, or {eventType, data} events). */
+function loggedModels(records) {
+  const found = new Map();
+  for (const record of records) {
+    if (record.eventType !== EVENT_MODEL) continue;
+    const { role, digest } = parseModelEvent(record.data);
+    if (!found.has(role)) found.set(role, new Map());
+    found.get(role).set(digest.toString('hex'), digest);
+  }
+  const out = {};
+  for (const role of MODEL_ROLES) {
+    if (found.has(role)) out[role] = [...found.get(role).values()].sort(Buffer.compare);
+  }
+  return out;
 }
 
 // --- canonical JSON: what Python's json.dumps(sort_keys=True, separators=(",", ":"),
@@ -264,6 +334,14 @@ function canonicalCheck(text) {
 }
 
 module.exports = {
+  EVENT_MODEL,
+  EVENT_RUNTIME,
+  ROLE_CHAT,
+  ROLE_EMBEDDINGS,
+  MODEL_ROLES,
+  modelEvent,
+  parseModelEvent,
+  loggedModels,
   measuredBytes,
   eventDigest,
   extend,

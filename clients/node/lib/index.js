@@ -11,5 +11,6 @@ module.exports = {
   verifier: require('./verifier'),
   gce: require('./gce'),
   stream: require('./stream'),
+  embedding: require('./embedding'),
   proto: require('./proto'),
 };

@@ -15,7 +15,7 @@ const KEYS = [
   'ak',
   'max_session_ttl_seconds',
 ];
-const OPTIONAL_KEYS = ['platform', 'pcr_waivers', 'hpke_suites'];
+const OPTIONAL_KEYS = ['platform', 'pcr_waivers', 'hpke_suites', 'allowed_embedding_model_digests'];
 const SUITE_NAMES = ['mlkem768-x25519', 'x25519'];
 const AK_KEYS = ['pinned_public_keys', 'certificate_roots', 'hardware_report', 'gce'];
 const GCE_KEYS = {
@@ -58,9 +58,9 @@ function hex(value, field, size) {
   return Buffer.from(value, 'hex');
 }
 
-function hexList(obj, field, size) {
+function hexList(obj, field, size, { mayBeEmpty = false } = {}) {
   const value = obj[field];
-  if (!Array.isArray(value) || !value.length) throw fail(field, 'must be a non-empty list');
+  if (!Array.isArray(value) || !(value.length || mayBeEmpty)) throw fail(field, 'must be a non-empty list of hex strings');
   const items = value.map((v, i) => hex(v, `${field}[${i}]`, size));
   if (new Set(items.map((b) => b.toString('hex'))).size !== items.length) {
     throw fail(field, 'has duplicates');
@@ -261,6 +261,13 @@ function policyGaps(p) {
   return gaps;
 }
 
+/** The model digests a policy accepts for a model role of the event log ([] for another). */
+function allowedModels(policy, role) {
+  if (role === 'chat') return policy.allowedModelDigests;
+  if (role === 'embeddings') return policy.allowedEmbeddingModelDigests || [];
+  return [];
+}
+
 const isParsed = (policy) => policy !== null && typeof policy === 'object' && PARSED.has(policy);
 
 /** Parse and validate a policy (JSON text or Buffer); a problem raises PolicyError. */
@@ -311,7 +318,16 @@ function parsePolicy(text) {
     if (index === workloadPcr) throw fail(field, 'the workload PCR must not be pinned');
     pcrValues.set(index, hex(value, field, bank.size));
   }
-  const allowedModelDigests = hexList(obj, 'allowed_model_digests', 32);
+  // Chat models and embedding models (event log roles "chat" and "embeddings"): either
+  // list may be empty, not both (protocol/policy.py).
+  const allowedModelDigests = hexList(obj, 'allowed_model_digests', 32, { mayBeEmpty: true });
+  const allowedEmbeddingModelDigests =
+    'allowed_embedding_model_digests' in obj
+      ? hexList(obj, 'allowed_embedding_model_digests', 32, { mayBeEmpty: true })
+      : [];
+  if (!allowedModelDigests.length && !allowedEmbeddingModelDigests.length) {
+    throw fail('allowed_model_digests', 'must list a model (or name embedding models)');
+  }
   const allowedRuntimeEvents = hexList(obj, 'allowed_runtime_events', 32);
   const ak = obj.ak;
   if (!ak || typeof ak !== 'object' || Array.isArray(ak)) throw fail('ak', 'must be an object');
@@ -355,6 +371,7 @@ function parsePolicy(text) {
     pcrValues,
     workloadPcr,
     allowedModelDigests,
+    allowedEmbeddingModelDigests,
     allowedRuntimeEvents,
     pinnedPublicKeys: pinned,
     certificateRoots: roots,
@@ -379,4 +396,12 @@ function parsePolicy(text) {
   return policy;
 }
 
-module.exports = { parsePolicy, parseGce, policyGaps, isParsed, isGoogleCertificate: isGoogleRoot, BOOT_PCRS };
+module.exports = {
+  parsePolicy,
+  parseGce,
+  policyGaps,
+  isParsed,
+  allowedModels,
+  isGoogleCertificate: isGoogleRoot,
+  BOOT_PCRS,
+};

@@ -9,7 +9,15 @@ const PROTO_FILE = path.join(PROTO_ROOT, 'encloud', 'v2', 'encloud.proto');
 const root = new protobuf.Root();
 root.loadSync(PROTO_FILE, { keepCase: true });
 const types = Object.fromEntries(
-  ['GenerationRequest', 'GenerationChunk', 'GenerationFinal', 'GenerationResponse', 'ChatMessage'].map(
+  [
+    'GenerationRequest',
+    'GenerationChunk',
+    'GenerationFinal',
+    'GenerationResponse',
+    'ChatMessage',
+    'EmbeddingRequest',
+    'EmbeddingResponse',
+  ].map(
     (name) => [name, root.lookupType(`encloud.v2.${name}`)],
   ),
 );

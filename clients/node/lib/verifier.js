@@ -7,7 +7,7 @@ const { sha256, hash, equal } = require('./encoding');
 const tpm = require('./tpm');
 const eventlog = require('./eventlog');
 const gce = require('./gce');
-const { isParsed, isGoogleCertificate } = require('./policy');
+const { isParsed, isGoogleCertificate, allowedModels } = require('./policy');
 
 const { checkGceIdentity } = gce;
 
@@ -248,30 +248,59 @@ function checkPcrDigest(ev, policy, quote, digestAlg) {
   return values;
 }
 
+/**
+ * Split the log into start-ups (protocol/verifier.py _check_sequence): one or more model
+ * events (canonical {"digest","role"} JSON, roles in MODEL_ROLES order, none twice), then one
+ * runtime event in canonical JSON (an object). Returns [{models, runtime}], `models` a frozen
+ * object role -> digest (Buffer) in MODEL_ROLES order; EventSequenceError otherwise.
+ */
 function checkSequence(records) {
   if (!records.length) throw new E.EventSequenceError('the log has no start-up');
-  if (records.length % 2) throw new E.EventSequenceError('records are not whole [model, runtime] pairs');
   const startups = [];
-  for (let i = 0; i < records.length; i += 2) {
-    const [model, runtime] = [records[i], records[i + 1]];
-    const n = i / 2;
-    if (model.eventType !== 'model') throw new E.EventSequenceError(`start-up ${n} begins with ${model.eventType}`);
-    if (runtime.eventType !== 'runtime') {
-      throw new E.EventSequenceError(`start-up ${n} has ${runtime.eventType} second`);
+  let models = {};
+  for (const record of records) {
+    const n = startups.length;
+    if (record.eventType === eventlog.EVENT_MODEL) {
+      let parsed;
+      try {
+        parsed = eventlog.parseModelEvent(record.data);
+      } catch (err) {
+        if (!(err instanceof E.EventLogFormatError)) throw err;
+        throw new E.EventSequenceError(`start-up ${n}: ${err.detail}`);
+      }
+      const order = eventlog.MODEL_ROLES.indexOf(parsed.role);
+      if (Object.keys(models).some((seen) => eventlog.MODEL_ROLES.indexOf(seen) >= order)) {
+        throw new E.EventSequenceError(`start-up ${n} measures '${parsed.role}' out of order or twice`);
+      }
+      models[parsed.role] = parsed.digest;
+      continue;
     }
-    if (model.data.length !== 32) throw new E.EventSequenceError(`start-up ${n} model digest is not 32 bytes`);
-    let check;
-    try {
-      check = eventlog.canonicalCheck(runtime.data.toString('latin1'));
-    } catch {
-      throw new E.EventSequenceError(`start-up ${n} runtime event is not JSON`);
+    if (!Object.keys(models).length) {
+      throw new E.EventSequenceError(`start-up ${n} has no model event before its runtime event`);
     }
-    if (check.kind !== 'object' || !check.canonical) {
-      throw new E.EventSequenceError(`start-up ${n} runtime event is not a canonical JSON object`);
-    }
-    startups.push([model, runtime]);
+    checkRuntime(record, n);
+    startups.push({ models: Object.freeze(models), runtime: record });
+    models = {};
+  }
+  if (Object.keys(models).length) {
+    throw new E.EventSequenceError(`start-up ${startups.length} ends without its runtime event`);
   }
   return startups;
+}
+
+function checkRuntime(runtime, n) {
+  if (runtime.eventType !== eventlog.EVENT_RUNTIME) {
+    throw new E.EventSequenceError(`start-up ${n} has ${runtime.eventType} there`);
+  }
+  let check;
+  try {
+    check = eventlog.canonicalCheck(runtime.data.toString('latin1'));
+  } catch {
+    throw new E.EventSequenceError(`start-up ${n} runtime event is not JSON`);
+  }
+  if (check.kind !== 'object' || !check.canonical) {
+    throw new E.EventSequenceError(`start-up ${n} runtime event is not a canonical JSON object`);
+  }
 }
 
 /**
@@ -392,18 +421,21 @@ async function verify(ev, policy, { expectedQualifyingData, sessionTtlSeconds })
 
     step = 'event_sequence';
     const startups = checkSequence(records);
-    ok(step, `${startups.length} start-up(s)`);
+    ok(step, `${startups.length} start-up(s) of [model..., runtime]; the last is running`);
 
     step = 'model_digest';
-    startups.forEach(([model], i) => {
-      if (!policy.allowedModelDigests.some((d) => d.equals(model.data))) {
-        throw new E.ModelNotAllowedError(`start-up ${i} model digest is not allowed`);
+    startups.forEach(({ models }, i) => {
+      for (const [role, digest] of Object.entries(models)) {
+        if (!allowedModels(policy, role).some((d) => d.equals(digest))) {
+          throw new E.ModelNotAllowedError(`start-up ${i} ${role} model digest ${digest.toString('hex')} is not allowed`);
+        }
       }
     });
-    ok(step, 'model digest allowed');
+    const running = startups[startups.length - 1].models;
+    ok(step, `model digests allowed: ${Object.entries(running).map(([r, d]) => `${r} ${d.toString('hex')}`).join(', ')}`);
 
     step = 'runtime_event';
-    startups.forEach(([, runtime], i) => {
+    startups.forEach(({ runtime }, i) => {
       if (!policy.allowedRuntimeEvents.some((d) => d.equals(sha256(runtime.data)))) {
         throw new E.RuntimeNotAllowedError(`start-up ${i} runtime event is not allowed`);
       }
@@ -416,13 +448,16 @@ async function verify(ev, policy, { expectedQualifyingData, sessionTtlSeconds })
     if (ttl > policy.maxSessionTtlSeconds) throw new E.SessionTtlError("TTL exceeds the policy's maximum");
     ok(step, `session TTL ${ttl} s`);
 
-    const [model, runtime] = startups[startups.length - 1];
+    const { models, runtime } = startups[startups.length - 1];
     return {
       akFingerprint: fingerprint,
       akSpki,
       workloadPcr: policy.workloadPcr,
       workloadPcrValue: workloadValue,
-      modelDigest: model.data,
+      // role ("chat", "embeddings") -> digest, of the last (running) start-up
+      models,
+      // the running chat model's digest; empty when the server serves embeddings only
+      modelDigest: models[eventlog.ROLE_CHAT] || Buffer.alloc(0),
       runtimeEvent: runtime.data,
       events: records,
       attestDigest: sha256(ev.quoteAttest),
@@ -441,4 +476,4 @@ async function verify(ev, policy, { expectedQualifyingData, sessionTtlSeconds })
   }
 }
 
-module.exports = { verify, spkiOf, akFingerprint, checkCertificateChain };
+module.exports = { verify, spkiOf, akFingerprint, checkCertificateChain, checkSequence };

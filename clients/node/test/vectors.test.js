@@ -155,6 +155,216 @@ test('stream: transcript T_0..T_n and the stream rules', async (t) => {
   assert.equal(completion.finishReason, infer.expect.finish_reason);
 });
 
+// --- Embed ----------------------------------------------------------------------------------
+
+const { embedding: emb } = lib;
+
+test('embed: the sealed request, T_0 and the row buckets', async () => {
+  const v = load('embed');
+  const sid = b(v.session_id);
+  const request = sealed(v.request);
+  assert.equal(env.transcriptStart(sid, BigInt(v.request_id), request.sealed).toString('hex'), v.transcript);
+  const opener = new env.OpeningKey(b(v.keys.c2s), sid);
+  const payload = await opener.open(request, env.MessageType.EMBED_REQUEST, BigInt(v.request_id), 0);
+  assert.equal(payload.toString('hex'), v.request_payload);
+  assert.equal(emb.embeddingRequest(v.texts, { dimensions: v.dimensions }).toString('hex'), v.request_payload);
+  const parsed = lib.proto.decodePayload('EmbeddingRequest', payload);
+  assert.deepEqual(parsed.texts, v.texts);
+  assert.equal(parsed.unnormalized, false);
+  assert.equal(parsed.truncate, false);
+  for (const [count, rows] of Object.entries(v.row_buckets)) assert.equal(emb.paddedRows(Number(count), v.max_texts), rows, count);
+  // Sealing the payload with the vector's nonce gives the vector's bytes.
+  const sealer = new env.SealingKey(b(v.keys.c2s), sid, { nonceSource: () => request.sealed.subarray(0, env.NONCE_LENGTH) });
+  const again = await sealer.seal(env.MessageType.EMBED_REQUEST, BigInt(v.request_id), 0, payload);
+  assert.equal(again.sealed.toString('hex'), v.request.sealed);
+  // Options other than the defaults are sent; the defaults are left out, as Python does.
+  const other = lib.proto.decodePayload('EmbeddingRequest', emb.embeddingRequest(['x'], { normalize: false, truncate: true }));
+  assert.deepEqual([other.dimensions, other.unnormalized, other.truncate], [0, true, true]);
+  assert.equal(emb.embeddingRequest(['x'], { dimensions: null }).toString('hex'), emb.embeddingRequest(['x']).toString('hex'));
+  assert.throws(() => emb.embeddingRequest('one string'), TypeError);
+  assert.throws(() => emb.embeddingRequest([]), RangeError);
+  assert.throws(() => emb.embeddingRequest(['a', 1]), TypeError);
+  for (const dimensions of [0, -1, 1.5, 2 ** 32]) assert.throws(() => emb.embeddingRequest(['a'], { dimensions }), RangeError);
+  for (const count of [0, 65]) assert.throws(() => emb.paddedRows(count, v.max_texts), RangeError);
+});
+
+function openEmbed(v, message) {
+  const opener = new env.OpeningKey(b(v.keys.s2c), b(v.session_id));
+  return emb.openEmbeddings(sealed(message), opener, BigInt(v.request_id), b(v.transcript), v.texts.length, v.dimensions);
+}
+
+test('embed: responses opened, or refused with their typed error', async (t) => {
+  const v = load('embed');
+  for (const c of v.cases) {
+    await t.test(c.name, async () => {
+      if (c.error) return rejectsWith(openEmbed(v, c.response), c.error);
+      const result = await openEmbed(v, c.response);
+      assert.deepEqual(result.vectors, v.expect.vectors);
+      assert.equal(result.dimensions, v.expect.dimensions);
+      assert.equal(result.promptTokens, v.expect.prompt_tokens);
+    });
+  }
+  // The valid response's payload is what this client's own encoder writes from its values.
+  const valid = v.cases.find((c) => !c.error);
+  const payload = await new env.OpeningKey(b(v.keys.s2c), b(v.session_id)).open(sealed(valid.response), env.MessageType.EMBED_RESPONSE, BigInt(v.request_id), 0);
+  assert.equal(payload.toString('hex'), v.response_payload);
+  const floats = Buffer.alloc(v.texts.length * v.dimensions * 4);
+  v.expect.vectors.flat().forEach((x, i) => floats.writeFloatLE(x, i * 4));
+  const mine = emb.embeddingResponse(floats, v.texts.length, v.dimensions, v.expect.rows, v.expect.prompt_tokens, b(v.transcript));
+  assert.equal(mine.toString('hex'), v.response_payload);
+});
+
+test('embed: every count in one bucket seals to the same size', () => {
+  const byBucket = new Map();
+  for (let count = 1; count <= 64; count++) {
+    const rows = emb.paddedRows(count, 64);
+    const payload = emb.embeddingResponse(Buffer.alloc(count * 384 * 4), count, 384, rows, 7 + count * 300, Buffer.alloc(32));
+    const size = env.pad(payload, env.PAD_BUCKETS[env.MessageType.EMBED_RESPONSE]).length;
+    if (!byBucket.has(rows)) byBucket.set(rows, new Set());
+    byBucket.get(rows).add(size);
+  }
+  assert.deepEqual([...byBucket.keys()], [1, 8, 32, 64]);
+  for (const sizes of byBucket.values()) assert.equal(sizes.size, 1);
+});
+
+/** A server that answers Embed only, over a real gRPC channel: it opens the sealed request
+ * and answers with what `answer(payload, t0, requestId)` returns (an EmbeddingResponse
+ * payload), sealed under the vector session's s2c key. */
+async function fakeEmbedServer(v, answer) {
+  const grpc = require('@grpc/grpc-js');
+  const protoLoader = require('@grpc/proto-loader');
+  const definition = protoLoader.loadSync(lib.proto.PROTO_FILE, {
+    keepCase: true, longs: String, enums: Number, bytes: Buffer, defaults: true, oneofs: true, includeDirs: [lib.proto.PROTO_ROOT],
+  });
+  const service = grpc.loadPackageDefinition(definition).encloud.v2.InferenceService.service;
+  const sid = b(v.session_id);
+  const seen = [];
+  const server = new grpc.Server();
+  server.addService(service, {
+    Embed: async (call, callback) => {
+      try {
+        const request = lib.fromWire(call.request.request);
+        seen.push({ sessionId: Buffer.from(call.request.session_id), request });
+        const payload = await new env.OpeningKey(b(v.keys.c2s), sid).open(request, env.MessageType.EMBED_REQUEST, request.requestId, 0);
+        const t0 = env.transcriptStart(sid, request.requestId, request.sealed);
+        const reply = await new env.SealingKey(b(v.keys.s2c), sid).seal(env.MessageType.EMBED_RESPONSE, request.requestId, 0, answer(payload, t0, request.requestId));
+        callback(null, { response: lib.toWire(reply) });
+      } catch (err) {
+        callback({ code: grpc.status.INTERNAL, details: err.message });
+      }
+    },
+  });
+  const port = await new Promise((resolve, reject) =>
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+  );
+  return { server, seen, target: `127.0.0.1:${port}` };
+}
+
+/** A client holding the embed vector's session (as after attest and releaseKey). */
+function clientWithSession(v, target) {
+  const client = new lib.EncloudClient(target, null);
+  const sid = b(v.session_id);
+  client.session = {
+    sessionId: sid,
+    route: '',
+    expiresAt: Infinity,
+    c2s: new env.SealingKey(b(v.keys.c2s), sid),
+    s2c: new env.OpeningKey(b(v.keys.s2c), sid),
+    nextRequestId: BigInt(v.request_id),
+  };
+  return client;
+}
+
+test('embed: EncloudClient.embed over gRPC, answered or refused', async () => {
+  const v = load('embed');
+  const floats = (n, d) => {
+    const out = Buffer.alloc(n * d * 4);
+    for (let i = 0; i < n * d; i++) out.writeFloatLE((i % 7) / 8 - 0.25, i * 4);
+    return out;
+  };
+  let mode = 'ok';
+  const { server, seen, target } = await fakeEmbedServer(v, (payload, t0) => {
+    const request = lib.proto.decodePayload('EmbeddingRequest', payload);
+    const n = request.texts.length;
+    const d = request.dimensions || 6;
+    const rows = emb.paddedRows(n, 64);
+    if (mode === 'other_transcript') return emb.embeddingResponse(floats(n, d), n, d, rows, 5, Buffer.alloc(32));
+    if (mode === 'fewer') return emb.embeddingResponse(floats(n - 1, d), n - 1, d, rows, 5, t0);
+    return emb.embeddingResponse(floats(n, d), n, d, rows, 5 * n, t0);
+  });
+  const client = clientWithSession(v, target);
+  try {
+    const result = await client.embed(v.texts, { dimensions: v.dimensions });
+    assert.equal(result.dimensions, v.dimensions);
+    assert.equal(result.promptTokens, 15);
+    assert.equal(result.vectors.length, v.texts.length);
+    assert.deepEqual(result.vectors[0], [-0.25, -0.125, 0, 0.125]);
+    // The request went out as the vector's own bytes' kind: EMBED_REQUEST, seq 0, a fresh id.
+    assert.equal(seen[0].request.type, env.MessageType.EMBED_REQUEST);
+    assert.equal(seen[0].request.requestId, BigInt(v.request_id));
+    assert.equal(seen[0].sessionId.toString('hex'), v.session_id);
+    const full = await client.embed(new Set(['a', 'b']), { normalize: false, truncate: true });
+    assert.equal(full.dimensions, 6);
+    assert.equal(seen[1].request.requestId, BigInt(v.request_id) + 1n);
+    mode = 'other_transcript';
+    await rejectsWith(client.embed(['a']), 'TranscriptMismatchError');
+    mode = 'fewer';
+    await rejectsWith(client.embed(['a', 'b']), 'EmbeddingFormatError');
+    mode = 'ok';
+    const cut = await client.embed(['a'], { dimensions: 3 });
+    assert.deepEqual(cut.vectors, [[-0.25, -0.125, 0]]);
+    const ids = client.session.nextRequestId;
+    await assert.rejects(client.embed('one string'), TypeError);
+    await assert.rejects(client.embed([]), RangeError);
+    await assert.rejects(client.embed({}), TypeError);
+    await assert.rejects(client.embed(['a'], { dimensions: 0 }), RangeError);
+    // A malformed batch is refused before anything is sent or a request id is taken.
+    assert.equal(seen.length, 5);
+    assert.equal(client.session.nextRequestId, ids);
+  } finally {
+    client.close();
+    server.forceShutdown();
+  }
+});
+
+test('embed: no session, or no released key, sends nothing', async () => {
+  const v = load('embed');
+  const client = clientWithSession(v, '127.0.0.1:9');
+  try {
+    client.session.c2s = null;
+    await rejectsWith(client.embed(['a']), 'SessionError');
+    client.session = null;
+    await rejectsWith(client.embed(['a']), 'SessionError');
+  } finally {
+    client.close();
+  }
+});
+
+// --- event log and model digest -----------------------------------------------------------------
+
+test('event log: start-ups of model events (chat, embeddings) then one runtime event', async (t) => {
+  const v = load('eventlog');
+  for (const c of v.sequences) {
+    await t.test(c.name, () => {
+      const records = eventlog.parse(Buffer.from(c.log, 'ascii'));
+      if (c.error) return rejectsWith(() => verifier.checkSequence(records), c.error);
+      const startups = verifier.checkSequence(records);
+      const got = startups.map(({ models }) => Object.fromEntries(Object.entries(models).map(([r, d]) => [r, d.toString('hex')])));
+      assert.deepEqual(got, c.startups);
+    });
+  }
+  // What the chat/embeddings events of the log are, as the reference writes them.
+  const digest = Buffer.alloc(32, 0xab);
+  const event = eventlog.modelEvent('embeddings', digest);
+  assert.equal(event.data.toString('ascii'), `{"digest":"${digest.toString('hex')}","role":"embeddings"}`);
+  assert.deepEqual(eventlog.parseModelEvent(event.data), { role: 'embeddings', digest });
+  assert.throws(() => eventlog.modelEvent('other', digest), RangeError);
+  const records = eventlog.parse(Buffer.from(v.sequences.find((c) => c.name === 'restart_adds_embeddings').log, 'ascii'));
+  const models = eventlog.loggedModels(records);
+  assert.deepEqual(Object.keys(models), ['chat', 'embeddings']);
+  assert.equal(models.chat.length, 1);
+});
+
 test('event log, replay, model digest, canonical JSON', () => {
   const v = load('eventlog');
   const records = eventlog.parse(Buffer.from(v.log, 'ascii'));
@@ -212,6 +422,7 @@ test('evidence: the valid quote verifies', async () => {
     assert.equal(got.akFingerprint, c.expect.ak_fingerprint);
     assert.equal(got.akSpki.toString('hex'), c.expect.ak_spki);
     assert.equal(got.modelDigest.toString('hex'), c.expect.model_digest);
+    assert.equal(got.models.chat.toString('hex'), c.expect.model_digest);
     assert.equal(got.runtimeEvent.toString('hex'), c.expect.runtime_event);
     assert.equal(got.workloadPcrValue.toString('hex'), c.expect.workload_pcr_value);
     assert.ok(got.report.every((r) => r.passed) && got.report.length === 21);
@@ -305,4 +516,54 @@ test('handshake: the X-Wing suite, seals of both sides opened', async () => {
   assert.equal(mine.length, 1120 + 96 + 16);
   const back = await hs.openKey(b(v.session_private_seed), mine, b(v.release_info), hs.SUITE_XWING);
   assert.equal(back.clientSecret.toString('hex'), plain.subarray(64).toString('hex'));
+});
+
+test('policy: allowed_embedding_model_digests, and a model in either list', async (t) => {
+  const v = load('evidence');
+  const base = JSON.parse(v.policies.base);
+  const chat = base.allowed_model_digests[0];
+  const other = 'cd'.repeat(32);
+  const parse = (changes) => pol.parsePolicy(JSON.stringify({ ...base, ...changes }));
+  const refused = (changes, field) => {
+    let error = null;
+    try {
+      parse(changes);
+    } catch (err) {
+      error = err;
+    }
+    assert.ok(error instanceof E.PolicyError, `expected PolicyError on ${field}`);
+    assert.ok(error.message.includes(`policy field '${field}'`), error.message);
+  };
+  await t.test('embeddings only', () => {
+    const p = parse({ allowed_model_digests: [], allowed_embedding_model_digests: [other] });
+    assert.deepEqual(p.allowedModelDigests, []);
+    assert.deepEqual(pol.allowedModels(p, 'embeddings').map((d) => d.toString('hex')), [other]);
+  });
+  await t.test('absent or empty: no embedding model', () => {
+    assert.deepEqual(pol.allowedModels(parse({}), 'embeddings'), []);
+    assert.deepEqual(pol.allowedModels(parse({ allowed_embedding_model_digests: [] }), 'embeddings'), []);
+    assert.deepEqual(pol.allowedModels(parse({}), 'other'), []);
+  });
+  await t.test('no model at all', () => {
+    refused({ allowed_model_digests: [] }, 'allowed_model_digests');
+    refused({ allowed_model_digests: [], allowed_embedding_model_digests: [] }, 'allowed_model_digests');
+  });
+  await t.test('the same rules as allowed_model_digests', () => {
+    refused({ allowed_embedding_model_digests: [other.toUpperCase()] }, 'allowed_embedding_model_digests[0]');
+    refused({ allowed_embedding_model_digests: ['00'] }, 'allowed_embedding_model_digests[0]');
+    refused({ allowed_embedding_model_digests: [other, other] }, 'allowed_embedding_model_digests');
+    refused({ allowed_embedding_model_digests: other }, 'allowed_embedding_model_digests');
+    refused({ allowed_model_digests: 'x' }, 'allowed_model_digests');
+  });
+  await t.test('a model is allowed for its own role only', async () => {
+    const c = v.positive[0];
+    const cl = c.client;
+    const q = hs.quoteQualifyingData(hs.SUITE_V1, b(cl.nonce), b(cl.client_commitment), b(cl.session_public_key), b(cl.session_id), cl.ttl_seconds);
+    const run = (policy) => verifier.verify(evidence(c.evidence), policy, { expectedQualifyingData: q, sessionTtlSeconds: cl.ttl_seconds });
+    // The evidence's chat model, allowed only as an embedding model: refused.
+    await rejectsWith(run(parse({ allowed_model_digests: [], allowed_embedding_model_digests: [chat] })), 'ModelNotAllowedError');
+    const got = await run(parse({ allowed_embedding_model_digests: [other] }));
+    assert.deepEqual(Object.keys(got.models), ['chat']);
+    assert.equal(got.modelDigest.toString('hex'), chat);
+  });
 });
