@@ -59,6 +59,14 @@ FIGURE_KEYS = (
     "open_loop.ttft_ms_p99",
     "open_loop.itl_ms_p50",
     "open_loop.itl_ms_p99",
+    "embeddings_per_s.encloud.1",
+    "embeddings_per_s.in_process.1",
+    "embeddings_per_s.encloud.32",
+    "embeddings_per_s.in_process.32",
+    "embeddings_confidential_overhead_pct.1",
+    "embeddings_confidential_overhead_pct.32",
+    "embeddings_confidential_overhead_pct_paired.1",
+    "embeddings_confidential_overhead_pct_paired.32",
 )
 PEER_KEYS = frozenset(
     {
@@ -89,6 +97,11 @@ MEANINGS = {
     "perplexity_2": "teacher-forced, tests/data/heldout_prose_2.txt (first 2,048 tokens)",
     "open_loop": "Poisson arrivals at 75 % of the peak aggregate, seeded (offered/served "
     "tok/s; TTFT and inter-token latency, ms)",
+    "embeddings_per_s": "all-MiniLM-L6-v2 embeddings/s, <peer>.<texts per request>, sequential "
+    "requests, 32 held-out sentences (median of samples)",
+    "embeddings_confidential_overhead_pct": "100 x (1 - encloud / in_process) embeddings/s, "
+    "per texts per request",
+    "embeddings_confidential_overhead_pct_paired": "the same, median of per-round pairs",
 }
 
 
@@ -228,6 +241,7 @@ def machine(
         "cryptography",
         "protobuf",
         "numpy",
+        "tokenizers",
     ):
         try:
             versions[package] = importlib.metadata.version(package)

@@ -14,8 +14,13 @@ Phases, in order (one real server on loopback, swtpm, the in-process engine, the
 4. verify: client.verifier.verify alone on one quote, repeated.
 5. concurrency: N clients, each with its own attested session, stream at once behind a barrier,
    for N in 1, 4, 8, 16; total completion tokens over the round's wall time.
-6. envelope: seal and open of one token frame (padding, associated data, AES-256-GCM).
-7. perplexity: after the server stopped, the quality gate's teacher-forced perplexity
+6. embeddings: after the chat server stopped, a second server that serves only the embedding
+   model (all-MiniLM-L6-v2, ONNX), so the chat figures and the chat server's RSS are untouched;
+   embeddings/s at 1 and 32 texts per request, sealed over gRPC through the client against the
+   same model through Embedder.embed in this process (same threads, same batch size), round by
+   round with the order rotated; the first rounds are warm-up. The server is stopped after it.
+7. envelope: seal and open of one token frame (padding, associated data, AES-256-GCM).
+8. perplexity: after the servers stopped, the quality gate's teacher-forced perplexity
    (encloud.server.inference.quality, over tests/data/heldout_prose.txt).
 """
 
@@ -27,6 +32,7 @@ import math
 import os
 import queue
 import random
+import re
 import tempfile
 import threading
 import time
@@ -75,12 +81,19 @@ class Budget:
     ppl_tokens: int
     open_loop_s: float  # seconds of Poisson arrivals
     ppl2_tokens: int  # tokens of the second held-out text
+    embed_warmup: int  # embeddings rounds not recorded
+    embed_rounds: int  # embeddings rounds recorded: one sample per peer and batch size each
+    embed_passes: int  # passes over the EMBED_TEXTS texts in one sample
 
 
 BUDGETS = {
-    "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64, 3.0, 64),
-    "quick": Budget("quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512, 30.0, 2048),
-    "full": Budget("full", 2, 11, 128, 1024, 10, 250, 1000, 1, 3, 128, 15, 5000, 512, 120.0, 2048),
+    "tiny": Budget("tiny", 1, 2, 8, 1024, 2, 10, 20, 0, 1, 4, 3, 200, 64, 3.0, 64, 0, 2, 1),
+    "quick": Budget(
+        "quick", 1, 5, 64, 1024, 10, 200, 200, 1, 1, 32, 9, 2000, 512, 30.0, 2048, 1, 5, 2
+    ),
+    "full": Budget(
+        "full", 2, 11, 128, 1024, 10, 250, 1000, 1, 3, 128, 15, 5000, 512, 120.0, 2048, 2, 11, 4
+    ),
 }
 # Written for this repository (CC0), 2,554 tokens; its SHA-256 is checked by tests/test_quality.py.
 SECOND_HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "tests/data/heldout_prose_2.txt"
@@ -90,6 +103,13 @@ SECOND_HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "tests/data/heldo
 COOL_DOWN_S = 0.5
 SETTLE_QUIET_S = 0.2
 SETTLE_MAX_S = 10.0
+# Embeddings: the texts are the first EMBED_TEXTS sentences of the held-out texts (not chosen
+# for speed), at 1 and 32 texts per request. Between samples, only the quiet check of _settle
+# (ONNX Runtime's spinning threads, the server's last work): no llama.cpp runs in this phase.
+EMBED_TEXTS = 32
+EMBED_BATCHES = (1, 32)
+EMBED_PEERS = ("encloud", "in_process")
+EMBED_COOL_DOWN_S = 0.0
 OPEN_LOOP_LOAD = 0.75  # of the peak aggregate throughput measured in the same run
 OPEN_LOOP_SEED = 20261201
 
@@ -118,6 +138,14 @@ OPEN_LOOP_KEYS = [
     )
 ]
 
+EMBEDDINGS_KEYS = [
+    f"embeddings_per_s.{peer}.{n}" for peer in EMBED_PEERS for n in EMBED_BATCHES
+] + [
+    f"embeddings_confidential_overhead_pct{kind}.{n}"
+    for kind in ("", "_paired")
+    for n in EMBED_BATCHES
+]
+
 
 class Results:
     """Samples, versions and the reasons for null figures, filled in by the phases."""
@@ -142,6 +170,7 @@ class Results:
             "frame_open_us": [],
             "perplexity": {},
             "perplexity_2": {},
+            "embeddings": {peer: {str(n): [] for n in EMBED_BATCHES} for peer in EMBED_PEERS},
         }
         self.reasons: dict[str, str] = {}
         self.versions: dict[str, str] = {}
@@ -252,6 +281,7 @@ class Bench:
             llama = self._start_llama(workdir)
             try:
                 self._with_server(workdir, model_dir, llama)
+                self._phase(EMBEDDINGS_KEYS, lambda: self._embeddings(workdir, model_dir))
                 self._phase(["frame_seal_us", "frame_open_us"], self._envelope)
                 self._phase(
                     [f"{k}.{m}" for k in ("perplexity", "perplexity_2") for m in PPL_MODELS],
@@ -635,6 +665,126 @@ class Bench:
             ],
         }
 
+    def _embeddings(self, workdir: Path, chat_model_dir: Path) -> None:
+        """Embeddings/s at 1 and 32 texts per request: sealed over gRPC against a server that
+        serves only the embedding model, and Embedder.embed in this process (same threads,
+        same texts per model call). A sample is ``embed_passes`` passes over the texts; each
+        round takes one sample per peer and batch size, the order rotated every round."""
+        from encloud.client import NO_AUDIT, Client
+        from encloud.protocol.policy import load_policy
+        from encloud.server.devstack import ServerProcess, start_swtpm
+        from encloud.server.inference.embedder import Embedder
+        from encloud.server.inference.embeddings_export import export_embeddings_model
+
+        b = self.budget
+        res = self.results
+        folder = export_embeddings_model(self.cache_root, progress=self.log)
+        texts = embedding_texts()
+        batch_texts = int(str(self.server_settings.get("embed_batch_texts", 32)))
+        home = workdir / "embeddings"
+        home.mkdir(mode=0o700)
+        self.log("embeddings: starting swtpm and a server that serves only embeddings")
+        swtpm = start_swtpm(home / "swtpm")
+        server = ServerProcess(
+            home,
+            swtpm.tcti,
+            chat_model_dir,
+            embeddings_model_dir=folder,
+            serve_chat="false",
+            **self.server_settings,
+        )
+        embedder: Any = None
+        try:
+            address = server.start()
+            assert server.process is not None
+            pid = server.process.pid
+            embedder = Embedder.load(folder, threads=self.threads, max_batch_texts=batch_texts)
+            counts = embedder.count_tokens(texts)
+            res.notes["embeddings"] = {
+                "model_dir": str(folder),
+                "texts": len(texts),
+                "texts_source": "the first sentences of tests/data/heldout_prose.txt, then "
+                "tests/data/heldout_prose_2.txt (paragraphs at blank lines, a sentence ends at "
+                ". ! or ? before whitespace)",
+                "mean_tokens_per_text": sum(counts) / len(counts),
+                "tokens_per_text_min_max": [min(counts), max(counts)],
+                "batches": list(EMBED_BATCHES),
+                "passes_per_sample": b.embed_passes,
+                "threads": self.threads,
+                "in_process_max_batch_texts": batch_texts,
+                "server_pid": pid,
+            }
+            policy = load_policy(server.policy_path)
+            with Client(address, policy, audit_log=NO_AUDIT, timeout=600.0) as client:
+                client.attest()
+                client.release_key()
+                # Both do the same work: the same vectors (untimed; also a first warm-up).
+                sealed = np.asarray(client.embed(texts).vectors, dtype=np.float32)
+                plain = embedder.embed(texts).vectors
+                res.notes["embeddings"]["max_abs_diff_encloud_vs_in_process"] = float(
+                    np.max(np.abs(sealed - plain))
+                )
+
+                def encloud(batch: int) -> int:
+                    tokens = 0
+                    for _ in range(b.embed_passes):
+                        for i in range(0, len(texts), batch):
+                            tokens += client.embed(texts[i : i + batch]).prompt_tokens
+                    return tokens
+
+                def in_process(batch: int) -> int:
+                    tokens = 0
+                    for _ in range(b.embed_passes):
+                        for i in range(0, len(texts), batch):
+                            tokens += sum(embedder.embed(texts[i : i + batch]).token_counts)
+                    return tokens
+
+                runners: list[tuple[str, int, Callable[[int], int]]] = [
+                    (peer, n, run)
+                    for n in EMBED_BATCHES
+                    for peer, run in (("encloud", encloud), ("in_process", in_process))
+                ]
+                total = b.embed_warmup + b.embed_rounds
+                self.log(
+                    f"embeddings: {total} rounds ({b.embed_warmup} warm-up) x "
+                    f"{b.embed_passes} pass(es) over {len(texts)} texts, batch {EMBED_BATCHES}"
+                )
+                previous = ""
+                for r in range(total):
+                    order = runners[r % len(runners) :] + runners[: r % len(runners)]
+                    for peer, n, run in order:
+                        settled = _settle([pid, os.getpid()], EMBED_COOL_DOWN_S)
+                        started = _now()
+                        tokens = run(n)
+                        seconds = _now() - started
+                        if r >= b.embed_warmup:
+                            res.samples["embeddings"][peer][str(n)].append(
+                                {
+                                    "round": r,
+                                    "texts": b.embed_passes * len(texts),
+                                    "requests": b.embed_passes * math.ceil(len(texts) / n),
+                                    "seconds": seconds,
+                                    "tokens": tokens,
+                                    "after": previous,
+                                    "settle_s": settled,
+                                }
+                            )
+                        previous = f"{peer}.{n}"
+                    if r >= b.embed_warmup:
+                        self.log(
+                            f"  round {r + 1}/{total}: "
+                            + ", ".join(
+                                f"{peer}.{n} {s['texts'] / s['seconds']:.0f}/s"
+                                for peer, n, _ in runners
+                                for s in res.samples["embeddings"][peer][str(n)][-1:]
+                            )
+                        )
+        finally:
+            if embedder is not None:
+                embedder.close()
+            res.notes["embeddings_server_exit_code"] = server.terminate()
+            swtpm.stop()
+
     # -- phases without the server -------------------------------------------------------
 
     def _envelope(self) -> None:
@@ -717,6 +867,24 @@ def _perplexity_harness(
     return ids, gate, "encloud.server.inference.quality", str(shown)
 
 
+def embedding_texts(n: int = EMBED_TEXTS) -> list[str]:
+    """The embeddings phase's texts: the first ``n`` sentences of the held-out texts
+    (tests/data/heldout_prose.txt, then tests/data/heldout_prose_2.txt), in order. Paragraphs
+    are split at blank lines and their whitespace collapsed; a sentence ends at ``.``, ``!`` or
+    ``?`` followed by whitespace (a title line is a text of its own). Fixed, not chosen for
+    speed."""
+    from encloud.server.inference import quality
+
+    out: list[str] = []
+    for path in (Path(quality.HELDOUT_TEXT), SECOND_HELDOUT_TEXT):
+        for paragraph in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
+            flat = " ".join(paragraph.split())
+            out += [s for s in re.split(r"(?<=[.!?])\s+", flat) if s]
+    if len(out) < n:
+        raise RuntimeError(f"the held-out texts have {len(out)} sentences, fewer than {n}")
+    return out[:n]
+
+
 def _concurrent_round(clients: list[Any], n: int) -> list[dict[str, Any]]:
     """All clients stream at once (released together by a barrier); every wait is bounded."""
     barrier = threading.Barrier(len(clients) + 1)
@@ -775,11 +943,11 @@ def _cpu_ticks(pids: list[int]) -> int:
     return total
 
 
-def _settle(pids: list[int]) -> float:
-    """Wait (at least COOL_DOWN_S) until these processes used no CPU for SETTLE_QUIET_S;
+def _settle(pids: list[int], minimum: float = COOL_DOWN_S) -> float:
+    """Wait (at least ``minimum``) until these processes used no CPU for SETTLE_QUIET_S;
     returns the seconds waited (SETTLE_MAX_S at most)."""
     start = _now()
-    time.sleep(COOL_DOWN_S)
+    time.sleep(minimum)
     while _now() - start < SETTLE_MAX_S:
         before = _cpu_ticks(pids)
         time.sleep(SETTLE_QUIET_S)

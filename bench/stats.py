@@ -8,7 +8,9 @@ recomputes them the same way, so a table cannot disagree with its samples.
 - p50 / p99: nearest rank, the smallest sample with at least p % of the samples at or below it;
 - decode tok/s of one run: (completion tokens - 1) / (time of the last token - time of the
   first), so time to first token is excluded from decode speed;
-- perplexity: exp(sum of negative log-likelihoods / number of predicted tokens).
+- perplexity: exp(sum of negative log-likelihoods / number of predicted tokens);
+- embeddings/s of one sample: texts embedded / seconds of the sample (``embed_passes`` passes
+  over the texts, at 1 or 32 texts per request).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from encloud.cli.stats import percentile  # the one percentile of the project's 
 ENGINES = ("encloud", "engine_plaintext", "llama_cpp")
 PPL_MODELS = ("encloud", "fp32", "llama_cpp")
 LEVELS = ("1", "4", "8", "16")
+EMBED_PEERS = ("encloud", "in_process")
+EMBED_BATCHES = ("1", "32")
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -35,6 +39,45 @@ def decode_rate(run: Mapping[str, Any]) -> float | None:
     if tokens < 2 or seconds <= 0:
         return None
     return (tokens - 1) / seconds
+
+
+def embeddings_rate(sample: Mapping[str, Any]) -> float | None:
+    """Embeddings/s of one sample: texts over seconds."""
+    seconds = float(sample["seconds"])
+    return int(sample["texts"]) / seconds if seconds > 0 else None
+
+
+def embeddings_figures(samples: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Embeddings/s per peer and texts per request (median of samples), and the confidential
+    overhead per texts per request: 100 x (1 - encloud / in_process), the ratio of the two
+    medians, and the same ratio per round, then the median (as the chat overhead)."""
+    samples = samples or {}
+    per_s: dict[str, dict[str, float | None]] = {}
+    for peer in EMBED_PEERS:
+        by_batch = samples.get(peer) or {}
+        per_s[peer] = {}
+        for n in EMBED_BATCHES:
+            rates = [r for r in (embeddings_rate(s) for s in by_batch.get(n) or []) if r]
+            per_s[peer][n] = median(rates)
+    overhead: dict[str, float | None] = {}
+    paired: dict[str, float | None] = {}
+    for n in EMBED_BATCHES:
+        enc, plain = per_s["encloud"][n], per_s["in_process"][n]
+        overhead[n] = 100.0 * (1.0 - enc / plain) if enc is not None and plain else None
+        plain_by_round = {
+            s["round"]: embeddings_rate(s) for s in (samples.get("in_process") or {}).get(n) or []
+        }
+        pairs = []
+        for s in (samples.get("encloud") or {}).get(n) or []:
+            enc_rate, plain_rate = embeddings_rate(s), plain_by_round.get(s["round"])
+            if enc_rate is not None and plain_rate:
+                pairs.append(100.0 * (1.0 - enc_rate / plain_rate))
+        paired[n] = median(pairs)
+    return {
+        "embeddings_per_s": per_s,
+        "embeddings_confidential_overhead_pct": overhead,
+        "embeddings_confidential_overhead_pct_paired": paired,
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -104,6 +147,8 @@ def figures_from_samples(samples: Mapping[str, Any]) -> dict[str, Any]:
     rss = samples.get("server_rss") or {}
     hwm = rss.get("vmhwm_kb")
     out["server_peak_rss_mb"] = hwm / 1024.0 if hwm is not None else None
+
+    out.update(embeddings_figures(samples.get("embeddings")))
 
     out["frame_seal_us"] = median([float(x) for x in samples.get("frame_seal_us", [])])
     out["frame_open_us"] = median([float(x) for x in samples.get("frame_open_us", [])])

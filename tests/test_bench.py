@@ -3,11 +3,13 @@
 It runs `python -m bench` as a user would (a real swtpm, a real server on loopback, the
 exported model), then checks the JSON: every key present, every peer figure a number or null
 with a reason, every figure recomputed here from `samples` (independently of bench.stats) and
-equal to what the harness reported, the confidential overhead finite.
+equal to what the harness reported, the confidential overhead finite. The embeddings figures
+are numbers or null with a reason (numbers wherever the embedding model's package is installed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ENGINES = ("encloud", "engine_plaintext", "llama_cpp")
 LEVELS = ("1", "4", "8", "16")
+EMBED_PEERS = ("encloud", "in_process")
+EMBED_BATCHES = ("1", "32")
+EMBEDDINGS_KEYS = (
+    [f"embeddings_per_s.{p}.{n}" for p in EMBED_PEERS for n in EMBED_BATCHES]
+    + [f"embeddings_confidential_overhead_pct.{n}" for n in EMBED_BATCHES]
+    + [f"embeddings_confidential_overhead_pct_paired.{n}" for n in EMBED_BATCHES]
+)
 PEER_KEYS = {
     "decode_tok_s.llama_cpp",
     "ttft_ms.llama_cpp",
@@ -57,6 +66,7 @@ KEYS = (
             "itl_ms_p99",
         )
     ]
+    + EMBEDDINGS_KEYS
 )
 
 
@@ -118,6 +128,24 @@ def _recompute(samples: dict[str, Any]) -> dict[str, float | None]:
     out["server_peak_rss_mb"] = samples["server_rss"]["vmhwm_kb"] / 1024
     for level in ("8", "16"):
         out[f"server_peak_rss_mb_after.{level}"] = samples["concurrency_vmhwm_kb"][level] / 1024
+    embeddings = samples["embeddings"]
+    for n in EMBED_BATCHES:
+        for peer in EMBED_PEERS:
+            rates = [s["texts"] / s["seconds"] for s in embeddings[peer][n]]
+            out[f"embeddings_per_s.{peer}.{n}"] = statistics.median(rates) if rates else None
+        enc, plain = out[f"embeddings_per_s.encloud.{n}"], out[f"embeddings_per_s.in_process.{n}"]
+        out[f"embeddings_confidential_overhead_pct.{n}"] = (
+            100 * (1 - enc / plain) if enc and plain else None
+        )
+        plain_rounds = {s["round"]: s["texts"] / s["seconds"] for s in embeddings["in_process"][n]}
+        paired = [
+            100 * (1 - s["texts"] / s["seconds"] / plain_rounds[s["round"]])
+            for s in embeddings["encloud"][n]
+            if s["round"] in plain_rounds
+        ]
+        out[f"embeddings_confidential_overhead_pct_paired.{n}"] = (
+            statistics.median(paired) if paired else None
+        )
     out["frame_seal_us"] = statistics.median(samples["frame_seal_us"])
     out["frame_open_us"] = statistics.median(samples["frame_open_us"])
     for key in ("perplexity", "perplexity_2"):
@@ -150,7 +178,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_every_key_present_and_peers_number_or_null_with_reason(report: dict[str, Any]) -> None:
     for key in KEYS:
         value = _get(report, key)
-        if key in PEER_KEYS:
+        if key in PEER_KEYS or key in EMBEDDINGS_KEYS:
             assert value is None or isinstance(value, (int, float)), key
             if value is None:
                 assert report["reasons"].get(key), f"{key} is null without a reason"
@@ -190,6 +218,35 @@ def test_overhead_finite_and_samples_sized_by_budget(report: dict[str, Any]) -> 
         rounds = report["samples"]["concurrency"][level]
         assert len(rounds) == budget["conc_rounds"]
         assert all(len(r["streams"]) == int(level) for r in rounds)
+
+
+def test_embeddings_measured_where_the_model_is_installed(report: dict[str, Any]) -> None:
+    """Numbers or null with a reason (checked above); with the model's package installed (the
+    dev environment), numbers, one sample per round for each peer and batch size, both peers
+    embedding the same tokens, and the same vectors."""
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
+        pytest.skip("the embedding model's package is not installed here")
+    for key in EMBEDDINGS_KEYS:
+        value = _get(report, key)
+        assert isinstance(value, (int, float)) and math.isfinite(value), (
+            key,
+            value,
+            report["reasons"].get(key),
+        )
+    budget = report["budget"]
+    notes = report["notes"]["embeddings"]
+    assert notes["texts"] == 32 and notes["mean_tokens_per_text"] > 2
+    assert notes["max_abs_diff_encloud_vs_in_process"] < 1e-3
+    embeddings = report["samples"]["embeddings"]
+    for n in EMBED_BATCHES:
+        for peer in EMBED_PEERS:
+            samples = embeddings[peer][n]
+            assert len(samples) == budget["embed_rounds"], (peer, n)
+            assert all(s["texts"] == 32 * budget["embed_passes"] for s in samples)
+            assert all(s["requests"] == s["texts"] // int(n) for s in samples)
+        assert [s["tokens"] for s in embeddings["encloud"][n]] == [
+            s["tokens"] for s in embeddings["in_process"][n]
+        ]
 
 
 def test_machine_names_cpu_cores_and_engine_versions(report: dict[str, Any]) -> None:
