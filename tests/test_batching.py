@@ -156,6 +156,9 @@ def test_each_request_keeps_its_own_sampling_parameters(engine: Engine) -> None:
     tokens, gaps = _reference(engine, PROMPTS[0])
     agreed = next((i for i, gap in enumerate(gaps) if gap < NEAR_TIE), len(tokens))
     assert agreed >= 4, "the prompt should give a few clear greedy steps"
+    # The reference runs NEW_TOKENS steps, the request only its own max_new_tokens: compare
+    # no further than the request could go (a CPU without a near tie in between reaches it).
+    agreed = min(agreed, greedy.max_new_tokens)
     expected = engine.decode(tokens[:agreed]).rstrip("\ufffd")
     assert alone["greedy"][0].startswith(expected)
     assert first[0][0].startswith(expected)

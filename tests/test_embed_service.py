@@ -137,6 +137,21 @@ def test_one_session_serves_chat_and_embeddings(connect, stack, embeddings_model
     assert len(client.embed(["hello"]).vectors) == 1
 
 
+def test_the_asyncio_client_embeds_concurrently(stack, reference) -> None:
+    import asyncio
+
+    from encloud.client import AsyncClient
+
+    async def run() -> list[list[list[float]]]:
+        async with AsyncClient(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
+            results = await asyncio.gather(*(client.embed([t]) for t in TEXTS))
+            return [r.vectors for r in results]
+
+    got = asyncio.run(run())
+    want = reference.embed(TEXTS).vectors.tolist()
+    assert all(_close(g[0], w) for g, w in zip(got, want, strict=True))
+
+
 def test_concurrent_requests_all_answer_right(connect, reference) -> None:
     client = _bound(connect)
     texts = [f"Sentence number {i} is about topic {i % 5}." for i in range(16)]
