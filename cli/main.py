@@ -1,17 +1,20 @@
 """The `encloud` command line.
 
-Client commands (attest, chat, verify, policy, audit, loadgen) need only the
-client package; server commands (serve, export-model, demo) import the server
-package when they run.
+Client commands (attest, chat, embed, verify, policy, audit, loadgen) need only the
+client package; server commands (serve, export-model, export-embeddings-model, demo)
+import the server package when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from encloud.cli.options import (
     OneLineParser,
@@ -21,6 +24,9 @@ from encloud.cli.options import (
     version,
 )
 from encloud.protocol.errors import EncloudError
+
+if TYPE_CHECKING:
+    from encloud.client import Client
 
 # Relative to the folder the command runs in; printed (absolute) after every attestation.
 DEFAULT_AUDIT_LOG = Path(".encloud/audit.jsonl")
@@ -351,10 +357,14 @@ def _write_policy(path: Path, policy: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _attested_client(args: argparse.Namespace, out: TextIO | None = None) -> Iterator[Client]:
+    """A client of the command's target whose attestation verified (summary and audit note
+    to `out`, stdout by default) and whose data key is released; closed on exit."""
     from encloud.client import NO_AUDIT, Client
     from encloud.protocol.policy import load_policy
 
+    out = sys.stdout if out is None else out
     credentials = channel_credentials(args)
     policy = load_policy(args.policy)
     audit_path = _audit_path(args)
@@ -364,14 +374,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
         audit_log=audit_path if audit_path is not None else NO_AUDIT,
         credentials=credentials,
     ) as client:
-        try:
-            attestation = client.attest()
-        finally:
-            if client.last_attempt is not None:
-                _say_audited(audit_path)
-        print_summary(attestation, policy)
-        client.release_key()
-        print("Data key released; key confirmation verified.\n")
+        with contextlib.redirect_stdout(out):
+            try:
+                attestation = client.attest()
+            finally:
+                if client.last_attempt is not None:
+                    _say_audited(audit_path)
+            print_summary(attestation, policy)
+            client.release_key()
+            print("Data key released; key confirmation verified.\n")
+        yield client
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    with _attested_client(args) as client:
         history: list[tuple[str, str]] = []
         prompts = [args.prompt] if args.prompt else _read_prompts()
         for prompt in prompts:
@@ -384,11 +400,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed texts through an attested session: one JSON line per text on stdout; the
     attestation summary on stderr, so the output pipes into other tools."""
-    import contextlib
-
-    from encloud.client import NO_AUDIT, Client
-    from encloud.protocol.policy import load_policy
-
     texts = list(args.text) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         print(
@@ -396,22 +407,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    credentials = channel_credentials(args)
-    policy = load_policy(args.policy)
-    audit_path = _audit_path(args)
-    with Client(
-        args.target,
-        policy,
-        audit_log=audit_path if audit_path is not None else NO_AUDIT,
-        credentials=credentials,
-    ) as client:
-        with contextlib.redirect_stdout(sys.stderr):
-            try:
-                attestation = client.attest()
-            finally:
-                if client.last_attempt is not None:
-                    _say_audited(audit_path)
-            print_summary(attestation, policy)
+    with _attested_client(args, out=sys.stderr) as client:
         result = client.embed(
             texts,
             dimensions=args.dimensions,

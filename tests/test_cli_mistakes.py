@@ -15,7 +15,14 @@ ENCLOUD = str(Path(sys.executable).with_name("encloud"))
 
 
 def _run(*args: str, cwd: Path) -> tuple[int, str]:
-    proc = subprocess.run([ENCLOUD, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+    proc = subprocess.run(
+        [ENCLOUD, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -32,6 +39,8 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
         (["loadgen", "--target", "h", "--policy", "p.json", "--no-audit"], 2, "not host:port"),
         (["nonsense"], 2, "invalid choice"),
         (["tpm", "ak", "--state", "no-such-folder", "-o", "ak.pem"], 1, "is not a folder"),
+        (["embed", "--target", "h:1", "--policy", "p.json"], 2, "encloud embed: no texts"),
+        (["embed", "--policy", "p.json", "--dimensions", "0", "x"], 2, "0 is not positive"),
     ],
     ids=[
         "no-port",
@@ -44,6 +53,8 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
         "loadgen-no-port",
         "unknown-command",
         "tpm-ak-no-state",
+        "embed-no-texts",
+        "embed-zero-dimensions",
     ],
 )
 def test_a_mistake_is_one_line(args, code, wanted, tmp_path: Path) -> None:
