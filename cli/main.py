@@ -1,6 +1,6 @@
 """The `encloud` command line.
 
-Client commands (attest, chat, embed, verify, policy, audit, loadgen) need only the
+Client commands (attest, chat, embed, seal, open, verify, policy, audit, loadgen) need only the
 client package; server commands (serve, export-model, export-embeddings-model, demo)
 import the server package when they run.
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from encloud.cli.options import (
     OneLineParser,
@@ -424,6 +424,66 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seal(args: argparse.Namespace) -> int:
+    """Seal a file at rest under a data key (docs/PROTOCOL.md, "Sealed files")."""
+    import os
+
+    from encloud.protocol import sealed_file
+
+    sealed_file.check_key_id(args.key_id)
+    if args.new_key is not None:
+        key = os.urandom(sealed_file.KEY_LENGTH)
+        _write_private(args.new_key, key.hex().encode("ascii") + b"\n", exclusive=True)
+    else:
+        key = sealed_file.read_key_file(Path(args.key).read_bytes())
+    with open(args.input, "rb") as source, _replacing(args.output) as sink:
+        size = sealed_file.seal_stream(source, sink, key, args.key_id)
+    made = f"; new key in {args.new_key} (mode 0600)" if args.new_key is not None else ""
+    print(f"sealed {args.input} ({size} bytes) under key id {args.key_id} -> {args.output}{made}")
+    return 0
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    """Open a sealed file; the output appears only once every segment authenticated."""
+    from encloud.protocol import sealed_file
+
+    key = sealed_file.read_key_file(Path(args.key).read_bytes())
+    with open(args.input, "rb") as source, _replacing(args.output) as sink:
+        header = sealed_file.open_stream(source, sink, key, expected_key_id=args.key_id)
+        size = sink.tell()
+    print(f"opened {args.input} (key id {header.key_id}, {size} bytes) -> {args.output}")
+    return 0
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[BinaryIO]:
+    """A private (0600) temporary file beside `path`, renamed onto it only when the block
+    ends without an error; removed otherwise, so no half-written or unverified file stays."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            yield sink
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_private(path: Path, data: bytes, *, exclusive: bool) -> None:
+    import os
+
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
 def _read_prompts():
     while True:
         try:
@@ -668,6 +728,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--truncate", action="store_true", help="cut over-long texts instead of refusing them"
     )
     embed.set_defaults(func=cmd_embed)
+
+    seal = sub.add_parser("seal", help="seal a file at rest (AES-256-GCM, Tink streaming format)")
+    seal.add_argument("input", type=Path, help="the file to seal")
+    seal.add_argument("-o", "--output", type=Path, required=True, help="the sealed file to write")
+    seal.add_argument("--key-id", required=True, help="the data key's id, bound into the file")
+    seal_key = seal.add_mutually_exclusive_group(required=True)
+    seal_key.add_argument("--key", type=Path, help="key file: 32 raw bytes or 64 hex digits")
+    seal_key.add_argument(
+        "--new-key", type=Path, help="draw a fresh key, write it here (0600, never overwritten)"
+    )
+    seal.set_defaults(func=cmd_seal)
+    opener = sub.add_parser("open", help="open a sealed file (only a wholly verified one)")
+    opener.add_argument("input", type=Path, help="the sealed file")
+    opener.add_argument("-o", "--output", type=Path, required=True, help="the plaintext to write")
+    opener.add_argument("--key", type=Path, required=True, help="key file (as for seal)")
+    opener.add_argument("--key-id", help="refuse a file sealed under another key id")
+    opener.set_defaults(func=cmd_open)
 
     sub.add_parser("serve", help="run the server (see serve --help: flags, ENCLOUD_*, --config)")
 

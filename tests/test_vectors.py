@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from encloud.protocol import errors, eventlog
+from encloud.protocol import errors, eventlog, sealed_file
 from encloud.protocol.embedding import (
     embedding_request,
     embedding_response,
@@ -366,6 +367,49 @@ def test_embed_response_size_shows_only_the_bucket() -> None:
         by_bucket.setdefault(padded_rows(count, 64), set()).add(size)
     assert sorted(by_bucket) == [1, 8, 32, 64]
     assert all(len(found) == 1 for found in by_bucket.values()), by_bucket
+
+
+# --- sealed files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", load("sealed_file")["positive"], ids=lambda c: c["name"])
+def test_sealed_file_opens_and_reseals_byte_for_byte(case: dict[str, Any]) -> None:
+    v = load("sealed_file")
+    key = b(v["key"])
+    out = io.BytesIO()
+    header = sealed_file.open_stream(io.BytesIO(b(case["sealed"])), out, key)
+    assert out.getvalue() == b(case["plaintext"]) and header.key_id == case["key_id"]
+    assert header.encode() == b(case["header"])
+    again = io.BytesIO()
+    sealed_file.seal_stream(
+        io.BytesIO(b(case["plaintext"])),
+        again,
+        key,
+        case["key_id"],
+        salt=b(case["salt"]),
+        nonce_prefix=b(case["nonce_prefix"]),
+    )
+    assert again.getvalue() == b(case["sealed"])
+
+
+@pytest.mark.parametrize("case", load("sealed_file")["negative"], ids=lambda c: c["name"])
+def test_sealed_file_refusals(case: dict[str, Any]) -> None:
+    key = b(load("sealed_file")["key"])
+    out = io.BytesIO()
+    with pytest.raises(getattr(sealed_file, case["error"])):
+        sealed_file.open_stream(io.BytesIO(b(case["sealed"])), out, key)
+
+
+def test_sealed_file_under_another_key_id_than_expected() -> None:
+    v = load("sealed_file")
+    case = v["expected_key_id"]
+    with pytest.raises(sealed_file.SealedFileKeyIdError):
+        sealed_file.open_stream(
+            io.BytesIO(b(case["sealed"])),
+            io.BytesIO(),
+            b(v["key"]),
+            expected_key_id=case["expected"],
+        )
 
 
 # --- event log and model digest -----------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import io
 import json
 import struct
 import sys
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encloud.protocol import eventlog
+from encloud.protocol import eventlog, sealed_file
 from encloud.protocol.embedding import embedding_request, embedding_response, padded_rows
 from encloud.protocol.encoding import encode, sha256, u8, u16, u32, u64
 from encloud.protocol.envelope import (
@@ -60,6 +61,7 @@ FILES = (
     "envelope",
     "stream",
     "embed",
+    "sealed_file",
     "eventlog",
     "evidence",
     "policy",
@@ -1306,6 +1308,102 @@ def embed_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
         "response_payload": hx(good_payload),
         "cases": cases,
     }
+
+
+# --- sealed files ------------------------------------------------------------------------------
+
+
+def sealed_file_vectors() -> dict[str, Any]:
+    """Single-segment sealed files (salt and nonce prefix fixed) and files that must not open.
+    Files of several segments (1 MiB each) are too big for JSON: tests/test_sealed_file.py
+    attacks those, and has the Node client open one."""
+    key, other_key = seed("sealed file key"), seed("another sealed file key")
+
+    def seal(plaintext: bytes, key_id: str = "owner-1/data", label: str = "a", k: bytes = key):
+        out = io.BytesIO()
+        sealed_file.seal_stream(
+            io.BytesIO(plaintext),
+            out,
+            k,
+            key_id,
+            salt=seed(f"sealed salt {label}"),
+            nonce_prefix=seed(f"sealed prefix {label}", 7),
+        )
+        return out.getvalue()
+
+    text = "Confidential: quarterly numbers, \u00e9t\u00e9 2026.\n".encode()
+    good = seal(text)
+    header = sealed_file.SealedHeader("owner-1/data").encode()
+    body = good[len(header) :]
+
+    def flipped(data: bytes, offset: int) -> bytes:
+        out = bytearray(data)
+        out[offset] ^= 1
+        return bytes(out)
+
+    other_header = sealed_file.SealedHeader("owner-1/other").encode()
+    negative = [
+        ("bit_flip_in_segment", flipped(good, len(good) - 20), "SealedFileDecryptError"),
+        ("bit_flip_in_tag", flipped(good, len(good) - 1), "SealedFileDecryptError"),
+        ("bit_flip_in_salt", flipped(good, len(header) + 5), "SealedFileDecryptError"),
+        ("bit_flip_in_nonce_prefix", flipped(good, len(header) + 35), "SealedFileDecryptError"),
+        ("key_id_renamed", other_header + body, "SealedFileDecryptError"),
+        ("truncated_inside_tag", good[:-1], "SealedFileDecryptError"),
+        ("segment_dropped", good[: len(header) + 40], "SealedFileDecryptError"),
+        ("trailing_bytes", good + b"\x00", "SealedFileDecryptError"),
+        ("other_key", seal(text, k=other_key), "SealedFileDecryptError"),
+        ("wrong_magic", b"ENCLSEAM" + good[8:], "SealedFileFormatError"),
+        ("version_2", good[:8] + b"\x02" + good[9:], "SealedFileFormatError"),
+        ("empty_key_id", b"ENCLSEAL\x01\x00" + body, "SealedFileFormatError"),
+        ("key_id_not_ascii", b"ENCLSEAL\x01\x01\xff" + body, "SealedFileFormatError"),
+        (
+            "tink_header_length",
+            good[: len(header)] + b"\x29" + good[len(header) + 1 :],
+            "SealedFileFormatError",
+        ),
+        ("header_cut", good[:12], "SealedFileFormatError"),
+    ]
+    return {
+        "description": "sealed files: the encloud header, Tink's AES-GCM-HKDF streaming format "
+        "(1 MiB segments) with the header as associated data; files that open and files that "
+        "must not (each with its error)",
+        "key": hx(key),
+        "segment_size": sealed_file.SEGMENT_SIZE,
+        "positive": [
+            {
+                "name": name,
+                "key_id": key_id,
+                "salt": hx(seed(f"sealed salt {label}")),
+                "nonce_prefix": hx(seed(f"sealed prefix {label}", 7)),
+                "header": hx(sealed_file.SealedHeader(key_id).encode()),
+                "file_key": hx(
+                    _hkdf_sha256(
+                        key, seed(f"sealed salt {label}"), sealed_file.SealedHeader(key_id).encode()
+                    )
+                ),
+                "plaintext": hx(plaintext),
+                "sealed": hx(seal(plaintext, key_id, label)),
+            }
+            for name, plaintext, key_id, label in (
+                ("text", text, "owner-1/data", "a"),
+                ("empty", b"", "k", "b"),
+                ("binary_4k", seed("sealed binary", 4096), "owner-2:files.v1", "c"),
+            )
+        ],
+        "negative": [
+            {"name": name, "sealed": hx(data), "error": error} for name, data, error in negative
+        ],
+        "expected_key_id": {
+            "sealed": hx(good),
+            "expected": "owner-1/other",
+            "error": "SealedFileKeyIdError",
+        },
+    }
+
+
+def _hkdf_sha256(key: bytes, salt: bytes, info: bytes) -> bytes:
+    prk = _hkdf_extract(salt, key)
+    return _hkdf_expand(prk, info, 32)
 
 
 # --- event log and model digest -----------------------------------------------------------------
@@ -2632,6 +2730,7 @@ def build() -> dict[str, str]:
         "envelope": envelope_vectors(keys),
         "stream": stream_vectors(keys),
         "embed": embed_vectors(keys),
+        "sealed_file": sealed_file_vectors(),
         "eventlog": eventlog_vectors(),
         "evidence": evidence_vectors(),
         "policy": policy_vectors(),

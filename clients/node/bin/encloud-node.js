@@ -18,9 +18,19 @@
 // {"index": i, "embedding": [float, ...]} (as `encloud embed` prints), or with --array one
 // JSON array of the vectors; the attestation summary and a closing line go to stderr.
 // A failure prints {"ok": false, "error", "check", "message"} on stdout and exits 1.
+//
+//   node bin/encloud-node.js open IN -o OUT --key KEYFILE [--key-id K]
+//
+// open: opens the sealed file IN (protocol/sealed_file.py's format) with the 32-byte key in
+// KEYFILE (32 raw bytes or 64 hex digits), streaming, into a temporary file beside OUT that is
+// renamed to OUT only once the whole file opened: a failed open leaves no OUT. --key-id K
+// refuses a file sealed under another key id. It prints `opened IN (key id K, N bytes) -> OUT`
+// on stderr and exits 0; a failure is one line on stderr (`encloud-node open: Error: detail`)
+// and exit 1, a usage mistake one line and exit 2.
 const fs = require('node:fs');
+const path = require('node:path');
 const crypto = require('node:crypto');
-const { EncloudClient, policy: pol } = require('../lib');
+const { EncloudClient, policy: pol, openSealedFile, readKeyFile } = require('../lib');
 
 function args(argv) {
   const out = { prompt: 'Name three colours of the rainbow.', maxNewTokens: 16, attacks: false };
@@ -65,6 +75,104 @@ function embedArgs(argv) {
   out.texts.push(...argv.slice(i));
   if (!out.target || !out.policy) throw new Error('--target and --policy are required');
   return out;
+}
+
+class UsageError extends Error {}
+
+function openArgs(argv) {
+  const out = { input: undefined, output: undefined, key: undefined, keyId: undefined };
+  const positional = [];
+  let i = 3;
+  for (; i < argv.length; i++) {
+    const a = argv[i];
+    const value = () => {
+      if (i + 1 >= argv.length) throw new UsageError(`${a} needs a value`);
+      return argv[++i];
+    };
+    if (a === '--') {
+      i++;
+      break;
+    }
+    if (a === '-o' || a === '--output') out.output = value();
+    else if (a === '--key') out.key = value();
+    else if (a === '--key-id') out.keyId = value();
+    else if (a.startsWith('-') && a !== '-') throw new UsageError(`unknown argument ${a}`);
+    else positional.push(a);
+  }
+  positional.push(...argv.slice(i));
+  if (positional.length !== 1) throw new UsageError('give one sealed file to open (open IN -o OUT --key KEYFILE)');
+  [out.input] = positional;
+  if (!out.output || !out.key) throw new UsageError('-o OUT and --key KEYFILE are required');
+  return out;
+}
+
+async function openFile(opt) {
+  const key = readKeyFile(fs.readFileSync(opt.key));
+  const target = path.resolve(opt.output);
+  const tmp = path.join(
+    path.dirname(target),
+    `.${path.basename(target)}.${crypto.randomBytes(6).toString('hex')}.tmp`,
+  );
+  const fd = fs.openSync(tmp, 'wx', 0o600);
+  const discard = () => {
+    try {
+      fs.unlinkSync(tmp);
+    } catch {
+      // already gone
+    }
+  };
+  const interrupted = () => {
+    discard();
+    process.exit(130);
+  };
+  process.once('SIGINT', interrupted);
+  process.once('SIGTERM', interrupted);
+  const input = fs.createReadStream(opt.input);
+  // autoClose: false: the descriptor stays open after 'finish', for fsync before the rename.
+  const output = fs.createWriteStream(null, { fd, autoClose: false });
+  let fdOpen = true;
+  try {
+    const result = await openSealedFile(input, output, key, { expectedKeyId: opt.keyId });
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    fdOpen = false;
+    fs.renameSync(tmp, target);
+    process.stderr.write(`opened ${opt.input} (key id ${result.keyId}, ${result.bytes} bytes) -> ${opt.output}\n`);
+  } catch (err) {
+    input.destroy();
+    if (fdOpen && !output.closed) {
+      // destroy() waits for a write in flight, then closes the descriptor
+      await new Promise((resolve) => {
+        output.once('close', resolve);
+        output.once('error', () => {});
+        output.destroy();
+      });
+    }
+    discard();
+    throw err;
+  } finally {
+    process.removeListener('SIGINT', interrupted);
+    process.removeListener('SIGTERM', interrupted);
+  }
+}
+
+async function openCommand(argv) {
+  let opt;
+  try {
+    opt = openArgs(argv);
+  } catch (err) {
+    process.stderr.write(`encloud-node open: ${err.message}\n`);
+    return 2;
+  }
+  try {
+    await openFile(opt);
+    return 0;
+  } catch (err) {
+    const name = err instanceof Error && err.name !== 'Error' ? `${err.name}: ` : '';
+    const message = String(err && err.message ? err.message : err).replace(/\s*\n\s*/g, ' ');
+    process.stderr.write(`encloud-node open: ${name}${message}\n`);
+    return 1;
+  }
 }
 
 async function collect(stream) {
@@ -242,6 +350,10 @@ async function embed(opt, policy) {
 }
 
 async function main() {
+  if (process.argv[2] === 'open') {
+    process.exitCode = await openCommand(process.argv);
+    return;
+  }
   if (process.argv[2] === 'embed') {
     const opt = embedArgs(process.argv);
     await embed(opt, pol.parsePolicy(fs.readFileSync(opt.policy)));

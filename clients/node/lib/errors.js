@@ -82,6 +82,14 @@ for (const name of [
 ]) {
   sub(name, EnvelopeError);
 }
+/** A sealed file that does not open: its header, its key or one of its segments. */
+const SealedFileError = sub('SealedFileError', EncloudError);
+/** Not a sealed file of a version this client reads (magic, version, header lengths). */
+sub('SealedFileFormatError', SealedFileError);
+/** The file names another key id than the one the caller opens it with. */
+sub('SealedFileKeyIdError', SealedFileError);
+/** A segment failed authentication: tampered, reordered, dropped, truncated or spliced. */
+sub('SealedFileDecryptError', SealedFileError);
 const SessionError = sub('SessionError', EncloudError);
 sub('SessionExpiredError', SessionError);
 

@@ -1,6 +1,12 @@
 'use strict';
+const sealedFile = require('./sealed_file');
+
 module.exports = {
   ...require('./client'),
+  openSealedFile: sealedFile.openSealedFile,
+  openSealedBuffer: sealedFile.openSealedBuffer,
+  readKeyFile: sealedFile.readKeyFile,
+  sealedFile,
   errors: require('./errors'),
   encoding: require('./encoding'),
   handshake: require('./handshake'),

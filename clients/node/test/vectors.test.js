@@ -567,3 +567,57 @@ test('policy: allowed_embedding_model_digests, and a model in either list', asyn
     assert.equal(got.modelDigest.toString('hex'), chat);
   });
 });
+
+test('sealed files: every case of sealed_file.json', async (t) => {
+  const v = load('sealed_file');
+  const sf = lib.sealedFile;
+  const key = b(v.key);
+  assert.equal(v.segment_size, sf.SEGMENT_SIZE);
+  // Fed as a stream in 7-byte chunks, so no case depends on how the input is cut up.
+  const chunked = function* (data) {
+    for (let i = 0; i < data.length; i += 7) yield data.subarray(i, i + 7);
+  };
+  const viaStream = async (data, opts) => {
+    const parts = [];
+    const sink = new (require('node:stream').Writable)({
+      write(chunk, _enc, cb) {
+        parts.push(chunk);
+        cb();
+      },
+    });
+    const result = await lib.openSealedFile(chunked(data), sink, key, opts);
+    return { ...result, plaintext: Buffer.concat(parts) };
+  };
+  for (const c of v.positive) {
+    await t.test(`positive: ${c.name}`, async () => {
+      const header = sf.sealedHeader(c.key_id);
+      assert.equal(header.toString('hex'), c.header);
+      assert.equal(sf.fileKey(key, b(c.salt), header).toString('hex'), c.file_key);
+      const data = b(c.sealed);
+      assert.equal(data.subarray(header.length + 1, header.length + 33).toString('hex'), c.salt);
+      assert.equal(data.subarray(header.length + 33, header.length + 40).toString('hex'), c.nonce_prefix);
+      const opened = await lib.openSealedBuffer(data, key);
+      assert.deepEqual(
+        { keyId: opened.keyId, version: opened.version, plaintext: opened.plaintext.toString('hex') },
+        { keyId: c.key_id, version: 1, plaintext: c.plaintext },
+      );
+      const streamed = await viaStream(data, { expectedKeyId: c.key_id });
+      assert.equal(streamed.plaintext.toString('hex'), c.plaintext);
+      assert.equal(streamed.bytes, c.plaintext.length / 2);
+      assert.equal(streamed.keyId, c.key_id);
+    });
+  }
+  for (const c of v.negative) {
+    await t.test(`negative: ${c.name}`, async () => {
+      await rejectsWith(lib.openSealedBuffer(b(c.sealed), key), c.error);
+      await rejectsWith(viaStream(b(c.sealed)), c.error);
+    });
+  }
+  await t.test('expected_key_id', async () => {
+    const c = v.expected_key_id;
+    await rejectsWith(lib.openSealedBuffer(b(c.sealed), key, { expectedKeyId: c.expected }), c.error);
+    await rejectsWith(viaStream(b(c.sealed), { expectedKeyId: c.expected }), c.error);
+    const right = await lib.openSealedBuffer(b(c.sealed), key, { expectedKeyId: v.positive[0].key_id });
+    assert.equal(right.keyId, v.positive[0].key_id);
+  });
+});
