@@ -163,6 +163,13 @@ def cmd_policy_from_manifest(args: argparse.Namespace) -> int:
     if not args.model_dir and not args.embeddings_model:
         print("encloud: name a chat model folder or --embeddings-model DIR", file=sys.stderr)
         return 2
+    if args.compute_runtime and len(args.embeddings_model) > 1:
+        print(
+            "encloud: --compute-runtime loads one embedding model; give one --embeddings-model "
+            "(or the runtime events with --runtime-event)",
+            file=sys.stderr,
+        )
+        return 2
     embeddings = args.embeddings_model[0] if args.embeddings_model else None
     if args.runtime_event:
         events = [reference.runtime_event_from_file(p) for p in args.runtime_event]
@@ -400,7 +407,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed texts through an attested session: one JSON line per text on stdout; the
     attestation summary on stderr, so the output pipes into other tools."""
-    texts = list(args.text) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    # One text per line, blank ones included, so output index i is input line i.
+    texts = list(args.text) or sys.stdin.read().splitlines()
     if not texts:
         print(
             "encloud embed: no texts (give them as arguments or one per line on stdin)",
@@ -432,12 +440,15 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
     sealed_file.check_key_id(args.key_id)
     if args.new_key is not None:
+        if Path(args.new_key).exists():
+            raise FileExistsError(17, "File exists", str(args.new_key))
         key = os.urandom(sealed_file.KEY_LENGTH)
-        _write_private(args.new_key, key.hex().encode("ascii") + b"\n", exclusive=True)
     else:
         key = sealed_file.read_key_file(Path(args.key).read_bytes())
     with open(args.input, "rb") as source, _replacing(args.output) as sink:
         size = sealed_file.seal_stream(source, sink, key, args.key_id)
+        if args.new_key is not None:  # the key is on disk before the file it opens
+            _write_private(args.new_key, key.hex().encode("ascii") + b"\n", exclusive=True)
     made = f"; new key in {args.new_key} (mode 0600)" if args.new_key is not None else ""
     print(f"sealed {args.input} ({size} bytes) under key id {args.key_id} -> {args.output}{made}")
     return 0
@@ -482,6 +493,8 @@ def _write_private(path: Path, data: bytes, *, exclusive: bool) -> None:
     fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _read_prompts():

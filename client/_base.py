@@ -17,7 +17,8 @@ from encloud.protocol import attest
 from encloud.protocol.audit import AuditLog
 from encloud.protocol.embedding import embedding_request
 from encloud.protocol.envelope import MessageType, Sealed, transcript_start
-from encloud.protocol.errors import SessionError, SessionExpiredError
+from encloud.protocol.errors import RoleNotAttestedError, SessionError, SessionExpiredError
+from encloud.protocol.eventlog import ROLE_CHAT, ROLE_EMBEDDINGS
 from encloud.protocol.generation import Message, generation_request
 from encloud.protocol.policy import Policy, load_policy
 from encloud.protocol.verifier import CheckResult, VerifiedAttestation
@@ -41,6 +42,16 @@ def route_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         if key == ROUTE_HEADER:
             return value if isinstance(value, str) else value.decode("ascii", "replace")
     return ""
+
+
+def _require_role(session: attest.Session, role: str) -> None:
+    """Send a request only to a server whose verified running start-up measured a model of
+    the role it needs: nothing the attestation does not cover gets the plaintext."""
+    if role not in session.attestation.models:
+        raise RoleNotAttestedError(
+            f"the attested server serves no {role} model (its models: "
+            f"{', '.join(session.attestation.models) or 'none'}); nothing was sent"
+        )
 
 
 class NoAudit:
@@ -202,6 +213,7 @@ class ClientState:
         self, session: attest.Session, messages: Sequence[Message], params: Mapping[str, Any]
     ) -> tuple[int, Sealed, bytes]:
         """(request id, sealed REQUEST, T_0): a new request id for every attempt."""
+        _require_role(session, ROLE_CHAT)
         payload = generation_request(messages, params)
         request_id = session.take_request_id()
         sealed = session.c2s.seal(MessageType.REQUEST, request_id, 0, payload)
@@ -211,6 +223,7 @@ class ClientState:
         self, session: attest.Session, texts: Sequence[str], options: Mapping[str, Any]
     ) -> tuple[int, Sealed, bytes]:
         """(request id, sealed EMBED_REQUEST, T_0): a new request id for every attempt."""
+        _require_role(session, ROLE_EMBEDDINGS)
         payload = embedding_request(texts, **options)
         request_id = session.take_request_id()
         sealed = session.c2s.seal(MessageType.EMBED_REQUEST, request_id, 0, payload)

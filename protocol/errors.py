@@ -207,6 +207,11 @@ class SessionExpiredError(SessionError):
     """The session's time-to-live ran out."""
 
 
+class RoleNotAttestedError(SessionError):
+    """The attested server measured no model of the role a call needs (chat for Infer and
+    StreamInfer, embeddings for Embed): the client sent nothing."""
+
+
 class ServiceError(EncloudError):
     """The server refused a call: `code` is the status code's name (e.g. "NOT_FOUND"),
     `reason` the ErrorInfo reason of docs/ERRORS.md ("" when the server sent none), and

@@ -202,8 +202,12 @@ def _read_exactly(source: BinaryIO, n: int) -> bytes:
 
 
 def read_key_file(data: bytes) -> bytes:
-    """A key file's 32-byte key: 32 raw bytes, or 64 hex digits (whitespace around allowed)."""
+    """A key file's 32-byte key: 32 raw bytes, or 64 hex digits (whitespace around allowed).
+    32 bytes that are all hex digits or whitespace are refused: more likely a short hex key
+    (128 bits) than 32 random bytes."""
     if len(data) == KEY_LENGTH:
+        if re.fullmatch(rb"[0-9a-fA-F\s]*", data):
+            raise ValueError("a 32-byte key file of hex digits: write the key as 64 hex digits")
         return data
     text = data.strip()
     if re.fullmatch(rb"[0-9a-fA-F]{64}", text):

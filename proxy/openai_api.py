@@ -20,6 +20,7 @@ from encloud.protocol.errors import (
     EncloudError,
     EnvelopeError,
     KeyConfirmationError,
+    RoleNotAttestedError,
     ServiceError,
     SessionError,
     VerificationError,
@@ -381,6 +382,13 @@ def error_from(failure: BaseException) -> OpenAIError:
             f"an answer did not verify ({type(failure).__name__}); it was not passed on",
             type="api_error",
             code="verification_failed",
+        )
+    if isinstance(failure, RoleNotAttestedError):
+        return OpenAIError(
+            404,
+            "the attested server serves no model of this kind (nothing was sent to it)",
+            param="model",
+            code="model_not_found",
         )
     if isinstance(failure, ServiceError):
         status, kind, code = STATUS_TABLE.get(failure.code, (502, "api_error", "upstream_error"))

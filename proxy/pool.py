@@ -101,7 +101,9 @@ class SessionPool:
                 {"check": r.name, "passed": r.passed, "detail": r.detail} for r in attempt.report
             ],
             "ak_fingerprint": verified.ak_fingerprint if verified else None,
-            "model_digest": verified.model_digest.hex() if verified else None,
+            "model_digest": (
+                verified.model_digest.hex() if verified and verified.model_digest else None
+            ),
             "embedding_model_digest": (
                 verified.models["embeddings"].hex()
                 if verified and "embeddings" in verified.models

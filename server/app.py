@@ -155,6 +155,24 @@ def preflight(settings: Settings) -> None:
             )
 
 
+# A sealed EMBED_RESPONSE beyond its vector block: fields, length prefix, padding to 1 KiB,
+# nonce and tag, the SealedMessage and EmbedResponse framing.
+EMBED_RESPONSE_OVERHEAD = 2048
+
+
+def check_embed_response_fits(settings: Settings, dimension: int) -> None:
+    """The largest Embed answer (embed_max_texts rows: the last bucket) must fit in one gRPC
+    message, or every request of that bucket would fail after the model ran."""
+    largest = settings.embed_max_texts * dimension * 4 + EMBED_RESPONSE_OVERHEAD
+    if largest > settings.max_message_bytes:
+        raise StartupError(
+            f"embed_max_texts {settings.embed_max_texts} (ENCLOUD_EMBED_MAX_TEXTS) x "
+            f"{dimension} dimensions needs responses of {largest} bytes, above "
+            f"max_message_bytes {settings.max_message_bytes} (ENCLOUD_MAX_MESSAGE_BYTES): "
+            "lower the first or raise the second"
+        )
+
+
 class _Started:
     """What a start-up has brought up so far: a failed start stops exactly that, and the
     shutdown stops it all."""
@@ -255,6 +273,7 @@ async def _start(settings: Settings, started: _Started, metrics: Metrics) -> Non
             f"the embedding model folder does not verify (--embeddings-model): {err}"
         ) from None
     if embedder is not None:
+        check_embed_response_fits(settings, embedder.dimension)
         models[ROLE_EMBEDDINGS] = embedder.model_digest
     events = workload_events(
         settings,

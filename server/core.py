@@ -80,10 +80,14 @@ class EmbeddingModel(Protocol):
     @property
     def max_tokens(self) -> int: ...
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
 
-    async def aembed(
-        self, texts: Sequence[str], *, dimensions: int | None = None, normalize: bool = True
+    async def aembed_tokens(
+        self,
+        tokens: Sequence[list[int]],
+        *,
+        dimensions: int | None = None,
+        normalize: bool = True,
     ) -> Embedding: ...
 
 
@@ -330,16 +334,21 @@ class InferenceCore:
             raise InvalidArgumentError(
                 f"dimensions is above the model's {embedder.dimension} (in the runtime event)"
             )
-        counts = await asyncio.to_thread(embedder.count_tokens, params.texts)
-        prompt_tokens = self._check_embed_tokens(counts, params.truncate, embedder.max_tokens)
         request_id = sealed_request.request_id
         transcript = transcript_start(session_id, request_id, sealed_request.data)
         admitted = time.monotonic()
         outcome = "error"
         try:
-            async with self._call(session, request_id):
-                result = await embedder.aembed(
-                    params.texts, dimensions=params.dimensions, normalize=params.normalize
+            # Admitted first (the queue limits), then tokenised once, off the event loop.
+            async with self._call(session, request_id) as call:
+                tokens = await asyncio.to_thread(embedder.tokenize, params.texts)
+                if call.cancel.is_set():  # EndSession, expiry or shutdown while tokenising
+                    raise SessionStateError("the session ended")
+                prompt_tokens = self._check_embed_tokens(
+                    [len(ids) for ids in tokens], params.truncate, embedder.max_tokens
+                )
+                result = await embedder.aembed_tokens(
+                    tokens, dimensions=params.dimensions, normalize=params.normalize
                 )
                 count, dimensions = result.vectors.shape
                 payload = embedding_response(

@@ -201,13 +201,24 @@ def test_each_bad_input_gets_its_code_and_others_keep_working(
 
 @pytest.mark.embeddings
 def test_embed_on_a_chat_only_server_is_unimplemented_by_name(stack) -> None:
-    """This module's server measured no embedding model: Embed says so by name, and the
-    session it was asked in keeps serving chat."""
-    from encloud.client import NO_AUDIT, ServiceError
+    """This module's server measured no embedding model: the client refuses to send texts
+    there (its attestation shows no embeddings model), the server answers a raw Embed by
+    name, and the session keeps serving chat."""
+    from encloud.client import NO_AUDIT, RoleNotAttestedError
 
     with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
         assert set(client.attest().models) == {"chat"}
-        with pytest.raises(ServiceError) as refused:
+        with pytest.raises(RoleNotAttestedError, match="no embeddings model"):
             client.embed(["hello"])
-        assert (refused.value.code, refused.value.reason) == ("UNIMPLEMENTED", "MODEL_NOT_SERVED")
+        session = client._session
+        sealed = session.c2s.seal(MessageType.EMBED_REQUEST, session.take_request_id(), 0, b"")
+        request = pb.EmbedRequest(
+            session_id=session.session_id,
+            request=pb.SealedMessage(
+                type=sealed.type, request_id=sealed.request_id, seq=0, sealed=sealed.data
+            ),
+        )
+        refused = raw_call(stack.address, "Embed", request.SerializeToString())
+        assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert reason_of(refused) == "MODEL_NOT_SERVED"
         assert client.infer([("user", "Say hi.")], max_new_tokens=2).text

@@ -32,6 +32,7 @@ from encloud.protocol.errors import (
     EmbeddingFormatError,
     HeaderMismatchError,
     ModelNotAllowedError,
+    RoleNotAttestedError,
     ServiceError,
     TranscriptMismatchError,
 )
@@ -567,9 +568,18 @@ def test_an_embeddings_only_server_refuses_chat_by_name(
             finally:
                 at_16.close()
             assert cut.prompt_tokens == 16 and _close(cut.vectors[0], want)
-            with pytest.raises(ServiceError) as refused:
+            with pytest.raises(RoleNotAttestedError, match="no chat model"):
                 client.infer([("user", "hi")], max_new_tokens=2)
-        assert (refused.value.code, refused.value.reason) == ("UNIMPLEMENTED", "MODEL_NOT_SERVED")
+            session = client._session
+            sealed = session.c2s.seal(MessageType.REQUEST, session.take_request_id(), 0, b"")
+            request = pb.InferRequest(
+                session_id=session.session_id,
+                request=pb.SealedMessage(
+                    type=sealed.type, request_id=sealed.request_id, seq=0, sealed=sealed.data
+                ),
+            )
+            code, reason, _ = _status(lambda: _stub(only.address).Infer(request))
+        assert (code, reason) == (grpc.StatusCode.UNIMPLEMENTED, "MODEL_NOT_SERVED")
 
 
 @pytest.mark.interop

@@ -109,6 +109,27 @@ def test_token_counts_and_truncation(embedder: Embedder) -> None:
         embedder.embed("a string, not a list of them")
 
 
+def test_tokens_counted_once_are_cut_as_the_truncating_tokeniser_cuts(
+    embedder: Embedder, folder: Path
+) -> None:
+    """The server tokenises each text once (tokenize), counts, then runs the ids
+    (aembed_tokens): the same tokens and vectors as tokenising the text for the model."""
+    texts = ["", "hello world", LONG]
+    tokens = embedder.tokenize(texts)
+    assert [len(ids) for ids in tokens] == embedder.count_tokens(texts)
+    got = asyncio.run(embedder.aembed_tokens(tokens))
+    want = embedder.embed(texts)
+    assert got.token_counts == want.token_counts == [2, 4, embedder.max_tokens]
+    np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-6)
+    at_16 = Embedder.load(folder, threads=2, max_tokens=16)
+    try:
+        cut = asyncio.run(at_16.aembed_tokens(at_16.tokenize([LONG])))
+        assert cut.token_counts == [16]
+        np.testing.assert_allclose(cut.vectors, at_16.embed([LONG]).vectors, atol=1e-6)
+    finally:
+        at_16.close()
+
+
 def test_concurrent_callers_are_batched_with_the_same_vectors(embedder: Embedder) -> None:
     texts = [s for s in REFERENCE["sentences"] + RETRIEVAL["documents"] if s][:32]
     requests = [

@@ -246,6 +246,22 @@ def test_an_unsupported_value_is_an_sdk_bad_request_naming_it(proxy: RunningProx
 
 
 @pytest.mark.proxy
+@pytest.mark.embeddings
+def test_embeddings_from_a_chat_only_server_are_model_not_found(proxy: RunningProxy) -> None:
+    """This server measured no embedding model: the proxy lists none, and an embeddings call
+    is 404 model_not_found without a text leaving the proxy."""
+    sdk = proxy.sdk()
+    assert {m.id for m in sdk.models.list().data} == {"encloud"}
+    policy_ok = httpx.post(
+        f"{proxy.base_url}/embeddings",
+        json={"model": "encloud-embeddings", "input": "x"},
+        timeout=60,
+    )
+    assert policy_ok.status_code == 404
+    assert policy_ok.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.proxy
 @pytest.mark.parametrize(
     ("headers", "status"),
     [

@@ -215,6 +215,8 @@ def test_key_ids_and_key_files() -> None:
     assert sf.read_key_file(KEY.hex().encode() + b"\n") == KEY
     with pytest.raises(ValueError):
         sf.read_key_file(b"too short")
+    with pytest.raises(ValueError, match="64 hex digits"):
+        sf.read_key_file(os.urandom(16).hex().encode())  # a 128-bit hex key is not 32 raw bytes
 
 
 # --- bounded memory ---------------------------------------------------------------------------

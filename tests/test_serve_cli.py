@@ -112,10 +112,24 @@ def test_an_unknown_key_in_the_config_file_is_named(tmp_path) -> None:
             ["--embeddings-model", "/no/such/dir"],
             r"no exported embedding model at /no/such/dir \(--embeddings-model",
         ),
+        (
+            ["--embeddings-model", "EMBED", "--embed-max-texts", "1024"],
+            r"embed_max_texts 1024 .* above max_message_bytes 1048576",
+        ),
     ],
-    ids=["no-model", "no-tls-file", "no-cuda", "nothing-to-serve", "no-embedding-model"],
+    ids=[
+        "no-model",
+        "no-tls-file",
+        "no-cuda",
+        "nothing-to-serve",
+        "no-embedding-model",
+        "embed-response-too-big",
+    ],
 )
-def test_a_start_up_mistake_is_one_line(args, wanted, model_dir: Path) -> None:
+def test_a_start_up_mistake_is_one_line(
+    args, wanted, model_dir: Path, embeddings_model_dir: Path
+) -> None:
+    args = [str(embeddings_model_dir) if a == "EMBED" else a for a in args]
     if "--model" not in args:
         args = ["--model", str(model_dir), *args]
     code, stderr = _serve(*args)

@@ -71,6 +71,7 @@ class _Job:
     normalize: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    tokens: list[list[int]] | None = None  # already tokenised (aembed_tokens)
     pooled: np.ndarray | None = None
     counts: list[int] = field(default_factory=list)
     remaining: int = 0
@@ -287,6 +288,17 @@ class Embedder:
         """Tokens per text before truncation, [CLS] and [SEP] included."""
         return [len(e.ids) for e in self._counter.encode_batch(_texts(texts))]
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, untruncated, [CLS] and [SEP] included: count them, then hand
+        them to :meth:`aembed_tokens`, so a text is tokenised once."""
+        return [e.ids for e in self._counter.encode_batch(_texts(texts))]
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        """[CLS] + the first max_tokens - 2 tokens + [SEP], as the truncating tokeniser cuts."""
+        if len(ids) <= self._max_tokens:
+            return ids
+        return [*ids[: self._max_tokens - 1], ids[-1]]
+
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(texts)]
 
@@ -346,8 +358,28 @@ class Embedder:
         dims = self._dimensions(dimensions)
         if not texts:
             return Embedding(np.zeros((0, dims), dtype=np.float32), [])
+        return await self._submit(texts, None, dims, normalize)
+
+    async def aembed_tokens(
+        self,
+        tokens: Sequence[list[int]],
+        *,
+        dimensions: int | None = None,
+        normalize: bool = True,
+    ) -> Embedding:
+        """:meth:`aembed` of texts already tokenised by :meth:`tokenize` (each cut here to
+        :attr:`max_tokens`)."""
+        dims = self._dimensions(dimensions)
+        rows = [self._cut(list(ids)) for ids in tokens]
+        if not rows:
+            return Embedding(np.zeros((0, dims), dtype=np.float32), [])
+        return await self._submit([], rows, dims, normalize)
+
+    async def _submit(
+        self, texts: list[str], tokens: list[list[int]] | None, dims: int, normalize: bool
+    ) -> Embedding:
         loop = asyncio.get_running_loop()
-        job = _Job(texts, dims, bool(normalize), loop, loop.create_future())
+        job = _Job(texts, dims, bool(normalize), loop, loop.create_future(), tokens)
         with self._wake:
             if self._closed:
                 raise UnavailableError("the embedder is closed")
@@ -384,7 +416,7 @@ class Embedder:
             if not _live(job):
                 continue
             try:
-                ids = self._encode(job.texts)
+                ids = job.tokens if job.tokens is not None else self._encode(job.texts)
             except Exception as exc:
                 job.error = exc
                 _settle(job)

@@ -73,9 +73,16 @@ function segmentNonce(prefix, index, last) {
 function readKeyFile(data) {
   if (!(data instanceof Uint8Array)) throw new TypeError("a key file's contents are a Buffer");
   const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  if (bytes.length === KEY_LENGTH) return Buffer.from(bytes);
   // Python's bytes.strip(): space, \t, \n, \v, \f, \r.
   const space = (c) => c === 0x20 || (c >= 0x09 && c <= 0x0d);
+  if (bytes.length === KEY_LENGTH) {
+    // All hex digits or whitespace: a short hex key more likely than 32 random bytes.
+    const hexish = (c) => space(c) || (c >= 0x30 && c <= 0x39) || ((c | 0x20) >= 0x61 && (c | 0x20) <= 0x66);
+    if (bytes.every(hexish)) {
+      throw new RangeError('a 32-byte key file of hex digits: write the key as 64 hex digits');
+    }
+    return Buffer.from(bytes);
+  }
   let start = 0;
   let end = bytes.length;
   while (start < end && space(bytes[start])) start++;
