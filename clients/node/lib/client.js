@@ -242,10 +242,18 @@ class EncloudClient {
   }
 
   /** Seal a request's payload (built and checked before a request id is taken) under the
-   * next request id, seq 0. */
+   * next request id, seq 0, for a server whose verified start-up serves the request's role. */
   async sealPayload(type, build) {
     const s = this.liveSession();
     if (!s.c2s) throw new E.SessionError('release the key before sending requests');
+    const role = type === MessageType.EMBED_REQUEST ? 'embeddings' : 'chat';
+    const models = (s.attestation && s.attestation.models) || {};
+    if (!(role in models)) {
+      const served = Object.keys(models).join(', ') || 'none';
+      throw new E.RoleNotAttestedError(
+        `the attested server serves no ${role} model (its models: ${served}); nothing was sent`,
+      );
+    }
     const payload = build();
     const requestId = s.nextRequestId++;
     const sealed = await s.c2s.seal(type, requestId, 0, payload);

@@ -92,6 +92,8 @@ sub('SealedFileKeyIdError', SealedFileError);
 sub('SealedFileDecryptError', SealedFileError);
 const SessionError = sub('SessionError', EncloudError);
 sub('SessionExpiredError', SessionError);
+/** The attested server measured no model of the role a call needs: nothing was sent. */
+sub('RoleNotAttestedError', SessionError);
 
 class ServiceError extends EncloudError {
   constructor(code, message, reason = '') {

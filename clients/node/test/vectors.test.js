@@ -261,13 +261,14 @@ async function fakeEmbedServer(v, answer) {
 }
 
 /** A client holding the embed vector's session (as after attest and releaseKey). */
-function clientWithSession(v, target) {
+function clientWithSession(v, target, models = { embeddings: Buffer.alloc(32) }) {
   const client = new lib.EncloudClient(target, null);
   const sid = b(v.session_id);
   client.session = {
     sessionId: sid,
     route: '',
     expiresAt: Infinity,
+    attestation: { models },
     c2s: new env.SealingKey(b(v.keys.c2s), sid),
     s2c: new env.OpeningKey(b(v.keys.s2c), sid),
     nextRequestId: BigInt(v.request_id),
@@ -337,6 +338,20 @@ test('embed: no session, or no released key, sends nothing', async () => {
     await rejectsWith(client.embed(['a']), 'SessionError');
   } finally {
     client.close();
+  }
+});
+
+test('embed and infer: a role the attestation does not show sends nothing', async () => {
+  const v = load('embed');
+  const chatOnly = clientWithSession(v, '127.0.0.1:9', { chat: Buffer.alloc(32) });
+  const embeddingsOnly = clientWithSession(v, '127.0.0.1:9');
+  try {
+    await rejectsWith(chatOnly.embed(['a']), 'RoleNotAttestedError');
+    await rejectsWith(embeddingsOnly.infer([{ role: 'user', content: 'hi' }]), 'RoleNotAttestedError');
+    assert.equal(chatOnly.session.nextRequestId, BigInt(v.request_id)); // no request id taken
+  } finally {
+    chatOnly.close();
+    embeddingsOnly.close();
   }
 });
 
