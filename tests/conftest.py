@@ -8,6 +8,8 @@ a client whose channel records (or tampers with) every message on the wire.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -87,6 +89,33 @@ def model_dir() -> Path:
 
     # The precision the server ships with, so the tests serve what users get.
     return export_model(None, cache_root(), DEFAULT_PRECISION, progress=lambda _: None)
+
+
+NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+
+
+@pytest.fixture(scope="session")
+def node_client() -> str:
+    """node, with clients/node's packages installed (npm ci from its lock, registry cache
+    first) unless they are current: every test that runs the Node client asks for this."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is missing: the Node client's tests need Node.js 20")
+    lock = NODE_DIR / "package-lock.json"
+    stamp = NODE_DIR / "node_modules" / ".package-lock.json"
+    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
+        npm = shutil.which("npm")
+        assert npm is not None, "npm is missing"
+        result = subprocess.run(
+            [npm, "ci", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    return node
 
 
 @pytest.fixture(scope="session")

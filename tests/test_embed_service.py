@@ -583,14 +583,14 @@ def test_an_embeddings_only_server_refuses_chat_by_name(
 
 
 @pytest.mark.interop
-def test_the_node_client_gets_the_same_vectors(stack, reference) -> None:
+def test_the_node_client_gets_the_same_vectors(stack, reference, node_client: str) -> None:
     """clients/node, written from docs/PROTOCOL.md: attests this two-model server under its
     policy, seals an Embed request and opens the vectors."""
-    from test_interop import NODE_DIR, _node
+    from conftest import NODE_DIR
 
     done = subprocess.run(
         [
-            _node(),
+            node_client,
             "bin/encloud-node.js",
             "embed",
             "--target",

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import NODE_DIR
 from relay import Relay
 
 from encloud.client import NO_AUDIT, Client
@@ -25,37 +25,8 @@ from encloud.client import NO_AUDIT, Client
 pytestmark = pytest.mark.interop
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_DIR = ROOT / "clients" / "node"
 PROMPT = "Name three colours of the rainbow."
 MAX_NEW_TOKENS = 12
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is missing: the interop tests need Node.js 20")
-    return node
-
-
-@pytest.fixture(scope="module")
-def node_client() -> str:
-    """Install clients/node's packages once (npm ci, registry cache first) unless current."""
-    node = _node()
-    lock = NODE_DIR / "package-lock.json"
-    stamp = NODE_DIR / "node_modules" / ".package-lock.json"
-    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
-        npm = shutil.which("npm")
-        assert npm is not None, "npm is missing"
-        result = subprocess.run(
-            [npm, "ci", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-    return node
 
 
 def _run_node(node: str, *args: str, timeout: float = 120) -> dict[str, Any]:

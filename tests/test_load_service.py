@@ -103,3 +103,83 @@ def test_64_clients_each_get_their_own_correct_answers(
 
 def _numbers(text: str) -> set[int]:
     return {int(n) for n in re.findall(r"\d+", text)}
+
+
+EMBED_CLIENTS = 48
+EMBED_REQUESTS = 4
+
+
+def _texts(client: int, index: int) -> list[str]:
+    """1 to 9 texts per request (several row buckets), each naming its client and request."""
+    return [
+        f"Note {k} of request {index} from client {client}: the shipment left port {k}."
+        for k in range(1 + (client + index) % 9)
+    ]
+
+
+@pytest.mark.embeddings
+def test_48_clients_embedding_at_once_each_get_their_own_vectors(
+    model_dir: Path, embeddings_model_dir: Path, tmp_path: Path
+) -> None:
+    """48 sessions, 4 Embed requests each, all at once: no error, and every vector equals
+    the model run in this process on that request's texts (so no answer went to another
+    request, and batching across requests changed nothing beyond float noise)."""
+    import time
+
+    from encloud.cli.stats import percentile
+    from encloud.client import NO_AUDIT, AsyncClient
+    from encloud.server.inference.embedder import Embedder
+
+    reference = Embedder.load(embeddings_model_dir, threads=2)
+    with running_stack(
+        tmp_path,
+        model_dir,
+        serve_chat="false",
+        embeddings_model_dir=embeddings_model_dir,
+        max_pending_sessions=256,
+        attest_burst=256,
+        max_sessions=512,
+    ) as stack:
+
+        async def client(n: int) -> list[tuple[int, float, list[list[float]]]]:
+            out = []
+            async with AsyncClient(stack.address, stack.policy, audit_log=NO_AUDIT) as c:
+                for i in range(EMBED_REQUESTS):
+                    began = time.perf_counter()
+                    result = await c.embed(_texts(n, i))
+                    out.append((i, time.perf_counter() - began, result.vectors))
+            return out
+
+        async def everyone() -> list[list[tuple[int, float, list[list[float]]]]]:
+            return await asyncio.gather(*(client(n) for n in range(EMBED_CLIENTS)))
+
+        began = time.perf_counter()
+        results = asyncio.run(everyone())
+        wall = time.perf_counter() - began
+    try:
+        latencies = []
+        texts_done = 0
+        for n, per_client in enumerate(results):
+            for i, seconds, vectors in per_client:
+                want = reference.embed(_texts(n, i)).vectors
+                assert len(vectors) == len(want)
+                for got, expected in zip(vectors, want.tolist(), strict=True):
+                    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5
+                latencies.append(seconds * 1000)
+                texts_done += len(vectors)
+    finally:
+        reference.close()
+    print(
+        "embed load:",
+        json.dumps(
+            {
+                "clients": EMBED_CLIENTS,
+                "requests": len(latencies),
+                "texts": texts_done,
+                "wall_s": round(wall, 2),
+                "texts_per_s": round(texts_done / wall, 1),
+                "latency_ms_p50": round(percentile(latencies, 50), 1),
+                "latency_ms_p99": round(percentile(latencies, 99), 1),
+            }
+        ),
+    )

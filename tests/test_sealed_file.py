@@ -334,14 +334,16 @@ def test_encloud_seal_mistakes_are_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.interop
-def test_the_node_client_opens_a_file_python_sealed(tmp_path: Path, three) -> None:
-    from test_interop import NODE_DIR, _node
+def test_the_node_client_opens_a_file_python_sealed(
+    tmp_path: Path, three, node_client: str
+) -> None:
+    from conftest import NODE_DIR
 
     data, blob = three
     (tmp_path / "f.sealed").write_bytes(blob)
     (tmp_path / "k.hex").write_text(KEY.hex() + "\n")
     args = [
-        _node(),
+        node_client,
         "bin/encloud-node.js",
         "open",
         str(tmp_path / "f.sealed"),
