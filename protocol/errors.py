@@ -188,6 +188,22 @@ class TranscriptMismatchError(EnvelopeError):
     """The final frame's transcript hash differs from the one the client computed."""
 
 
+class ReleaseOrderError(EncloudError):
+    """An owner's release order that Sentinel must not act on."""
+
+
+class ReleaseOrderFormatError(ReleaseOrderError):
+    """Not a signed release order of this version in canonical form."""
+
+
+class ReleaseOrderSignatureError(ReleaseOrderError):
+    """The order's signature is not the owner's over its exact bytes."""
+
+
+class ReleaseOrderExpiredError(ReleaseOrderError):
+    """The order's expiry has passed."""
+
+
 class EmbeddingFormatError(EnvelopeError):
     """An opened Embed response does not have the shape its request asked for."""
 

@@ -177,6 +177,17 @@ def quote_qualifying_data(
     )
 
 
+def sentinel_qualifying_data(
+    suite: HpkeSuiteId, nonce: bytes, order_digest: bytes, hpke_public_key: bytes
+) -> bytes:
+    """Q_s = H(E("encloud/v2 sentinel", suite, nonce, order digest, HPKE public key)): what a
+    workload's quote binds when it asks Sentinel for a key (the key broker's own label, so a
+    session quote never satisfies Sentinel and a Sentinel quote never opens a session)."""
+    return sha256(
+        encode("encloud/v2 sentinel", suite.encoded(), nonce, order_digest, hpke_public_key)
+    )
+
+
 def release_info(suite: HpkeSuiteId, session_id: bytes, attest_digest: bytes) -> bytes:
     """info = E("encloud/v2 release", suite, session_id, H_ev)."""
     return encode("encloud/v2 release", suite.encoded(), session_id, attest_digest)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import tpm_builders as b
@@ -276,3 +277,17 @@ def test_embedding_request_on_the_server(payload: bytes) -> None:
     from encloud.server.settings import Settings
 
     only(InvalidArgumentError, lambda p: embed_params_from_payload(p, Settings()), payload)
+
+
+_SIGNED_ORDER = json.loads((Path(__file__).parent / "vectors" / "sentinel.json").read_text())[
+    "order"
+]["signed"].encode()
+
+
+@PROPERTY
+@given(json_mutations(_SIGNED_ORDER))
+def test_release_order(data: bytes) -> None:
+    from encloud.protocol.errors import ReleaseOrderFormatError
+    from encloud.protocol.release_order import parse_order
+
+    only(ReleaseOrderFormatError, parse_order, data)

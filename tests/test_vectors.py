@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from encloud.protocol import errors, eventlog, sealed_file
+from encloud.protocol import errors, eventlog, release_order, sealed_file
 from encloud.protocol.embedding import (
     embedding_request,
     embedding_response,
@@ -51,6 +51,7 @@ from encloud.protocol.handshake import (
     opens_commitment,
     quote_qualifying_data,
     release_info,
+    sentinel_qualifying_data,
     split_enc,
 )
 from encloud.protocol.policy import parse_policy
@@ -510,6 +511,59 @@ def test_evidence_negative(case: dict[str, Any]) -> None:
     with pytest.raises(errors.VerificationError) as refused:
         _verify(v, case)
     assert type(refused.value).__name__ == case["error"]
+
+
+# --- Sentinel: release orders and the key broker's qualifying data ------------------------------
+
+
+def _owner() -> Any:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(b(load("sentinel")["owner_public_key"]))
+
+
+def test_release_order_verifies_and_its_digest() -> None:
+    v = load("sentinel")
+    order = release_order.verify_order(v["order"]["signed"].encode(), _owner(), now=v["now"])
+    assert order.signed_bytes() == b(v["order"]["signed_message"])
+    assert order.digest() == b(v["order"]["digest"])
+    with pytest.raises(errors.ReleaseOrderExpiredError):
+        release_order.verify_order(v["order"]["signed"].encode(), _owner(), now=order.expires_at)
+
+
+@pytest.mark.parametrize("case", load("sentinel")["negative_orders"], ids=lambda c: c["name"])
+def test_release_order_refusals(case: dict[str, Any]) -> None:
+    v = load("sentinel")
+    with pytest.raises(getattr(errors, case["error"])):
+        release_order.verify_order(case["signed"].encode(), _owner(), now=v["now"])
+
+
+def test_sentinel_qualifying_data() -> None:
+    q = load("sentinel")["qualifying_data"]
+    got = sentinel_qualifying_data(
+        SUITE_V1, b(q["nonce"]), b(q["order_digest"]), b(q["hpke_public_key"])
+    )
+    assert hashlib.sha256(b(q["encoded"])).digest() == got == b(q["q"])
+
+
+@pytest.mark.parametrize("case", load("sentinel")["cross_use"], ids=lambda c: c["name"])
+def test_a_quote_only_satisfies_its_own_label(case: dict[str, Any]) -> None:
+    """A session quote never satisfies Sentinel; a Sentinel quote never opens a session."""
+    v = load("sentinel")
+
+    def run() -> Any:
+        return verify(
+            _evidence(case["evidence"]),
+            parse_policy(v["policy"].encode()),
+            expected_qualifying_data=b(case["expected_qualifying_data"]),
+            session_ttl_seconds=v["ttl_seconds"],
+        )
+
+    if "error" in case:
+        with pytest.raises(getattr(errors, case["error"])):
+            run()
+    else:
+        assert run().attest_digest == hashlib.sha256(b(case["evidence"]["quote_attest"])).digest()
 
 
 # --- policy completeness and the GCE identity (policy.json) -------------------------------

@@ -23,6 +23,7 @@ import io
 import json
 import struct
 import sys
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encloud.protocol import eventlog, sealed_file
+from encloud.protocol import eventlog, release_order, sealed_file
 from encloud.protocol.embedding import embedding_request, embedding_response, padded_rows
 from encloud.protocol.encoding import encode, sha256, u8, u16, u32, u64
 from encloud.protocol.envelope import (
@@ -49,6 +50,7 @@ from encloud.protocol.handshake import (
     handshake_hash,
     quote_qualifying_data,
     release_info,
+    sentinel_qualifying_data,
 )
 from encloud.protocol.policy import build_policy
 from encloud.protocol.v2 import encloud_pb2 as pb
@@ -62,6 +64,7 @@ FILES = (
     "stream",
     "embed",
     "sealed_file",
+    "sentinel",
     "eventlog",
     "evidence",
     "policy",
@@ -1406,6 +1409,121 @@ def _hkdf_sha256(key: bytes, salt: bytes, info: bytes) -> bytes:
     return _hkdf_expand(prk, info, 32)
 
 
+# --- Sentinel: release orders and the key broker's qualifying data -------------------------------
+
+
+def sentinel_vectors() -> dict[str, Any]:
+    """Owner-signed release orders (Ed25519: deterministic), the qualifying data a workload
+    binds when it asks Sentinel for a key, and each quote offered where the other belongs."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    owner = Ed25519PrivateKey.from_private_bytes(seed("owner signing key"))
+    other = Ed25519PrivateKey.from_private_bytes(seed("another owner"))
+    now = 1_790_000_000
+    order = release_order.ReleaseOrder(
+        key_id="owner-1/data",
+        model_digest=MODEL_DIGEST,
+        expires_at=now + 600,
+        order_id=seed("order id", 16),
+    )
+    signed = release_order.sign_order(order, owner)
+    obj = json.loads(signed)
+
+    def canon(o: Any) -> bytes:
+        import rfc8785
+
+        return rfc8785.dumps(o)
+
+    def with_order(**changes: Any) -> bytes:
+        body = {**obj["order"], **changes}
+        return canon({"order": body, "signature": obj["signature"]})
+
+    negative = [
+        ("other_owner", release_order.sign_order(order, other), "ReleaseOrderSignatureError"),
+        ("key_id_changed", with_order(key_id="owner-1/other"), "ReleaseOrderSignatureError"),
+        (
+            "model_changed",
+            with_order(model_digest=hx(seed("other model"))),
+            "ReleaseOrderSignatureError",
+        ),
+        ("expiry_extended", with_order(expires_at=now + 6000), "ReleaseOrderSignatureError"),
+        (
+            "expired",
+            release_order.sign_order(dataclass_replace(order, expires_at=now - 1), owner),
+            "ReleaseOrderExpiredError",
+        ),
+        ("version_2", with_order(version=2), "ReleaseOrderFormatError"),
+        ("extra_key", with_order(note="x"), "ReleaseOrderFormatError"),
+        ("not_canonical", signed.replace(b'{"order":', b'{ "order":'), "ReleaseOrderFormatError"),
+        ("short_order_id", with_order(order_id="00"), "ReleaseOrderFormatError"),
+        (
+            "signature_not_base64",
+            canon({"order": obj["order"], "signature": "!"}),
+            "ReleaseOrderFormatError",
+        ),
+    ]
+    nonce, hpke_pub = seed("sentinel nonce"), seed("workload hpke public key")
+    q_sentinel = sentinel_qualifying_data(SUITE_V1, nonce, order.digest(), hpke_pub)
+    session = evidence_base()
+    values = session["pcr_values"]
+    attest = quote_attest(
+        signer=qualified_name(session["ak_public"]),
+        extra=q_sentinel,
+        banks=[(SHA256, SELECTION)],
+        digest=sha256(b"".join(values[i] for i in SELECTION)),
+    )
+    sentinel_evidence = {**session, "quote_attest": attest, "quote_signature": tpm_sign(AK, attest)}
+    return {
+        "description": "release orders signed by an owner (Ed25519), their digests, orders "
+        "Sentinel refuses; the qualifying data of a workload's key request, and each kind of "
+        "quote offered where the other belongs",
+        "owner_public_key": hx(owner.public_key().public_bytes_raw()),
+        "now": now,
+        "order": {
+            "signed": signed.decode(),
+            "signed_message": hx(order.signed_bytes()),
+            "digest": hx(order.digest()),
+        },
+        "negative_orders": [
+            {"name": name, "signed": data.decode("utf-8", "replace"), "error": error}
+            for name, data, error in negative
+        ],
+        "qualifying_data": {
+            "suite": hx(SUITE_V1.encoded()),
+            "nonce": hx(nonce),
+            "order_digest": hx(order.digest()),
+            "hpke_public_key": hx(hpke_pub),
+            "encoded": hx(
+                encode("encloud/v2 sentinel", SUITE_V1.encoded(), nonce, order.digest(), hpke_pub)
+            ),
+            "q": hx(q_sentinel),
+        },
+        "cross_use": [
+            {
+                "name": "session_quote_offered_to_sentinel",
+                "evidence": evidence_json(session),
+                "expected_qualifying_data": hx(q_sentinel),
+                "error": "NonceMismatchError",
+            },
+            {
+                "name": "sentinel_quote_offered_as_a_session",
+                "evidence": evidence_json(sentinel_evidence),
+                "expected_qualifying_data": hx(
+                    quote_qualifying_data(SUITE_V1, NONCE, COMMITMENT, SESSION_PUB, SESSION_ID, TTL)
+                ),
+                "error": "NonceMismatchError",
+            },
+            {
+                "name": "sentinel_quote_to_sentinel",
+                "evidence": evidence_json(sentinel_evidence),
+                "expected_qualifying_data": hx(q_sentinel),
+            },
+        ],
+        "policy": policy_json(),
+        "ttl_seconds": TTL,
+    }
+
+
 # --- event log and model digest -----------------------------------------------------------------
 
 
@@ -2731,6 +2849,7 @@ def build() -> dict[str, str]:
         "stream": stream_vectors(keys),
         "embed": embed_vectors(keys),
         "sealed_file": sealed_file_vectors(),
+        "sentinel": sentinel_vectors(),
         "eventlog": eventlog_vectors(),
         "evidence": evidence_vectors(),
         "policy": policy_vectors(),
