@@ -2,6 +2,7 @@
 
     python -m encloud.cli.loadgen --target 127.0.0.1:50051 --policy policy.json \\
         --clients 64 --requests 3 --max-new-tokens 16 --audit-log load-audit.jsonl
+    encloud loadgen ... --embed-texts 8     # Embed requests of 8 texts instead of chat
 
 Each client is an encloud.client.AsyncClient: it attests, verifies the evidence
 against the policy, writes the outcome to the audit log, releases a fresh key,
@@ -128,6 +129,15 @@ async def _one_stream(
     )
 
 
+async def _one_embed(client: AsyncClient, prompt: str, texts: int) -> tuple[str, str, float, float]:
+    """One Embed request of `texts` texts made from the prompt, fully checked (the client
+    verifies the transcript, the count and the padding); its latency stands for the ttft."""
+    started = time.monotonic()
+    result = await client.embed([f"{prompt} (part {k})" for k in range(texts)])
+    latency = time.monotonic() - started
+    return f"{len(result.vectors)} vectors", "embedded", latency, latency
+
+
 async def run_load(
     target: str,
     policy: Policy,
@@ -136,13 +146,15 @@ async def run_load(
     requests_per_client: int,
     audit_log: AuditArg,
     max_new_tokens: int = 16,
+    embed_texts: int = 0,
     duration_seconds: float | None = None,
     prompt: Callable[[int, int], str] = default_prompt,
     credentials: grpc.ChannelCredentials | None = None,
     timeout_seconds: float = 300.0,
     retry: RetryPolicy = NO_RETRIES,
 ) -> LoadReport:
-    """Run the bounded load; every client has its own channel and session."""
+    """Run the bounded load; every client has its own channel and session. With
+    `embed_texts`, each request is an Embed of that many texts instead of a chat stream."""
     report = LoadReport(clients, requests_per_client)
     started = time.monotonic()
     stop_at = started + duration_seconds if duration_seconds is not None else None
@@ -170,9 +182,14 @@ async def run_load(
                     break
                 text_prompt = prompt(number, index)
                 try:
-                    text, finish, ttft, latency = await _one_stream(
-                        client, text_prompt, max_new_tokens
-                    )
+                    if embed_texts:
+                        text, finish, ttft, latency = await _one_embed(
+                            client, text_prompt, embed_texts
+                        )
+                    else:
+                        text, finish, ttft, latency = await _one_stream(
+                            client, text_prompt, max_new_tokens
+                        )
                 except EncloudError as error:
                     report.errors[_error_code(error)] += 1
                     continue
@@ -200,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=positive_int, default=8)
     parser.add_argument("--requests", type=positive_int, default=4, help="requests per client")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16)
+    parser.add_argument(
+        "--embed-texts",
+        type=positive_int,
+        default=None,
+        help="make each request an Embed of this many texts (latency stands for the ttft)",
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds; then stop")
     parser.add_argument(
         "--audit-log",
@@ -226,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             clients=args.clients,
             requests_per_client=requests,
             max_new_tokens=args.max_new_tokens,
+            embed_texts=args.embed_texts or 0,
             duration_seconds=args.duration,
             credentials=credentials,
             audit_log=NO_AUDIT if args.no_audit else args.audit_log,

@@ -610,3 +610,31 @@ def test_the_node_client_gets_the_same_vectors(stack, reference, node_client: st
     want = reference.embed(TEXTS).vectors.tolist()
     assert [line["index"] for line in lines] == [0, 1, 2]
     assert all(_close(line["embedding"], w) for line, w in zip(lines, want, strict=True))
+
+
+def test_encloud_loadgen_drives_embed_requests(stack) -> None:
+    """`encloud loadgen --embed-texts N`: each client its own session, every answer checked."""
+    done = subprocess.run(
+        [
+            ENCLOUD,
+            "loadgen",
+            "--target",
+            stack.address,
+            "--policy",
+            str(stack.server.policy_path),
+            "--no-audit",
+            "--clients",
+            "6",
+            "--requests",
+            "3",
+            "--embed-texts",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["requests_ok"] == 18 and summary["errors"] == {}
+    assert summary["sessions"] == 6 and summary["latency_ms"]["p50"] > 0
