@@ -143,6 +143,17 @@ def fresh_stack(model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
         yield running
 
 
+def sealed_by_client(session: Any, message_type: int, payload: bytes = b"") -> Any:
+    """A client-to-server message sealed under a bound session's key with a fresh request
+    id, as protobuf: for tests that send what the client library would not."""
+    from encloud.protocol.v2 import encloud_pb2 as pb
+
+    sealed = session.c2s.seal(message_type, session.take_request_id(), 0, payload)
+    return pb.SealedMessage(
+        type=sealed.type, request_id=sealed.request_id, seq=0, sealed=sealed.data
+    )
+
+
 # --- the wire --------------------------------------------------------------------
 
 

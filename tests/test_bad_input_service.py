@@ -204,6 +204,8 @@ def test_embed_on_a_chat_only_server_is_unimplemented_by_name(stack) -> None:
     """This module's server measured no embedding model: the client refuses to send texts
     there (its attestation shows no embeddings model), the server answers a raw Embed by
     name, and the session keeps serving chat."""
+    from conftest import sealed_by_client
+
     from encloud.client import NO_AUDIT, RoleNotAttestedError
 
     with Client(stack.address, stack.policy, audit_log=NO_AUDIT) as client:
@@ -211,12 +213,9 @@ def test_embed_on_a_chat_only_server_is_unimplemented_by_name(stack) -> None:
         with pytest.raises(RoleNotAttestedError, match="no embeddings model"):
             client.embed(["hello"])
         session = client._session
-        sealed = session.c2s.seal(MessageType.EMBED_REQUEST, session.take_request_id(), 0, b"")
         request = pb.EmbedRequest(
             session_id=session.session_id,
-            request=pb.SealedMessage(
-                type=sealed.type, request_id=sealed.request_id, seq=0, sealed=sealed.data
-            ),
+            request=sealed_by_client(session, MessageType.EMBED_REQUEST),
         )
         refused = raw_call(stack.address, "Embed", request.SerializeToString())
         assert refused.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RecordingInterceptor, Wire
+from conftest import RecordingInterceptor, Wire, sealed_by_client
 from stack import Stack, running_stack
 from waiting import samples
 
@@ -433,12 +433,9 @@ def test_invalid_utf8_in_a_text_is_invalid_request_payload(connect, stack) -> No
     client = _bound(connect)
     session = client._session
     payload = b"\x0a\x02\xff\xfe"  # field 1 (texts), 2 bytes that are not UTF-8
-    sealed = session.c2s.seal(MessageType.EMBED_REQUEST, session.take_request_id(), 0, payload)
     request = pb.EmbedRequest(
         session_id=session.session_id,
-        request=pb.SealedMessage(
-            type=sealed.type, request_id=sealed.request_id, seq=0, sealed=sealed.data
-        ),
+        request=sealed_by_client(session, MessageType.EMBED_REQUEST, payload),
     )
     code, reason, _ = _status(lambda: _stub(stack.address).Embed(request))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_PAYLOAD")
@@ -571,12 +568,9 @@ def test_an_embeddings_only_server_refuses_chat_by_name(
             with pytest.raises(RoleNotAttestedError, match="no chat model"):
                 client.infer([("user", "hi")], max_new_tokens=2)
             session = client._session
-            sealed = session.c2s.seal(MessageType.REQUEST, session.take_request_id(), 0, b"")
             request = pb.InferRequest(
                 session_id=session.session_id,
-                request=pb.SealedMessage(
-                    type=sealed.type, request_id=sealed.request_id, seq=0, sealed=sealed.data
-                ),
+                request=sealed_by_client(session, MessageType.REQUEST),
             )
             code, reason, _ = _status(lambda: _stub(only.address).Infer(request))
         assert (code, reason) == (grpc.StatusCode.UNIMPLEMENTED, "MODEL_NOT_SERVED")
