@@ -40,12 +40,14 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def image(model_dir: Path) -> Iterator[str]:
+def image(model_dir: Path, embeddings_model_dir: Path) -> Iterator[str]:
+    """The image as a deployment that serves chat and embeddings builds it."""
     for tool in ("podman", "mmdebstrap"):
         assert shutil.which(tool), f"{tool} is not installed (./dev installs it)"
     tag = f"localhost/encloud-server-test:{uuid.uuid4().hex[:12]}"
+    build = str(ROOT / "deploy" / "image" / "build.sh")
     built = subprocess.run(
-        [str(ROOT / "deploy" / "image" / "build.sh"), str(model_dir), tag],
+        [build, "--embeddings-model", str(embeddings_model_dir), str(model_dir), tag],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -105,12 +107,17 @@ def _running(name: str) -> bool:
     return out.stdout.strip() == "true"
 
 
-def test_the_image_is_non_root_and_labelled_with_its_model(image: str, model_dir: Path) -> None:
+def test_the_image_is_non_root_and_labelled_with_its_models(
+    image: str, model_dir: Path, embeddings_model_dir: Path
+) -> None:
     inspected = json.loads(_podman("image", "inspect", image).stdout)[0]
     config = inspected["Config"]
     assert config["User"] == str(UID)
     digest = verify_model_folder(model_dir).model_digest.hex()
     assert config["Labels"]["dev.encloud.model-digest"] == digest
+    embeddings = verify_model_folder(embeddings_model_dir).model_digest.hex()
+    assert config["Labels"]["dev.encloud.embedding-model-digest"] == embeddings
+    assert "ENCLOUD_EMBEDDINGS_MODEL_DIR=/opt/encloud/embeddings-model" in config["Env"]
     assert config["Entrypoint"][-1] == "encloud.server.app"
 
 
@@ -122,6 +129,8 @@ def test_the_container_serves_read_only_and_stops_cleanly(container: Running) ->
     with Client(container.address, policy, audit_log=NO_AUDIT) as client:
         assert "".join(client.stream([("user", "Say hi.")], max_new_tokens=8))
         assert client.attestation is not None
+        assert set(client.attestation.models) == {"chat", "embeddings"}
+        assert len(client.embed(["Say hi."]).vectors[0]) == 384
     # Nothing but the state volume is writable: the root filesystem refuses a write.
     refused = _podman(
         "exec",

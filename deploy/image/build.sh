@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Build the encloud server image with Debian's own tools (no registry image is pulled):
 #
-#   deploy/image/build.sh MODEL_DIR [TAG]      (from the repository root, after ./dev setup)
+#   deploy/image/build.sh [--embeddings-model DIR] MODEL_DIR [TAG]
+#                                              (from the repository root, after ./dev setup)
+#
+# With --embeddings-model the image also serves embeddings: the exported embedding model
+# (encloud export-embeddings-model) at /opt/encloud/embeddings-model, the variable that names
+# it, and its digest as a second label.
 #
 # 1. the server's Python packages, hash-locked (requirements/server.lock), and the encloud
 #    wheel, installed into a staging folder (CPython 3.11 wheels, as Debian 12's python3.11);
@@ -14,10 +19,27 @@
 # Prints the image reference. Needs mmdebstrap and podman (./dev installs them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MODEL_DIR="$(realpath "${1:?usage: deploy/image/build.sh MODEL_DIR [TAG]}")"
+USAGE="usage: deploy/image/build.sh [--embeddings-model DIR] MODEL_DIR [TAG]"
+EMBEDDINGS_DIR=""
+if [ "${1:-}" = "--embeddings-model" ]; then
+  EMBEDDINGS_DIR="$(realpath "${2:?$USAGE}")"
+  shift 2
+fi
+MODEL_DIR="$(realpath "${1:?$USAGE}")"
 PY=.venv/bin/python
-DIGEST="$("$PY" -c 'import sys; from encloud.server.inference.manifest import verify_model_folder as v; print(v(sys.argv[1]).model_digest.hex())' "$MODEL_DIR")"
+digest_of() {
+  "$PY" -c 'import sys; from encloud.server.inference.manifest import verify_model_folder as v; print(v(sys.argv[1]).model_digest.hex())' "$1"
+}
+DIGEST="$(digest_of "$MODEL_DIR")"
 TAG="${2:-localhost/encloud-server:${DIGEST:0:12}}"
+EMBEDDINGS_CHANGES=()
+if [ -n "$EMBEDDINGS_DIR" ]; then
+  EMBEDDINGS_DIGEST="$(digest_of "$EMBEDDINGS_DIR")"
+  EMBEDDINGS_CHANGES=(
+    --change 'ENV ENCLOUD_EMBEDDINGS_MODEL_DIR=/opt/encloud/embeddings-model'
+    --change "LABEL dev.encloud.embedding-model-digest=$EMBEDDINGS_DIGEST"
+  )
+fi
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/image/containers.conf}"
 . deploy/image/stage.sh
 
@@ -25,6 +47,10 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 stage_encloud "$work" "$MODEL_DIR"
 echo "image: model $DIGEST" >&2
+if [ -n "$EMBEDDINGS_DIR" ]; then
+  cp -r "$EMBEDDINGS_DIR" "$work/encloud/embeddings-model"
+  echo "image: embedding model $EMBEDDINGS_DIGEST" >&2
+fi
 
 echo "image: Debian 12 minbase rootfs (mmdebstrap)" >&2
 mmdebstrap --quiet --variant=minbase --include="$ROOTFS_PACKAGES" "${ROOTFS_HOOKS[@]}" \
@@ -45,6 +71,7 @@ podman import --quiet \
   --change 'EXPOSE 9464' \
   --change 'VOLUME /var/lib/encloud' \
   --change "LABEL dev.encloud.model-digest=$DIGEST" \
+  "${EMBEDDINGS_CHANGES[@]}" \
   --change 'LABEL org.opencontainers.image.title=encloud-server' \
   --change 'ENTRYPOINT ["/usr/bin/python3.11", "-m", "encloud.server.app"]' \
   "$work/rootfs.tar" "$TAG" >/dev/null
