@@ -117,17 +117,13 @@ def _session(folder: Path, threads: int, config: _Config) -> ort.InferenceSessio
     return session
 
 
-def _tokenizers(folder: Path, max_tokens: int) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
-    """(truncating, counting) tokenisers; both ignore tokenizer.json's fixed 128 padding and
-    truncation. The truncating one keeps the special tokens within ``max_tokens``."""
-    path = str(folder / "tokenizer.json")
-    truncating = tokenizers.Tokenizer.from_file(path)
-    truncating.no_padding()
-    truncating.enable_truncation(max_length=max_tokens)
-    counting = tokenizers.Tokenizer.from_file(path)
-    counting.no_padding()
-    counting.no_truncation()
-    return truncating, counting
+def _tokenizer(folder: Path) -> tokenizers.Tokenizer:
+    """The folder's tokeniser without tokenizer.json's fixed 128 padding and truncation: texts
+    are cut to ``max_tokens`` by ``Embedder._cut``, after they were counted."""
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def _texts(texts: Sequence[str]) -> list[str]:
@@ -186,7 +182,6 @@ class Embedder:
         config: _Config,
         session: ort.InferenceSession,
         tokenizer: tokenizers.Tokenizer,
-        counter: tokenizers.Tokenizer,
         pad_id: int,
         max_batch_texts: int,
         max_tokens: int,
@@ -196,7 +191,6 @@ class Embedder:
         self._max_tokens = max_tokens
         self._session = session
         self._tokenizer = tokenizer
-        self._counter = counter
         self._pad_id = pad_id
         self._max_batch = max_batch_texts
         self._runs = 0
@@ -232,9 +226,9 @@ class Embedder:
         limit = min(max_tokens or config.max_tokens, config.max_tokens)
         if limit < 3:
             raise ValueError("max_tokens must leave room for a token between [CLS] and [SEP]")
-        tokenizer, counter = _tokenizers(folder, limit)
+        tokenizer = _tokenizer(folder)
         pad_id = tokenizer.token_to_id("[PAD]") or 0
-        return cls(manifest, config, session, tokenizer, counter, pad_id, max_batch_texts, limit)
+        return cls(manifest, config, session, tokenizer, pad_id, max_batch_texts, limit)
 
     # ------------------------------------------------------------------ properties
 
@@ -286,21 +280,21 @@ class Embedder:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text before truncation, [CLS] and [SEP] included."""
-        return [len(e.ids) for e in self._counter.encode_batch(_texts(texts))]
+        return [len(ids) for ids in self.tokenize(texts)]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids, untruncated, [CLS] and [SEP] included: count them, then hand
         them to :meth:`aembed_tokens`, so a text is tokenised once."""
-        return [e.ids for e in self._counter.encode_batch(_texts(texts))]
+        return [e.ids for e in self._tokenizer.encode_batch(_texts(texts))]
 
     def _cut(self, ids: list[int]) -> list[int]:
-        """[CLS] + the first max_tokens - 2 tokens + [SEP], as the truncating tokeniser cuts."""
+        """[CLS] + the first max_tokens - 2 tokens + [SEP], as sentence-transformers cuts."""
         if len(ids) <= self._max_tokens:
             return ids
         return [*ids[: self._max_tokens - 1], ids[-1]]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tokenizer.encode_batch(texts)]
+        return [self._cut(ids) for ids in self.tokenize(texts)]
 
     def _dimensions(self, dimensions: int | None) -> int:
         if dimensions is None:

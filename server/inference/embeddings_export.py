@@ -45,9 +45,10 @@ from typing import Any
 
 from encloud.protocol.encoding import encode, sha256
 from encloud.server.inference.export import (
-    DEFAULT_CACHE_ROOT,
     Progress,
+    add_cache_root_argument,
     cache_key,
+    default_cache_root,
     exporter_versions,
 )
 from encloud.server.inference.manifest import (
@@ -342,7 +343,7 @@ def export_embeddings_model(
     if not source.exists():
         raise FileNotFoundError(f"embedding model source not found: {source}")
     if cache_root is None:
-        cache_root = Path(os.environ.get("ENCLOUD_CACHE_ROOT", str(DEFAULT_CACHE_ROOT)))
+        cache_root = default_cache_root()
     models = Path(cache_root).expanduser() / "models"
     digest = source_digest(source)
     versions = _versions()
@@ -372,12 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="encloud export-embeddings-model",
         description="Export all-MiniLM-L6-v2 to ONNX for the encloud embedder.",
     )
-    parser.add_argument(
-        "--cache-root",
-        type=Path,
-        default=Path(os.environ.get("ENCLOUD_CACHE_ROOT", str(DEFAULT_CACHE_ROOT))),
-        help="cache folder (default: $ENCLOUD_CACHE_ROOT or ~/.cache/encloud)",
-    )
+    add_cache_root_argument(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

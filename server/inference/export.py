@@ -407,6 +407,21 @@ def export_model(
     return final
 
 
+def default_cache_root() -> Path:
+    """$ENCLOUD_CACHE_ROOT, else ~/.cache/encloud: where every exported model is cached."""
+    return Path(os.environ.get("ENCLOUD_CACHE_ROOT", str(DEFAULT_CACHE_ROOT)))
+
+
+def add_cache_root_argument(parser: argparse.ArgumentParser) -> None:
+    """The exporters' shared --cache-root option."""
+    parser.add_argument(
+        "--cache-root",
+        type=Path,
+        default=default_cache_root(),
+        help="cache folder (default: $ENCLOUD_CACHE_ROOT or ~/.cache/encloud)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``encloud export-model``: export the embedded (or a given) model to the cache."""
     parser = argparse.ArgumentParser(
@@ -432,12 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="Python of an environment with optimum-onnx (default: $ENCLOUD_OPTIMUM_PYTHON)",
     )
-    parser.add_argument(
-        "--cache-root",
-        type=Path,
-        default=Path(os.environ.get("ENCLOUD_CACHE_ROOT", str(DEFAULT_CACHE_ROOT))),
-        help="cache folder (default: $ENCLOUD_CACHE_ROOT or ~/.cache/encloud)",
-    )
+    add_cache_root_argument(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1205,6 +1205,14 @@ def embed_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
         return sealed_json(MessageType.EMBED_RESPONSE, rid, 0, sealed)
 
     good_payload = embedding_response(flat, 3, 4, rows, 17, t0)
+
+    def as_chat_response(label: str) -> dict[str, Any]:
+        """The valid payload sealed as an Infer RESPONSE of the same request."""
+        sealed = seal_fixed(
+            s2c, SESSION_ID, MessageType.RESPONSE, request_id, 0, good_payload, seed(label, 12)
+        )
+        return sealed_json(MessageType.RESPONSE, request_id, 0, sealed)
+
     dirty = bytearray(good_payload)
     dirty[dirty.index(flat) + len(flat) + 5] = 1  # a byte of padding row 3
 
@@ -1243,40 +1251,14 @@ def embed_vectors(keys: dict[str, bytes]) -> dict[str, Any]:
         case(
             "as_infer_response",
             "the same payload sealed as a RESPONSE (an Infer answer)",
-            sealed_json(
-                MessageType.RESPONSE,
-                request_id,
-                0,
-                seal_fixed(
-                    s2c,
-                    SESSION_ID,
-                    MessageType.RESPONSE,
-                    request_id,
-                    0,
-                    good_payload,
-                    seed("e5", 12),
-                ),
-            ),
+            as_chat_response("e5"),
             "HeaderMismatchError",
         ),
         case(
             "relabelled_type",
             "a RESPONSE relabelled EMBED_RESPONSE in its clear header",
             dict(
-                sealed_json(
-                    MessageType.RESPONSE,
-                    request_id,
-                    0,
-                    seal_fixed(
-                        s2c,
-                        SESSION_ID,
-                        MessageType.RESPONSE,
-                        request_id,
-                        0,
-                        good_payload,
-                        seed("e6", 12),
-                    ),
-                ),
+                as_chat_response("e6"),
                 type=int(MessageType.EMBED_RESPONSE),
             ),
             "DecryptError",
