@@ -11,6 +11,7 @@ compile() {
 }
 compile client.lock
 compile server.lock --extra server
+compile sentinel.lock --extra sentinel
 # The server on a CUDA machine: server.lock's pins with onnxruntime-gpu and the CUDA and cuDNN
 # wheels it names in place of onnxruntime (the two packages install the same module and must
 # never share an environment). onnxruntime-gpu's newest release on PyPI is 1.31.1.
@@ -23,7 +24,7 @@ ORT_GPU="onnxruntime-gpu[cuda,cudnn]==1.31.1"
 "$PY" -m piptools compile --quiet --generate-hashes --allow-unsafe --strip-extras \
   --no-emit-index-url --no-emit-find-links --output-file requirements/server-gpu.lock \
   requirements/server-gpu.in
-compile dev.lock --extra server --extra export --extra proxy --extra dev
+compile dev.lock --extra server --extra export --extra proxy --extra sentinel --extra dev
 # The optimum exporter's own environment, from its own input (transformers < 4.58).
 "$PY" -m piptools compile --quiet --generate-hashes --allow-unsafe --strip-extras \
   --no-emit-index-url --no-emit-find-links --output-file requirements/optimum.lock \
