@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the Python stubs of proto/encloud/v2 into protocol/v2 (import
-# package encloud.protocol.v2). The output is committed; tests/test_codegen.py
-# fails if running this script would change it.
+# package encloud.protocol.v2) and of proto/encloud/sentinel/v1 (the key broker) into
+# protocol/sentinel/v1 (encloud.protocol.sentinel.v1). The output is committed;
+# tests/test_contract.py fails if running this script would change it.
 set -euo pipefail
 cd "$(dirname "$0")"
 # The project's environment if ./dev made one; else a small tool environment
@@ -34,14 +35,17 @@ PATH="$(dirname "$(command -v "$PYTHON")"):$PATH" "$PYTHON" -m grpc_tools.protoc
   --mypy_out="$out" \
   --grpc_python_out="$out" \
   --mypy_grpc_out="$out" \
-  proto/encloud/v2/*.proto
+  proto/encloud/v2/*.proto proto/encloud/sentinel/v1/*.proto
 
 # protoc names imports after the proto path (encloud.v2); the stubs live in
 # encloud.protocol.v2, so rewrite the package in the generated imports.
-for f in "$out"/encloud/v2/*; do
+for f in "$out"/encloud/v2/* "$out"/encloud/sentinel/v1/*; do
   sed -i -e 's/^from encloud\.v2 import /from encloud.protocol.v2 import /' \
-         -e 's/^import encloud\.v2\./import encloud.protocol.v2./' "$f"
+         -e 's/^import encloud\.v2\./import encloud.protocol.v2./' \
+         -e 's/^from encloud\.sentinel\.v1 import /from encloud.protocol.sentinel.v1 import /' \
+         -e 's/^import encloud\.sentinel\.v1\./import encloud.protocol.sentinel.v1./' "$f"
 done
 
-find protocol/v2 -maxdepth 1 -name '*_pb2*' -delete
+find protocol/v2 protocol/sentinel/v1 -maxdepth 1 -name '*_pb2*' -delete
 cp "$out"/encloud/v2/* protocol/v2/
+cp "$out"/encloud/sentinel/v1/* protocol/sentinel/v1/

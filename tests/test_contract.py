@@ -16,19 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 BUF = ROOT / "tools" / "node_modules" / ".bin" / "buf"
 
 
-def test_codegen_output_is_committed_and_fresh(tmp_path: Path) -> None:
-    """Running codegen.sh must not change protocol/v2."""
+@pytest.mark.parametrize("stubs", ["v2", "sentinel/v1"])
+def test_codegen_output_is_committed_and_fresh(tmp_path: Path, stubs: str) -> None:
+    """Running codegen.sh must not change protocol/v2 or protocol/sentinel/v1."""
     copy = tmp_path / "repo"
     shutil.copytree(ROOT / "proto", copy / "proto")
-    shutil.copytree(ROOT / "protocol" / "v2", copy / "protocol" / "v2")
+    for folder in ("v2", "sentinel/v1"):
+        shutil.copytree(ROOT / "protocol" / folder, copy / "protocol" / folder)
     shutil.copy(ROOT / "codegen.sh", copy / "codegen.sh")
     subprocess.run(
         ["bash", str(copy / "codegen.sh")],
         check=True,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
-    fresh = copy / "protocol" / "v2"
-    committed = ROOT / "protocol" / "v2"
+    fresh = copy / "protocol" / stubs
+    committed = ROOT / "protocol" / stubs
     names = sorted(p.name for p in committed.glob("*_pb2*"))
     assert names == sorted(p.name for p in fresh.glob("*_pb2*"))
     assert names, "no generated stubs found"

@@ -1,0 +1,1 @@
+"""Sentinel's wire: its generated stubs (v1/)."""
