@@ -7,7 +7,12 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from encloud.protocol.errors import EncloudError, ServiceError, TruncatedStreamError
+from encloud.protocol.errors import (
+    SENTINEL_ERRORS,
+    EncloudError,
+    ServiceError,
+    TruncatedStreamError,
+)
 
 # Statuses that, without the server's ErrorInfo, mean the transport broke (a crash, a reset
 # connection, a proxy ending the HTTP/2 stream without trailers).
@@ -18,10 +23,26 @@ def service_error(error: grpc.RpcError) -> ServiceError:
     """A failed call as a ServiceError: the status code, the server's message, and the
     ErrorInfo reason and RetryInfo delay from the google.rpc.Status trailer when present
     (grpc.aio's AioRpcError has the same accessors as a blocking call)."""
+    code, message, reason, retry, _ = _details(error)
+    return ServiceError(code, message, reason, retry)
+
+
+def sentinel_error(error: grpc.RpcError) -> ServiceError:
+    """A failed call to Sentinel as its typed error (SENTINEL_ERRORS by ErrorInfo reason,
+    with the ErrorInfo metadata); a plain ServiceError for any other status."""
+    code, message, reason, retry, metadata = _details(error)
+    typed = SENTINEL_ERRORS.get(reason)
+    if typed is None:
+        return ServiceError(code, message, reason, retry)
+    return typed(code, message, reason, retry, metadata)
+
+
+def _details(error: grpc.RpcError) -> tuple[str, str, str, float | None, dict[str, str]]:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else "") or ""
     reason = ""
     retry: float | None = None
+    metadata: dict[str, str] = {}
     try:
         status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
     except (ValueError, DecodeError):  # a trailer that contradicts the status or is garbage
@@ -31,9 +52,10 @@ def service_error(error: grpc.RpcError) -> ServiceError:
         delay = error_details_pb2.RetryInfo()
         if detail.Unpack(info):
             reason = info.reason
+            metadata = dict(info.metadata)
         elif detail.Unpack(delay):
             retry = max(0.0, delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9)
-    return ServiceError(code.name, message, reason, retry)
+    return code.name, message, reason, retry, metadata
 
 
 def after_frames(failure: ServiceError, frames: int) -> EncloudError:

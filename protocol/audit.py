@@ -62,7 +62,8 @@ CHECKPOINT_LABEL = "encloud/v1 audit checkpoint"
 LOG_ID_LENGTH = 16
 RESERVED_FIELDS = frozenset({"seq", "prev", "time", "log_id"})
 _FORBIDDEN_NAME_PARTS = ("key", "secret", "dek", "prompt", "plaintext", "password")
-_ALLOWED_KEY_NAMES = frozenset({"ak_fingerprint"})
+# Names, not keys: a key's id and versions (Sentinel's entries), the AK's fingerprint.
+_ALLOWED_KEY_NAMES = frozenset({"ak_fingerprint", "key_id", "key_versions"})
 _CHECKPOINT_KEYS = frozenset({"log_id", "seq", "head", "time", "signature"})
 
 Durability = Literal["entry", "batch"]

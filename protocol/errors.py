@@ -246,6 +246,96 @@ class ServiceError(EncloudError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class SentinelError(ServiceError):
+    """Sentinel (the key broker) refused a call. Each subclass is one ErrorInfo reason of
+    docs/SENTINEL.md; `metadata` holds the ErrorInfo metadata (ATTESTATION_REFUSED names the
+    failed verifier check in `check`)."""
+
+    reason_name = ""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        reason: str = "",
+        retry_after_seconds: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(code, message, reason, retry_after_seconds)
+        self.metadata = dict(metadata or {})
+
+
+class OwnerUnknownError(SentinelError):
+    reason_name = "OWNER_UNKNOWN"
+
+
+class NotKeyOwnerError(SentinelError):
+    reason_name = "NOT_KEY_OWNER"
+
+
+class KeyNotFoundError(SentinelError):
+    reason_name = "KEY_NOT_FOUND"
+
+
+class KeyExistsError(SentinelError):
+    reason_name = "KEY_EXISTS"
+
+
+class KeyRevokedError(SentinelError):
+    reason_name = "KEY_REVOKED"
+
+
+class KeyImportError(SentinelError):
+    reason_name = "KEY_IMPORT_FAILED"
+
+
+class PolicyRejectedError(SentinelError):
+    reason_name = "POLICY_REJECTED"
+
+
+class OrderMalformedError(SentinelError):
+    reason_name = "ORDER_MALFORMED"
+
+
+class OrderSignatureError(SentinelError):
+    reason_name = "ORDER_SIGNATURE"
+
+
+class OrderExpiredError(SentinelError):
+    reason_name = "ORDER_EXPIRED"
+
+
+class OrderUsedError(SentinelError):
+    reason_name = "ORDER_USED"
+
+
+class NonceUnknownError(SentinelError):
+    reason_name = "NONCE_UNKNOWN"
+
+
+class AttestationRefusedError(SentinelError):
+    reason_name = "ATTESTATION_REFUSED"
+
+    @property
+    def check(self) -> str:
+        """The verifier check that failed (its report name, e.g. "ak_trust")."""
+        return self.metadata.get("check", "")
+
+
+class ModelMismatchError(SentinelError):
+    reason_name = "MODEL_MISMATCH"
+
+
+class DatabaseUnavailableError(SentinelError):
+    reason_name = "DATABASE_UNAVAILABLE"
+
+
+SENTINEL_ERRORS: dict[str, type[SentinelError]] = {
+    cls.reason_name: cls for cls in SentinelError.__subclasses__()
+}
+"""Each Sentinel ErrorInfo reason's typed error."""
+
+
 # --- audit log and evidence bundles -----------------------------------------------------
 
 

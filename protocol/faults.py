@@ -19,6 +19,7 @@ class Kind(enum.Enum):
     """Canonical error kinds (google.rpc.Code names)."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     PERMISSION_DENIED = "PERMISSION_DENIED"
@@ -36,9 +37,11 @@ class DomainError(Exception):
     reason: str = "INTERNAL"
     retry_after_seconds: float | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # ErrorInfo metadata: machine-readable facts the caller may act on (never a secret).
+        self.metadata = dict(metadata or {})
 
 
 class InvalidArgumentError(DomainError):
@@ -137,3 +140,102 @@ class UnsupportedSuiteError(InvalidArgumentError):
     another suite its policy accepts."""
 
     reason = "UNSUPPORTED_SUITE"
+
+
+# --- Sentinel, the key broker (docs/SENTINEL.md) -------------------------------------------
+
+
+class SentinelFault(DomainError):
+    """A refusal of the key broker. Each subclass is one ErrorInfo reason; the client's
+    mirror is encloud.protocol.errors.SentinelError (same reasons)."""
+
+
+class OwnerUnknownFault(SentinelFault):
+    """No client certificate, or one that no registered owner pinned."""
+
+    kind = Kind.UNAUTHENTICATED
+    reason = "OWNER_UNKNOWN"
+
+
+class NotKeyOwnerFault(SentinelFault):
+    """The key id is outside the caller's namespace ("<owner>/...")."""
+
+    kind = Kind.PERMISSION_DENIED
+    reason = "NOT_KEY_OWNER"
+
+
+class KeyNotFoundFault(SentinelFault):
+    kind = Kind.NOT_FOUND
+    reason = "KEY_NOT_FOUND"
+
+
+class KeyExistsFault(SentinelFault):
+    kind = Kind.ALREADY_EXISTS
+    reason = "KEY_EXISTS"
+
+
+class KeyRevokedFault(SentinelFault):
+    kind = Kind.FAILED_PRECONDITION
+    reason = "KEY_REVOKED"
+
+
+class KeyImportFault(SentinelFault):
+    """The sealed key did not open under the import key (or is not 32 bytes)."""
+
+    kind = Kind.INVALID_ARGUMENT
+    reason = "KEY_IMPORT_FAILED"
+
+
+class PolicyRejectedFault(SentinelFault):
+    kind = Kind.INVALID_ARGUMENT
+    reason = "POLICY_REJECTED"
+
+
+class OrderMalformedFault(SentinelFault):
+    kind = Kind.INVALID_ARGUMENT
+    reason = "ORDER_MALFORMED"
+
+
+class OrderSignatureFault(SentinelFault):
+    """The order is not signed by a signing key of the key's owner."""
+
+    kind = Kind.PERMISSION_DENIED
+    reason = "ORDER_SIGNATURE"
+
+
+class OrderExpiredFault(SentinelFault):
+    kind = Kind.PERMISSION_DENIED
+    reason = "ORDER_EXPIRED"
+
+
+class OrderUsedFault(SentinelFault):
+    kind = Kind.ALREADY_EXISTS
+    reason = "ORDER_USED"
+
+
+class NonceUnknownFault(SentinelFault):
+    """The nonce was never issued, was used already, or expired: ask for a new one."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "NONCE_UNKNOWN"
+
+
+class AttestationRefusedFault(SentinelFault):
+    """The evidence failed a verifier check against the key's policy; metadata names it."""
+
+    kind = Kind.PERMISSION_DENIED
+    reason = "ATTESTATION_REFUSED"
+
+
+class ModelMismatchFault(SentinelFault):
+    """The attested workload does not run the model the order names."""
+
+    kind = Kind.PERMISSION_DENIED
+    reason = "MODEL_MISMATCH"
+
+
+class DatabaseUnavailableFault(SentinelFault):
+    """The key database does not answer; nothing of the call was written."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"

@@ -128,6 +128,16 @@ def xwing_private_key(seed: bytes) -> Any:
     )
 
 
+def xwing_public_key(seed: bytes) -> bytes:
+    """The raw X-Wing public key (ML-KEM-768's then X25519's) of `xwing_private_key(seed)`."""
+    if len(seed) != 32:
+        raise ValueError("an X-Wing private key is a 32-byte seed")
+    expanded = hashlib.shake_256(seed).digest(96)
+    kem = mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
+    dh = X25519PrivateKey.from_private_bytes(expanded[64:])
+    return kem.public_key().public_bytes_raw() + dh.public_key().public_bytes_raw()
+
+
 def _recipient(suite: HpkeSuiteId, session_pub: bytes) -> Any:
     spec = _spec(suite)
     if len(session_pub) != spec.public_length:
@@ -274,6 +284,22 @@ def seal_key(
         return hpke_suite.encrypt(bytes(plaintext), recipient, info=info)
     finally:
         plaintext[:] = bytes(len(plaintext))
+
+
+def hpke_seal(suite: HpkeSuiteId, public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
+    """HPKE base-mode single-shot seal to a raw public key of `suite`: enc || ciphertext."""
+    hpke_suite, _ = _hpke(suite)
+    return hpke_suite.encrypt(plaintext, _recipient(suite, public_key), info=info)
+
+
+def hpke_open(suite: HpkeSuiteId, private_key: Any, sealed: bytes, info: bytes) -> bytearray:
+    """Open an `hpke_seal`ed message. Any failure is one KeyOpenError."""
+    hpke_suite, _ = _hpke(suite)
+    split_enc(suite, sealed)
+    try:
+        return bytearray(hpke_suite.decrypt(sealed, private_key, info=info))
+    except (InvalidTag, ValueError):
+        raise KeyOpenError("sealed key did not open") from None
 
 
 def split_enc(suite: HpkeSuiteId, sealed_key: bytes) -> bytes:

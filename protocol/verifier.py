@@ -164,7 +164,7 @@ def verify(
     policy: Policy,
     *,
     expected_qualifying_data: bytes,
-    session_ttl_seconds: int,
+    session_ttl_seconds: int | None,
 ) -> VerifiedAttestation:
     """Verify evidence against a policy; raise the first failed check's typed error.
 
@@ -227,7 +227,8 @@ def verify(
     19. runtime_event: every start-up's runtime event (SHA-256 of its data) is
         allowed (RuntimeNotAllowedError).
     20. session_ttl: 0 < session_ttl_seconds <= max_session_ttl_seconds
-        (SessionTtlError).
+        (SessionTtlError); None for a request that opens no session (Sentinel's key
+        release, whose freshness is its single-use nonce).
     """
     attestation, _, error = verify_with_report(
         evidence,
@@ -246,7 +247,7 @@ def verify_with_report(
     policy: Policy,
     *,
     expected_qualifying_data: bytes,
-    session_ttl_seconds: int,
+    session_ttl_seconds: int | None,
 ) -> tuple[VerifiedAttestation | None, list[CheckResult], VerificationError | None]:
     """Run `verify`'s checks and return (attestation or None, report, error or None)."""
     if not isinstance(expected_qualifying_data, bytes) or not expected_qualifying_data:
@@ -278,7 +279,7 @@ def _short(value: bytes) -> str:
 class _Run:
     """The state of one verification; each step records a passed CheckResult."""
 
-    def __init__(self, evidence: Evidence, policy: Policy, q: bytes, ttl: int) -> None:
+    def __init__(self, evidence: Evidence, policy: Policy, q: bytes, ttl: int | None) -> None:
         self.evidence = evidence
         self.policy = policy
         self.q = q
@@ -440,13 +441,16 @@ class _Run:
 
         self.step("session_ttl")
         ttl = self.ttl
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        if ttl is None:  # a key broker request (Sentinel): no session is being opened
+            self.ok("no session: nothing to check")
+        elif isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
             raise SessionTtlError(f"session TTL {ttl!r} is not a positive integer")
-        if ttl > policy.max_session_ttl_seconds:
+        elif ttl > policy.max_session_ttl_seconds:
             raise SessionTtlError(
                 f"session TTL {ttl} s exceeds the policy's {policy.max_session_ttl_seconds} s"
             )
-        self.ok(f"session TTL {ttl} s <= {policy.max_session_ttl_seconds} s")
+        else:
+            self.ok(f"session TTL {ttl} s <= {policy.max_session_ttl_seconds} s")
 
         models, runtime = startups[-1]
         return VerifiedAttestation(
