@@ -1,0 +1,131 @@
+"""Assembles Sentinel from its settings and serves it (`encloud sentinel serve`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from sqlalchemy.engine import Engine
+
+from encloud.broker.kek import KeyWrapper, create_kek_file, load_kek
+from encloud.broker.service import Sentinel
+from encloud.broker.servicer import OwnerServicer, WorkloadServicer
+from encloud.broker.settings import SentinelSettings
+from encloud.broker.store import Store, make_engine, migrate
+from encloud.protocol.audit import AuditLog, generate_key_files, load_private_key
+from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
+
+log = logging.getLogger("encloud.sentinel")
+
+
+class SentinelStartError(RuntimeError):
+    """Sentinel cannot start as configured (the message says why, in one line)."""
+
+
+@dataclass
+class RunningSentinel:
+    server: grpc.Server
+    sentinel: Sentinel
+    engine: Engine
+    owner_port: int
+    workload_port: int
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.server.stop(grace).wait()
+        self.sentinel.audit.close()
+        self.engine.dispose()
+
+
+def init_state(settings: SentinelSettings) -> list[str]:
+    """Create what a new Sentinel needs: the KEK, the audit checkpoint key, the schema.
+    Never overwrites a KEK. Returns what it created, in words."""
+    created = []
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    kek = settings.resolved_kek_file()
+    if not kek.exists():
+        create_kek_file(kek)
+        created.append(f"KEK {kek} (mode 0600)")
+    key = settings.resolved_checkpoint_key()
+    if not key.exists():
+        generate_key_files(key, key.with_suffix(".pub"))
+        created.append(f"audit checkpoint key {key}")
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    created.append("the database schema at its newest revision")
+    return created
+
+
+def build(settings: SentinelSettings) -> tuple[Sentinel, Engine]:
+    """The KEK first (no KEK, no start), then the database (migrated), then the audit log."""
+    wrapper = KeyWrapper(load_kek(settings.resolved_kek_file()))
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        migrate(engine)
+        checkpoint_key = settings.resolved_checkpoint_key()
+        audit = AuditLog(
+            settings.resolved_audit_log(),
+            checkpoint_key=load_private_key(checkpoint_key) if checkpoint_key.exists() else None,
+        )
+        sentinel = Sentinel(
+            Store(engine), wrapper, audit, nonce_ttl_seconds=settings.nonce_ttl_seconds
+        )
+    except BaseException:
+        engine.dispose()
+        raise
+    return sentinel, engine
+
+
+def _owner_credentials(settings: SentinelSettings) -> grpc.ServerCredentials:
+    files = (settings.tls_cert, settings.tls_key, settings.client_ca)
+    if any(path is None for path in files):
+        raise SentinelStartError(
+            "the owner API needs mutual TLS: set tls_cert, tls_key and client_ca"
+        )
+    cert, key, ca = (path.read_bytes() for path in files)  # type: ignore[union-attr]
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
+def start(settings: SentinelSettings) -> RunningSentinel:
+    owner_credentials = _owner_credentials(settings)
+    sentinel, engine = build(settings)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers))
+    pb_grpc.add_OwnerServiceServicer_to_server(OwnerServicer(sentinel), server)
+    pb_grpc.add_WorkloadServiceServicer_to_server(WorkloadServicer(sentinel), server)
+    owner_port = server.add_secure_port(settings.owner_listen, owner_credentials)
+    if settings.tls_cert and settings.tls_key:
+        workload_credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+        )
+        workload_port = server.add_secure_port(settings.workload_listen, workload_credentials)
+    else:
+        workload_port = server.add_insecure_port(settings.workload_listen)
+    server.start()
+    log.info(
+        "sentinel serving",
+        extra={"owner_port": owner_port, "workload_port": workload_port},
+    )
+    return RunningSentinel(server, sentinel, engine, owner_port, workload_port)
+
+
+def serve(settings: SentinelSettings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    running = start(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(
+        f"sentinel: owner API on port {running.owner_port} (mutual TLS), "
+        f"workload API on port {running.workload_port}",
+        flush=True,
+    )
+    stop.wait()
+    running.stop()

@@ -1,0 +1,90 @@
+"""Sentinel's tables, as SQLAlchemy Core sees them (the queries of store.py). The schema
+itself is made and changed only by the Alembic migrations in migrations/versions/; a test
+checks the two agree."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+settings = Table(
+    "sentinel_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    # Public values only: the KEK check value, the import key's suite and public key, and
+    # its private key wrapped under the KEK.
+    Column("value", LargeBinary, nullable=False),
+)
+
+owners = Table(
+    "owners",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(63), nullable=False, unique=True),
+    # Hex SHA-256 of the owner's client certificate's SubjectPublicKeyInfo.
+    Column("cert_spki_sha256", String(64), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("owner_id", Integer, ForeignKey("owners.id"), nullable=False),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("owner_id", "fingerprint", name="uq_signing_keys_owner_fingerprint"),
+)
+
+keys = Table(
+    "data_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(128), nullable=False, unique=True),
+    Column("owner_id", Integer, ForeignKey("owners.id"), nullable=False),
+    Column("policy", LargeBinary, nullable=False),
+    Column("policy_sha256", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)
+
+key_versions = Table(
+    "data_key_versions",
+    metadata,
+    Column("data_key", Integer, ForeignKey("data_keys.id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    # nonce || AES-256-GCM(KEK, key) with the key id and version as associated data.
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+nonces = Table(
+    "challenge_nonces",
+    metadata,
+    Column("nonce", LargeBinary, primary_key=True),
+    Column("expires_at", BigInteger, nullable=False),
+)
+
+used_orders = Table(
+    "used_orders",
+    metadata,
+    # The order's 16-byte order id: a second use of it fails on this primary key.
+    Column("order_id", LargeBinary, primary_key=True),
+    Column("data_key", Integer, ForeignKey("data_keys.id"), nullable=False),
+    Column("used_at", BigInteger, nullable=False),
+)
+
+TABLES = (settings, owners, signing_keys, keys, key_versions, nonces, used_orders)

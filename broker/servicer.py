@@ -1,0 +1,139 @@
+"""Sentinel's gRPC servicers: protobuf in, domain calls, protobuf out. Nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from encloud.broker.service import KeyView, Sentinel
+from encloud.broker.status import unary_errors
+from encloud.broker.store import ACTIVE, Owner
+from encloud.protocol.handshake import HpkeSuiteId
+from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
+from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
+from encloud.protocol.v2 import encloud_pb2 as v2
+from encloud.protocol.wire import evidence_from_proto
+
+
+def peer_certificate_sha256(context: grpc.ServicerContext) -> str | None:
+    """Hex SHA-256 of the SubjectPublicKeyInfo of the client certificate the TLS handshake
+    verified; None on a connection without one (the workload port)."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        return None
+    cert = x509.load_pem_x509_certificate(pems[0])
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def _key_info(view: KeyView) -> pb.KeyInfo:
+    return pb.KeyInfo(
+        key_id=view.key_id,
+        state=pb.KEY_STATE_ACTIVE if view.state == ACTIVE else pb.KEY_STATE_REVOKED,
+        versions=list(view.versions),
+        policy_sha256=view.policy_sha256,
+        created_at=view.created_at,
+    )
+
+
+def _suite(suite: v2.HpkeSuite) -> HpkeSuiteId:
+    return HpkeSuiteId(suite.kem_id, suite.kdf_id, suite.aead_id)
+
+
+class OwnerServicer(pb_grpc.OwnerServiceServicer):
+    def __init__(self, sentinel: Sentinel) -> None:
+        self.sentinel = sentinel
+
+    def _owner(self, context: grpc.ServicerContext, method: str) -> Owner:
+        return self.sentinel.owner_for(peer_certificate_sha256(context), method)
+
+    @unary_errors
+    def GetImportKey(
+        self, request: pb.GetImportKeyRequest, context: grpc.ServicerContext
+    ) -> pb.GetImportKeyResponse:
+        self._owner(context, "GetImportKey")
+        key = self.sentinel.import_key
+        return pb.GetImportKeyResponse(
+            suite=v2.HpkeSuite(
+                kem_id=key.suite.kem_id, kdf_id=key.suite.kdf_id, aead_id=key.suite.aead_id
+            ),
+            public_key=key.public_key,
+        )
+
+    @unary_errors
+    def AddSigningKey(
+        self, request: pb.AddSigningKeyRequest, context: grpc.ServicerContext
+    ) -> pb.AddSigningKeyResponse:
+        owner = self._owner(context, "AddSigningKey")
+        fingerprint = self.sentinel.add_signing_key(owner, request.public_key)
+        return pb.AddSigningKeyResponse(fingerprint=fingerprint)
+
+    @unary_errors
+    def CreateKey(
+        self, request: pb.CreateKeyRequest, context: grpc.ServicerContext
+    ) -> pb.CreateKeyResponse:
+        owner = self._owner(context, "CreateKey")
+        view = self.sentinel.create_key(owner, request.key_id, request.policy, request.sealed_key)
+        return pb.CreateKeyResponse(key=_key_info(view))
+
+    @unary_errors
+    def RotateKey(
+        self, request: pb.RotateKeyRequest, context: grpc.ServicerContext
+    ) -> pb.RotateKeyResponse:
+        owner = self._owner(context, "RotateKey")
+        view = self.sentinel.rotate_key(owner, request.key_id, request.sealed_key)
+        return pb.RotateKeyResponse(key=_key_info(view))
+
+    @unary_errors
+    def RevokeKey(
+        self, request: pb.RevokeKeyRequest, context: grpc.ServicerContext
+    ) -> pb.RevokeKeyResponse:
+        owner = self._owner(context, "RevokeKey")
+        return pb.RevokeKeyResponse(key=_key_info(self.sentinel.revoke_key(owner, request.key_id)))
+
+    @unary_errors
+    def ListKeys(
+        self, request: pb.ListKeysRequest, context: grpc.ServicerContext
+    ) -> pb.ListKeysResponse:
+        owner = self._owner(context, "ListKeys")
+        return pb.ListKeysResponse(keys=[_key_info(v) for v in self.sentinel.list_keys(owner)])
+
+    @unary_errors
+    def ReadAudit(
+        self, request: pb.ReadAuditRequest, context: grpc.ServicerContext
+    ) -> pb.ReadAuditResponse:
+        owner = self._owner(context, "ReadAudit")
+        return pb.ReadAuditResponse(entries=self.sentinel.read_audit(owner, request.after_seq))
+
+
+class WorkloadServicer(pb_grpc.WorkloadServiceServicer):
+    def __init__(self, sentinel: Sentinel) -> None:
+        self.sentinel = sentinel
+
+    @unary_errors
+    def GetChallenge(
+        self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.GetChallengeResponse:
+        nonce, ttl = self.sentinel.challenge()
+        return pb.GetChallengeResponse(nonce=nonce, ttl_seconds=ttl)
+
+    @unary_errors
+    def ReleaseKey(
+        self, request: pb.ReleaseKeyRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseKeyResponse:
+        released = self.sentinel.release(
+            request.release_order,
+            request.nonce,
+            _suite(request.suite),
+            request.public_key,
+            evidence_from_proto(request.evidence),
+        )
+        return pb.ReleaseKeyResponse(
+            key_id=released.key_id,
+            keys=[pb.ReleasedKey(version=v, sealed_key=s) for v, s in released.sealed],
+        )

@@ -1,0 +1,356 @@
+"""Sentinel's database: SQLite (default, embedded) or PostgreSQL, through SQLAlchemy Core.
+
+Every operation is one transaction, so a failure leaves nothing half-written; a database
+that does not answer is a DatabaseUnavailableFault (UNAVAILABLE), never a crash. Keys are
+stored only wrapped under the KEK (kek.py): this module never sees key material in clear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from encloud.broker import schema
+from encloud.protocol.faults import (
+    DatabaseUnavailableFault,
+    KeyExistsFault,
+    KeyRevokedFault,
+    OrderUsedFault,
+)
+
+ACTIVE = "active"
+REVOKED = "revoked"
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+@dataclass(frozen=True)
+class Owner:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: int
+    key_id: str
+    owner: Owner
+    policy: bytes
+    policy_sha256: str
+    state: str
+    created_at: int
+    versions: tuple[int, ...]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`. SQLite: WAL, foreign keys, and BEGIN IMMEDIATE so concurrent
+    writers queue on the lock instead of failing mid-transaction. PostgreSQL: a short
+    connect timeout (a database that is down answers UNAVAILABLE in seconds) and pre-ping."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=16,
+        max_overflow=16,
+        pool_timeout=10,
+        connect_args={"connect_timeout": 3},
+    )
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", "encloud.broker:migrations")
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (Alembic), in one transaction."""
+    with _available(), engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "head")
+
+
+def schema_revision(engine: Engine) -> tuple[str | None, str]:
+    """(the database's revision, the newest revision this code knows)."""
+    with _available(), engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+        head = ScriptDirectory.from_config(_alembic_config(connection)).get_current_head()
+    return current, head or ""
+
+
+@contextlib.contextmanager
+def _available() -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE:
+        raise DatabaseUnavailableFault(
+            "the key database is not answering; nothing was written"
+        ) from None
+
+
+class Store:
+    """The queries. Each public method is one transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with _available(), self.engine.begin() as connection:
+            yield connection
+
+    # --- Sentinel's own settings --------------------------------------------------------
+
+    def setting(self, name: str) -> bytes | None:
+        with self.transaction() as db:
+            return db.execute(
+                sa.select(schema.settings.c.value).where(schema.settings.c.name == name)
+            ).scalar_one_or_none()
+
+    def set_settings_once(self, values: dict[str, bytes]) -> dict[str, bytes]:
+        """Store values not stored yet; return what is stored (first writer wins)."""
+        table = schema.settings
+        with self.transaction() as db:
+            stored = dict(db.execute(sa.select(table.c.name, table.c.value)).all())
+            fresh = {n: v for n, v in values.items() if n not in stored}
+            if fresh:
+                db.execute(sa.insert(table), [{"name": n, "value": v} for n, v in fresh.items()])
+            return {**fresh, **stored}
+
+    # --- owners ---------------------------------------------------------------------------
+
+    def add_owner(self, name: str, cert_spki_sha256: str) -> Owner:
+        with self.transaction() as db:
+            try:
+                row_id = db.execute(
+                    sa.insert(schema.owners).values(
+                        name=name, cert_spki_sha256=cert_spki_sha256, created_at=_now()
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+            except sa.exc.IntegrityError:
+                raise ValueError(
+                    f"an owner named {name!r} or with this certificate exists already"
+                ) from None
+        return Owner(int(row_id), name)
+
+    def owner_by_certificate(self, cert_spki_sha256: str) -> Owner | None:
+        table = schema.owners
+        with self.transaction() as db:
+            row = db.execute(
+                sa.select(table.c.id, table.c.name).where(
+                    table.c.cert_spki_sha256 == cert_spki_sha256
+                )
+            ).first()
+        return Owner(row.id, row.name) if row else None
+
+    def add_signing_key(self, owner: Owner, public_key: bytes, fingerprint: str) -> bool:
+        """Register a signing key; False if this owner has it already."""
+        with self.transaction() as db:
+            try:
+                with db.begin_nested():
+                    db.execute(
+                        sa.insert(schema.signing_keys).values(
+                            owner_id=owner.id,
+                            public_key=public_key,
+                            fingerprint=fingerprint,
+                            created_at=_now(),
+                        )
+                    )
+            except sa.exc.IntegrityError:
+                return False
+        return True
+
+    def signing_keys(self, owner_id: int) -> list[bytes]:
+        table = schema.signing_keys
+        with self.transaction() as db:
+            return list(
+                db.execute(
+                    sa.select(table.c.public_key).where(table.c.owner_id == owner_id)
+                ).scalars()
+            )
+
+    # --- data keys ------------------------------------------------------------------------
+
+    def create_key(
+        self, owner: Owner, key_id: str, policy: bytes, policy_sha256: str, wrapped: bytes
+    ) -> None:
+        now = _now()
+        with self.transaction() as db:
+            try:
+                with db.begin_nested():
+                    row_id = db.execute(
+                        sa.insert(schema.keys).values(
+                            key_id=key_id,
+                            owner_id=owner.id,
+                            policy=policy,
+                            policy_sha256=policy_sha256,
+                            state=ACTIVE,
+                            created_at=now,
+                        )
+                    ).inserted_primary_key[0]  # type: ignore[index]
+            except sa.exc.IntegrityError:
+                raise KeyExistsFault(f"the key {key_id} exists already") from None
+            db.execute(
+                sa.insert(schema.key_versions).values(
+                    data_key=row_id, version=1, wrapped=wrapped, created_at=now
+                )
+            )
+
+    def key(self, key_id: str, db: Connection | None = None) -> KeyRecord | None:
+        if db is None:
+            with self.transaction() as own:
+                return self.key(key_id, own)
+        k, o = schema.keys, schema.owners
+        row = db.execute(
+            sa.select(
+                k.c.id,
+                k.c.key_id,
+                k.c.policy,
+                k.c.policy_sha256,
+                k.c.state,
+                k.c.created_at,
+                o.c.id.label("owner_id"),
+                o.c.name.label("owner_name"),
+            )
+            .join(o, o.c.id == k.c.owner_id)
+            .where(k.c.key_id == key_id)
+        ).first()
+        if row is None:
+            return None
+        versions = tuple(
+            db.execute(
+                sa.select(schema.key_versions.c.version)
+                .where(schema.key_versions.c.data_key == row.id)
+                .order_by(schema.key_versions.c.version)
+            ).scalars()
+        )
+        return KeyRecord(
+            row.id,
+            row.key_id,
+            Owner(row.owner_id, row.owner_name),
+            row.policy,
+            row.policy_sha256,
+            row.state,
+            row.created_at,
+            versions,
+        )
+
+    def keys_of(self, owner: Owner) -> list[KeyRecord]:
+        with self.transaction() as db:
+            ids = db.execute(
+                sa.select(schema.keys.c.key_id)
+                .where(schema.keys.c.owner_id == owner.id)
+                .order_by(schema.keys.c.key_id)
+            ).scalars()
+            found = [self.key(key_id, db) for key_id in list(ids)]
+        return [record for record in found if record is not None]
+
+    def next_version(self, record: KeyRecord) -> int:
+        return (max(record.versions) if record.versions else 0) + 1
+
+    def add_version(self, record: KeyRecord, version: int, wrapped: bytes) -> None:
+        """Add `version`; a concurrent rotation that took the number first wins (KeyExists)."""
+        with self.transaction() as db:
+            state = db.execute(
+                sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
+            ).scalar_one()
+            if state != ACTIVE:
+                raise KeyRevokedFault(f"the key {record.key_id} is revoked")
+            try:
+                with db.begin_nested():
+                    db.execute(
+                        sa.insert(schema.key_versions).values(
+                            data_key=record.id,
+                            version=version,
+                            wrapped=wrapped,
+                            created_at=_now(),
+                        )
+                    )
+            except sa.exc.IntegrityError:
+                raise KeyExistsFault(
+                    f"version {version} of {record.key_id} was just added by another call"
+                ) from None
+
+    def revoke(self, record: KeyRecord) -> None:
+        """Mark the key revoked and delete every wrapped version (crypto-shredding)."""
+        with self.transaction() as db:
+            db.execute(
+                sa.delete(schema.key_versions).where(schema.key_versions.c.data_key == record.id)
+            )
+            db.execute(
+                sa.update(schema.keys)
+                .where(schema.keys.c.id == record.id)
+                .values(state=REVOKED, revoked_at=_now())
+            )
+
+    # --- the workload API -------------------------------------------------------------------
+
+    def add_nonce(self, nonce: bytes, expires_at: int) -> None:
+        with self.transaction() as db:
+            db.execute(sa.delete(schema.nonces).where(schema.nonces.c.expires_at <= _now()))
+            db.execute(sa.insert(schema.nonces).values(nonce=nonce, expires_at=expires_at))
+
+    def take_nonce(self, nonce: bytes) -> bool:
+        """Consume a nonce: True once for an issued, unexpired nonce, False ever after."""
+        with self.transaction() as db:
+            result = db.execute(
+                sa.delete(schema.nonces).where(
+                    schema.nonces.c.nonce == nonce, schema.nonces.c.expires_at > _now()
+                )
+            )
+        return result.rowcount == 1
+
+    def use_order(self, order_id: bytes, record: KeyRecord) -> list[tuple[int, bytes]]:
+        """Mark the order used and return the key's wrapped versions, newest first, in one
+        transaction: a second use of the order id (even concurrent) is OrderUsedFault."""
+        with self.transaction() as db:
+            try:
+                with db.begin_nested():
+                    db.execute(
+                        sa.insert(schema.used_orders).values(
+                            order_id=order_id, data_key=record.id, used_at=_now()
+                        )
+                    )
+            except sa.exc.IntegrityError:
+                raise OrderUsedFault("this release order was used already") from None
+            state = db.execute(
+                sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
+            ).scalar_one()
+            if state != ACTIVE:
+                raise KeyRevokedFault(f"the key {record.key_id} is revoked")
+            rows = db.execute(
+                sa.select(schema.key_versions.c.version, schema.key_versions.c.wrapped)
+                .where(schema.key_versions.c.data_key == record.id)
+                .order_by(schema.key_versions.c.version.desc())
+            )
+            return [(int(v), bytes(w)) for v, w in rows]
+
+
+def _now() -> int:
+    return int(time.time())
