@@ -762,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the server (see serve --help: flags, ENCLOUD_*, --config)")
 
     sub.add_parser("proxy", help="a local OpenAI-compatible proxy (see proxy --help)")
+    sub.add_parser("sentinel", help="the key broker: serve it, register keys, sign release orders")
     sub.add_parser("export-model", help="convert a model to ONNX (see export-model --help)")
     sub.add_parser(
         "export-embeddings-model",
@@ -798,6 +799,11 @@ def main(argv: list[str] | None = None) -> int:
         from encloud.proxy.main import run as proxy
 
         return proxy(argv[1:])
+    if argv[:1] == ["sentinel"]:
+        # The key broker and its owner commands (encloud.cli.sentinel).
+        from encloud.cli.sentinel import main as sentinel
+
+        return sentinel(argv[1:])
     if argv[:1] == ["serve"]:
         # The server's flags are its settings (encloud.server.config).
         from encloud.server.app import run as serve
