@@ -11,11 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from encloud.broker.service import KeyView, Sentinel
 from encloud.broker.status import unary_errors
 from encloud.broker.store import ACTIVE, Owner
-from encloud.protocol.handshake import HpkeSuiteId
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
 from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
-from encloud.protocol.v2 import encloud_pb2 as v2
-from encloud.protocol.wire import evidence_from_proto
+from encloud.protocol.wire import evidence_from_proto, suite_from_proto, suite_to_proto
 
 
 def peer_certificate_sha256(context: grpc.ServicerContext) -> str | None:
@@ -41,10 +39,6 @@ def _key_info(view: KeyView) -> pb.KeyInfo:
     )
 
 
-def _suite(suite: v2.HpkeSuite) -> HpkeSuiteId:
-    return HpkeSuiteId(suite.kem_id, suite.kdf_id, suite.aead_id)
-
-
 class OwnerServicer(pb_grpc.OwnerServiceServicer):
     def __init__(self, sentinel: Sentinel) -> None:
         self.sentinel = sentinel
@@ -59,9 +53,7 @@ class OwnerServicer(pb_grpc.OwnerServiceServicer):
         self._owner(context, "GetImportKey")
         key = self.sentinel.import_key
         return pb.GetImportKeyResponse(
-            suite=v2.HpkeSuite(
-                kem_id=key.suite.kem_id, kdf_id=key.suite.kdf_id, aead_id=key.suite.aead_id
-            ),
+            suite=suite_to_proto(key.suite),
             public_key=key.public_key,
         )
 
@@ -129,7 +121,7 @@ class WorkloadServicer(pb_grpc.WorkloadServiceServicer):
         released = self.sentinel.release(
             request.release_order,
             request.nonce,
-            _suite(request.suite),
+            suite_from_proto(request.suite),
             request.public_key,
             evidence_from_proto(request.evidence),
         )

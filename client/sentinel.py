@@ -18,28 +18,18 @@ from typing import Any, TypeVar
 import grpc
 
 from encloud.client._status import sentinel_error
-from encloud.protocol import key_broker, release_order
+from encloud.protocol import key_broker
 from encloud.protocol.audit import parse_line
-from encloud.protocol.errors import EncloudError
 from encloud.protocol.evidence import Evidence
-from encloud.protocol.handshake import (
-    SUITE_XWING,
-    HpkeSuiteId,
-    KeyOpenError,
-    generate_session_key,
-    sentinel_qualifying_data,
-)
+from encloud.protocol.handshake import SUITE_XWING, HpkeSuiteId
+from encloud.protocol.key_broker import ReleasedKeys, ReleaseResponseError
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
 from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
-from encloud.protocol.v2 import encloud_pb2 as v2
-from encloud.protocol.wire import evidence_to_proto
+from encloud.protocol.wire import suite_from_proto
 
 T = TypeVar("T")
+__all__ = ["OwnerClient", "ReleaseResponseError", "ReleasedKeys", "WorkloadClient"]
 DEFAULT_TIMEOUT = 30.0
-
-
-class ReleaseResponseError(EncloudError):
-    """Sentinel's answer does not fit the request (another key id, a key that does not open)."""
 
 
 @dataclass(frozen=True)
@@ -50,21 +40,6 @@ class KeyInfo:
     versions: tuple[int, ...]
     policy_sha256: str
     created_at: int
-
-
-@dataclass
-class ReleasedKeys:
-    """The versions of one key, newest first. wipe() zeroes them."""
-
-    key_id: str
-    versions: list[tuple[int, bytearray]]
-
-    def newest(self) -> bytes:
-        return bytes(self.versions[0][1])
-
-    def wipe(self) -> None:
-        for _, key in self.versions:
-            key[:] = bytes(len(key))
 
 
 def _info(key: pb.KeyInfo) -> KeyInfo:
@@ -110,8 +85,7 @@ class OwnerClient:
 
     def import_key(self) -> tuple[HpkeSuiteId, bytes]:
         reply = _call(self._stub.GetImportKey, pb.GetImportKeyRequest(), self.timeout)
-        suite = HpkeSuiteId(reply.suite.kem_id, reply.suite.kdf_id, reply.suite.aead_id)
-        return suite, reply.public_key
+        return suite_from_proto(reply.suite), reply.public_key
 
     def add_signing_key(self, public_key: bytes) -> str:
         request = pb.AddSigningKeyRequest(public_key=public_key)
@@ -190,43 +164,9 @@ class WorkloadClient:
     ) -> ReleasedKeys:
         """Ask for the order's key. `quote(qualifying_data)` makes the evidence (the
         workload's vTPM: TpmAttester.evidence). `nonce` is for tests that replay one."""
-        order, _ = release_order.parse_order(signed_order)
         nonce = self.challenge() if nonce is None else nonce
-        private, public = generate_session_key(suite)
-        evidence = quote(sentinel_qualifying_data(suite, nonce, order.digest(), public))
-        request = pb.ReleaseKeyRequest(
-            release_order=signed_order,
-            nonce=nonce,
-            suite=v2.HpkeSuite(kem_id=suite.kem_id, kdf_id=suite.kdf_id, aead_id=suite.aead_id),
-            public_key=public,
-            evidence=evidence_to_proto(evidence),
-        )
-        reply = _call(self._stub.ReleaseKey, request, self.timeout)
-        return open_release(reply, order, nonce, suite, private)
-
-
-def open_release(
-    reply: pb.ReleaseKeyResponse,
-    order: release_order.ReleaseOrder,
-    nonce: bytes,
-    suite: HpkeSuiteId,
-    private_key: Any,
-) -> ReleasedKeys:
-    """Open every released version; ReleaseResponseError if any does not fit."""
-    if reply.key_id != order.key_id or not reply.keys:
-        raise ReleaseResponseError("Sentinel answered for another key, or with no version")
-    released = ReleasedKeys(order.key_id, [])
-    digest = order.digest()
-    try:
-        for item in reply.keys:
-            info = key_broker.release_info(suite, nonce, digest, order.key_id, item.version)
-            released.versions.append(
-                (item.version, key_broker.open_data_key(suite, private_key, item.sealed_key, info))
-            )
-    except KeyOpenError:
-        released.wipe()
-        raise ReleaseResponseError("a released key did not open under this request") from None
-    return released
+        pending = key_broker.prepare_release(signed_order, nonce, quote, suite)
+        return pending.open(_call(self._stub.ReleaseKey, pending.request, self.timeout))
 
 
 def key_info_json(keys: Sequence[KeyInfo]) -> str:

@@ -15,17 +15,26 @@ handshake.sentinel_qualifying_data (its own label, so no session quote satisfies
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from encloud.protocol import release_order
 from encloud.protocol.encoding import encode, u32
+from encloud.protocol.errors import EncloudError
+from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import (
     SUITE_XWING,
     HpkeSuiteId,
     KeyOpenError,
+    generate_session_key,
     hpke_open,
     hpke_seal,
+    sentinel_qualifying_data,
 )
 from encloud.protocol.sealed_file import KEY_LENGTH, check_key_id
+from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
+from encloud.protocol.wire import evidence_to_proto, suite_from_proto, suite_to_proto
 
 IMPORT_SUITE = SUITE_XWING
 """Sentinel's import key is X-Wing: a data key in transit is protected post-quantum."""
@@ -79,3 +88,75 @@ def open_data_key(suite: HpkeSuiteId, private_key: Any, sealed: bytes, info: byt
         key[:] = bytes(len(key))
         raise KeyOpenError("a sealed data key holds 32 bytes")
     return key
+
+
+# --- the workload's side of a release (the client drives it; the tests and vectors too) -----
+
+
+class ReleaseResponseError(EncloudError):
+    """Sentinel's answer does not fit the request (another key id, a key that does not open)."""
+
+
+@dataclass
+class ReleasedKeys:
+    """The versions of one key, newest first. wipe() zeroes them."""
+
+    key_id: str
+    versions: list[tuple[int, bytearray]] = field(default_factory=list)
+
+    def newest(self) -> bytes:
+        return bytes(self.versions[0][1])
+
+    def wipe(self) -> None:
+        for _, key in self.versions:
+            key[:] = bytes(len(key))
+
+
+@dataclass
+class PendingRelease:
+    """A ReleaseKey request and what opens its answer (the fresh HPKE private key)."""
+
+    request: pb.ReleaseKeyRequest
+    order: release_order.ReleaseOrder
+    private_key: Any
+
+    def open(self, reply: pb.ReleaseKeyResponse) -> ReleasedKeys:
+        """Every released version, opened; ReleaseResponseError if any does not fit."""
+        order = self.order
+        if reply.key_id != order.key_id or not reply.keys:
+            raise ReleaseResponseError("Sentinel answered for another key, or with no version")
+        suite = suite_from_proto(self.request.suite)
+        released = ReleasedKeys(order.key_id)
+        digest = order.digest()
+        try:
+            for item in reply.keys:
+                info = release_info(suite, self.request.nonce, digest, order.key_id, item.version)
+                key = open_data_key(suite, self.private_key, item.sealed_key, info)
+                released.versions.append((item.version, key))
+        except KeyOpenError:
+            released.wipe()
+            raise ReleaseResponseError("a released key did not open under this request") from None
+        finally:
+            self.private_key = None  # one answer per request
+        return released
+
+
+def prepare_release(
+    signed_order: bytes,
+    nonce: bytes,
+    quote: Callable[[bytes], Evidence],
+    suite: HpkeSuiteId = SUITE_XWING,
+) -> PendingRelease:
+    """The ReleaseKey request for a signed order and a Sentinel nonce: a fresh HPKE key pair,
+    and the workload's quote over Q_s (handshake.sentinel_qualifying_data) from `quote`."""
+    order, _ = release_order.parse_order(signed_order)
+    private, public = generate_session_key(suite)
+    evidence = quote(sentinel_qualifying_data(suite, nonce, order.digest(), public))
+    request = pb.ReleaseKeyRequest(
+        release_order=signed_order,
+        nonce=nonce,
+        suite=suite_to_proto(suite),
+        public_key=public,
+        evidence=evidence_to_proto(evidence),
+    )
+    return PendingRelease(request, order, private)

@@ -22,6 +22,7 @@ PACKAGES = {
     "proxy": "proxy",
     "cli": "cli",
     "server": "server",
+    "broker": "broker",
 }
 
 
@@ -84,6 +85,9 @@ def test_the_server_contract_names_every_module_above_attestation_and_inference(
         ("server/_planted.py", "from encloud.client import Client", "server imports the protocol"),
         ("proxy/_planted.py", "import encloud.server.app", "proxy builds on the client"),
         ("client/_planted.py", "import encloud.proxy", "client imports the protocol"),
+        ("broker/_planted.py", "import encloud.client.sentinel", "broker (Sentinel) builds on"),
+        ("broker/_planted.py", "from encloud.server import core", "broker (Sentinel) builds on"),
+        ("server/_planted.py", "import encloud.broker.store", "server imports the protocol"),
         (
             "server/attestation/_planted.py",
             "import encloud.server.inference.engine",
