@@ -772,3 +772,139 @@ def test_the_audit_log_verifies_with_the_unchanged_verifier(broker: Broker) -> N
         check=False,
     )
     assert cli.returncode == 0, cli.stderr
+
+
+# --- encloud sentinel, as the docs run it -------------------------------------------------
+
+ENCLOUD = str(Path(sys.executable).with_name("encloud"))
+
+
+def _cli(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [ENCLOUD, *map(str, args)], capture_output=True, text=True, check=False, timeout=120
+    )
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], code: int, words: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert words in lines[0], lines[0]
+
+
+def _wait_serving(process: subprocess.Popen[str]) -> str:
+    """The line `encloud sentinel serve` prints once it listens."""
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert "workload API on port" in line, line + (process.stderr.read() if process.stderr else "")
+    return line
+
+
+def test_the_cli_runs_sentinel_and_the_owner_flow_as_documented(
+    pki: Pki, workload: Workload, tmp_path: Path
+) -> None:
+    from stack import free_port
+
+    state = tmp_path / "state"
+    _cli("sentinel", "init", "--state-dir", state)
+    assert (state / "kek").stat().st_mode & 0o777 == 0o600
+    _cli("sentinel", "owner", "add", "alice", "--cert", pki.path("alice.pem"), "--state-dir", state)
+    owner_port, workload_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            ENCLOUD, "sentinel", "serve", "--state-dir", str(state),
+            "--owner-listen", f"127.0.0.1:{owner_port}",
+            "--workload-listen", f"127.0.0.1:{workload_port}",
+            "--tls-cert", str(pki.path("sentinel.pem")), "--tls-key", str(pki.path("sentinel.key")),
+            "--client-ca", str(pki.path("ca.pem")),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_serving(process)
+        owner = [
+            "--sentinel", f"127.0.0.1:{owner_port}", "--ca", pki.path("ca.pem"),
+            "--cert", pki.path("alice.pem"), "--cert-key", pki.path("alice.key"),
+        ]  # fmt: skip
+        _cli(
+            "audit",
+            "keygen",
+            "--private",
+            tmp_path / "order.key",
+            "--public",
+            tmp_path / "order.pub",
+        )
+        _cli("sentinel", "signing-key", "add", "--public", tmp_path / "order.pub", *owner)
+        (tmp_path / "data.txt").write_bytes(SECRET_TEXT)
+        _cli(
+            "seal", tmp_path / "data.txt", "-o", tmp_path / "data.sealed",
+            "--key-id", "alice/reports", "--new-key", tmp_path / "data.key",
+        )  # fmt: skip
+        (tmp_path / "policy.json").write_bytes(workload.policy)
+        created = _cli(
+            "sentinel", "key", "create", "alice/reports",
+            "--policy", tmp_path / "policy.json", "--key", tmp_path / "data.key", *owner,
+        )  # fmt: skip
+        assert '"state": "active"' in created.stdout
+        listed = _cli("sentinel", "key", "list", *owner).stdout
+        assert '"key_id": "alice/reports"' in listed and "versions" in listed
+        _cli(
+            "sentinel", "order", "sign", "--key-id", "alice/reports",
+            "--model-digest", MODEL.hex(), "--ttl", "600",
+            "--signing-key", tmp_path / "order.key", "-o", tmp_path / "order.json",
+        )  # fmt: skip
+        with WorkloadClient(f"127.0.0.1:{workload_port}", ca_pem=pki.ca) as client:
+            released = client.release_key((tmp_path / "order.json").read_bytes(), workload.quote)
+        assert _open((tmp_path / "data.sealed").read_bytes(), released) == SECRET_TEXT
+        audit = _cli("sentinel", "audit", *owner).stdout
+        assert '"outcome":"released"' in audit.replace(" ", "")
+        # A mistake of the owner: another owner's key id, one line, no traceback.
+        _one_line_error(
+            _cli("sentinel", "key", "revoke", "bob/anything", *owner, ok=False),
+            1, "NotKeyOwnerError",
+        )  # fmt: skip
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    log = state / "audit.jsonl"
+    _cli(
+        "audit", "verify", log, "--checkpoints", log.with_name("audit.jsonl.checkpoints"),
+        "--public-key", state / "audit-checkpoint.pub",
+    )  # fmt: skip
+
+
+@pytest.mark.faults
+def test_serve_without_its_kek_refuses_in_one_line(pki: Pki, tmp_path: Path) -> None:
+    result = _cli(
+        "sentinel", "serve", "--state-dir", tmp_path / "empty",
+        "--tls-cert", pki.path("sentinel.pem"), "--tls-key", pki.path("sentinel.key"),
+        "--client-ca", pki.path("ca.pem"), ok=False,
+    )  # fmt: skip
+    _one_line_error(result, 2, "missing")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("sentinel", "serve", "--state-dir", "{tmp}"), 2, "mutual TLS"),
+        (("sentinel", "owner", "add", "Alice!", "--cert", "{tmp}/none.pem"), 2, "owner name"),
+        (("sentinel", "owner", "add", "alice", "--cert", "{tmp}/none.pem"), 1, "none.pem"),
+        (("sentinel", "serve", "--nonce-ttl-seconds", "1"), 2, "nonce_ttl_seconds"),
+        (
+            ("sentinel", "order", "sign", "--key-id", "alice/x", "--model-digest", "abc",
+             "--signing-key", "{tmp}/none.key", "-o", "{tmp}/o.json"),
+            1, "none.key",
+        ),
+    ],
+)  # fmt: skip
+def test_operator_and_owner_mistakes_are_one_line_errors(
+    tmp_path: Path, args: tuple[str, ...], code: int, words: str
+) -> None:
+    from encloud.broker.kek import create_kek_file
+
+    create_kek_file(tmp_path / "kek")
+    result = _cli(*(a.replace("{tmp}", str(tmp_path)) for a in args), ok=False)
+    _one_line_error(result, code, words)
