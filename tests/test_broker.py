@@ -6,9 +6,8 @@ entry."""
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import io
-import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -21,11 +20,10 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from postgres import PgCluster, pg_cluster  # noqa: F401  (the session fixture)
+from sentinel_support import MODEL, Workload, attested_workload, issue_certificate
 
 from encloud.broker.app import RunningSentinel, build, init_state, start
 from encloud.broker.kek import KekError
@@ -34,7 +32,6 @@ from encloud.broker.store import Store
 from encloud.client.sentinel import OwnerClient, ReleasedKeys, WorkloadClient
 from encloud.protocol import errors, release_order
 from encloud.protocol.audit import verify_log
-from encloud.protocol.eventlog import EVENT_RUNTIME, ROLE_CHAT, WorkloadEvent, model_event
 from encloud.protocol.evidence import Evidence
 from encloud.protocol.handshake import SUITE_V1, quote_qualifying_data
 from encloud.protocol.sealed_file import (
@@ -45,59 +42,14 @@ from encloud.protocol.sealed_file import (
 )
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
 from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
-from encloud.server.attestation.startup import (
-    AttestationConfig,
-    AttestationRuntime,
-    start_attestation,
-)
-from encloud.server.devstack import start_swtpm
-from encloud.server.settings import Settings
 
 pytestmark = pytest.mark.broker
 
-MODEL = bytes.fromhex("11" * 32)
 OTHER_MODEL = bytes.fromhex("22" * 32)
-RUNTIME = b'{"engine":"sentinel-test"}'
 SECRET_TEXT = b"quarterly figures: confidential\n" * 64
 
 
 # --- PKI: a CA, Sentinel's certificate, two owners and a stranger --------------------------
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _issue(
-    subject: str, issuer: tuple[x509.Name, Any] | None, *, ca: bool = False, server: bool = False
-) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    issuer_name, issuer_key = issuer if issuer else (_name(subject), key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    elif not ca:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 @dataclass
@@ -114,11 +66,11 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
-    ca_cert, ca_key = _issue("sentinel test CA", None, ca=True)
+    ca_cert, ca_key = issue_certificate("sentinel test CA", None, ca=True)
     ca_obj = x509.load_pem_x509_certificate(ca_cert)
     signer = serialization.load_pem_private_key(ca_key, None)
     certs = {
-        name: _issue(name, (ca_obj.subject, signer), server=name == "sentinel")
+        name: issue_certificate(name, (ca_obj.subject, signer), server=name == "sentinel")
         for name in ("sentinel", "alice", "bob", "stranger")
     }
     (folder / "ca.pem").write_bytes(ca_cert)
@@ -137,51 +89,18 @@ def _spki_sha256(cert_pem: bytes) -> str:
 # --- the workload: a vTPM that measured a model and a runtime ------------------------------
 
 
-@dataclass
-class Workload:
-    runtime: AttestationRuntime
-    policy: bytes
-
-    def quote(self, qualifying_data: bytes) -> Evidence:
-        return self.runtime.attester.evidence(qualifying_data)
-
-
-def _workload(root: Path, model: bytes) -> Iterator[Workload]:
-    swtpm = start_swtpm(root / "tpm")
-    defaults = Settings()
-    config = AttestationConfig(
-        tcti=swtpm.tcti,
-        tpm_timeout_seconds=10.0,
-        platform="swtpm",
-        state_dir=root / "state",
-        workload_pcr=defaults.workload_pcr,
-        pcr_selection=list(defaults.pcr_selection),
-        dev_policy_path=root / "policy.json",
-    )
-    runtime = start_attestation(
-        config, [model_event(ROLE_CHAT, model), WorkloadEvent(EVENT_RUNTIME, RUNTIME)]
-    )
-    try:
-        yield Workload(runtime, (root / "policy.json").read_bytes())
-    finally:
-        runtime.close()
-        swtpm.stop()
-
-
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
-    yield from _workload(tmp_path_factory.mktemp("workload"), MODEL)
+    yield from attested_workload(tmp_path_factory.mktemp("workload"), MODEL)
 
 
 @pytest.fixture(scope="module")
 def other_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
     """The same software on another vTPM: another AK."""
-    yield from _workload(tmp_path_factory.mktemp("other-workload"), MODEL)
+    yield from attested_workload(tmp_path_factory.mktemp("other-workload"), MODEL)
 
 
 def _policy_allowing(policy: bytes, *models: bytes) -> bytes:
-    import json
-
     obj = json.loads(policy)
     obj["allowed_model_digests"] = [m.hex() for m in models]
     return json.dumps(obj, sort_keys=True).encode()
@@ -226,8 +145,6 @@ class Broker:
         )
 
     def audit_entries(self) -> list[dict[str, Any]]:
-        import json
-
         self.running.sentinel.audit.flush()
         lines = self.settings.resolved_audit_log().read_bytes().splitlines()
         return [json.loads(line) for line in lines]
@@ -908,3 +825,56 @@ def test_operator_and_owner_mistakes_are_one_line_errors(
     create_kek_file(tmp_path / "kek")
     result = _cli(*(a.replace("{tmp}", str(tmp_path)) for a in args), ok=False)
     _one_line_error(result, code, words)
+
+
+@pytest.mark.bench
+def test_the_sentinel_benchmark_runs_on_a_tiny_budget(tmp_path: Path) -> None:
+    """python -m bench.sentinel end to end on both databases; asserts no speed, only that
+    every figure is recomputed from the samples it wrote."""
+    out = tmp_path / "sentinel.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.sentinel", "--releases", "3", "--concurrency", "2",
+         "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    from bench.sentinel import figures
+
+    report = json.loads(out.read_text())
+    assert [run["database"] for run in report["runs"]] == ["sqlite", "postgresql"]
+    for run in report["runs"]:
+        assert len(run["sequential"]) == 3 and len(run["concurrent"]) == 2
+        assert run["figures"] == figures(run)
+        assert f"{run['database']:<12}release_p99_ms" in result.stdout
+
+
+def test_the_migrated_schema_is_the_one_the_queries_use(broker: Broker) -> None:
+    """Alembic's autogenerate finds nothing between the migrated database and schema.py."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from encloud.broker import schema
+    from encloud.broker.store import schema_revision
+
+    with broker.running.engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), schema.metadata)
+    assert diff == []
+    current, head = schema_revision(broker.running.engine)
+    assert current == head == "0001"
+
+
+def test_migrations_go_down_to_nothing_and_up_again(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+    from alembic import command
+
+    from encloud.broker.store import _alembic_config, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'scratch.db'}")
+    migrate(engine)
+    with engine.begin() as connection:
+        command.downgrade(_alembic_config(connection), "base")
+    assert sa.inspect(engine).get_table_names() == ["alembic_version"]
+    migrate(engine)
+    assert "data_keys" in sa.inspect(engine).get_table_names()
+    engine.dispose()
