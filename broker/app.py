@@ -74,7 +74,11 @@ def build(settings: SentinelSettings) -> tuple[Sentinel, Engine]:
             checkpoint_key=load_private_key(checkpoint_key) if checkpoint_key.exists() else None,
         )
         sentinel = Sentinel(
-            Store(engine), wrapper, audit, nonce_ttl_seconds=settings.nonce_ttl_seconds
+            Store(engine),
+            wrapper,
+            audit,
+            nonce_ttl_seconds=settings.nonce_ttl_seconds,
+            max_outstanding_nonces=settings.max_outstanding_nonces,
         )
     except BaseException:
         engine.dispose()

@@ -125,6 +125,7 @@ class Sentinel:
         audit: AuditLog,
         *,
         nonce_ttl_seconds: int = 60,
+        max_outstanding_nonces: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -132,6 +133,7 @@ class Sentinel:
         self.audit = audit
         self.import_key = ImportKey(store, wrapper)
         self.nonce_ttl_seconds = nonce_ttl_seconds
+        self.max_outstanding_nonces = max_outstanding_nonces
         self.clock = clock
 
     # --- the owner API ---------------------------------------------------------------------
@@ -248,7 +250,13 @@ class Sentinel:
 
     def challenge(self) -> tuple[bytes, int]:
         nonce = os.urandom(key_broker.NONCE_LENGTH)
-        self.store.add_nonce(nonce, int(self.clock()) + self.nonce_ttl_seconds)
+        try:
+            self.store.add_nonce(
+                nonce, int(self.clock()) + self.nonce_ttl_seconds, self.max_outstanding_nonces
+            )
+        except DomainError as err:
+            self._record("sentinel_workload", "GetChallenge", "refused", reason=err.reason)
+            raise
         self._record("sentinel_workload", "GetChallenge", "ok", nonce_sha256=_h(nonce))
         return nonce, self.nonce_ttl_seconds
 

@@ -47,6 +47,12 @@ class SentinelSettings(BaseSettings):
         "is then the one whose certificate's public key was pinned by `sentinel owner add`",
     )
     nonce_ttl_seconds: int = Field(60, ge=5, le=600, description="a challenge nonce's life")
+    max_outstanding_nonces: int = Field(
+        10_000,
+        ge=1,
+        description="challenge nonces live at once; more is RESOURCE_EXHAUSTED (the workload "
+        "API is unauthenticated: this bounds what a caller can make Sentinel store)",
+    )
     max_workers: int = Field(32, ge=1, le=256, description="gRPC worker threads")
 
     def resolved_database_url(self) -> str:

@@ -27,6 +27,7 @@ from encloud.protocol.faults import (
     KeyExistsFault,
     KeyRevokedFault,
     OrderUsedFault,
+    ResourceExhaustedError,
 )
 
 ACTIVE = "active"
@@ -311,10 +312,18 @@ class Store:
 
     # --- the workload API -------------------------------------------------------------------
 
-    def add_nonce(self, nonce: bytes, expires_at: int) -> None:
+    def add_nonce(self, nonce: bytes, expires_at: int, max_outstanding: int) -> None:
+        """Issue a nonce, after dropping expired ones; at most `max_outstanding` live at once,
+        so an unauthenticated caller cannot grow the table without bound."""
+        table = schema.nonces
         with self.transaction() as db:
-            db.execute(sa.delete(schema.nonces).where(schema.nonces.c.expires_at <= _now()))
-            db.execute(sa.insert(schema.nonces).values(nonce=nonce, expires_at=expires_at))
+            db.execute(sa.delete(table).where(table.c.expires_at <= _now()))
+            live = db.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+            if live >= max_outstanding:
+                raise ResourceExhaustedError(
+                    "too many challenges are outstanding; try again when some expire"
+                )
+            db.execute(sa.insert(table).values(nonce=nonce, expires_at=expires_at))
 
     def take_nonce(self, nonce: bytes) -> bool:
         """Consume a nonce: True once for an issued, unexpired nonce, False ever after."""

@@ -432,6 +432,36 @@ def test_a_quote_from_another_ak_is_refused(
     _refusal_audited(broker, "ATTESTATION_REFUSED", key_id=key_id, check="ak_trust")
 
 
+@pytest.mark.attack
+def test_an_unauthenticated_caller_cannot_make_sentinel_store_nonces_without_bound(
+    pki: Pki, tmp_path: Path
+) -> None:
+    settings = SentinelSettings(
+        state_dir=tmp_path,
+        owner_listen="127.0.0.1:0",
+        workload_listen="127.0.0.1:0",
+        tls_cert=pki.path("sentinel.pem"),
+        tls_key=pki.path("sentinel.key"),
+        client_ca=pki.path("ca.pem"),
+        max_outstanding_nonces=2,
+    )
+    init_state(settings)
+    running = start(settings)
+    try:
+        target = f"127.0.0.1:{running.workload_port}"
+        with WorkloadClient(target, ca_pem=pki.ca) as client:
+            client.challenge()
+            client.challenge()
+            with pytest.raises(errors.ServiceError) as err:
+                client.challenge()
+    finally:
+        running.stop()
+    assert err.value.code == "RESOURCE_EXHAUSTED" and err.value.retry_after_seconds
+    with settings.resolved_audit_log().open() as log:
+        outcomes = [json.loads(line).get("outcome") for line in log]
+    assert outcomes.count("refused") == 1
+
+
 # --- attacks by other owners ---------------------------------------------------------------
 
 
