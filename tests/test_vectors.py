@@ -546,6 +546,29 @@ def test_sentinel_qualifying_data() -> None:
     assert hashlib.sha256(b(q["encoded"])).digest() == got == b(q["q"])
 
 
+def test_sentinel_import_and_release_infos_and_a_released_key() -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from encloud.protocol import key_broker
+    from encloud.protocol.handshake import KeyOpenError
+
+    v = load("sentinel")
+    imp = v["import_info"]
+    assert key_broker.import_info(imp["key_id"], imp["version"]) == b(imp["encoded"])
+    r = v["release"]
+    info = key_broker.release_info(
+        SUITE_V1, b(r["nonce"]), b(r["order_digest"]), r["key_id"], r["version"]
+    )
+    assert info == b(r["info"])
+    private = X25519PrivateKey.from_private_bytes(b(r["workload_private_key"]))
+    assert key_broker.open_data_key(SUITE_V1, private, b(r["sealed_key"]), info) == b(r["key"])
+    other = key_broker.release_info(
+        SUITE_V1, b(r["nonce"]), b(r["order_digest"]), r["key_id"], r["refused_as_version"]
+    )
+    with pytest.raises(KeyOpenError):
+        key_broker.open_data_key(SUITE_V1, private, b(r["sealed_key"]), other)
+
+
 @pytest.mark.parametrize("case", load("sentinel")["cross_use"], ids=lambda c: c["name"])
 def test_a_quote_only_satisfies_its_own_label(case: dict[str, Any]) -> None:
     """A session quote never satisfies Sentinel; a Sentinel quote never opens a session."""

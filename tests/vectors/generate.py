@@ -1394,6 +1394,14 @@ def _hkdf_sha256(key: bytes, salt: bytes, info: bytes) -> bytes:
 # --- Sentinel: release orders and the key broker's qualifying data -------------------------------
 
 
+# A release of version 2 of owner-1/data sealed to the X25519 workload key of seed
+# "sentinel workload key" (HPKE encapsulation is random: recorded once, checked on every run).
+SENTINEL_RELEASE_SEALED = (
+    "e2a7677e5ca5114eccdc33eda5a9037542cf4005fe0f05b8113f09225ec75651a47847888c4a31b02ef403a6"
+    "136e06f3fa19101d5458f573b0d3fa1e371203c2e5832146d4d526f500725d7c22c1e464"
+)
+
+
 def sentinel_vectors() -> dict[str, Any]:
     """Owner-signed release orders (Ed25519: deterministic), the qualifying data a workload
     binds when it asks Sentinel for a key, and each quote offered where the other belongs."""
@@ -1455,10 +1463,20 @@ def sentinel_vectors() -> dict[str, Any]:
         digest=sha256(b"".join(values[i] for i in SELECTION)),
     )
     sentinel_evidence = {**session, "quote_attest": attest, "quote_signature": tpm_sign(AK, attest)}
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from encloud.protocol import key_broker
+
+    workload_key = X25519PrivateKey.from_private_bytes(seed("sentinel workload key"))
+    data_key = seed("owner data key v2")
+    release = key_broker.release_info(SUITE_V1, nonce, order.digest(), order.key_id, 2)
+    sealed = bytes.fromhex(SENTINEL_RELEASE_SEALED)
+    assert key_broker.open_data_key(SUITE_V1, workload_key, sealed, release) == data_key
     return {
         "description": "release orders signed by an owner (Ed25519), their digests, orders "
         "Sentinel refuses; the qualifying data of a workload's key request, and each kind of "
-        "quote offered where the other belongs",
+        "quote offered where the other belongs; the HPKE info of a key import, and a released "
+        "key that opens as its version and not as another",
         "owner_public_key": hx(owner.public_key().public_bytes_raw()),
         "now": now,
         "order": {
@@ -1479,6 +1497,23 @@ def sentinel_vectors() -> dict[str, Any]:
                 encode("encloud/v2 sentinel", SUITE_V1.encoded(), nonce, order.digest(), hpke_pub)
             ),
             "q": hx(q_sentinel),
+        },
+        "import_info": {
+            "key_id": order.key_id,
+            "version": 1,
+            "encoded": hx(key_broker.import_info(order.key_id, 1)),
+        },
+        "release": {
+            "suite": hx(SUITE_V1.encoded()),
+            "nonce": hx(nonce),
+            "order_digest": hx(order.digest()),
+            "key_id": order.key_id,
+            "version": 2,
+            "info": hx(release),
+            "workload_private_key": hx(seed("sentinel workload key")),
+            "sealed_key": SENTINEL_RELEASE_SEALED,
+            "key": hx(data_key),
+            "refused_as_version": 1,
         },
         "cross_use": [
             {
