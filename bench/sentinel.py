@@ -82,6 +82,7 @@ def run_one(kind: str, releases: int, concurrency: int, workload: Any) -> dict[s
             tls_cert=pki["sentinel"],
             tls_key=pki["sentinel_key"],
             client_ca=pki["ca"],
+            accept_dev_policies=True,  # the swtpm workload's own policy
         )
         init_state(settings)
         engine = make_engine(settings.resolved_database_url())

@@ -79,6 +79,7 @@ def build(settings: SentinelSettings) -> tuple[Sentinel, Engine]:
             audit,
             nonce_ttl_seconds=settings.nonce_ttl_seconds,
             max_outstanding_nonces=settings.max_outstanding_nonces,
+            accept_dev_policies=settings.accept_dev_policies,
         )
     except BaseException:
         engine.dispose()

@@ -126,6 +126,7 @@ class Sentinel:
         *,
         nonce_ttl_seconds: int = 60,
         max_outstanding_nonces: int = 10_000,
+        accept_dev_policies: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -134,6 +135,7 @@ class Sentinel:
         self.import_key = ImportKey(store, wrapper)
         self.nonce_ttl_seconds = nonce_ttl_seconds
         self.max_outstanding_nonces = max_outstanding_nonces
+        self.accept_dev_policies = accept_dev_policies
         self.clock = clock
 
     # --- the owner API ---------------------------------------------------------------------
@@ -390,7 +392,7 @@ class Sentinel:
 
     def _check_policy(self, owner: Owner, key_id: str, policy: bytes, method: str) -> str:
         try:
-            return policy_digest(parse_policy(policy)).hex()
+            parsed = parse_policy(policy)
         except PolicyError as err:
             raise self._refuse_owner(
                 owner,
@@ -398,6 +400,17 @@ class Sentinel:
                 PolicyRejectedFault(f"the release policy is invalid: {err}"),
                 key_id=key_id,
             ) from None
+        if parsed.dev_only and not self.accept_dev_policies:
+            raise self._refuse_owner(
+                owner,
+                method,
+                PolicyRejectedFault(
+                    "a dev-only (trust-on-first-use) policy; this Sentinel accepts production "
+                    "policies only (accept_dev_policies)"
+                ),
+                key_id=key_id,
+            )
+        return policy_digest(parsed).hex()
 
     def _import(self, owner: Owner, key_id: str, version: int, sealed: bytes, method: str) -> bytes:
         info = key_broker.import_info(key_id, version)

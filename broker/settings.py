@@ -53,6 +53,11 @@ class SentinelSettings(BaseSettings):
         description="challenge nonces live at once; more is RESOURCE_EXHAUSTED (the workload "
         "API is unauthenticated: this bounds what a caller can make Sentinel store)",
     )
+    accept_dev_policies: bool = Field(
+        False,
+        description="accept release policies marked dev_only (trust on first use, e.g. a "
+        "swtpm server's own): for development and tests, never in production",
+    )
     max_workers: int = Field(32, ge=1, le=256, description="gRPC worker threads")
 
     def resolved_database_url(self) -> str:

@@ -6,6 +6,7 @@ entry."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -168,6 +169,7 @@ def broker(
         tls_cert=pki.path("sentinel.pem"),
         tls_key=pki.path("sentinel.key"),
         client_ca=pki.path("ca.pem"),
+        accept_dev_policies=True,  # the swtpm workload's own policy (dev_only)
     )
     init_state(settings)
     store = Store(_engine(settings))
@@ -432,34 +434,60 @@ def test_a_quote_from_another_ak_is_refused(
     _refusal_audited(broker, "ATTESTATION_REFUSED", key_id=key_id, check="ak_trust")
 
 
-@pytest.mark.attack
-def test_an_unauthenticated_caller_cannot_make_sentinel_store_nonces_without_bound(
-    pki: Pki, tmp_path: Path
-) -> None:
-    settings = SentinelSettings(
-        state_dir=tmp_path,
+@contextlib.contextmanager
+def _fresh_sentinel(pki: Pki, state: Path, **settings: Any) -> Iterator[RunningSentinel]:
+    """A Sentinel of its own on SQLite (alice registered), with these settings."""
+    config = SentinelSettings(
+        state_dir=state,
         owner_listen="127.0.0.1:0",
         workload_listen="127.0.0.1:0",
         tls_cert=pki.path("sentinel.pem"),
         tls_key=pki.path("sentinel.key"),
         client_ca=pki.path("ca.pem"),
-        max_outstanding_nonces=2,
+        **settings,
     )
-    init_state(settings)
-    running = start(settings)
+    init_state(config)
+    store = Store(_engine(config))
+    store.add_owner("alice", _spki_sha256(pki.certs["alice"][0]))
+    store.engine.dispose()
+    running = start(config)
     try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.mark.attack
+def test_an_unauthenticated_caller_cannot_make_sentinel_store_nonces_without_bound(
+    pki: Pki, tmp_path: Path
+) -> None:
+    with _fresh_sentinel(pki, tmp_path, max_outstanding_nonces=2) as running:
         target = f"127.0.0.1:{running.workload_port}"
         with WorkloadClient(target, ca_pem=pki.ca) as client:
             client.challenge()
             client.challenge()
             with pytest.raises(errors.ServiceError) as err:
                 client.challenge()
-    finally:
-        running.stop()
     assert err.value.code == "RESOURCE_EXHAUSTED" and err.value.retry_after_seconds
-    with settings.resolved_audit_log().open() as log:
+    with (tmp_path / "audit.jsonl").open() as log:
         outcomes = [json.loads(line).get("outcome") for line in log]
     assert outcomes.count("refused") == 1
+
+
+@pytest.mark.attack
+def test_a_production_sentinel_refuses_a_dev_only_release_policy(
+    pki: Pki, workload: Workload, tmp_path: Path
+) -> None:
+    """The swtpm workload's own trust-on-first-use policy: fine for the tests' Sentinel (it
+    sets accept_dev_policies), refused by one with the default settings."""
+    assert json.loads(workload.policy)["dev_only"] is True
+    with _fresh_sentinel(pki, tmp_path) as running:
+        cert, key = pki.certs["alice"]
+        target = f"127.0.0.1:{running.owner_port}"
+        with OwnerClient(target, ca_pem=pki.ca, cert_pem=cert, key_pem=key) as client:
+            with pytest.raises(errors.PolicyRejectedError, match="dev-only"):
+                client.create_key("alice/data", workload.policy, os.urandom(32))
+            assert client.list_keys() == []
 
 
 # --- attacks by other owners ---------------------------------------------------------------
@@ -766,7 +794,7 @@ def test_the_cli_runs_sentinel_and_the_owner_flow_as_documented(
             "--owner-listen", f"127.0.0.1:{owner_port}",
             "--workload-listen", f"127.0.0.1:{workload_port}",
             "--tls-cert", str(pki.path("sentinel.pem")), "--tls-key", str(pki.path("sentinel.key")),
-            "--client-ca", str(pki.path("ca.pem")),
+            "--client-ca", str(pki.path("ca.pem")), "--accept-dev-policies", "true",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
