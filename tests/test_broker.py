@@ -936,3 +936,49 @@ def test_migrations_go_down_to_nothing_and_up_again(tmp_path: Path) -> None:
     migrate(engine)
     assert "data_keys" in sa.inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_sentinel_installs_from_its_lock_alone_and_serves(pki: Pki, tmp_path: Path) -> None:
+    """As docs/SENTINEL.md installs it: requirements/sentinel.lock and the wheel in a clean
+    venv (no TPM library, no inference engine), then init, owner add, serve, and an owner's
+    call from that venv."""
+    from clean_install import clean_venv
+    from stack import free_port
+
+    venv = clean_venv(tmp_path, "sentinel.lock")
+    installed = venv.installed()
+    for heavy in ("onnxruntime", "tpm2-pytss", "torch", "tokenizers", "pytest"):
+        assert f"{heavy}==" not in installed, heavy
+    encloud = venv.bin("encloud")
+
+    def run(*args: str | Path) -> str:
+        done = subprocess.run(
+            [encloud, *map(str, args)], env=venv.env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    state = tmp_path / "state"
+    run("sentinel", "init", "--state-dir", state)
+    run("sentinel", "owner", "add", "alice", "--cert", pki.path("alice.pem"), "--state-dir", state)
+    owner_port = free_port()
+    process = subprocess.Popen(
+        [
+            encloud, "sentinel", "serve", "--state-dir", str(state),
+            "--owner-listen", f"127.0.0.1:{owner_port}", "--workload-listen", "127.0.0.1:0",
+            "--tls-cert", str(pki.path("sentinel.pem")), "--tls-key", str(pki.path("sentinel.key")),
+            "--client-ca", str(pki.path("ca.pem")),
+        ],
+        env=venv.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_serving(process)
+        listed = run(
+            "sentinel", "key", "list", "--sentinel", f"127.0.0.1:{owner_port}",
+            "--ca", pki.path("ca.pem"), "--cert", pki.path("alice.pem"),
+            "--cert-key", pki.path("alice.key"),
+        )  # fmt: skip
+        assert listed == ""
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0

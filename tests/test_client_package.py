@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from clean_install import clean_venv
 
 from encloud.client import NO_AUDIT, AsyncClient, Client, Policy
 from encloud.protocol import attest
@@ -172,54 +171,13 @@ if __name__ == "__main__":
 '''
 
 
-PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]
-
-
 @pytest.mark.e2e
 def test_the_wheel_in_a_clean_venv_type_checks_and_talks_to_the_server(
     stack, tmp_path: Path
 ) -> None:
-    # Built from the project's files only (tracked or new, never ignored ones such as a
-    # stale build/ folder), as from a clean clone.
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    source = tmp_path / "source"
-    for name in filter(None, listed.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
-    dist = tmp_path / "dist"
-    subprocess.run(
-        [*PIP_WHEEL, str(dist), str(source)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = dist.glob("encloud-*.whl")
-    venv = tmp_path / "venv"
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-
-    def pip(*args: str) -> None:
-        result = subprocess.run(
-            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    pip("--require-hashes", "-r", str(ROOT / "requirements" / "client.lock"))
-    pip("--no-deps", str(wheel))
-    installed = subprocess.run(
-        [python, "-m", "pip", "list", "--format=freeze"], env=env, capture_output=True, text=True
-    ).stdout.lower()
+    venv = clean_venv(tmp_path, "client.lock")
+    python, env = venv.python, venv.env
+    installed = venv.installed()
     for heavy in ("onnxruntime", "tpm2-pytss", "torch", "transformers", "pytest"):
         assert f"{heavy}==" not in installed, heavy
 
@@ -254,7 +212,7 @@ def test_the_wheel_in_a_clean_venv_type_checks_and_talks_to_the_server(
 
     # The client commands of the CLI work without the server's packages.
     checked_cli = subprocess.run(
-        [str(venv / "bin" / "encloud"), "policy", "check", str(policy)],
+        [venv.bin("encloud"), "policy", "check", str(policy)],
         env=env,
         capture_output=True,
         text=True,
