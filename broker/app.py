@@ -13,11 +13,10 @@ from sqlalchemy.engine import Engine
 
 from encloud.broker.kek import KeyWrapper, create_kek_file, load_kek
 from encloud.broker.service import Sentinel
-from encloud.broker.servicer import OwnerServicer, WorkloadServicer
+from encloud.broker.servicer import OwnerServicer, WorkloadServicer, generic_handler
 from encloud.broker.settings import SentinelSettings
 from encloud.broker.store import Store, make_engine, migrate
 from encloud.protocol.audit import AuditLog, generate_key_files, load_private_key
-from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
 
 log = logging.getLogger("encloud.sentinel")
 
@@ -99,24 +98,52 @@ def _owner_credentials(settings: SentinelSettings) -> grpc.ServerCredentials:
     )
 
 
+def _listen(
+    server: grpc.Server, setting: str, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC's "Failed to bind": in use, or not an address of this host
+        raise SentinelStartError(
+            f"cannot listen on {address} ({setting}): in use or not an address here"
+        ) from None
+
+
 def start(settings: SentinelSettings) -> RunningSentinel:
     owner_credentials = _owner_credentials(settings)
     sentinel, engine = build(settings)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers))
-    pb_grpc.add_OwnerServiceServicer_to_server(OwnerServicer(sentinel), server)
-    pb_grpc.add_WorkloadServiceServicer_to_server(WorkloadServicer(sentinel), server)
-    owner_port = server.add_secure_port(settings.owner_listen, owner_credentials)
-    if settings.tls_cert and settings.tls_key:
-        workload_credentials = grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+    server.add_generic_rpc_handlers(
+        (
+            generic_handler(OwnerServicer(sentinel), "OwnerService"),
+            generic_handler(WorkloadServicer(sentinel), "WorkloadService"),
         )
-        workload_port = server.add_secure_port(settings.workload_listen, workload_credentials)
-    else:
-        workload_port = server.add_insecure_port(settings.workload_listen)
+    )
+    try:
+        owner_port = _listen(server, "owner_listen", settings.owner_listen, owner_credentials)
+        workload_credentials = (
+            grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+            )
+            if settings.tls_cert and settings.tls_key
+            else None
+        )
+        workload_port = _listen(
+            server, "workload_listen", settings.workload_listen, workload_credentials
+        )
+    except BaseException:
+        server.stop(None)
+        sentinel.audit.close()
+        engine.dispose()
+        raise
     server.start()
     log.info(
         "sentinel serving",
-        extra={"owner_port": owner_port, "workload_port": workload_port},
+        extra={
+            "address": f"{settings.owner_listen} (owners), {settings.workload_listen} (workloads)"
+        },
     )
     return RunningSentinel(server, sentinel, engine, owner_port, workload_port)
 

@@ -1,16 +1,25 @@
-"""Sentinel's gRPC servicers: protobuf in, domain calls, protobuf out. Nothing else."""
+"""Sentinel's gRPC servicers: protobuf in, domain calls, protobuf out. Nothing else.
+
+The handlers are registered without a request deserializer (`generic_handler`): a request
+that is not valid protobuf is answered INVALID_ARGUMENT (`MALFORMED_MESSAGE`) like any other
+bad input, instead of gRPC's own INTERNAL "Exception deserializing request"."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError, Message
 
 from encloud.broker.service import KeyView, Sentinel
-from encloud.broker.status import unary_errors
+from encloud.broker.status import refuse, unary_errors
 from encloud.broker.store import ACTIVE, Owner
+from encloud.protocol.faults import MalformedMessageError
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
 from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
 from encloud.protocol.wire import evidence_from_proto, suite_from_proto, suite_to_proto
@@ -129,3 +138,40 @@ class WorkloadServicer(pb_grpc.WorkloadServiceServicer):
             key_id=released.key_id,
             keys=[pb.ReleasedKey(version=v, sealed_key=s) for v, s in released.sealed],
         )
+
+
+def generic_handler(servicer: object, service_name: str) -> grpc.GenericRpcHandler:
+    """The service's handlers over raw request bytes, each parsed into its request type."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            _parsing(
+                getattr(servicer, method.name),
+                message_factory.GetMessageClass(method.input_type),
+                method.name,
+            ),
+            response_serializer=_serialize,
+        )
+        for method in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _parsing(
+    handler: Callable[[Any, grpc.ServicerContext], Message], request_type: type[Message], name: str
+) -> Callable[[bytes, grpc.ServicerContext], Message]:
+    def handle(data: bytes, context: grpc.ServicerContext) -> Message:
+        request = request_type()
+        try:
+            request.ParseFromString(data)
+        except DecodeError:
+            refuse(
+                context, name, MalformedMessageError("the request is not a valid protobuf message")
+            )
+        return handler(request, context)
+
+    return handle

@@ -93,6 +93,14 @@ def unary_errors(
     return wrapper
 
 
+def refuse(context: grpc.ServicerContext, method: str, error: BaseException) -> None:
+    """Answer a call with the status for `error` before its handler ran (a request that does
+    not parse). Always raises."""
+    code, reason, status = _status(error)
+    _access(method, code, reason, time.monotonic())
+    context.abort_with_status(rpc_status.to_status(status))
+
+
 def _access(method: str, code: grpc.StatusCode, reason: str, started: float) -> None:
     access.info(
         "rpc",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -39,6 +40,7 @@ from encloud.protocol.sealed_file import (
     SealedFileDecryptError,
     SealedFileKeyIdError,
     open_stream,
+    read_key_file,
     seal_stream,
 )
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
@@ -402,6 +404,33 @@ def test_a_replayed_nonce_is_refused(broker: Broker, alice: Owner, workload: Wor
         with pytest.raises(errors.NonceUnknownError):  # never issued
             client.release_key(_order(alice, key_id), workload.quote, nonce=os.urandom(32))
     _refusal_audited(broker, "NONCE_UNKNOWN")
+
+
+@pytest.mark.attack
+def test_a_replayed_key_request_is_refused(
+    broker: Broker, alice: Owner, workload: Workload
+) -> None:
+    """The exact bytes of a request that released a key, sent again (as a recorder of the
+    workload's traffic would): its nonce is spent."""
+    from encloud.protocol import key_broker
+
+    key_id, _ = _new_key(broker, alice, workload)
+    with broker.workload_client() as client:
+        pending = key_broker.prepare_release(
+            _order(alice, key_id), client.challenge(), workload.quote
+        )
+    channel = grpc.secure_channel(
+        broker.workload_target, grpc.ssl_channel_credentials(broker.pki.ca)
+    )
+    with channel:
+        stub = pb_grpc.WorkloadServiceStub(channel)
+        pending.open(stub.ReleaseKey(pending.request, timeout=10)).wipe()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ReleaseKey(pending.request, timeout=10)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    _refusal_audited(
+        broker, "NONCE_UNKNOWN", nonce_sha256=hashlib.sha256(pending.request.nonce).hexdigest()
+    )
 
 
 @pytest.mark.attack
@@ -844,6 +873,12 @@ def test_the_cli_runs_sentinel_and_the_owner_flow_as_documented(
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+    # Sentinel logged every call (JSON, whitelisted fields), and nothing it printed or logged
+    # holds the data key, raw or hex.
+    key = read_key_file((tmp_path / "data.key").read_bytes())
+    printed = process.stdout.read().encode() + process.stderr.read().encode()  # type: ignore[union-attr]
+    assert b'"method": "ReleaseKey", "code": "OK"' in printed
+    assert key not in printed and key.hex().encode() not in printed
     log = state / "audit.jsonl"
     _cli(
         "audit", "verify", log, "--checkpoints", log.with_name("audit.jsonl.checkpoints"),
@@ -869,6 +904,12 @@ def test_serve_without_its_kek_refuses_in_one_line(pki: Pki, tmp_path: Path) -> 
         (("sentinel", "owner", "add", "alice", "--cert", "{tmp}/none.pem"), 1, "none.pem"),
         (("sentinel", "serve", "--nonce-ttl-seconds", "1"), 2, "nonce_ttl_seconds"),
         (
+            ("sentinel", "serve", "--state-dir", "{tmp}", "--owner-listen", "256.0.0.1:1",
+             "--tls-cert", "{pki}/sentinel.pem", "--tls-key", "{pki}/sentinel.key",
+             "--client-ca", "{pki}/ca.pem"),
+            2, "cannot listen on 256.0.0.1:1 (owner_listen)",
+        ),
+        (
             ("sentinel", "order", "sign", "--key-id", "alice/x", "--model-digest", "abc",
              "--signing-key", "{tmp}/none.key", "-o", "{tmp}/o.json"),
             1, "none.key",
@@ -876,12 +917,13 @@ def test_serve_without_its_kek_refuses_in_one_line(pki: Pki, tmp_path: Path) -> 
     ],
 )  # fmt: skip
 def test_operator_and_owner_mistakes_are_one_line_errors(
-    tmp_path: Path, args: tuple[str, ...], code: int, words: str
+    pki: Pki, tmp_path: Path, args: tuple[str, ...], code: int, words: str
 ) -> None:
     from encloud.broker.kek import create_kek_file
 
     create_kek_file(tmp_path / "kek")
-    result = _cli(*(a.replace("{tmp}", str(tmp_path)) for a in args), ok=False)
+    filled = (a.replace("{tmp}", str(tmp_path)).replace("{pki}", str(pki.folder)) for a in args)
+    result = _cli(*filled, ok=False)
     _one_line_error(result, code, words)
 
 
@@ -982,3 +1024,21 @@ def test_sentinel_installs_from_its_lock_alone_and_serves(pki: Pki, tmp_path: Pa
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.attack
+def test_a_request_that_is_not_protobuf_is_invalid_argument_and_harms_no_one(
+    broker: Broker, alice: Owner, workload: Workload
+) -> None:
+    channel = grpc.secure_channel(
+        broker.workload_target, grpc.ssl_channel_credentials(broker.pki.ca)
+    )
+    with channel:
+        garbage = channel.unary_unary("/encloud.sentinel.v1.WorkloadService/ReleaseKey")
+        with pytest.raises(grpc.RpcError) as err:
+            garbage(b"\xff\xff\xff\xff", timeout=10)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf" in (err.value.details() or "")
+    key_id, key = _new_key(broker, alice, workload)  # Sentinel serves on
+    with broker.workload_client() as client:
+        assert client.release_key(_order(alice, key_id), workload.quote).newest() == key

@@ -136,6 +136,7 @@ def test_tink_refuses_ours_under_another_key_id() -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_three_segments_open(three) -> None:
     data, blob = three
     assert len(segments(blob)[1]) == 3
@@ -143,6 +144,7 @@ def test_three_segments_open(three) -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_reordered_segments_are_refused(three) -> None:
     head, parts = segments(three[1])
     swapped = head + parts[1] + parts[0][: len(parts[1])] + parts[2]
@@ -151,6 +153,7 @@ def test_reordered_segments_are_refused(three) -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_a_dropped_middle_segment_is_refused(three) -> None:
     head, parts = segments(three[1])
     with pytest.raises(SealedFileDecryptError):
@@ -158,6 +161,7 @@ def test_a_dropped_middle_segment_is_refused(three) -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_a_file_truncated_at_a_segment_boundary_is_refused(three) -> None:
     head, parts = segments(three[1])
     with pytest.raises(SealedFileDecryptError, match="segment 1"):
@@ -165,6 +169,7 @@ def test_a_file_truncated_at_a_segment_boundary_is_refused(three) -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_a_segment_spliced_from_another_file_is_refused(three) -> None:
     data, blob = three
     head, parts = segments(blob)
@@ -174,6 +179,7 @@ def test_a_segment_spliced_from_another_file_is_refused(three) -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_a_whole_other_files_body_under_this_header_is_refused(three) -> None:
     data, blob = three
     head, _ = segments(blob)
@@ -183,12 +189,14 @@ def test_a_whole_other_files_body_under_this_header_is_refused(three) -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_bytes_appended_are_refused(three) -> None:
     with pytest.raises(SealedFileDecryptError):
         open_(three[1] + b"\x00" * 16)
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_a_file_sealed_under_another_key_id_is_refused_by_name() -> None:
     blob = seal(b"x", key_id="owner-2/files")
     with pytest.raises(SealedFileKeyIdError, match="owner-2/files"):
@@ -196,6 +204,7 @@ def test_a_file_sealed_under_another_key_id_is_refused_by_name() -> None:
 
 
 @pytest.mark.attack
+@pytest.mark.broker  # the file attacks of Sentinel's suite too (docs/SENTINEL.md)
 def test_another_key_is_refused() -> None:
     with pytest.raises(SealedFileDecryptError):
         open_(seal(b"x"), key=bytes(32))
