@@ -9,6 +9,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
 from encloud.broker.kek import KeyWrapper, create_kek_file, load_kek
@@ -32,8 +33,11 @@ class RunningSentinel:
     engine: Engine
     owner_port: int
     workload_port: int
+    health: health.HealthServicer
 
     def stop(self, grace: float = 5.0) -> None:
+        """Health turns NOT_SERVING, calls in flight get `grace` seconds, then all closes."""
+        self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.sentinel.audit.close()
         self.engine.dispose()
@@ -115,6 +119,8 @@ def start(settings: SentinelSettings) -> RunningSentinel:
     owner_credentials = _owner_credentials(settings)
     sentinel, engine = build(settings)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers))
+    checker = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     server.add_generic_rpc_handlers(
         (
             generic_handler(OwnerServicer(sentinel), "OwnerService"),
@@ -139,13 +145,15 @@ def start(settings: SentinelSettings) -> RunningSentinel:
         engine.dispose()
         raise
     server.start()
+    for service in ("", "encloud.sentinel.v1.OwnerService", "encloud.sentinel.v1.WorkloadService"):
+        checker.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "sentinel serving",
         extra={
             "address": f"{settings.owner_listen} (owners), {settings.workload_listen} (workloads)"
         },
     )
-    return RunningSentinel(server, sentinel, engine, owner_port, workload_port)
+    return RunningSentinel(server, sentinel, engine, owner_port, workload_port, checker)
 
 
 def serve(settings: SentinelSettings) -> None:

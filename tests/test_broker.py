@@ -1042,3 +1042,21 @@ def test_a_request_that_is_not_protobuf_is_invalid_argument_and_harms_no_one(
     key_id, key = _new_key(broker, alice, workload)  # Sentinel serves on
     with broker.workload_client() as client:
         assert client.release_key(_order(alice, key_id), workload.quote).newest() == key
+
+
+def test_sentinel_answers_grpc_health_on_both_ports(broker: Broker) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    credentials = grpc.ssl_channel_credentials(broker.pki.ca)
+    with grpc.secure_channel(broker.workload_target, credentials) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "encloud.sentinel.v1.WorkloadService"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    cert, key = broker.pki.certs["alice"]
+    owner = grpc.ssl_channel_credentials(broker.pki.ca, key, cert)
+    with grpc.secure_channel(broker.owner_target, owner) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="encloud.sentinel.v1.OwnerService"), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
