@@ -31,17 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def _pki(folder: Path) -> dict[str, Path]:
     """A CA, Sentinel's certificate and one owner's (the same builder the tests use)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from sentinel_support import issue_certificate  # type: ignore[import-not-found]
+    from pki import issue_certificate  # type: ignore[import-not-found]
 
-    ca_cert, ca_key = issue_certificate("bench CA", None, ca=True)
-    subject = x509.load_pem_x509_certificate(ca_cert).subject
-    signer = serialization.load_pem_private_key(ca_key, None)
+    ca = issue_certificate("bench CA", None, ca=True)
     paths = {"ca": folder / "ca.pem"}
-    paths["ca"].write_bytes(ca_cert)
+    paths["ca"].write_bytes(ca[0])
     for name in ("sentinel", "owner"):
-        cert, key = issue_certificate(name, (subject, signer), server=name == "sentinel")
+        cert, key = issue_certificate(name, ca, server=name == "sentinel")
         (folder / f"{name}.pem").write_bytes(cert)
         (folder / f"{name}.key").write_bytes(key)
         paths[name], paths[f"{name}_key"] = folder / f"{name}.pem", folder / f"{name}.key"

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from encloud.protocol.faults import DomainError, Kind
+from encloud.protocol.faults import DomainError, Kind, rich_status
 
 log = logging.getLogger("encloud.sentinel.status")
 access = logging.getLogger("encloud.sentinel.access")
@@ -52,23 +51,12 @@ def _status(error: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.Stat
         code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
         message = f"internal error (correlation id {correlation_id})"
         metadata = {"correlation_id": correlation_id}
-    info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
-    details = [info]
-    retry = getattr(error, "retry_after_seconds", None)
-    if code is grpc.StatusCode.UNAVAILABLE and retry is None:
-        retry = 1.0
-    if retry is not None:
-        delay = any_pb2.Any()
-        delay.Pack(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(
-                    seconds=int(retry), nanos=int((retry - int(retry)) * 1e9)
-                )
-            )
-        )
-        details.append(delay)
-    return code, reason, status_pb2.Status(code=code.value[0], message=message, details=details)
+    retry = error.retry_after_seconds if isinstance(error, DomainError) else None
+    return (
+        code,
+        reason,
+        rich_status(Kind[code.name], message, reason, ERROR_DOMAIN, metadata, retry),
+    )
 
 
 def unary_errors(

@@ -23,17 +23,14 @@ def service_error(error: grpc.RpcError) -> ServiceError:
     """A failed call as a ServiceError: the status code, the server's message, and the
     ErrorInfo reason and RetryInfo delay from the google.rpc.Status trailer when present
     (grpc.aio's AioRpcError has the same accessors as a blocking call)."""
-    code, message, reason, retry, _ = _details(error)
-    return ServiceError(code, message, reason, retry)
+    return ServiceError(*_details(error))
 
 
 def sentinel_error(error: grpc.RpcError) -> ServiceError:
     """A failed call to Sentinel as its typed error (SENTINEL_ERRORS by ErrorInfo reason,
     with the ErrorInfo metadata); a plain ServiceError for any other status."""
     code, message, reason, retry, metadata = _details(error)
-    typed = SENTINEL_ERRORS.get(reason)
-    if typed is None:
-        return ServiceError(code, message, reason, retry)
+    typed = SENTINEL_ERRORS.get(reason, ServiceError)
     return typed(code, message, reason, retry, metadata)
 
 

@@ -230,28 +230,9 @@ class RoleNotAttestedError(SessionError):
 
 class ServiceError(EncloudError):
     """The server refused a call: `code` is the status code's name (e.g. "NOT_FOUND"),
-    `reason` the ErrorInfo reason of docs/ERRORS.md ("" when the server sent none), and
-    `retry_after_seconds` the RetryInfo delay when the server said when to try again."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        reason: str = "",
-        retry_after_seconds: float | None = None,
-    ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.reason = reason
-        self.retry_after_seconds = retry_after_seconds
-
-
-class SentinelError(ServiceError):
-    """Sentinel (the key broker) refused a call. Each subclass is one ErrorInfo reason of
-    docs/SENTINEL.md; `metadata` holds the ErrorInfo metadata (ATTESTATION_REFUSED names the
-    failed verifier check in `check`)."""
-
-    reason_name = ""
+    `reason` the ErrorInfo reason of docs/ERRORS.md ("" when the server sent none),
+    `retry_after_seconds` the RetryInfo delay when the server said when to try again, and
+    `metadata` the ErrorInfo metadata (e.g. an INTERNAL error's correlation_id)."""
 
     def __init__(
         self,
@@ -261,8 +242,19 @@ class SentinelError(ServiceError):
         retry_after_seconds: float | None = None,
         metadata: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(code, message, reason, retry_after_seconds)
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.reason = reason
+        self.retry_after_seconds = retry_after_seconds
         self.metadata = dict(metadata or {})
+
+
+class SentinelError(ServiceError):
+    """Sentinel (the key broker) refused a call. Each subclass is one ErrorInfo reason of
+    docs/SENTINEL.md; `metadata` holds the ErrorInfo metadata (ATTESTATION_REFUSED names the
+    failed verifier check in `check`)."""
+
+    reason_name = ""
 
 
 class OwnerUnknownError(SentinelError):

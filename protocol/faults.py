@@ -13,6 +13,10 @@ message and a correlation id that is also logged.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 
 class Kind(enum.Enum):
@@ -28,6 +32,34 @@ class Kind(enum.Enum):
     UNIMPLEMENTED = "UNIMPLEMENTED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+
+
+def rich_status(
+    kind: Kind,
+    message: str,
+    reason: str,
+    domain: str,
+    metadata: Mapping[str, str] | None = None,
+    retry_after_seconds: float | None = None,
+) -> status_pb2.Status:
+    """The google.rpc.Status of a fault: its code, message, an ErrorInfo (reason, domain,
+    metadata) and, when the caller may retry after a delay, a RetryInfo. Every encloud service
+    (the inference server, Sentinel) answers errors this one way; client/_status.py reads it."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata or {}))
+    details = [info]
+    if retry_after_seconds is not None:
+        seconds = int(retry_after_seconds)
+        delay = any_pb2.Any()
+        delay.Pack(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(
+                    seconds=seconds, nanos=int((retry_after_seconds - seconds) * 1e9)
+                )
+            )
+        )
+        details.append(delay)
+    return status_pb2.Status(code=code_pb2.Code.Value(kind.value), message=message, details=details)
 
 
 class DomainError(Exception):
@@ -239,3 +271,4 @@ class DatabaseUnavailableFault(SentinelFault):
 
     kind = Kind.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"
+    retry_after_seconds = 1.0

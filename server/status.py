@@ -19,11 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from encloud.protocol.faults import DomainError, Kind
+from encloud.protocol.faults import DomainError, Kind, rich_status
 from encloud.server.metrics import Metrics
 
 log = logging.getLogger("encloud.status")
@@ -41,21 +40,7 @@ Resp = TypeVar("Resp")
 def _rich_status(
     code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str], retry: float | None
 ) -> status_pb2.Status:
-    info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
-    details = [info]
-    if retry is not None:
-        retry_info = any_pb2.Any()
-        seconds = int(retry)
-        retry_info.Pack(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(
-                    seconds=seconds, nanos=int((retry - seconds) * 1e9)
-                )
-            )
-        )
-        details.append(retry_info)
-    return status_pb2.Status(code=code.value[0], message=message, details=details)
+    return rich_status(Kind[code.name], message, reason, ERROR_DOMAIN, metadata, retry)
 
 
 async def _abort(

@@ -21,11 +21,10 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pki import issue_certificate
 from postgres import PgCluster, pg_cluster  # noqa: F401  (the session fixture)
-from sentinel_support import MODEL, Workload, attested_workload, issue_certificate
+from sentinel_support import MODEL, Workload, attested_workload
 
 from encloud.broker.app import RunningSentinel, build, init_state, start
 from encloud.broker.kek import KekError
@@ -70,10 +69,8 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     ca_cert, ca_key = issue_certificate("sentinel test CA", None, ca=True)
-    ca_obj = x509.load_pem_x509_certificate(ca_cert)
-    signer = serialization.load_pem_private_key(ca_key, None)
     certs = {
-        name: issue_certificate(name, (ca_obj.subject, signer), server=name == "sentinel")
+        name: issue_certificate(name, (ca_cert, ca_key), server=name == "sentinel")
         for name in ("sentinel", "alice", "bob", "stranger")
     }
     (folder / "ca.pem").write_bytes(ca_cert)

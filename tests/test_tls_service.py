@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pki import issue_certificate
 
 from encloud.client import NO_AUDIT, Client
 from encloud.protocol.errors import ServiceError
@@ -22,75 +17,20 @@ from encloud.server.devstack import ServerProcess, start_swtpm
 pytestmark = pytest.mark.e2e
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _issue(
-    subject: str,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    usage: x509.ObjectIdentifier | None = None,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    issuer_name, issuer_key = issuer if issuer else (_name(subject), key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256()), key
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    ca, ca_key = _issue("encloud test CA", None, ca=True)
-    server, server_key = _issue(
-        "127.0.0.1", (ca.subject, ca_key), usage=ExtendedKeyUsageOID.SERVER_AUTH
-    )
-    client, client_key = _issue(
-        "caller", (ca.subject, ca_key), usage=ExtendedKeyUsageOID.CLIENT_AUTH
-    )
-    rogue_ca, rogue_key = _issue("rogue CA", None, ca=True)
-    rogue, rogue_client_key = _issue(
-        "rogue", (rogue_ca.subject, rogue_key), usage=ExtendedKeyUsageOID.CLIENT_AUTH
-    )
+    ca = issue_certificate("encloud test CA", None, ca=True)
+    server = issue_certificate("127.0.0.1", ca, server=True)
+    client = issue_certificate("caller", ca)
+    rogue = issue_certificate("rogue", issue_certificate("rogue CA", None, ca=True))
     return {
-        "ca": _pem(ca),
-        "server": _pem(server),
-        "server_key": _key_pem(server_key),
-        "client": _pem(client),
-        "client_key": _key_pem(client_key),
-        "rogue": _pem(rogue),
-        "rogue_key": _key_pem(rogue_client_key),
+        "ca": ca[0],
+        "server": server[0],
+        "server_key": server[1],
+        "client": client[0],
+        "client_key": client[1],
+        "rogue": rogue[0],
+        "rogue_key": rogue[1],
     }
 
 
