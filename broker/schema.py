@@ -85,6 +85,9 @@ used_orders = Table(
     Column("order_id", LargeBinary, primary_key=True),
     Column("data_key", Integer, ForeignKey("data_keys.id"), nullable=False),
     Column("used_at", BigInteger, nullable=False),
+    # The order's expires_at (revision 0002; NULL for rows from before it): a row past it is
+    # pruned, since an expired order is refused before its id is looked at.
+    Column("expires_at", BigInteger, nullable=True, index=True),
 )
 
 TABLES = (settings, owners, signing_keys, keys, key_versions, nonces, used_orders)

@@ -340,7 +340,7 @@ class Sentinel:
         )
         if order.model_digest not in attested.models.values():
             raise ModelMismatchFault("the attested workload does not run the order's model")
-        wrapped = self.store.use_order(order.order_id, record)
+        wrapped = self.store.use_order(order.order_id, order.expires_at, record)
         sealed: list[tuple[int, bytes]] = []
         digest = order.digest()
         for version, blob in wrapped:

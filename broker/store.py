@@ -30,6 +30,10 @@ from encloud.protocol.faults import (
     ResourceExhaustedError,
 )
 
+# Used orders are pruned this long after their expiry, not at once: replicas sharing one
+# database may disagree on the time by less than this, and none may forget an order another
+# would still accept.
+PRUNE_MARGIN_SECONDS = 3600
 ACTIVE = "active"
 REVOKED = "revoked"
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
@@ -335,15 +339,25 @@ class Store:
             )
         return result.rowcount == 1
 
-    def use_order(self, order_id: bytes, record: KeyRecord) -> list[tuple[int, bytes]]:
+    def use_order(
+        self, order_id: bytes, expires_at: int, record: KeyRecord
+    ) -> list[tuple[int, bytes]]:
         """Mark the order used and return the key's wrapped versions, newest first, in one
-        transaction: a second use of the order id (even concurrent) is OrderUsedFault."""
+        transaction: a second use of the order id (even concurrent) is OrderUsedFault. Used
+        orders an hour past their expiry are pruned here: Sentinel refuses an expired order
+        before it looks at its id, so the table holds only orders that could still pass."""
+        table = schema.used_orders
+        now = _now()
         with self.transaction() as db:
+            db.execute(sa.delete(table).where(table.c.expires_at < now - PRUNE_MARGIN_SECONDS))
             try:
                 with db.begin_nested():
                     db.execute(
-                        sa.insert(schema.used_orders).values(
-                            order_id=order_id, data_key=record.id, used_at=_now()
+                        sa.insert(table).values(
+                            order_id=order_id,
+                            data_key=record.id,
+                            used_at=now,
+                            expires_at=expires_at,
                         )
                     )
             except sa.exc.IntegrityError:

@@ -29,11 +29,12 @@ from sentinel_support import MODEL, Workload, attested_workload
 from encloud.broker.app import RunningSentinel, build, init_state, start
 from encloud.broker.kek import KekError
 from encloud.broker.settings import SentinelSettings
-from encloud.broker.store import Store
+from encloud.broker.store import Store, migrate
 from encloud.client.sentinel import OwnerClient, ReleasedKeys, WorkloadClient
 from encloud.protocol import errors, release_order
 from encloud.protocol.audit import verify_log
 from encloud.protocol.evidence import Evidence
+from encloud.protocol.faults import OrderUsedFault
 from encloud.protocol.handshake import SUITE_V1, quote_qualifying_data
 from encloud.protocol.sealed_file import (
     SealedFileDecryptError,
@@ -958,7 +959,7 @@ def test_the_migrated_schema_is_the_one_the_queries_use(broker: Broker) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), schema.metadata)
     assert diff == []
     current, head = schema_revision(broker.running.engine)
-    assert current == head == "0001"
+    assert current == head == "0002"
 
 
 def test_migrations_go_down_to_nothing_and_up_again(tmp_path: Path) -> None:
@@ -1057,3 +1058,51 @@ def test_sentinel_answers_grpc_health_on_both_ports(broker: Broker) -> None:
             health_pb2.HealthCheckRequest(service="encloud.sentinel.v1.OwnerService"), timeout=10
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_old_database_upgrades_with_its_data_and_expired_orders_are_pruned(
+    tmp_path: Path,
+) -> None:
+    """A database at revision 0001 with a used order upgrades to 0002 keeping it (expiry
+    unknown: kept); orders an hour past their expiry are pruned on the next use, and an order
+    still valid stays refused as used."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from encloud.broker import schema
+    from encloud.broker.store import (
+        PRUNE_MARGIN_SECONDS,
+        KeyRecord,
+        Owner,
+        _alembic_config,
+        make_engine,
+    )
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0001")
+        connection.execute(
+            sa.text("INSERT INTO owners (name, cert_spki_sha256, created_at) VALUES ('o', 'x', 1)")
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO data_keys (key_id, owner_id, policy, policy_sha256, state, created_at)"
+                " VALUES ('o/k', 1, x'7b7d', 'p', 'active', 1)"
+            )
+        )
+        connection.execute(
+            sa.text("INSERT INTO used_orders (order_id, data_key, used_at) VALUES (x'01', 1, 1)")
+        )
+    migrate(engine)
+    store = Store(engine)
+    record = KeyRecord(1, "o/k", Owner(1, "o"), b"{}", "p", "active", 1, ())
+    now = int(time.time())
+    store.use_order(b"\x02", now - PRUNE_MARGIN_SECONDS - 10, record)  # long expired
+    store.use_order(b"\x03", now + 600, record)  # valid
+    store.use_order(b"\x04", now + 600, record)  # the next use prunes
+    with engine.connect() as connection:
+        kept = set(connection.execute(sa.select(schema.used_orders.c.order_id)).scalars())
+    assert kept == {b"\x01", b"\x03", b"\x04"}
+    with pytest.raises(OrderUsedFault):
+        store.use_order(b"\x03", now + 600, record)
+    engine.dispose()
