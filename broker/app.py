@@ -7,12 +7,13 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
-from encloud.broker.kek import KeyWrapper, create_kek_file, load_kek
+from encloud.broker.kek import KekError, KeyWrapper, create_kek_file, load_kek, rotate_kek
 from encloud.broker.service import Sentinel
 from encloud.broker.servicer import OwnerServicer, WorkloadServicer, generic_handler
 from encloud.broker.settings import SentinelSettings
@@ -65,6 +66,30 @@ def init_state(settings: SentinelSettings) -> list[str]:
     return created
 
 
+def rotate(settings: SentinelSettings, new_kek_file: Path) -> int:
+    """Rewrap every key from the settings' KEK to the one in `new_kek_file` (created, mode
+    0600, when missing), then move the new file over the old one. Stop every Sentinel on the
+    database first: one left running refuses (KEK_ROTATED) until restarted."""
+    old_file = settings.resolved_kek_file()
+    old = KeyWrapper(load_kek(old_file))
+    if not new_kek_file.exists():
+        create_kek_file(new_kek_file)
+    new = KeyWrapper(load_kek(new_kek_file))
+    if new.check_value == old.check_value:
+        raise KekError("the new KEK is the current one")
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        migrate(engine)
+        try:
+            count = rotate_kek(Store(engine), old, new)
+        except ValueError as err:
+            raise KekError(str(err)) from None
+    finally:
+        engine.dispose()
+    new_kek_file.replace(old_file)
+    return count
+
+
 def build(settings: SentinelSettings) -> tuple[Sentinel, Engine]:
     """The KEK first (no KEK, no start), then the database (migrated), then the audit log."""
     wrapper = KeyWrapper(load_kek(settings.resolved_kek_file()))
@@ -77,7 +102,7 @@ def build(settings: SentinelSettings) -> tuple[Sentinel, Engine]:
             checkpoint_key=load_private_key(checkpoint_key) if checkpoint_key.exists() else None,
         )
         sentinel = Sentinel(
-            Store(engine),
+            Store(engine, kek_check=wrapper.check_value),
             wrapper,
             audit,
             nonce_ttl_seconds=settings.nonce_ttl_seconds,

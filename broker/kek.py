@@ -13,6 +13,7 @@ import hmac
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -95,3 +96,19 @@ class KeyWrapper:
 
 def _ad(names: tuple[bytes, ...]) -> bytes:
     return encode("encloud/v1 sentinel wrap", *names)
+
+
+def rotate_kek(store: Any, old: KeyWrapper, new: KeyWrapper) -> int:
+    """Rewrap every stored key (and Sentinel's import key) from `old` to `new` in one
+    transaction (store.rewrap_all); each clear key is zeroed once rewrapped. Returns how many
+    key versions were rewrapped."""
+
+    def rewrap(wrapped: bytes, name: bytes, version: int) -> bytes:
+        names = (name,) if version < 0 else (name, version.to_bytes(4, "big"))
+        key = old.unwrap(wrapped, *names)
+        try:
+            return new.wrap(key, *names)
+        finally:
+            key[:] = bytes(len(key))
+
+    return store.rewrap_all(rewrap, old.check_value, new.check_value)

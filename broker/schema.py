@@ -18,6 +18,11 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+# Names of sentinel_settings rows.
+KEK_CHECK = "kek_check"
+IMPORT_SEED = "import_seed_wrapped"
+IMPORT_PUBLIC = "import_public"
+
 settings = Table(
     "sentinel_settings",
     metadata,

@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from encloud.broker import schema
 from encloud.broker.kek import KekError, KeyWrapper
 from encloud.broker.store import ACTIVE, KeyRecord, Owner, Store
 from encloud.protocol import key_broker, release_order
@@ -62,10 +63,6 @@ from encloud.protocol.verifier import verify_with_report
 
 log = logging.getLogger("encloud.sentinel")
 
-_KEK_CHECK = "kek_check"
-_IMPORT_SEED = "import_seed_wrapped"
-_IMPORT_PUBLIC = "import_public"
-
 
 @dataclass(frozen=True)
 class KeyView:
@@ -99,21 +96,21 @@ class ImportKey:
         try:
             stored = store.set_settings_once(
                 {
-                    _KEK_CHECK: wrapper.check_value.encode("ascii"),
-                    _IMPORT_SEED: wrapper.wrap(seed, b"import key"),
-                    _IMPORT_PUBLIC: xwing_public_key(bytes(seed)),
+                    schema.KEK_CHECK: wrapper.check_value.encode("ascii"),
+                    schema.IMPORT_SEED: wrapper.wrap(seed, b"import key"),
+                    schema.IMPORT_PUBLIC: xwing_public_key(bytes(seed)),
                 }
             )
         finally:
             seed[:] = bytes(32)
-        if stored[_KEK_CHECK] != wrapper.check_value.encode("ascii"):
+        if stored[schema.KEK_CHECK] != wrapper.check_value.encode("ascii"):
             raise KekError("this KEK is not the one the database was created with")
-        own_seed = wrapper.unwrap(stored[_IMPORT_SEED], b"import key")
+        own_seed = wrapper.unwrap(stored[schema.IMPORT_SEED], b"import key")
         try:
             self.private_key: Any = xwing_private_key(bytes(own_seed))
         finally:
             own_seed[:] = bytes(len(own_seed))
-        self.public_key = stored[_IMPORT_PUBLIC]
+        self.public_key = stored[schema.IMPORT_PUBLIC]
         self.suite = key_broker.IMPORT_SUITE
 
 

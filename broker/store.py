@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from encloud.broker import schema
 from encloud.protocol.faults import (
     DatabaseUnavailableFault,
+    KekRotatedFault,
     KeyExistsFault,
     KeyRevokedFault,
     OrderUsedFault,
@@ -122,8 +123,26 @@ def _available() -> Iterator[None]:
 class Store:
     """The queries. Each public method is one transaction."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, kek_check: str | None = None) -> None:
+        """`kek_check`: the check value of the KEK this process wraps with; every write of
+        wrapped material and every read of it first checks the database still has it (shared
+        lock), so a Sentinel left running across a KEK rotation refuses instead of writing
+        keys under the old KEK or handing out rows it cannot unwrap."""
         self.engine = engine
+        self.kek_check = kek_check
+
+    def _same_kek(self, db: Connection) -> None:
+        if self.kek_check is None:
+            return
+        stored = db.execute(
+            sa.select(schema.settings.c.value)
+            .where(schema.settings.c.name == schema.KEK_CHECK)
+            .with_for_update(read=True)
+        ).scalar_one_or_none()
+        if stored is not None and stored != self.kek_check.encode("ascii"):
+            raise KekRotatedFault(
+                "the keys were rewrapped under a new KEK: restart Sentinel with it"
+            )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -207,6 +226,7 @@ class Store:
     ) -> None:
         now = _now()
         with self.transaction() as db:
+            self._same_kek(db)
             try:
                 with db.begin_nested():
                     row_id = db.execute(
@@ -282,6 +302,7 @@ class Store:
     def add_version(self, record: KeyRecord, version: int, wrapped: bytes) -> None:
         """Add `version`; a concurrent rotation that took the number first wins (KeyExists)."""
         with self.transaction() as db:
+            self._same_kek(db)
             state = db.execute(
                 sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
             ).scalar_one()
@@ -313,6 +334,52 @@ class Store:
                 .where(schema.keys.c.id == record.id)
                 .values(state=REVOKED, revoked_at=_now())
             )
+
+    # --- KEK rotation ---------------------------------------------------------------------
+
+    def rewrap_all(
+        self, rewrap: Callable[[bytes, bytes, int], bytes], old_check: str, new_check: str
+    ) -> int:
+        """Replace every wrapped value with `rewrap(wrapped, key id or b"import key", version)`
+        and the KEK check value, in one transaction holding the check value's row: a
+        concurrent write by a Sentinel on the old KEK waits, then finds the new check value
+        and refuses. Returns how many key versions were rewrapped."""
+        settings, versions, keys = schema.settings, schema.key_versions, schema.keys
+        with self.transaction() as db:
+            stored = db.execute(
+                sa.select(settings.c.value)
+                .where(settings.c.name == schema.KEK_CHECK)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if stored != old_check.encode("ascii"):
+                raise ValueError(
+                    "the current KEK file is not the one this database is wrapped under"
+                )
+            rows = db.execute(
+                sa.select(
+                    versions.c.data_key, versions.c.version, versions.c.wrapped, keys.c.key_id
+                ).join(keys, keys.c.id == versions.c.data_key)
+            ).all()
+            for row in rows:
+                db.execute(
+                    sa.update(versions)
+                    .where(versions.c.data_key == row.data_key, versions.c.version == row.version)
+                    .values(wrapped=rewrap(bytes(row.wrapped), row.key_id.encode(), row.version))
+                )
+            seed = db.execute(
+                sa.select(settings.c.value).where(settings.c.name == schema.IMPORT_SEED)
+            ).scalar_one()
+            db.execute(
+                sa.update(settings)
+                .where(settings.c.name == schema.IMPORT_SEED)
+                .values(value=rewrap(bytes(seed), b"import key", -1))
+            )
+            db.execute(
+                sa.update(settings)
+                .where(settings.c.name == schema.KEK_CHECK)
+                .values(value=new_check.encode("ascii"))
+            )
+        return len(rows)
 
     # --- the workload API -------------------------------------------------------------------
 
@@ -349,6 +416,7 @@ class Store:
         table = schema.used_orders
         now = _now()
         with self.transaction() as db:
+            self._same_kek(db)
             db.execute(sa.delete(table).where(table.c.expires_at < now - PRUNE_MARGIN_SECONDS))
             try:
                 with db.begin_nested():

@@ -2,6 +2,7 @@
 
     encloud sentinel init|serve|migrate [settings flags]         (the operator, on its host)
     encloud sentinel owner add NAME --cert OWNER.pem [settings]    (the operator)
+    encloud sentinel rotate-kek --new-kek-file NEW [settings]      (the operator, Sentinel stopped)
     encloud sentinel signing-key add --public ED25519.pub  [owner connection flags]
     encloud sentinel key create|rotate|revoke|list ...     [owner connection flags]
     encloud sentinel audit [--after SEQ]                   [owner connection flags]
@@ -91,6 +92,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     print(f"sentinel: the database is at schema revision {current}")
+    return 0
+
+
+def cmd_rotate_kek(args: argparse.Namespace) -> int:
+    from encloud.broker.app import rotate
+
+    settings = _settings(args)
+    count = rotate(settings, args.new_kek_file)
+    print(
+        f"sentinel: {count} key version(s) and the import key rewrapped under the new KEK, "
+        f"now {settings.resolved_kek_file()}; restart every Sentinel on this database"
+    )
     return 0
 
 
@@ -218,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         _add_settings_flags(command)
         command.set_defaults(func=func)
+
+    rotate = sub.add_parser(
+        "rotate-kek", help="rewrap every key under a new KEK (stop Sentinel first)"
+    )
+    rotate.add_argument(
+        "--new-kek-file",
+        type=Path,
+        required=True,
+        help="the new KEK (created, mode 0600, if missing); it replaces kek_file when done",
+    )
+    _add_settings_flags(rotate)
+    rotate.set_defaults(func=cmd_rotate_kek)
 
     owner = sub.add_parser("owner", help="the operator registers owners").add_subparsers(
         dest="owner_command", required=True

@@ -318,6 +318,10 @@ class ModelMismatchError(SentinelError):
     reason_name = "MODEL_MISMATCH"
 
 
+class KekRotatedError(SentinelError):
+    reason_name = "KEK_ROTATED"
+
+
 class DatabaseUnavailableError(SentinelError):
     reason_name = "DATABASE_UNAVAILABLE"
 

@@ -266,6 +266,14 @@ class ModelMismatchFault(SentinelFault):
     reason = "MODEL_MISMATCH"
 
 
+class KekRotatedFault(SentinelFault):
+    """The database's keys were rewrapped under a new KEK since this Sentinel started: it
+    must be restarted with the new KEK file; it writes and releases nothing until then."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "KEK_ROTATED"
+
+
 class DatabaseUnavailableFault(SentinelFault):
     """The key database does not answer; nothing of the call was written."""
 

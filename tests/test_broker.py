@@ -636,6 +636,35 @@ def test_the_database_down_is_unavailable_and_nothing_is_half_written(
 
 
 @pytest.mark.faults
+def test_a_kek_rotation_rewraps_every_key_and_a_sentinel_left_on_the_old_kek_refuses(
+    broker: Broker, alice: Owner, workload: Workload, tmp_path: Path
+) -> None:
+    from encloud.broker.app import rotate
+
+    key_id, key = _new_key(broker, alice, workload)
+    with broker.owner("alice") as client:
+        client.rotate_key(key_id, newer := os.urandom(32))
+    old_kek = broker.settings.resolved_kek_file().read_bytes()
+    count = rotate(broker.settings, tmp_path / "new-kek")
+    assert count >= 2 and not (tmp_path / "new-kek").exists()
+    assert broker.settings.resolved_kek_file().read_bytes() != old_kek
+    # The Sentinel still running on the old KEK writes and releases nothing.
+    with broker.owner("alice") as client, pytest.raises(errors.KekRotatedError):
+        client.create_key(f"alice/after-{next(_counter)}", workload.policy, os.urandom(32))
+    with broker.workload_client() as client, pytest.raises(errors.KekRotatedError):
+        client.release_key(_order(alice, key_id), workload.quote)
+    broker.restart()  # on the new KEK: every version of every key still opens
+    with broker.workload_client() as client:
+        released = client.release_key(_order(alice, key_id), workload.quote)
+    assert [bytes(k) for _, k in released.versions] == [newer, key]
+    stale = tmp_path / "old-kek"
+    stale.write_bytes(old_kek)
+    stale.chmod(0o600)
+    with pytest.raises(KekError, match="not the one"):
+        build(broker.settings.model_copy(update={"kek_file": stale}))
+
+
+@pytest.mark.faults
 def test_sentinel_refuses_to_start_without_its_kek(broker: Broker, tmp_path: Path) -> None:
     missing = broker.settings.model_copy(update={"kek_file": tmp_path / "no-kek"})
     with pytest.raises(KekError, match="missing"):
@@ -901,6 +930,10 @@ def test_serve_without_its_kek_refuses_in_one_line(pki: Pki, tmp_path: Path) -> 
         (("sentinel", "owner", "add", "Alice!", "--cert", "{tmp}/none.pem"), 2, "owner name"),
         (("sentinel", "owner", "add", "alice", "--cert", "{tmp}/none.pem"), 1, "none.pem"),
         (("sentinel", "serve", "--nonce-ttl-seconds", "1"), 2, "nonce_ttl_seconds"),
+        (
+            ("sentinel", "rotate-kek", "--state-dir", "{tmp}", "--new-kek-file", "{tmp}/kek"),
+            2, "the new KEK is the current one",
+        ),
         (
             ("sentinel", "serve", "--state-dir", "{tmp}", "--owner-listen", "256.0.0.1:1",
              "--tls-cert", "{pki}/sentinel.pem", "--tls-key", "{pki}/sentinel.key",
