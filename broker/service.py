@@ -245,6 +245,10 @@ class Sentinel:
                     found.append(line)
         return found
 
+    def malformed(self, method: str) -> None:
+        """Audit a request refused before it reached the logic (it was not protobuf)."""
+        self._record("sentinel_request", method, "refused", reason="MALFORMED_MESSAGE")
+
     # --- the workload API ------------------------------------------------------------------
 
     def challenge(self) -> tuple[bytes, int]:

@@ -140,12 +140,15 @@ class WorkloadServicer(pb_grpc.WorkloadServiceServicer):
         )
 
 
-def generic_handler(servicer: object, service_name: str) -> grpc.GenericRpcHandler:
+def generic_handler(
+    servicer: OwnerServicer | WorkloadServicer, service_name: str
+) -> grpc.GenericRpcHandler:
     """The service's handlers over raw request bytes, each parsed into its request type."""
     service = pb.DESCRIPTOR.services_by_name[service_name]
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             _parsing(
+                servicer.sentinel,
                 getattr(servicer, method.name),
                 message_factory.GetMessageClass(method.input_type),
                 method.name,
@@ -162,13 +165,17 @@ def _serialize(message: Message) -> bytes:
 
 
 def _parsing(
-    handler: Callable[[Any, grpc.ServicerContext], Message], request_type: type[Message], name: str
+    sentinel: Sentinel,
+    handler: Callable[[Any, grpc.ServicerContext], Message],
+    request_type: type[Message],
+    name: str,
 ) -> Callable[[bytes, grpc.ServicerContext], Message]:
     def handle(data: bytes, context: grpc.ServicerContext) -> Message:
         request = request_type()
         try:
             request.ParseFromString(data)
         except DecodeError:
+            sentinel.malformed(name)
             refuse(
                 context, name, MalformedMessageError("the request is not a valid protobuf message")
             )

@@ -1070,6 +1070,7 @@ def test_a_request_that_is_not_protobuf_is_invalid_argument_and_harms_no_one(
             garbage(b"\xff\xff\xff\xff", timeout=10)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid protobuf" in (err.value.details() or "")
+    _refusal_audited(broker, "MALFORMED_MESSAGE", method="ReleaseKey")
     key_id, key = _new_key(broker, alice, workload)  # Sentinel serves on
     with broker.workload_client() as client:
         assert client.release_key(_order(alice, key_id), workload.quote).newest() == key
