@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from encloud.protocol import release_order
 from encloud.protocol.encoding import encode, u32
@@ -32,7 +32,12 @@ from encloud.protocol.handshake import (
     hpke_seal,
     sentinel_qualifying_data,
 )
-from encloud.protocol.sealed_file import KEY_LENGTH, check_key_id
+from encloud.protocol.sealed_file import (
+    KEY_LENGTH,
+    SealedFileDecryptError,
+    check_key_id,
+    open_stream,
+)
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
 from encloud.protocol.wire import evidence_to_proto, suite_from_proto, suite_to_proto
 
@@ -106,6 +111,27 @@ class ReleasedKeys:
 
     def newest(self) -> bytes:
         return bytes(self.versions[0][1])
+
+    def open_sealed(self, source: BinaryIO, sink: BinaryIO) -> int:
+        """Open a sealed file of this key with whichever version sealed it, newest first (as
+        Tink tries a keyset's keys); return that version. `source` must be seekable. A version
+        that is not the file's fails on the first segment, before anything is written; a
+        failure after output began (a tampered file) is raised at once; SealedFileDecryptError
+        when no version opens it, SealedFileKeyIdError when the file names another key."""
+        start, written = source.tell(), sink.tell()
+        failure: SealedFileDecryptError | None = None
+        for version, key in self.versions:
+            source.seek(start)
+            try:
+                open_stream(source, sink, bytes(key), expected_key_id=self.key_id)
+            except SealedFileDecryptError as err:
+                if sink.tell() != written:
+                    raise
+                failure = err
+                continue
+            return version
+        assert failure is not None
+        raise failure
 
     def wipe(self) -> None:
         for _, key in self.versions:
