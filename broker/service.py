@@ -10,11 +10,12 @@ wrapped versions) -> each version sealed to the workload's HPKE key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,103 +139,69 @@ class Sentinel:
     # --- the owner API ---------------------------------------------------------------------
 
     def owner_for(self, cert_spki_sha256: str | None, method: str) -> Owner:
-        """The owner a verified client certificate belongs to; refused (and audited) if none."""
-        owner = self.store.owner_by_certificate(cert_spki_sha256) if cert_spki_sha256 else None
-        if owner is None:
-            self._record(
-                "sentinel_owner",
-                method,
-                "refused",
-                reason=OwnerUnknownFault.reason,
-                certificate=cert_spki_sha256 or "",
-            )
-            raise OwnerUnknownFault("no registered owner holds this client certificate")
+        """The owner a verified client certificate belongs to; refused (and audited) if none,
+        or if the database cannot say."""
+        facts = {"certificate": cert_spki_sha256 or ""}
+        try:
+            owner = self.store.owner_by_certificate(cert_spki_sha256) if cert_spki_sha256 else None
+            if owner is None:
+                raise OwnerUnknownFault("no registered owner holds this client certificate")
+        except DomainError as err:
+            self._record("sentinel_owner", method, "refused", reason=err.reason, **facts)
+            raise
         return owner
 
     def add_signing_key(self, owner: Owner, public_key: bytes) -> str:
-        if len(public_key) != 32:
-            raise self._refuse_owner(
-                owner, "AddSigningKey", InvalidArgumentError("an Ed25519 public key is 32 bytes")
-            )
-        try:
-            Ed25519PublicKey.from_public_bytes(public_key)
-        except ValueError:
-            raise self._refuse_owner(
-                owner, "AddSigningKey", InvalidArgumentError("not an Ed25519 public key")
-            ) from None
-        fingerprint = hashlib.sha256(public_key).hexdigest()
-        added = self.store.add_signing_key(owner, public_key, fingerprint)
-        self._record(
-            "sentinel_owner",
-            "AddSigningKey",
-            "ok",
-            owner=owner.name,
-            signer=fingerprint,
-            new=added,
-        )
-        return fingerprint
+        facts: dict[str, Any] = {"owner": owner.name}
+        with self._owner_call("AddSigningKey", facts):
+            try:
+                Ed25519PublicKey.from_public_bytes(public_key)
+            except ValueError:
+                raise InvalidArgumentError("not a raw 32-byte Ed25519 public key") from None
+            facts["signer"] = hashlib.sha256(public_key).hexdigest()
+            facts["new"] = self.store.add_signing_key(owner, public_key, facts["signer"])
+        return str(facts["signer"])
 
     def create_key(self, owner: Owner, key_id: str, policy: bytes, sealed_key: bytes) -> KeyView:
-        method = "CreateKey"
-        key_id = self._own_key_id(owner, key_id, method)
-        policy_sha = self._check_policy(owner, key_id, policy, method)
-        wrapped = self._import(owner, key_id, 1, sealed_key, method)
-        try:
-            self.store.create_key(owner, key_id, policy, policy_sha, wrapped)
-        except DomainError as err:
-            raise self._refuse_owner(owner, method, err, key_id=key_id) from None
-        record = self._owned_record(owner, key_id, method)
-        self._record(
-            "sentinel_owner",
-            method,
-            "ok",
-            owner=owner.name,
-            key_id=key_id,
-            key_versions=list(record.versions),
-            policy_sha256=policy_sha,
-        )
+        facts: dict[str, Any] = {"owner": owner.name, "key_id": key_id}
+        with self._owner_call("CreateKey", facts):
+            self._own_key_id(owner, key_id)
+            facts["policy_sha256"] = self._check_policy(policy)
+            wrapped = self._import(key_id, 1, sealed_key)
+            self.store.create_key(owner, key_id, policy, facts["policy_sha256"], wrapped)
+            record = self._owned_record(owner, key_id)
+            facts["key_versions"] = list(record.versions)
         return _view(record)
 
     def rotate_key(self, owner: Owner, key_id: str, sealed_key: bytes) -> KeyView:
-        method = "RotateKey"
-        record = self._owned_record(owner, key_id, method)
-        if record.state != ACTIVE:
-            raise self._refuse_owner(
-                owner, method, KeyRevokedFault(f"the key {key_id} is revoked"), key_id=key_id
-            )
-        version = self.store.next_version(record)
-        wrapped = self._import(owner, record.key_id, version, sealed_key, method)
-        try:
-            self.store.add_version(record, version, wrapped)
-        except DomainError as err:
-            raise self._refuse_owner(owner, method, err, key_id=key_id) from None
-        record = self._owned_record(owner, key_id, method)
-        self._record(
-            "sentinel_owner",
-            method,
-            "ok",
-            owner=owner.name,
-            key_id=key_id,
-            key_versions=list(record.versions),
-        )
+        facts: dict[str, Any] = {"owner": owner.name, "key_id": key_id}
+        with self._owner_call("RotateKey", facts):
+            record = self._owned_record(owner, key_id)
+            if record.state != ACTIVE:
+                raise KeyRevokedFault(f"the key {key_id} is revoked")
+            version = self.store.next_version(record)
+            self.store.add_version(record, version, self._import(key_id, version, sealed_key))
+            record = self._owned_record(owner, key_id)
+            facts["key_versions"] = list(record.versions)
         return _view(record)
 
     def revoke_key(self, owner: Owner, key_id: str) -> KeyView:
-        method = "RevokeKey"
-        record = self._owned_record(owner, key_id, method)
-        self.store.revoke(record)
-        record = self._owned_record(owner, key_id, method)
-        self._record("sentinel_owner", method, "ok", owner=owner.name, key_id=key_id)
+        with self._owner_call("RevokeKey", {"owner": owner.name, "key_id": key_id}):
+            self.store.revoke(self._owned_record(owner, key_id))
+            record = self._owned_record(owner, key_id)
         return _view(record)
 
     def list_keys(self, owner: Owner) -> list[KeyView]:
-        views = [_view(record) for record in self.store.keys_of(owner)]
-        self._record("sentinel_owner", "ListKeys", "ok", owner=owner.name, count=len(views))
+        facts: dict[str, Any] = {"owner": owner.name}
+        with self._owner_call("ListKeys", facts):
+            views = [_view(record) for record in self.store.keys_of(owner)]
+            facts["count"] = len(views)
         return views
 
     def read_audit(self, owner: Owner, after_seq: int) -> list[bytes]:
-        """This owner's entries (those naming it as owner), as their canonical lines."""
-        self._record("sentinel_owner", "ReadAudit", "ok", owner=owner.name)
+        """This owner's entries (those naming it as owner), as their lines in the log."""
+        with self._owner_call("ReadAudit", {"owner": owner.name}):
+            pass  # recorded first, so the reader sees its own read
         self.audit.flush()
         found: list[bytes] = []
         with self.audit.path.open("rb") as handle:
@@ -368,76 +335,58 @@ class Sentinel:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _own_key_id(self, owner: Owner, key_id: str, method: str) -> str:
+    @contextlib.contextmanager
+    def _owner_call(self, method: str, facts: dict[str, Any]) -> Iterator[None]:
+        """Run one owner call and audit its outcome: ok with the facts it gathered, or refused
+        with the reason (a database that is down included)."""
+        try:
+            yield
+        except DomainError as err:
+            self._record("sentinel_owner", method, "refused", reason=err.reason, **facts)
+            raise
+        self._record("sentinel_owner", method, "ok", **facts)
+
+    def _own_key_id(self, owner: Owner, key_id: str) -> None:
         try:
             check_key_id(key_id)
         except ValueError as err:
-            raise self._refuse_owner(owner, method, InvalidArgumentError(str(err))) from None
+            raise InvalidArgumentError(str(err)) from None
         if key_broker.owner_of(key_id) != owner.name:
-            raise self._refuse_owner(
-                owner,
-                method,
-                NotKeyOwnerFault(f"key ids of this owner start with {owner.name}/"),
-                key_id=key_id,
-            )
-        return key_id
+            raise NotKeyOwnerFault(f"key ids of this owner start with {owner.name}/")
 
-    def _owned_record(self, owner: Owner, key_id: str, method: str) -> KeyRecord:
-        key_id = self._own_key_id(owner, key_id, method)
+    def _owned_record(self, owner: Owner, key_id: str) -> KeyRecord:
+        self._own_key_id(owner, key_id)
         record = self.store.key(key_id)
         if record is None or record.owner.id != owner.id:
-            raise self._refuse_owner(
-                owner, method, KeyNotFoundFault(f"no key {key_id}"), key_id=key_id
-            )
+            raise KeyNotFoundFault(f"no key {key_id}")
         return record
 
-    def _check_policy(self, owner: Owner, key_id: str, policy: bytes, method: str) -> str:
+    def _check_policy(self, policy: bytes) -> str:
         try:
             parsed = parse_policy(policy)
         except PolicyError as err:
-            raise self._refuse_owner(
-                owner,
-                method,
-                PolicyRejectedFault(f"the release policy is invalid: {err}"),
-                key_id=key_id,
-            ) from None
+            raise PolicyRejectedFault(f"the release policy is invalid: {err}") from None
         if parsed.dev_only and not self.accept_dev_policies:
-            raise self._refuse_owner(
-                owner,
-                method,
-                PolicyRejectedFault(
-                    "a dev-only (trust-on-first-use) policy; this Sentinel accepts production "
-                    "policies only (accept_dev_policies)"
-                ),
-                key_id=key_id,
+            raise PolicyRejectedFault(
+                "a dev-only (trust-on-first-use) policy; this Sentinel accepts production "
+                "policies only (accept_dev_policies)"
             )
         return policy_digest(parsed).hex()
 
-    def _import(self, owner: Owner, key_id: str, version: int, sealed: bytes, method: str) -> bytes:
+    def _import(self, key_id: str, version: int, sealed: bytes) -> bytes:
         info = key_broker.import_info(key_id, version)
         try:
             key = key_broker.open_data_key(
                 self.import_key.suite, self.import_key.private_key, sealed, info
             )
         except KeyOpenError:
-            raise self._refuse_owner(
-                owner,
-                method,
-                KeyImportFault(f"the sealed key did not open as version {version} of {key_id}"),
-                key_id=key_id,
+            raise KeyImportFault(
+                f"the sealed key did not open as version {version} of {key_id}"
             ) from None
         try:
             return self.wrapper.wrap(key, key_id.encode(), _u32(version))
         finally:
             key[:] = bytes(len(key))
-
-    def _refuse_owner(
-        self, owner: Owner, method: str, error: DomainError, **facts: Any
-    ) -> DomainError:
-        self._record(
-            "sentinel_owner", method, "refused", owner=owner.name, reason=error.reason, **facts
-        )
-        return error
 
     def _record(self, event: str, method: str, outcome: str, **facts: Any) -> None:
         entry = {"event": event, "method": method, "outcome": outcome, **facts}

@@ -620,6 +620,9 @@ def test_the_database_down_is_unavailable_and_nothing_is_half_written(
             client.challenge()
     finally:
         broker.pg.start()
+    # The owner call stopped where it first needed the database: its certificate's owner.
+    _refusal_audited(broker, "DATABASE_UNAVAILABLE", method="GetImportKey")
+    _refusal_audited(broker, "DATABASE_UNAVAILABLE", method="GetChallenge")
     with broker.owner("alice") as client:
         assert not any(k.key_id == "alice/while-down" for k in client.list_keys())
     with broker.workload_client() as client:  # the order was not burnt by the outage
