@@ -13,12 +13,12 @@ import hmac
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encloud.protocol.encoding import encode
+from encloud.broker.store import Store
+from encloud.protocol.encoding import encode, u32
 from encloud.protocol.sealed_file import read_key_file
 
 KEK_LENGTH = 32
@@ -98,13 +98,13 @@ def _ad(names: tuple[bytes, ...]) -> bytes:
     return encode("encloud/v1 sentinel wrap", *names)
 
 
-def rotate_kek(store: Any, old: KeyWrapper, new: KeyWrapper) -> int:
+def rotate_kek(store: Store, old: KeyWrapper, new: KeyWrapper) -> int:
     """Rewrap every stored key (and Sentinel's import key) from `old` to `new` in one
     transaction (store.rewrap_all); each clear key is zeroed once rewrapped. Returns how many
     key versions were rewrapped."""
 
     def rewrap(wrapped: bytes, name: bytes, version: int) -> bytes:
-        names = (name,) if version < 0 else (name, version.to_bytes(4, "big"))
+        names = (name,) if version < 0 else (name, u32(version))
         key = old.unwrap(wrapped, *names)
         try:
             return new.wrap(key, *names)

@@ -26,6 +26,7 @@ from encloud.broker.kek import KekError, KeyWrapper
 from encloud.broker.store import ACTIVE, KeyRecord, Owner, Store
 from encloud.protocol import key_broker, release_order
 from encloud.protocol.audit import AuditLog, parse_line
+from encloud.protocol.encoding import u32
 from encloud.protocol.errors import (
     PolicyError,
     ReleaseOrderFormatError,
@@ -312,7 +313,7 @@ class Sentinel:
         sealed: list[tuple[int, bytes]] = []
         digest = order.digest()
         for version, blob in wrapped:
-            key = self.wrapper.unwrap(blob, record.key_id.encode(), _u32(version))
+            key = self.wrapper.unwrap(blob, record.key_id.encode(), u32(version))
             try:
                 info = key_broker.release_info(suite, nonce, digest, record.key_id, version)
                 sealed.append((version, key_broker.seal_data_key(suite, public_key, key, info)))
@@ -384,7 +385,7 @@ class Sentinel:
                 f"the sealed key did not open as version {version} of {key_id}"
             ) from None
         try:
-            return self.wrapper.wrap(key, key_id.encode(), _u32(version))
+            return self.wrapper.wrap(key, key_id.encode(), u32(version))
         finally:
             key[:] = bytes(len(key))
 
@@ -395,7 +396,3 @@ class Sentinel:
 
 def _h(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _u32(value: int) -> bytes:
-    return value.to_bytes(4, "big")
