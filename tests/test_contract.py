@@ -64,9 +64,10 @@ def test_configuration_doc_lists_every_setting() -> None:
 
 
 def test_client_package_type_checks(tmp_path: Path) -> None:
-    """mypy over encloud.protocol and encloud.client, laid out as the import packages."""
+    """mypy over encloud.protocol, encloud.client and encloud.broker, laid out as the import
+    packages."""
     (tmp_path / "encloud").mkdir()
-    for name in ("protocol", "client"):
+    for name in ("protocol", "client", "broker"):
         (tmp_path / "encloud" / name).symlink_to(ROOT / name)
     mypy = Path(sys.executable).with_name("mypy")
     result = subprocess.run(
@@ -76,6 +77,7 @@ def test_client_package_type_checks(tmp_path: Path) -> None:
             str(ROOT / "pyproject.toml"),
             "encloud/protocol",
             "encloud/client",
+            "encloud/broker",
         ],
         cwd=tmp_path,
         capture_output=True,
