@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from encloud.cli.stats import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +112,8 @@ def run_one(kind: str, releases: int, concurrency: int, workload: Any) -> dict[s
                         quoted.append(time.perf_counter() - started)
 
                 with WorkloadClient(target, ca_pem=pki["ca"].read_bytes()) as client:
-                    client.challenge()  # the channel's TLS handshake, outside the figures
+                    # The channel's TLS handshake, outside the figures.
+                    grpc.channel_ready_future(client._channel).result(timeout=10)
                     started = time.perf_counter()
                     nonce = client.challenge()
                     challenged = time.perf_counter()

@@ -107,6 +107,7 @@ def build(settings: SentinelSettings) -> tuple[Sentinel, Engine]:
             audit,
             nonce_ttl_seconds=settings.nonce_ttl_seconds,
             max_outstanding_nonces=settings.max_outstanding_nonces,
+            max_outstanding_nonces_per_peer=settings.max_outstanding_nonces_per_peer,
             accept_dev_policies=settings.accept_dev_policies,
         )
     except BaseException:
@@ -149,7 +150,9 @@ def start(settings: SentinelSettings) -> RunningSentinel:
     server.add_generic_rpc_handlers(
         (
             generic_handler(OwnerServicer(sentinel), "OwnerService"),
-            generic_handler(WorkloadServicer(sentinel), "WorkloadService"),
+            generic_handler(
+                WorkloadServicer(sentinel, settings.trusted_proxies), "WorkloadService"
+            ),
         )
     )
     try:

@@ -81,6 +81,8 @@ nonces = Table(
     metadata,
     Column("nonce", LargeBinary, primary_key=True),
     Column("expires_at", BigInteger, nullable=False),
+    # Who it was issued to (protocol.peers.peer_key; revision 0003): each caller's share.
+    Column("peer", String(80), nullable=False, server_default="", index=True),
 )
 
 used_orders = Table(

@@ -125,6 +125,7 @@ class Sentinel:
         *,
         nonce_ttl_seconds: int = 60,
         max_outstanding_nonces: int = 10_000,
+        max_outstanding_nonces_per_peer: int = 64,
         accept_dev_policies: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -134,6 +135,7 @@ class Sentinel:
         self.import_key = ImportKey(store, wrapper)
         self.nonce_ttl_seconds = nonce_ttl_seconds
         self.max_outstanding_nonces = max_outstanding_nonces
+        self.max_outstanding_nonces_per_peer = max_outstanding_nonces_per_peer
         self.accept_dev_policies = accept_dev_policies
         self.clock = clock
 
@@ -219,11 +221,16 @@ class Sentinel:
 
     # --- the workload API ------------------------------------------------------------------
 
-    def challenge(self) -> tuple[bytes, int]:
+    def challenge(self, peer: str) -> tuple[bytes, int]:
+        """A nonce for `peer` (protocol.peers.peer_key of the caller), within its share."""
         nonce = os.urandom(key_broker.NONCE_LENGTH)
         try:
             self.store.add_nonce(
-                nonce, int(self.clock()) + self.nonce_ttl_seconds, self.max_outstanding_nonces
+                nonce,
+                int(self.clock()) + self.nonce_ttl_seconds,
+                peer,
+                self.max_outstanding_nonces,
+                self.max_outstanding_nonces_per_peer,
             )
         except DomainError as err:
             self._record("sentinel_workload", "GetChallenge", "refused", reason=err.reason)

@@ -7,7 +7,7 @@ bad input, instead of gRPC's own INTERNAL "Exception deserializing request"."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from encloud.broker.service import KeyView, Sentinel
 from encloud.broker.status import refuse, unary_errors
 from encloud.broker.store import ACTIVE, Owner
 from encloud.protocol.faults import MalformedMessageError
+from encloud.protocol.peers import peer_key, trusted_networks
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
 from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
 from encloud.protocol.wire import evidence_from_proto, suite_from_proto, suite_to_proto
@@ -113,14 +114,24 @@ class OwnerServicer(pb_grpc.OwnerServiceServicer):
 
 
 class WorkloadServicer(pb_grpc.WorkloadServiceServicer):
-    def __init__(self, sentinel: Sentinel) -> None:
+    def __init__(self, sentinel: Sentinel, trusted_proxies: Sequence[str] = ()) -> None:
         self.sentinel = sentinel
+        self._trusted = trusted_networks(trusted_proxies)
+
+    def _peer(self, context: grpc.ServicerContext) -> str:
+        """The caller, for its share of the challenges (protocol.peers.peer_key)."""
+        forwarded = None
+        if self._trusted:
+            for key, value in context.invocation_metadata() or ():
+                if key == "x-forwarded-for":
+                    forwarded = value if isinstance(value, str) else value.decode("latin-1")
+        return peer_key(context.peer(), forwarded, self._trusted)
 
     @unary_errors
     def GetChallenge(
         self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
     ) -> pb.GetChallengeResponse:
-        nonce, ttl = self.sentinel.challenge()
+        nonce, ttl = self.sentinel.challenge(self._peer(context))
         return pb.GetChallengeResponse(nonce=nonce, ttl_seconds=ttl)
 
     @unary_errors

@@ -53,6 +53,16 @@ class SentinelSettings(BaseSettings):
         description="challenge nonces live at once; more is RESOURCE_EXHAUSTED (the workload "
         "API is unauthenticated: this bounds what a caller can make Sentinel store)",
     )
+    max_outstanding_nonces_per_peer: int = Field(
+        64,
+        ge=1,
+        description="of those, at most this many one caller's (its IP address, an IPv6 "
+        "one by its /64; behind a trusted proxy, the address it forwarded)",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="networks (CIDR) of proxies whose x-forwarded-for names the caller",
+    )
     accept_dev_policies: bool = Field(
         False,
         description="accept release policies marked dev_only (trust on first use, e.g. a "

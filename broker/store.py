@@ -383,18 +383,28 @@ class Store:
 
     # --- the workload API -------------------------------------------------------------------
 
-    def add_nonce(self, nonce: bytes, expires_at: int, max_outstanding: int) -> None:
-        """Issue a nonce, after dropping expired ones; at most `max_outstanding` live at once,
-        so an unauthenticated caller cannot grow the table without bound."""
+    def add_nonce(
+        self, nonce: bytes, expires_at: int, peer: str, max_outstanding: int, max_per_peer: int
+    ) -> None:
+        """Issue a nonce to `peer`, after dropping expired ones; at most `max_outstanding`
+        live at once, and at most `max_per_peer` of them the same caller's, so an
+        unauthenticated caller can neither grow the table without bound nor take every slot."""
         table = schema.nonces
         with self.transaction() as db:
             db.execute(sa.delete(table).where(table.c.expires_at <= _now()))
+            mine = db.execute(
+                sa.select(sa.func.count()).select_from(table).where(table.c.peer == peer)
+            ).scalar_one()
+            if mine >= max_per_peer:
+                raise ResourceExhaustedError(
+                    "this caller has too many challenges outstanding; use or let some expire"
+                )
             live = db.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
             if live >= max_outstanding:
                 raise ResourceExhaustedError(
                     "too many challenges are outstanding; try again when some expire"
                 )
-            db.execute(sa.insert(table).values(nonce=nonce, expires_at=expires_at))
+            db.execute(sa.insert(table).values(nonce=nonce, expires_at=expires_at, peer=peer))
 
     def take_nonce(self, nonce: bytes) -> bool:
         """Consume a nonce: True once for an issued, unexpired nonce, False ever after."""

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from encloud.protocol.faults import UnavailableError, UnsupportedProtocolVersionError
+from encloud.protocol.peers import peer_key, trusted_networks
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.wire import ROUTE_HEADER
 from encloud.server import grpc_converters as converters
 from encloud.server.core import InferenceCore
-from encloud.server.limits import peer_key, trusted_networks
 from encloud.server.metrics import Metrics
 from encloud.server.status import abort_for, stream_errors, unary_errors
 
@@ -51,7 +51,7 @@ class InferenceServicer:
         self._ready = service
 
     def _peer(self, context: grpc.aio.ServicerContext) -> str:
-        """The caller for quotas and rate limits (limits.peer_key)."""
+        """The caller for quotas and rate limits (protocol.peers.peer_key)."""
         forwarded = None
         if self._trusted:
             for key, value in context.invocation_metadata() or ():

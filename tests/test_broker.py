@@ -493,6 +493,30 @@ def test_an_unauthenticated_caller_cannot_make_sentinel_store_nonces_without_bou
 
 
 @pytest.mark.attack
+def test_one_caller_cannot_take_every_challenge(pki: Pki, tmp_path: Path) -> None:
+    """Each caller (behind a trusted proxy: the address it forwarded) has its share of the
+    live nonces; a caller over its share is refused, the next caller is not."""
+    proxied = {"max_outstanding_nonces_per_peer": 2, "trusted_proxies": ["127.0.0.1/32"]}
+    with _fresh_sentinel(pki, tmp_path, **proxied) as running:
+        target = f"127.0.0.1:{running.workload_port}"
+        with grpc.secure_channel(target, grpc.ssl_channel_credentials(pki.ca)) as channel:
+            stub = pb_grpc.WorkloadServiceStub(channel)
+
+            def challenge(caller: str) -> bytes:
+                metadata = (("x-forwarded-for", caller),)
+                reply = stub.GetChallenge(pb.GetChallengeRequest(), metadata=metadata, timeout=10)
+                return bytes(reply.nonce)
+
+            challenge("198.51.100.7")
+            challenge("198.51.100.7")
+            with pytest.raises(grpc.RpcError) as err:
+                challenge("198.51.100.7")
+            assert len(challenge("203.0.113.9")) == 32
+    assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "this caller" in (err.value.details() or "")
+
+
+@pytest.mark.attack
 def test_a_production_sentinel_refuses_a_dev_only_release_policy(
     pki: Pki, workload: Workload, tmp_path: Path
 ) -> None:
@@ -986,7 +1010,7 @@ def test_the_migrated_schema_is_the_one_the_queries_use(broker: Broker) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), schema.metadata)
     assert diff == []
     current, head = schema_revision(broker.running.engine)
-    assert current == head == "0002"
+    assert current == head == "0003"
 
 
 def test_migrations_go_down_to_nothing_and_up_again(tmp_path: Path) -> None:

@@ -26,10 +26,11 @@ from encloud.client import NO_AUDIT, Client, RetryPolicy, ServiceError
 from encloud.client._status import service_error
 from encloud.protocol.faults import ResourceExhaustedError
 from encloud.protocol.handshake import SUITE_V1
+from encloud.protocol.peers import peer_key, trusted_networks
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 from encloud.server.inference.scheduler import _Request, admissible
-from encloud.server.limits import MAX_TRACKED_PEERS, PeerRateLimiter, peer_key, trusted_networks
+from encloud.server.limits import MAX_TRACKED_PEERS, PeerRateLimiter
 from encloud.server.sessions import SessionStore
 from encloud.server.settings import Settings
 
