@@ -62,9 +62,9 @@ def run_one(kind: str, releases: int, concurrency: int, workload: Any) -> dict[s
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from encloud.broker.app import init_state, start
+    from encloud.broker.servicer import certificate_spki_sha256
     from encloud.broker.settings import SentinelSettings
     from encloud.broker.store import Store, make_engine
-    from encloud.cli.sentinel import certificate_spki_sha256
     from encloud.client.sentinel import OwnerClient, WorkloadClient
     from encloud.protocol.release_order import new_order, sign_order
 

@@ -224,7 +224,8 @@ class Sentinel:
     def challenge(self, peer: str) -> tuple[bytes, int]:
         """A nonce for `peer` (protocol.peers.peer_key of the caller), within its share."""
         nonce = os.urandom(key_broker.NONCE_LENGTH)
-        try:
+        facts: dict[str, Any] = {}
+        with self._audited("sentinel_workload", "GetChallenge", facts):
             self.store.add_nonce(
                 nonce,
                 int(self.clock()) + self.nonce_ttl_seconds,
@@ -232,10 +233,7 @@ class Sentinel:
                 self.max_outstanding_nonces,
                 self.max_outstanding_nonces_per_peer,
             )
-        except DomainError as err:
-            self._record("sentinel_workload", "GetChallenge", "refused", reason=err.reason)
-            raise
-        self._record("sentinel_workload", "GetChallenge", "ok", nonce_sha256=_h(nonce))
+            facts["nonce_sha256"] = _h(nonce)
         return nonce, self.nonce_ttl_seconds
 
     def release(
@@ -247,24 +245,9 @@ class Sentinel:
         evidence: Evidence,
     ) -> Released:
         facts: dict[str, Any] = {"nonce_sha256": _h(nonce)}
-        try:
+        with self._audited("sentinel_release", "ReleaseKey", facts, done="released"):
             released = self._release(signed_order, nonce, suite, public_key, evidence, facts)
-        except DomainError as err:
-            self._record(
-                "sentinel_release",
-                "ReleaseKey",
-                "refused",
-                reason=err.reason,
-                **{**facts, **err.metadata},
-            )
-            raise
-        self._record(
-            "sentinel_release",
-            "ReleaseKey",
-            "released",
-            key_versions=[version for version, _ in released.sealed],
-            **facts,
-        )
+            facts["key_versions"] = [version for version, _ in released.sealed]
         return released
 
     def _release(
@@ -344,15 +327,24 @@ class Sentinel:
     # --- helpers ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _owner_call(self, method: str, facts: dict[str, Any]) -> Iterator[None]:
-        """Run one owner call and audit its outcome: ok with the facts it gathered, or refused
-        with the reason (a database that is down included)."""
+    def _audited(
+        self, event: str, method: str, facts: dict[str, Any], done: str = "ok"
+    ) -> Iterator[None]:
+        """Run one call and audit its outcome: `done` with the facts it gathered, or refused
+        with the reason, the facts gathered so far and the fault's metadata (a database that
+        is down included)."""
         try:
             yield
         except DomainError as err:
-            self._record("sentinel_owner", method, "refused", reason=err.reason, **facts)
+            refusal = {**facts, **err.metadata}
+            self._record(event, method, "refused", reason=err.reason, **refusal)
             raise
-        self._record("sentinel_owner", method, "ok", **facts)
+        self._record(event, method, done, **facts)
+
+    def _owner_call(
+        self, method: str, facts: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        return self._audited("sentinel_owner", method, facts)
 
     def _own_key_id(self, owner: Owner, key_id: str) -> None:
         try:

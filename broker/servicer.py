@@ -20,23 +20,26 @@ from encloud.broker.service import KeyView, Sentinel
 from encloud.broker.status import refuse, unary_errors
 from encloud.broker.store import ACTIVE, Owner
 from encloud.protocol.faults import MalformedMessageError
-from encloud.protocol.peers import peer_key, trusted_networks
+from encloud.protocol.peers import caller_key, trusted_networks
 from encloud.protocol.sentinel.v1 import sentinel_pb2 as pb
 from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as pb_grpc
 from encloud.protocol.wire import evidence_from_proto, suite_from_proto, suite_to_proto
 
 
-def peer_certificate_sha256(context: grpc.ServicerContext) -> str | None:
-    """Hex SHA-256 of the SubjectPublicKeyInfo of the client certificate the TLS handshake
-    verified; None on a connection without one (the workload port)."""
-    pems = context.auth_context().get("x509_pem_cert") or []
-    if not pems:
-        return None
-    cert = x509.load_pem_x509_certificate(pems[0])
+def certificate_spki_sha256(cert_pem: bytes) -> str:
+    """Hex SHA-256 of a PEM certificate's SubjectPublicKeyInfo: how Sentinel pins an owner."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()
+
+
+def peer_certificate_sha256(context: grpc.ServicerContext) -> str | None:
+    """certificate_spki_sha256 of the client certificate the TLS handshake verified; None on
+    a connection without one (the workload port)."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    return certificate_spki_sha256(pems[0]) if pems else None
 
 
 def _key_info(view: KeyView) -> pb.KeyInfo:
@@ -120,12 +123,7 @@ class WorkloadServicer(pb_grpc.WorkloadServiceServicer):
 
     def _peer(self, context: grpc.ServicerContext) -> str:
         """The caller, for its share of the challenges (protocol.peers.peer_key)."""
-        forwarded = None
-        if self._trusted:
-            for key, value in context.invocation_metadata() or ():
-                if key == "x-forwarded-for":
-                    forwarded = value if isinstance(value, str) else value.decode("latin-1")
-        return peer_key(context.peer(), forwarded, self._trusted)
+        return caller_key(context.peer(), context.invocation_metadata(), self._trusted)
 
     @unary_errors
     def GetChallenge(

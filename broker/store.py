@@ -151,12 +151,6 @@ class Store:
 
     # --- Sentinel's own settings --------------------------------------------------------
 
-    def setting(self, name: str) -> bytes | None:
-        with self.transaction() as db:
-            return db.execute(
-                sa.select(schema.settings.c.value).where(schema.settings.c.name == name)
-            ).scalar_one_or_none()
-
     def set_settings_once(self, values: dict[str, bytes]) -> dict[str, bytes]:
         """Store values not stored yet; return what is stored (first writer wins)."""
         table = schema.settings

@@ -14,29 +14,17 @@ Every mistake is one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-
-
-def certificate_spki_sha256(cert_pem: bytes) -> str:
-    """Hex SHA-256 of a PEM certificate's SubjectPublicKeyInfo: how Sentinel pins an owner."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).hexdigest()
-
 
 # --- settings flags (the operator's commands) -------------------------------------------------
 
@@ -108,6 +96,7 @@ def cmd_rotate_kek(args: argparse.Namespace) -> int:
 
 
 def cmd_owner_add(args: argparse.Namespace) -> int:
+    from encloud.broker.servicer import certificate_spki_sha256
     from encloud.broker.store import Store, make_engine, migrate
     from encloud.protocol.key_broker import check_owner_name
 

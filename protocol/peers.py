@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -60,3 +60,18 @@ def trusted_networks(
     entries: Sequence[str],
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def caller_key(
+    peer: str,
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+    trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+) -> str:
+    """`peer_key` of a call from its gRPC peer and its metadata (x-forwarded-for is read only
+    when some proxy is trusted)."""
+    forwarded = None
+    if trusted_proxies:
+        for key, value in metadata or ():
+            if key == "x-forwarded-for":
+                forwarded = value if isinstance(value, str) else value.decode("latin-1")
+    return peer_key(peer, forwarded, trusted_proxies)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from encloud.protocol.faults import UnavailableError, UnsupportedProtocolVersionError
-from encloud.protocol.peers import peer_key, trusted_networks
+from encloud.protocol.peers import caller_key, trusted_networks
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.wire import ROUTE_HEADER
 from encloud.server import grpc_converters as converters
@@ -52,12 +52,7 @@ class InferenceServicer:
 
     def _peer(self, context: grpc.aio.ServicerContext) -> str:
         """The caller for quotas and rate limits (protocol.peers.peer_key)."""
-        forwarded = None
-        if self._trusted:
-            for key, value in context.invocation_metadata() or ():
-                if key == "x-forwarded-for":
-                    forwarded = value if isinstance(value, str) else value.decode("latin-1")
-        return peer_key(context.peer(), forwarded, self._trusted)
+        return caller_key(context.peer(), context.invocation_metadata(), self._trusted)
 
     @property
     def _service(self) -> InferenceCore:

@@ -81,7 +81,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def _spki_sha256(cert_pem: bytes) -> str:
-    from encloud.cli.sentinel import certificate_spki_sha256
+    from encloud.broker.servicer import certificate_spki_sha256
 
     return certificate_spki_sha256(cert_pem)
 
