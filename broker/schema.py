@@ -97,4 +97,29 @@ used_orders = Table(
     Column("expires_at", BigInteger, nullable=True, index=True),
 )
 
-TABLES = (settings, owners, signing_keys, keys, key_versions, nonces, used_orders)
+jobs = Table(
+    "jobs",
+    metadata,
+    # The manifest's 16-byte job id (revision 0004).
+    Column("job_id", LargeBinary, primary_key=True),
+    Column("data_key", Integer, ForeignKey("data_keys.id"), nullable=False),
+    Column("manifest_sha256", String(64), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    # "live" (a release is out), "paused" (the last release ended before the job did) or
+    # "done" (never released again).
+    Column("state", String(16), nullable=False),
+    # The machine and start-up holding the live release: the AK's fingerprint, the TPM's
+    # reset and restart counts, and how many start-ups its event log showed.
+    Column("ak_fingerprint", String(64), nullable=False),
+    Column("reset_count", BigInteger, nullable=False),
+    Column("restart_count", BigInteger, nullable=False),
+    Column("startups", Integer, nullable=False),
+    Column("release_seq", Integer, nullable=False),
+    # The newest key version of the live release: the one its end proof is made with.
+    Column("proof_version", Integer, nullable=False),
+    Column("records_done", BigInteger, nullable=False),
+    Column("answers_sha256", String(64), nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+TABLES = (settings, owners, signing_keys, keys, key_versions, nonces, used_orders, jobs)

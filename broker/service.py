@@ -6,12 +6,17 @@ nonce (single use) -> order form -> key exists -> owner's signature -> expiry ->
 -> evidence against the key's policy over Sentinel's qualifying data -> the order's model is
 the one running -> the order id unused (marked used in the transaction that reads the
 wrapped versions) -> each version sealed to the workload's HPKE key.
+
+A job manifest (ReleaseJobKey) goes through the same checks, its digest in the order's
+place, then: the input the workload received is the manifest's -> the job is not done and
+no other release of it is live (claimed in the transaction that reads the wrapped versions).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import time
@@ -23,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from encloud.broker import schema
 from encloud.broker.kek import KekError, KeyWrapper
-from encloud.broker.store import ACTIVE, KeyRecord, Owner, Store
-from encloud.protocol import key_broker, release_order
+from encloud.broker.store import ACTIVE, JOB_LIVE, JobRow, KeyRecord, Owner, Startup, Store
+from encloud.protocol import eventlog, job, key_broker, release_order
 from encloud.protocol.audit import AuditLog, parse_line
 from encloud.protocol.encoding import u32
 from encloud.protocol.errors import (
@@ -36,7 +41,10 @@ from encloud.protocol.evidence import Evidence
 from encloud.protocol.faults import (
     AttestationRefusedFault,
     DomainError,
+    InputMismatchFault,
     InvalidArgumentError,
+    JobProofFault,
+    JobReleaseUnknownFault,
     KeyImportFault,
     KeyNotFoundFault,
     KeyRevokedFault,
@@ -61,7 +69,7 @@ from encloud.protocol.handshake import (
 )
 from encloud.protocol.policy import parse_policy, policy_digest
 from encloud.protocol.sealed_file import check_key_id
-from encloud.protocol.verifier import verify_with_report
+from encloud.protocol.verifier import VerifiedAttestation, verify_with_report
 
 log = logging.getLogger("encloud.sentinel")
 
@@ -82,6 +90,18 @@ class Released:
     key_id: str
     sealed: list[tuple[int, bytes]]
     """(version, HPKE-sealed key), newest first."""
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """A workload's report that its release of a job's key ended (EndJobRelease)."""
+
+    job_id: bytes
+    release_seq: int
+    outcome: str
+    answers_sha256: bytes
+    records_done: int
+    proof: bytes
 
 
 def _view(record: KeyRecord) -> KeyView:
@@ -259,6 +279,126 @@ class Sentinel:
         evidence: Evidence,
         facts: dict[str, Any],
     ) -> Released:
+        self._check_request(suite, public_key, nonce)
+        try:
+            order, _ = release_order.parse_order(signed_order)
+        except ReleaseOrderFormatError as err:
+            raise OrderMalformedFault(f"the release order is malformed: {err}") from None
+        facts.update(key_id=order.key_id, order_id=order.order_id.hex())
+        record = self._signed_record(
+            order.key_id,
+            order.expires_at,
+            lambda owner_key: release_order.verify_order(signed_order, owner_key, now=0),
+            facts,
+            "release order",
+        )
+        q = sentinel_qualifying_data(suite, nonce, order.digest(), public_key)
+        self._attested(evidence, record, q, order.model_digest, facts)
+        wrapped = self.store.use_order(order.order_id, order.expires_at, record)
+        return self._seal_versions(wrapped, record, suite, nonce, order.digest(), public_key)
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def release_job(
+        self,
+        signed_manifest: bytes,
+        nonce: bytes,
+        suite: HpkeSuiteId,
+        public_key: bytes,
+        input_sha256: bytes,
+        evidence: Evidence,
+    ) -> tuple[Released, int]:
+        """The job's key for the workload that runs it, and this release's number."""
+        facts: dict[str, Any] = {"nonce_sha256": _h(nonce)}
+        with self._audited("sentinel_job", "ReleaseJobKey", facts, done="released"):
+            released, seq = self._release_job(
+                signed_manifest, nonce, suite, public_key, input_sha256, evidence, facts
+            )
+            facts.update(key_versions=[v for v, _ in released.sealed], release_seq=seq)
+        return released, seq
+
+    def _release_job(
+        self,
+        signed_manifest: bytes,
+        nonce: bytes,
+        suite: HpkeSuiteId,
+        public_key: bytes,
+        input_sha256: bytes,
+        evidence: Evidence,
+        facts: dict[str, Any],
+    ) -> tuple[Released, int]:
+        self._check_request(suite, public_key, nonce)
+        try:
+            manifest, _ = job.parse_manifest(signed_manifest)
+        except ReleaseOrderFormatError as err:
+            raise OrderMalformedFault(f"the job manifest is malformed: {err}") from None
+        digest = manifest.digest()
+        facts.update(
+            key_id=manifest.key_id, job_id=manifest.job_id.hex(), manifest_sha256=digest.hex()
+        )
+        record = self._signed_record(
+            manifest.key_id,
+            manifest.expires_at,
+            lambda owner_key: job.verify_manifest(signed_manifest, owner_key, now=0),
+            facts,
+            "job manifest",
+        )
+        if len(input_sha256) != 32:
+            raise InvalidArgumentError("input_sha256 is 32 bytes")
+        facts["input_sha256"] = input_sha256.hex()
+        q = job.job_qualifying_data(suite, nonce, digest, input_sha256, public_key)
+        attested = self._attested(evidence, record, q, manifest.model_digest, facts)
+        if not hmac.compare_digest(input_sha256, manifest.input_sha256):
+            raise InputMismatchFault("the workload received another input than the manifest's")
+        startup = _startup(attested)
+        facts.update(startups=startup.startups, reset_count=startup.reset_count)
+        seq, wrapped = self.store.claim_job(
+            manifest.job_id, digest.hex(), manifest.expires_at, record, startup
+        )
+        released = self._seal_versions(wrapped, record, suite, nonce, digest, public_key)
+        return released, seq
+
+    def end_job_release(self, end: JobEnd) -> None:
+        """End a live release of a job as done or paused, once its proof checks."""
+        facts: dict[str, Any] = {
+            "job_id": end.job_id.hex(),
+            "release_seq": end.release_seq,
+            "job_outcome": end.outcome,
+            "records_done": end.records_done,
+        }
+        with self._audited("sentinel_job", "EndJobRelease", facts, done="ended"):
+            if end.outcome not in job.OUTCOMES:
+                raise InvalidArgumentError(f"the outcome is one of {job.OUTCOMES}")
+            if len(end.answers_sha256) not in (0, 32):
+                raise InvalidArgumentError("answers_sha256 is 32 bytes or empty")
+            row = self.store.job(end.job_id)
+            if row is None or row.release_seq != end.release_seq or row.state != JOB_LIVE:
+                raise JobReleaseUnknownFault("no live release of this job has that number")
+            facts["key_id"] = row.key_id
+            if not self._proof_checks(end, row):
+                raise JobProofFault("the proof is not made with the job's key")
+            answers = end.answers_sha256.hex() or None
+            facts["answers_sha256"] = answers
+            self.store.end_release(
+                end.job_id, end.release_seq, end.outcome, end.records_done, answers
+            )
+
+    def _proof_checks(self, end: JobEnd, row: JobRow) -> bool:
+        wrapped = self.store.wrapped_version(row.data_key, row.proof_version)
+        if wrapped is None:  # revoked since: the key is gone
+            return False
+        key = self.wrapper.unwrap(wrapped, row.key_id.encode(), u32(row.proof_version))
+        try:
+            expected = job.end_proof(
+                key, end.job_id, end.release_seq, end.outcome, end.answers_sha256, end.records_done
+            )
+        finally:
+            key[:] = bytes(len(key))
+        return hmac.compare_digest(expected, end.proof)
+
+    # --- the checks a release order and a job manifest share ---------------------------------
+
+    def _check_request(self, suite: HpkeSuiteId, public_key: bytes, nonce: bytes) -> None:
         if not is_supported(suite):
             raise UnsupportedSuiteError("this HPKE suite is not supported")
         if len(public_key) != session_public_key_length(suite):
@@ -267,25 +407,41 @@ class Sentinel:
             raise NonceUnknownFault(
                 "the nonce was not issued, was used already or expired: ask for a new one"
             )
-        try:
-            order, _ = release_order.parse_order(signed_order)
-        except ReleaseOrderFormatError as err:
-            raise OrderMalformedFault(f"the release order is malformed: {err}") from None
-        facts.update(key_id=order.key_id, order_id=order.order_id.hex())
-        record = self.store.key(order.key_id)
+
+    def _signed_record(
+        self,
+        key_id: str,
+        expires_at: int,
+        verify: Callable[[Ed25519PublicKey], object],
+        facts: dict[str, Any],
+        what: str,
+    ) -> KeyRecord:
+        """The key's record, once one of its owner's signing keys signed the request
+        (`verify` raises ReleaseOrderSignatureError otherwise), it has not expired on
+        Sentinel's clock and the key is active."""
+        record = self.store.key(key_id)
         if record is None:
-            raise KeyNotFoundFault(f"no key {order.key_id}")
+            raise KeyNotFoundFault(f"no key {key_id}")
         facts["owner"] = record.owner.name
-        if not self._check_signature(signed_order, record):
-            raise OrderSignatureFault("the release order is not signed by the key's owner")
-        if self.clock() >= order.expires_at:
-            raise OrderExpiredFault(f"the release order expired at {order.expires_at}")
+        if not self._signed_by_owner(verify, record):
+            raise OrderSignatureFault(f"the {what} is not signed by the key's owner")
+        if self.clock() >= expires_at:
+            raise OrderExpiredFault(f"the {what} expired at {expires_at}")
         if record.state != ACTIVE:
-            raise KeyRevokedFault(f"the key {order.key_id} is revoked")
+            raise KeyRevokedFault(f"the key {key_id} is revoked")
+        return record
+
+    def _attested(
+        self,
+        evidence: Evidence,
+        record: KeyRecord,
+        qualifying_data: bytes,
+        model_digest: bytes,
+        facts: dict[str, Any],
+    ) -> VerifiedAttestation:
         policy = parse_policy(record.policy)
-        q = sentinel_qualifying_data(suite, nonce, order.digest(), public_key)
         attested, report, error = verify_with_report(
-            evidence, policy, expected_qualifying_data=q, session_ttl_seconds=None
+            evidence, policy, expected_qualifying_data=qualifying_data, session_ttl_seconds=None
         )
         if error is not None:
             check = report[-1].name if report else ""
@@ -297,11 +453,20 @@ class Sentinel:
         facts.update(
             ak_fingerprint=attested.ak_fingerprint, attest_sha256=_h(evidence.quote_attest)
         )
-        if order.model_digest not in attested.models.values():
-            raise ModelMismatchFault("the attested workload does not run the order's model")
-        wrapped = self.store.use_order(order.order_id, order.expires_at, record)
+        if model_digest not in attested.models.values():
+            raise ModelMismatchFault("the attested workload does not run the requested model")
+        return attested
+
+    def _seal_versions(
+        self,
+        wrapped: list[tuple[int, bytes]],
+        record: KeyRecord,
+        suite: HpkeSuiteId,
+        nonce: bytes,
+        digest: bytes,
+        public_key: bytes,
+    ) -> Released:
         sealed: list[tuple[int, bytes]] = []
-        digest = order.digest()
         for version, blob in wrapped:
             key = self.wrapper.unwrap(blob, record.key_id.encode(), u32(version))
             try:
@@ -311,14 +476,14 @@ class Sentinel:
                 key[:] = bytes(len(key))
         return Released(record.key_id, sealed)
 
-    def _check_signature(self, signed_order: bytes, record: KeyRecord) -> bool:
-        """Whether one of the key owner's registered signing keys signed the order (expiry
+    def _signed_by_owner(
+        self, verify: Callable[[Ed25519PublicKey], object], record: KeyRecord
+    ) -> bool:
+        """Whether one of the key owner's registered signing keys signed the request (expiry
         is checked after, on Sentinel's clock)."""
         for raw in self.store.signing_keys(record.owner.id):
             try:
-                release_order.verify_order(
-                    signed_order, Ed25519PublicKey.from_public_bytes(raw), now=0
-                )
+                verify(Ed25519PublicKey.from_public_bytes(raw))
             except ReleaseOrderSignatureError:
                 continue
             return True
@@ -391,6 +556,15 @@ class Sentinel:
     def _record(self, event: str, method: str, outcome: str, **facts: Any) -> None:
         entry = {"event": event, "method": method, "outcome": outcome, **facts}
         self.audit.append({k: v for k, v in entry.items() if v is not None})
+
+
+def _startup(attested: VerifiedAttestation) -> Startup:
+    """The machine and start-up a verified quote shows (its log's start-ups: one runtime
+    event each, the verifier checked the grammar)."""
+    startups = sum(
+        1 for record in attested.events if record.event.event_type == eventlog.EVENT_RUNTIME
+    )
+    return Startup(attested.ak_fingerprint, attested.reset_count, attested.restart_count, startups)
 
 
 def _h(data: bytes) -> str:

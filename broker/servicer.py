@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
-from encloud.broker.service import KeyView, Sentinel
+from encloud.broker.service import JobEnd, KeyView, Sentinel
 from encloud.broker.status import refuse, unary_errors
 from encloud.broker.store import ACTIVE, Owner
 from encloud.protocol.faults import MalformedMessageError
@@ -147,6 +147,40 @@ class WorkloadServicer(pb_grpc.WorkloadServiceServicer):
             key_id=released.key_id,
             keys=[pb.ReleasedKey(version=v, sealed_key=s) for v, s in released.sealed],
         )
+
+    @unary_errors
+    def ReleaseJobKey(
+        self, request: pb.ReleaseJobKeyRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseJobKeyResponse:
+        released, release_seq = self.sentinel.release_job(
+            request.manifest,
+            request.nonce,
+            suite_from_proto(request.suite),
+            request.public_key,
+            request.input_sha256,
+            evidence_from_proto(request.evidence),
+        )
+        return pb.ReleaseJobKeyResponse(
+            key_id=released.key_id,
+            keys=[pb.ReleasedKey(version=v, sealed_key=s) for v, s in released.sealed],
+            release_seq=release_seq,
+        )
+
+    @unary_errors
+    def EndJobRelease(
+        self, request: pb.EndJobReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.EndJobReleaseResponse:
+        self.sentinel.end_job_release(
+            JobEnd(
+                job_id=request.job_id,
+                release_seq=request.release_seq,
+                outcome=request.outcome,
+                answers_sha256=request.answers_sha256,
+                records_done=request.records_done,
+                proof=request.proof,
+            )
+        )
+        return pb.EndJobReleaseResponse()
 
 
 def generic_handler(

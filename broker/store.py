@@ -24,6 +24,9 @@ from sqlalchemy.engine import Connection, Engine
 from encloud.broker import schema
 from encloud.protocol.faults import (
     DatabaseUnavailableFault,
+    JobFinishedFault,
+    JobHeldFault,
+    JobReleaseUnknownFault,
     KekRotatedFault,
     KeyExistsFault,
     KeyRevokedFault,
@@ -37,6 +40,9 @@ from encloud.protocol.faults import (
 PRUNE_MARGIN_SECONDS = 3600
 ACTIVE = "active"
 REVOKED = "revoked"
+JOB_LIVE = "live"
+JOB_PAUSED = "paused"
+JOB_DONE = "done"
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 
@@ -56,6 +62,31 @@ class KeyRecord:
     state: str
     created_at: int
     versions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Startup:
+    """Which machine and which start-up of the workload a quote showed: the AK, the TPM's
+    reset and restart counts, and the number of start-ups in its event log. A later start-up
+    of one machine compares greater (its log grew, or the TPM was reset since)."""
+
+    ak_fingerprint: str
+    reset_count: int
+    restart_count: int
+    startups: int
+
+    def position(self) -> tuple[int, int, int]:
+        return (self.reset_count, self.restart_count, self.startups)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: bytes
+    data_key: int
+    key_id: str
+    state: str
+    release_seq: int
+    proof_version: int
 
 
 def make_engine(url: str) -> Engine:
@@ -445,6 +476,155 @@ class Store:
                 .order_by(schema.key_versions.c.version.desc())
             )
             return [(int(v), bytes(w)) for v, w in rows]
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def claim_job(
+        self,
+        job_id: bytes,
+        manifest_sha256: str,
+        expires_at: int,
+        record: KeyRecord,
+        startup: Startup,
+    ) -> tuple[int, list[tuple[int, bytes]]]:
+        """Start a release of the job for this start-up and return (its release number, the
+        key's wrapped versions newest first), in one transaction: the first release; or one
+        that follows a paused release on the same machine; or a newer start-up of the same
+        machine (the earlier one is gone). JobFinishedFault once the job is done, JobHeldFault
+        while another release is live."""
+        table = schema.jobs
+        now = _now()
+        with self.transaction() as db:
+            self._same_kek(db)
+            row = db.execute(
+                sa.select(table).where(table.c.job_id == job_id).with_for_update()
+            ).one_or_none()
+            versions = self._versions(db, record)
+            if not versions:
+                raise KeyRevokedFault(f"the key {record.key_id} is revoked")
+            values = {
+                "state": JOB_LIVE,
+                "ak_fingerprint": startup.ak_fingerprint,
+                "reset_count": startup.reset_count,
+                "restart_count": startup.restart_count,
+                "startups": startup.startups,
+                "proof_version": versions[0][0],
+                "updated_at": now,
+            }
+            if row is None:
+                seq = 1
+                try:
+                    with db.begin_nested():
+                        db.execute(
+                            sa.insert(table).values(
+                                job_id=job_id,
+                                data_key=record.id,
+                                manifest_sha256=manifest_sha256,
+                                expires_at=expires_at,
+                                release_seq=seq,
+                                records_done=0,
+                                **values,
+                            )
+                        )
+                except sa.exc.IntegrityError:
+                    raise JobHeldFault("a release of this job is live") from None
+                return seq, versions
+            _check_claim(row, manifest_sha256, startup)
+            seq = int(row.release_seq) + 1
+            db.execute(
+                sa.update(table).where(table.c.job_id == job_id).values(release_seq=seq, **values)
+            )
+            return seq, versions
+
+    def job(self, job_id: bytes) -> JobRow | None:
+        table, k = schema.jobs, schema.keys
+        with self.transaction() as db:
+            row = db.execute(
+                sa.select(table, k.c.key_id)
+                .join(k, k.c.id == table.c.data_key)
+                .where(table.c.job_id == job_id)
+            ).one_or_none()
+        if row is None:
+            return None
+        return JobRow(
+            bytes(row.job_id),
+            row.data_key,
+            row.key_id,
+            row.state,
+            row.release_seq,
+            row.proof_version,
+        )
+
+    def wrapped_version(self, data_key: int, version: int) -> bytes | None:
+        table = schema.key_versions
+        with self.transaction() as db:
+            self._same_kek(db)
+            wrapped = db.execute(
+                sa.select(table.c.wrapped).where(
+                    table.c.data_key == data_key, table.c.version == version
+                )
+            ).scalar_one_or_none()
+        return None if wrapped is None else bytes(wrapped)
+
+    def end_release(
+        self,
+        job_id: bytes,
+        release_seq: int,
+        outcome: str,
+        records_done: int,
+        answers_sha256: str | None,
+    ) -> None:
+        """End the live release `release_seq` of the job as done or paused; a release that
+        is not the live one (ended, superseded) is JobReleaseUnknownFault."""
+        table = schema.jobs
+        with self.transaction() as db:
+            result = db.execute(
+                sa.update(table)
+                .where(
+                    table.c.job_id == job_id,
+                    table.c.release_seq == release_seq,
+                    table.c.state == JOB_LIVE,
+                )
+                .values(
+                    state=outcome,
+                    records_done=records_done,
+                    answers_sha256=answers_sha256,
+                    updated_at=_now(),
+                )
+            )
+        if result.rowcount != 1:
+            raise JobReleaseUnknownFault("no live release of this job has that number")
+
+    def _versions(self, db: Connection, record: KeyRecord) -> list[tuple[int, bytes]]:
+        state = db.execute(
+            sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
+        ).scalar_one()
+        if state != ACTIVE:
+            return []
+        rows = db.execute(
+            sa.select(schema.key_versions.c.version, schema.key_versions.c.wrapped)
+            .where(schema.key_versions.c.data_key == record.id)
+            .order_by(schema.key_versions.c.version.desc())
+        )
+        return [(int(v), bytes(w)) for v, w in rows]
+
+
+def _check_claim(row: Any, manifest_sha256: str, startup: Startup) -> None:
+    """Whether a new release of a job already released may start (see claim_job)."""
+    if row.manifest_sha256 != manifest_sha256:
+        raise JobHeldFault("another manifest holds this job id")
+    if row.state == JOB_DONE:
+        raise JobFinishedFault("this job is done: its manifest releases the key no more")
+    if row.ak_fingerprint != startup.ak_fingerprint:
+        raise JobHeldFault("this job runs on another machine")
+    held = (row.reset_count, row.restart_count, row.startups)
+    if row.state == JOB_LIVE and startup.position() <= held:
+        raise JobHeldFault(
+            "a release of this job is live in this start-up of the workload; it may be asked "
+            "again after the workload restarts or ends the release"
+        )
+    if startup.position() < held:
+        raise JobHeldFault("this start-up is older than the one the job last ran in")
 
 
 def _now() -> int:

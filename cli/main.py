@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from encloud.cli.options import (
     OneLineParser,
@@ -459,11 +459,57 @@ def cmd_open(args: argparse.Namespace) -> int:
     from encloud.protocol import sealed_file
 
     key = sealed_file.read_key_file(Path(args.key).read_bytes())
+    manifest = _job_manifest(args.manifest) if args.manifest else None
     with open(args.input, "rb") as source, _replacing(args.output) as sink:
-        header = sealed_file.open_stream(source, sink, key, expected_key_id=args.key_id)
+        checked = _CheckedAnswers(sink, manifest) if manifest else sink
+        header = sealed_file.open_stream(
+            source,
+            checked,  # type: ignore[arg-type]
+            key,
+            expected_key_id=manifest.key_id if manifest else args.key_id,
+        )
+        if isinstance(checked, _CheckedAnswers):
+            checked.finish()
         size = sink.tell()
-    print(f"opened {args.input} (key id {header.key_id}, {size} bytes) -> {args.output}")
+    what = f"{manifest.records} answers of job {manifest.job_id.hex()}" if manifest else ""
+    print(
+        f"opened {args.input} (key id {header.key_id}, {size} bytes{', ' if what else ''}"
+        f"{what}) -> {args.output}"
+    )
     return 0
+
+
+def _job_manifest(path: Path) -> Any:
+    """The job manifest (its form; the owner signed it, Sentinel checked the signature)."""
+    from encloud.protocol.job import parse_manifest
+
+    manifest, _ = parse_manifest(Path(path).read_bytes())
+    return manifest
+
+
+class _CheckedAnswers:
+    """A sink that refuses a job's answers out of place while they are written (their index,
+    their job, the end line and its count: protocol/job.py AnswersChecker)."""
+
+    def __init__(self, sink: BinaryIO, manifest: Any) -> None:
+        from encloud.protocol.job import AnswersChecker
+
+        self.sink = sink
+        self.manifest = manifest
+        self.checker = AnswersChecker(manifest.digest())
+
+    def write(self, data: bytes) -> int:
+        self.checker.feed(data)
+        return self.sink.write(data)
+
+    def finish(self) -> None:
+        from encloud.protocol.job import AnswersFileError
+
+        count = self.checker.finish()
+        if count != self.manifest.records:
+            raise AnswersFileError(
+                f"the answers file holds {count} answers, the manifest {self.manifest.records}"
+            )
 
 
 @contextlib.contextmanager
@@ -757,6 +803,12 @@ def build_parser() -> argparse.ArgumentParser:
     opener.add_argument("-o", "--output", type=Path, required=True, help="the plaintext to write")
     opener.add_argument("--key", type=Path, required=True, help="key file (as for seal)")
     opener.add_argument("--key-id", help="refuse a file sealed under another key id")
+    opener.add_argument(
+        "--manifest",
+        type=Path,
+        help="a job's answers: refuse them unless every answer is this job's, in record "
+        "order, none missing (the manifest names the key id too)",
+    )
     opener.set_defaults(func=cmd_open)
 
     sub.add_parser("serve", help="run the server (see serve --help: flags, ENCLOUD_*, --config)")

@@ -326,6 +326,26 @@ class DatabaseUnavailableError(SentinelError):
     reason_name = "DATABASE_UNAVAILABLE"
 
 
+class InputMismatchError(SentinelError):
+    reason_name = "INPUT_MISMATCH"
+
+
+class JobFinishedError(SentinelError):
+    reason_name = "JOB_FINISHED"
+
+
+class JobHeldError(SentinelError):
+    reason_name = "JOB_HELD"
+
+
+class JobReleaseUnknownError(SentinelError):
+    reason_name = "JOB_RELEASE_UNKNOWN"
+
+
+class JobProofError(SentinelError):
+    reason_name = "JOB_PROOF"
+
+
 SENTINEL_ERRORS: dict[str, type[SentinelError]] = {
     cls.reason_name: cls for cls in SentinelError.__subclasses__()
 }

@@ -174,6 +174,54 @@ class UnsupportedSuiteError(InvalidArgumentError):
     reason = "UNSUPPORTED_SUITE"
 
 
+# --- confidential batch jobs (the inference server's JobService) ------------------------------
+
+
+class JobsNotServedError(DomainError):
+    """This server has no Sentinel to fetch a job's key from (sentinel_address unset)."""
+
+    kind = Kind.UNIMPLEMENTED
+    reason = "JOBS_NOT_SERVED"
+
+
+class JobInputError(InvalidArgumentError):
+    """The call is not a manifest then the sealed input, or the input does not fit the
+    manifest (its key id, its record count, a record that is not a chat request)."""
+
+    reason = "JOB_INPUT_INVALID"
+
+
+class JobInputTooLargeError(DomainError):
+    kind = Kind.RESOURCE_EXHAUSTED
+    reason = "JOB_INPUT_TOO_LARGE"
+
+
+class JobRunningError(DomainError):
+    """The same job is running in another call on this server right now."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "JOB_RUNNING"
+
+
+class SentinelUnavailableError(UnavailableError):
+    """Sentinel did not answer: nothing of the job was run or written; call again later."""
+
+    reason = "SENTINEL_UNAVAILABLE"
+
+
+class SentinelRefusal(DomainError):
+    """Sentinel refused the job's key: the server relays Sentinel's own kind, reason and
+    metadata (a SentinelFault's reason, docs/SENTINEL.md), so the caller gets the typed
+    Sentinel error."""
+
+    def __init__(
+        self, kind: Kind, reason: str, message: str, metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(f"Sentinel refused the job's key: {message}", metadata)
+        self.kind = kind
+        self.reason = reason
+
+
 # --- Sentinel, the key broker (docs/SENTINEL.md) -------------------------------------------
 
 
@@ -264,6 +312,43 @@ class ModelMismatchFault(SentinelFault):
 
     kind = Kind.PERMISSION_DENIED
     reason = "MODEL_MISMATCH"
+
+
+class InputMismatchFault(SentinelFault):
+    """The sealed input the workload received is not the one the job manifest names."""
+
+    kind = Kind.PERMISSION_DENIED
+    reason = "INPUT_MISMATCH"
+
+
+class JobFinishedFault(SentinelFault):
+    """The job ended done: its manifest never releases the key again (a second run)."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "JOB_FINISHED"
+
+
+class JobHeldFault(SentinelFault):
+    """A release of the job is live: in this start-up of the workload, or on another
+    machine. Only a newer start-up of the same machine, or a release that ended paused,
+    makes way for a new one."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "JOB_HELD"
+
+
+class JobReleaseUnknownFault(SentinelFault):
+    """EndJobRelease names no live release of a known job (ended, superseded, or never)."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "JOB_RELEASE_UNKNOWN"
+
+
+class JobProofFault(SentinelFault):
+    """EndJobRelease's proof is not made with the job's key."""
+
+    kind = Kind.PERMISSION_DENIED
+    reason = "JOB_PROOF"
 
 
 class KekRotatedFault(SentinelFault):

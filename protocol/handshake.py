@@ -6,9 +6,11 @@ the canonical encoding E() of encloud.protocol.encoding.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,9 +299,23 @@ def hpke_open(suite: HpkeSuiteId, private_key: Any, sealed: bytes, info: bytes) 
     hpke_suite, _ = _hpke(suite)
     split_enc(suite, sealed)
     try:
-        return bytearray(hpke_suite.decrypt(sealed, private_key, info=info))
+        plaintext = hpke_suite.decrypt(sealed, private_key, info=info)
     except (InvalidTag, ValueError):
         raise KeyOpenError("sealed key did not open") from None
+    opened = bytearray(plaintext)
+    scrub(plaintext)
+    return opened
+
+
+def scrub(data: bytes) -> None:
+    """Overwrite the bytes object's own buffer with zeros (CPython), for a key that arrives
+    as immutable bytes from a library: freed, its memory would keep the key. Only for a
+    bytes object this code alone refers to (a fresh result); never for a shared or cached one.
+    """
+    if len(data) < 2 or sys.implementation.name != "cpython":
+        return  # the empty and one-byte objects are shared singletons
+    offset = sys.getsizeof(b"") - 1  # the header before ob_sval
+    ctypes.memset(id(data) + offset, 0, len(data))
 
 
 def split_enc(suite: HpkeSuiteId, sealed_key: bytes) -> bytes:
@@ -317,9 +333,11 @@ def open_key(
     hpke_suite, _ = _hpke(suite)
     split_enc(suite, sealed_key)
     try:
-        plaintext = bytearray(hpke_suite.decrypt(sealed_key, private_key, info=info))
+        opened = hpke_suite.decrypt(sealed_key, private_key, info=info)
     except (InvalidTag, ValueError):
         raise KeyOpenError("sealed key did not open") from None
+    plaintext = bytearray(opened)
+    scrub(opened)
     if len(plaintext) != SEALED_PLAINTEXT_LENGTH:
         plaintext[:] = bytes(len(plaintext))
         raise KeyOpenError("sealed key has the wrong length")

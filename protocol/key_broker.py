@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from encloud.protocol import release_order
+from encloud.protocol import job, release_order
 from encloud.protocol.encoding import encode, u32
 from encloud.protocol.errors import EncloudError
 from encloud.protocol.evidence import Evidence
@@ -123,7 +123,7 @@ class ReleasedKeys:
         for version, key in self.versions:
             source.seek(start)
             try:
-                open_stream(source, sink, bytes(key), expected_key_id=self.key_id)
+                open_stream(source, sink, key, expected_key_id=self.key_id)
             except SealedFileDecryptError as err:
                 if sink.tell() != written:
                     raise
@@ -140,23 +140,25 @@ class ReleasedKeys:
 
 @dataclass
 class PendingRelease:
-    """A ReleaseKey request and what opens its answer (the fresh HPKE private key)."""
+    """A ReleaseKey (or ReleaseJobKey) request and what opens its answer (the fresh HPKE
+    private key). `digest` is the order's (or the manifest's) digest the answer is bound to."""
 
-    request: pb.ReleaseKeyRequest
-    order: release_order.ReleaseOrder
+    request: pb.ReleaseKeyRequest | pb.ReleaseJobKeyRequest
+    key_id: str
+    digest: bytes
     private_key: Any
 
-    def open(self, reply: pb.ReleaseKeyResponse) -> ReleasedKeys:
+    def open(self, reply: pb.ReleaseKeyResponse | pb.ReleaseJobKeyResponse) -> ReleasedKeys:
         """Every released version, opened; ReleaseResponseError if any does not fit."""
-        order = self.order
-        if reply.key_id != order.key_id or not reply.keys:
+        if reply.key_id != self.key_id or not reply.keys:
             raise ReleaseResponseError("Sentinel answered for another key, or with no version")
         suite = suite_from_proto(self.request.suite)
-        released = ReleasedKeys(order.key_id)
-        digest = order.digest()
+        released = ReleasedKeys(self.key_id)
         try:
             for item in reply.keys:
-                info = release_info(suite, self.request.nonce, digest, order.key_id, item.version)
+                info = release_info(
+                    suite, self.request.nonce, self.digest, self.key_id, item.version
+                )
                 key = open_data_key(suite, self.private_key, item.sealed_key, info)
                 released.versions.append((item.version, key))
         except KeyOpenError:
@@ -185,4 +187,28 @@ def prepare_release(
         public_key=public,
         evidence=evidence_to_proto(evidence),
     )
-    return PendingRelease(request, order, private)
+    return PendingRelease(request, order.key_id, order.digest(), private)
+
+
+def prepare_job_release(
+    signed_manifest: bytes,
+    input_sha256: bytes,
+    nonce: bytes,
+    quote: Callable[[bytes], Evidence],
+    suite: HpkeSuiteId = SUITE_XWING,
+) -> PendingRelease:
+    """The ReleaseJobKey request for a signed job manifest, the digest of the sealed input the
+    workload received, and a Sentinel nonce: the quote is over Q_j (job.job_qualifying_data)."""
+    manifest, _ = job.parse_manifest(signed_manifest)
+    digest = manifest.digest()
+    private, public = generate_session_key(suite)
+    evidence = quote(job.job_qualifying_data(suite, nonce, digest, input_sha256, public))
+    request = pb.ReleaseJobKeyRequest(
+        manifest=signed_manifest,
+        nonce=nonce,
+        suite=suite_to_proto(suite),
+        public_key=public,
+        input_sha256=input_sha256,
+        evidence=evidence_to_proto(evidence),
+    )
+    return PendingRelease(request, manifest.key_id, digest, private)

@@ -82,11 +82,12 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
-def _file_key(key: bytes, salt: bytes, header: bytes) -> AESGCM:
+def _file_key(key: bytes | bytearray, salt: bytes, header: bytes) -> AESGCM:
     if len(key) != KEY_LENGTH:
         raise ValueError("a sealed-file key is 32 bytes (AES-256)")
     hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_LENGTH, salt=salt, info=header)
-    return AESGCM(hkdf.derive(bytes(key)))
+    # The key goes in as it is (a bytearray the caller wipes), never copied into bytes.
+    return AESGCM(hkdf.derive(key))
 
 
 def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
@@ -104,7 +105,7 @@ def _plaintext_sizes() -> Iterator[int]:
 def seal_stream(
     source: BinaryIO,
     sink: BinaryIO,
-    key: bytes,
+    key: bytes | bytearray,
     key_id: str,
     *,
     salt: bytes | None = None,
@@ -152,40 +153,83 @@ def read_header(source: BinaryIO) -> SealedHeader:
 
 
 def open_stream(
-    source: BinaryIO, sink: BinaryIO, key: bytes, *, expected_key_id: str | None = None
+    source: BinaryIO,
+    sink: BinaryIO,
+    key: bytes | bytearray,
+    *,
+    expected_key_id: str | None = None,
 ) -> SealedHeader:
     """Open a sealed file from `source` into `sink`, segment by segment. The plaintext of a
     segment is written only once it authenticated; a file cut short raises at its end, so a
     caller that must never act on a prefix writes to a temporary file and keeps it only when
     this returns (encloud open does)."""
-    header = read_header(source)
-    if expected_key_id is not None and header.key_id != expected_key_id:
-        raise SealedFileKeyIdError(
-            f"the file is sealed under key id {header.key_id!r}, not {expected_key_id!r}"
-        )
-    tink_header = _read_exactly(source, TINK_HEADER_LENGTH)
-    if len(tink_header) != TINK_HEADER_LENGTH or tink_header[0] != TINK_HEADER_LENGTH:
-        raise SealedFileFormatError("the sealed file's segment header is malformed")
-    salt, prefix = tink_header[1 : 1 + KEY_LENGTH], tink_header[1 + KEY_LENGTH :]
-    aead = _file_key(key, salt, header.encode())
-    sizes = (size + TAG_LENGTH for size in _plaintext_sizes())
-    index = 0
-    segment = _read_exactly(source, next(sizes))
-    while True:
-        following = _read_exactly(source, next(sizes))
-        last = not following
-        if len(segment) < TAG_LENGTH:
-            raise SealedFileDecryptError("the sealed file does not open (segment too short)")
-        try:
-            plaintext = aead.decrypt(_nonce(prefix, index, last), segment, None)
-        except InvalidTag:
-            raise SealedFileDecryptError(
-                f"segment {index} of the sealed file does not open"
-            ) from None
+    opened = OpenedStream(source, key, expected_key_id=expected_key_id)
+    for plaintext in opened:
         sink.write(plaintext)
-        if last:
-            return header
-        segment, index = following, index + 1
+    return opened.header
+
+
+class OpenedStream:
+    """A sealed file's plaintext, one authenticated segment at a time (iterate it): the
+    header is read when it is made (SealedFileFormatError, SealedFileKeyIdError), a segment
+    that fails raises SealedFileDecryptError when it is reached, and a file cut short raises
+    at its end. Memory: about two segments."""
+
+    def __init__(
+        self, source: BinaryIO, key: bytes | bytearray, *, expected_key_id: str | None = None
+    ) -> None:
+        self.header = read_header(source)
+        if expected_key_id is not None and self.header.key_id != expected_key_id:
+            raise SealedFileKeyIdError(
+                f"the file is sealed under key id {self.header.key_id!r}, not {expected_key_id!r}"
+            )
+        tink_header = _read_exactly(source, TINK_HEADER_LENGTH)
+        if len(tink_header) != TINK_HEADER_LENGTH or tink_header[0] != TINK_HEADER_LENGTH:
+            raise SealedFileFormatError("the sealed file's segment header is malformed")
+        self._salt, self._prefix = tink_header[1 : 1 + KEY_LENGTH], tink_header[1 + KEY_LENGTH :]
+        self._source = source
+        self._aead = _file_key(key, self._salt, self.header.encode())
+
+    def __iter__(self) -> Iterator[bytes]:
+        source, aead, prefix = self._source, self._aead, self._prefix
+        sizes = (size + TAG_LENGTH for size in _plaintext_sizes())
+        index = 0
+        segment = _read_exactly(source, next(sizes))
+        while True:
+            following = _read_exactly(source, next(sizes))
+            last = not following
+            if len(segment) < TAG_LENGTH:
+                raise SealedFileDecryptError("the sealed file does not open (segment too short)")
+            try:
+                plaintext = aead.decrypt(_nonce(prefix, index, last), segment, None)
+            except InvalidTag:
+                raise SealedFileDecryptError(
+                    f"segment {index} of the sealed file does not open"
+                ) from None
+            yield plaintext
+            if last:
+                return
+            segment, index = following, index + 1
+
+
+class ChunkReader:
+    """A binary reader over an iterator of byte chunks (read(n) as a file's), so that
+    seal_stream can seal what a generator produces without holding it all."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buffer) < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
 
 
 def _read_exactly(source: BinaryIO, n: int) -> bytes:

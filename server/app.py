@@ -34,10 +34,17 @@ from encloud.server.attestation.startup import (
     start_attestation,
 )
 from encloud.server.core import InferenceCore
-from encloud.server.grpc_servicer import SERVICE_NAME, InferenceServicer, add_to_server
+from encloud.server.grpc_servicer import (
+    JOB_SERVICE_NAME,
+    SERVICE_NAME,
+    InferenceServicer,
+    JobServicer,
+    add_to_server,
+)
 from encloud.server.inference.embedder import Embedder
 from encloud.server.inference.engine import Engine
 from encloud.server.inference.manifest import ModelIntegrityError
+from encloud.server.jobs import JobConfig, JobRunner, SentinelLink
 from encloud.server.metrics import Metrics
 from encloud.server.runtime_event import load_embedder, load_engine, workload_events
 from encloud.server.sessions import SessionStore
@@ -47,6 +54,24 @@ log = logging.getLogger("encloud.server")
 
 # Streams cancelled at the end of the grace period get this long to seal their final frame.
 FINAL_FRAME_MARGIN_SECONDS = 1.0
+
+
+def job_runner(settings: Settings, service: InferenceCore) -> JobRunner:
+    """The job runner, its folders and its link to Sentinel from the settings."""
+    jobs_dir = settings.jobs_dir or settings.state_dir / "jobs"
+    config = JobConfig(
+        jobs_dir=jobs_dir,
+        outbox_dir=settings.job_outbox_dir or jobs_dir / "outbox",
+        concurrency=settings.job_concurrency,
+        max_input_bytes=settings.max_job_input_bytes,
+    )
+    sentinel = None
+    if settings.sentinel_address:
+        ca = settings.sentinel_ca_file.read_bytes() if settings.sentinel_ca_file else None
+        sentinel = SentinelLink(settings.sentinel_address, ca, settings.sentinel_timeout_seconds)
+    return JobRunner(
+        config, settings, sentinel, service.prepare_job_release, service.generate_for_job
+    )
 
 
 def attestation_config(settings: Settings) -> AttestationConfig:
@@ -141,7 +166,7 @@ def preflight(settings: Settings) -> None:
             "ENCLOUD_EMBEDDINGS_MODEL_DIR): export one with `encloud export-embeddings-model` "
             "and point the server at the folder it prints"
         )
-    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "sentinel_ca_file"):
         path = getattr(settings, name)
         if path is not None and not path.is_file():
             raise StartupError(f"{name} (ENCLOUD_{name.upper()}): no file at {path}")
@@ -184,6 +209,7 @@ class _Started:
         self.address = ""
         self.health: health.aio.HealthServicer | None = None
         self.servicer: InferenceServicer | None = None
+        self.jobs: JobServicer | None = None
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
         self.attestation: AttestationRuntime | None = None
@@ -239,16 +265,16 @@ async def _start(settings: Settings, started: _Started, metrics: Metrics) -> Non
     started.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(started.health, server)
     await _set_health(started.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    replica = settings.replica_name or socket.gethostname()
     started.servicer = InferenceServicer(
-        metrics,
-        trusted_proxies=settings.trusted_proxies,
-        replica=settings.replica_name or socket.gethostname(),
+        metrics, trusted_proxies=settings.trusted_proxies, replica=replica
     )
-    add_to_server(started.servicer, server)
+    started.jobs = JobServicer(metrics, replica=replica)
+    add_to_server(started.servicer, server, started.jobs)
     if settings.reflection:
         from encloud.server import reflection
 
-        reflection.enable(server, (SERVICE_NAME, health.SERVICE_NAME))
+        reflection.enable(server, (SERVICE_NAME, JOB_SERVICE_NAME, health.SERVICE_NAME))
     started.address = _bind(server, settings)
     await server.start()
     log.info(
@@ -313,6 +339,9 @@ async def serve(settings: Settings) -> None:
         settings, attestation.attester, engine, sessions, metrics, embedder=embedder
     )
     servicer.attach(service)
+    runner = job_runner(settings, service)
+    assert started.jobs is not None
+    started.jobs.attach(runner)
     sweeper = asyncio.create_task(_sweep_sessions(service, settings.session_sweep_interval_seconds))
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     if settings.ready_file is not None:
@@ -354,6 +383,7 @@ async def serve(settings: Settings) -> None:
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
+    await runner.close()
     service.shutdown()
     await started.stop()  # the engine, the TPM, metrics
     log.info("stopped; session keys wiped")

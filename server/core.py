@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from encloud.protocol.handshake import (
     is_supported,
     quote_qualifying_data,
 )
+from encloud.protocol.key_broker import PendingRelease, prepare_job_release
 from encloud.server import grpc_converters as converters
 from encloud.server.inference.embedder import Embedding
 from encloud.server.inference.engine import ChatTurn, GenerationParams, GenerationResult
@@ -51,6 +53,8 @@ from encloud.server.sessions import ActiveCall, Session, SessionState, SessionSt
 from encloud.server.settings import Settings
 
 log = logging.getLogger("encloud.service")
+JOB_PEER = "job"
+"""The engine's fairness name for job records: a job shares the engine as one caller."""
 
 
 class Attester(Protocol):
@@ -270,6 +274,34 @@ class InferenceCore:
         confirmation = session.bind(sealed_key)
         self._sessions.touch(session)
         return confirmation
+
+    # --- what a job needs (server/jobs.py) ---------------------------------------------
+
+    async def prepare_job_release(
+        self, manifest: bytes, input_sha256: bytes, nonce: bytes
+    ) -> PendingRelease:
+        """Sentinel's ReleaseJobKey request for a job, quoted on the TPM's thread."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tpm_executor,
+            functools.partial(
+                prepare_job_release, manifest, input_sha256, nonce, self._attester.evidence
+            ),
+        )
+
+    async def generate_for_job(self, params: GenerationParams) -> tuple[str, GenerationResult]:
+        """One job record on the engine, batched with every other request: its answer."""
+        self._check_open()
+        if self._engine is None:
+            raise ModelNotServedError("this server serves no chat model")
+        call = ActiveCall(peer=JOB_PEER)
+        pieces: list[str] = []
+        async for item in self._generate(params, call):
+            if isinstance(item, GenerationResult):
+                return "".join(pieces), item
+            pieces.append(item)
+        raise RuntimeError("a generation ended without its result")
 
     # --- inference ---------------------------------------------------------------------
 

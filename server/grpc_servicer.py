@@ -13,16 +13,23 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from encloud.protocol.faults import UnavailableError, UnsupportedProtocolVersionError
+from encloud.protocol.faults import (
+    JobInputError,
+    UnavailableError,
+    UnsupportedProtocolVersionError,
+)
 from encloud.protocol.peers import caller_key, trusted_networks
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.wire import ROUTE_HEADER
 from encloud.server import grpc_converters as converters
+from encloud.server import jobs
 from encloud.server.core import InferenceCore
+from encloud.server.jobs import JobRunner
 from encloud.server.metrics import Metrics
 from encloud.server.status import abort_for, stream_errors, unary_errors
 
 SERVICE_NAME = "encloud.v2.InferenceService"
+JOB_SERVICE_NAME = "encloud.v2.JobService"
 
 
 def route_token(replica: str) -> str:
@@ -128,7 +135,73 @@ def _serialize(message: object) -> bytes:
     return message.SerializeToString()  # type: ignore[attr-defined,no-any-return]
 
 
-def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+class JobServicer:
+    """JobService.RunJob: the manifest and the sealed input in, the job's events out."""
+
+    def __init__(self, metrics: Metrics, replica: str = "") -> None:
+        self.metrics = metrics
+        self.replica = replica
+        self._runner: JobRunner | None = None
+
+    def attach(self, runner: JobRunner) -> None:
+        self._runner = runner
+
+    @stream_errors
+    async def RunJob(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RunJobResponse]:
+        if self._runner is None:
+            raise UnavailableError("the server is starting: model and TPM not ready")
+        first = await anext(aiter(requests), None)
+        opening = converters.parse(pb.RunJobRequest, first or b"")
+        if opening.WhichOneof("item") != "manifest":
+            raise JobInputError("a job call starts with the manifest")
+        async for event in self._runner.run(opening.manifest, _input_chunks(requests)):
+            yield _job_event(event)
+
+
+async def _input_chunks(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async for data in requests:
+        request = converters.parse(pb.RunJobRequest, data)
+        if request.WhichOneof("item") != "input_chunk":
+            raise JobInputError("after the manifest, a job call sends only input chunks")
+        yield request.input_chunk
+
+
+def _job_event(event: jobs.JobEvent) -> pb.RunJobResponse:
+    """A job's event as its RunJobResponse: counts and sealed bytes only."""
+    if isinstance(event, jobs.Accepted):
+        return pb.RunJobResponse(
+            accepted=pb.JobAccepted(
+                job_id=event.job_id,
+                records_resumed=event.records_resumed,
+                records_total=event.records_total,
+            )
+        )
+    if isinstance(event, jobs.Progress):
+        return pb.RunJobResponse(
+            progress=pb.JobProgress(
+                records_done=event.records_done,
+                records_total=event.records_total,
+                completion_tokens=event.completion_tokens,
+            )
+        )
+    if isinstance(event, jobs.OutputChunk):
+        return pb.RunJobResponse(output_chunk=event.data)
+    return pb.RunJobResponse(
+        done=pb.JobDone(
+            records=event.records,
+            completion_tokens=event.completion_tokens,
+            answers_sha256=event.answers_sha256,
+            answers_size=event.answers_size,
+            output=event.output,
+        )
+    )
+
+
+def add_to_server(
+    servicer: InferenceServicer, server: grpc.aio.Server, jobs: JobServicer | None = None
+) -> None:
     """Register the service with raw-bytes requests (see the module docstring)."""
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
@@ -142,6 +215,15 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
         "EndSession": unary(servicer.EndSession, response_serializer=_serialize),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if jobs is not None:
+        job_handlers = {
+            "RunJob": grpc.stream_stream_rpc_method_handler(
+                jobs.RunJob, response_serializer=_serialize
+            )
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(JOB_SERVICE_NAME, job_handlers),)
+        )
     server.add_generic_rpc_handlers((_v1_refusal(),))
 
 

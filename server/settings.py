@@ -467,6 +467,56 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- confidential batch jobs (docs/SENTINEL.md, "Jobs") ------------------------------
+    sentinel_address: str | None = Field(
+        None,
+        description="host:port of Sentinel's workload API, where job keys come from. Unset: "
+        "the server runs no jobs (JobService answers UNIMPLEMENTED).",
+        json_schema_extra=_unmeasured(
+            "where job keys come from; Sentinel verifies this server's quote, and a key from "
+            "anywhere else does not open the owner's input"
+        ),
+    )
+    sentinel_ca_file: Path | None = Field(
+        None,
+        description="PEM CA that Sentinel's workload API certificate chains to (TLS); unset: "
+        "plaintext gRPC (the key travels HPKE-sealed to this server either way).",
+        json_schema_extra=_unmeasured("transport security outside the HPKE-sealed key"),
+    )
+    sentinel_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Deadline of each call to Sentinel.",
+        json_schema_extra=_unmeasured("how long a job waits for its key; no effect on answers"),
+    )
+    jobs_dir: Path | None = Field(
+        None,
+        description="Folder of running jobs' sealed spool and journal (default: "
+        "state_dir/jobs). Nothing in it is in clear.",
+        json_schema_extra=_unmeasured("where sealed job files wait; nothing in clear"),
+    )
+    job_outbox_dir: Path | None = Field(
+        None,
+        description="Folder the sealed answers files are written to, under each manifest's "
+        "output name (default: jobs_dir/outbox).",
+        json_schema_extra=_unmeasured("where sealed answers go; the manifest names the file"),
+    )
+    job_concurrency: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Records of one job on the engine at once (batched with other requests).",
+        json_schema_extra=_unmeasured(
+            "how many records run at once; each record's answer does not depend on it"
+        ),
+    )
+    max_job_input_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="Largest sealed job input accepted (spooled to jobs_dir).",
+        json_schema_extra=_unmeasured("a disk quota; refused inputs are never opened"),
+    )
+
     # --- shutdown --------------------------------------------------------------------
     shutdown_notice_seconds: float = Field(
         0.0,

@@ -63,6 +63,7 @@ async def abort_for(context: grpc.aio.ServicerContext, error: BaseException) -> 
             STATUS_CODES[error.kind],
             error.message,
             error.reason,
+            metadata=error.metadata,
             retry=error.retry_after_seconds,
         )
     correlation_id = uuid.uuid4().hex

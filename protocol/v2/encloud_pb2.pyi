@@ -960,3 +960,171 @@ class EmbeddingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbeddingResponse: _TypeAlias = EmbeddingResponse  # noqa: Y015
+
+@_typing.final
+class RunJobRequest(_message.Message):
+    """What a job's caller sends: first the manifest, then the input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    INPUT_CHUNK_FIELD_NUMBER: _builtins.int
+    manifest: _builtins.bytes
+    """The owner-signed job manifest (canonical JSON): the first message only."""
+    input_chunk: _builtins.bytes
+    """The next bytes of the sealed input file (up to 1 MiB a message)."""
+    def __init__(
+        self,
+        *,
+        manifest: _builtins.bytes = ...,
+        input_chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_chunk", b"input_chunk", "item", b"item", "manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_chunk", b"input_chunk", "item", b"item", "manifest", b"manifest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["manifest", "input_chunk"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___RunJobRequest: _TypeAlias = RunJobRequest  # noqa: Y015
+
+@_typing.final
+class RunJobResponse(_message.Message):
+    """What a job's server sends: the job was admitted, progress, the answers, the end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    OUTPUT_CHUNK_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    output_chunk: _builtins.bytes
+    """The next bytes of the sealed answers file (after the last progress)."""
+    @_builtins.property
+    def accepted(self) -> Global___JobAccepted:
+        """The key was released; the job runs."""
+
+    @_builtins.property
+    def progress(self) -> Global___JobProgress:
+        """A record was answered."""
+
+    @_builtins.property
+    def done(self) -> Global___JobDone:
+        """The last message: the job is done."""
+
+    def __init__(
+        self,
+        *,
+        accepted: Global___JobAccepted | None = ...,
+        progress: Global___JobProgress | None = ...,
+        output_chunk: _builtins.bytes = ...,
+        done: Global___JobDone | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "done", b"done", "item", b"item", "output_chunk", b"output_chunk", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "done", b"done", "item", b"item", "output_chunk", b"output_chunk", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["accepted", "progress", "output_chunk", "done"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___RunJobResponse: _TypeAlias = RunJobResponse  # noqa: Y015
+
+@_typing.final
+class JobAccepted(_message.Message):
+    """The key was released and the input opened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    RECORDS_RESUMED_FIELD_NUMBER: _builtins.int
+    RECORDS_TOTAL_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.bytes
+    """The manifest's job id (16 bytes)."""
+    records_resumed: _builtins.int
+    """Records already answered by an earlier, interrupted call of the job."""
+    records_total: _builtins.int
+    """The manifest's record count."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.bytes = ...,
+        records_resumed: _builtins.int = ...,
+        records_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "records_resumed", b"records_resumed", "records_total", b"records_total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobAccepted: _TypeAlias = JobAccepted  # noqa: Y015
+
+@_typing.final
+class JobProgress(_message.Message):
+    """Counts only: never the size of one record or answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_DONE_FIELD_NUMBER: _builtins.int
+    RECORDS_TOTAL_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    records_done: _builtins.int
+    """Records answered, this call's and any earlier call's."""
+    records_total: _builtins.int
+    """The manifest's record count."""
+    completion_tokens: _builtins.int
+    """Tokens generated by this call so far."""
+    def __init__(
+        self,
+        *,
+        records_done: _builtins.int = ...,
+        records_total: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "records_done", b"records_done", "records_total", b"records_total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobProgress: _TypeAlias = JobProgress  # noqa: Y015
+
+@_typing.final
+class JobDone(_message.Message):
+    """The job ended and the answers file is complete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    ANSWERS_SHA256_FIELD_NUMBER: _builtins.int
+    ANSWERS_SIZE_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    records: _builtins.int
+    """Records answered (the manifest's count)."""
+    completion_tokens: _builtins.int
+    """Tokens generated by this call (not by an interrupted earlier one)."""
+    answers_sha256: _builtins.bytes
+    """SHA-256 and size of the sealed answers file."""
+    answers_size: _builtins.int
+    """Bytes of the sealed answers file."""
+    output: _builtins.str
+    """Where the server wrote it: the manifest's output name in its job outbox."""
+    def __init__(
+        self,
+        *,
+        records: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        answers_sha256: _builtins.bytes = ...,
+        answers_size: _builtins.int = ...,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers_sha256", b"answers_sha256", "answers_size", b"answers_size", "completion_tokens", b"completion_tokens", "output", b"output", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobDone: _TypeAlias = JobDone  # noqa: Y015

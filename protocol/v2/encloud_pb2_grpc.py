@@ -324,3 +324,88 @@ class InferenceService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class JobServiceStub:
+    """Confidential batch jobs (docs/SENTINEL.md, "Jobs"), served from inside the
+    CVM beside InferenceService. The job's data key comes from Sentinel, the key
+    broker, for the owner-signed manifest only; the caller never holds it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RunJob = channel.stream_stream(
+                '/encloud.v2.JobService/RunJob',
+                request_serializer=encloud_dot_v2_dot_encloud__pb2.RunJobRequest.SerializeToString,
+                response_deserializer=encloud_dot_v2_dot_encloud__pb2.RunJobResponse.FromString,
+                _registered_method=True)
+
+
+class JobServiceServicer:
+    """Confidential batch jobs (docs/SENTINEL.md, "Jobs"), served from inside the
+    CVM beside InferenceService. The job's data key comes from Sentinel, the key
+    broker, for the owner-signed manifest only; the caller never holds it.
+    """
+
+    def RunJob(self, request_iterator, context):
+        """The manifest, then the sealed input file in chunks, then the caller's
+        half-close; the server answers progress, the sealed answers file in
+        chunks, then its summary. Called again after an interruption, the job
+        resumes: records already answered are not run again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_JobServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RunJob': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunJob,
+                    request_deserializer=encloud_dot_v2_dot_encloud__pb2.RunJobRequest.FromString,
+                    response_serializer=encloud_dot_v2_dot_encloud__pb2.RunJobResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'encloud.v2.JobService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('encloud.v2.JobService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class JobService:
+    """Confidential batch jobs (docs/SENTINEL.md, "Jobs"), served from inside the
+    CVM beside InferenceService. The job's data key comes from Sentinel, the key
+    broker, for the owner-signed manifest only; the caller never holds it.
+    """
+
+    @staticmethod
+    def RunJob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/encloud.v2.JobService/RunJob',
+            encloud_dot_v2_dot_encloud__pb2.RunJobRequest.SerializeToString,
+            encloud_dot_v2_dot_encloud__pb2.RunJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

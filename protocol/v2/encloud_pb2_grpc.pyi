@@ -161,3 +161,55 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class JobServiceStub:
+    """Confidential batch jobs (docs/SENTINEL.md, "Jobs"), served from inside the
+    CVM beside InferenceService. The job's data key comes from Sentinel, the key
+    broker, for the owner-signed manifest only; the caller never holds it.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> JobServiceAsyncStub: ...
+    RunJob: _grpc.StreamStreamMultiCallable[_encloud_pb2.RunJobRequest, _encloud_pb2.RunJobResponse]
+    """The manifest, then the sealed input file in chunks, then the caller's
+    half-close; the server answers progress, the sealed answers file in
+    chunks, then its summary. Called again after an interruption, the job
+    resumes: records already answered are not run again.
+    """
+
+@_typing.type_check_only
+class JobServiceAsyncStub(JobServiceStub):
+    """Confidential batch jobs (docs/SENTINEL.md, "Jobs"), served from inside the
+    CVM beside InferenceService. The job's data key comes from Sentinel, the key
+    broker, for the owner-signed manifest only; the caller never holds it.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    RunJob: _aio.StreamStreamMultiCallable[_encloud_pb2.RunJobRequest, _encloud_pb2.RunJobResponse]  # type: ignore[assignment]
+    """The manifest, then the sealed input file in chunks, then the caller's
+    half-close; the server answers progress, the sealed answers file in
+    chunks, then its summary. Called again after an interruption, the job
+    resumes: records already answered are not run again.
+    """
+
+class JobServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Confidential batch jobs (docs/SENTINEL.md, "Jobs"), served from inside the
+    CVM beside InferenceService. The job's data key comes from Sentinel, the key
+    broker, for the owner-signed manifest only; the caller never holds it.
+    """
+
+    @_abc_1.abstractmethod
+    def RunJob(
+        self,
+        request_iterator: _MaybeAsyncIterator[_encloud_pb2.RunJobRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_encloud_pb2.RunJobResponse], _abc.AsyncIterator[_encloud_pb2.RunJobResponse]]:
+        """The manifest, then the sealed input file in chunks, then the caller's
+        half-close; the server answers progress, the sealed answers file in
+        chunks, then its summary. Called again after an interruption, the job
+        resumes: records already answered are not run again.
+        """
+
+def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -563,3 +563,147 @@ class ReleasedKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleasedKey: _TypeAlias = ReleasedKey  # noqa: Y015
+
+@_typing.final
+class ReleaseJobKeyRequest(_message.Message):
+    """A workload's request for a job's key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    SUITE_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    INPUT_SHA256_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    manifest: _builtins.bytes
+    """The owner-signed job manifest (canonical JSON, docs/PROTOCOL.md, "Jobs")."""
+    nonce: _builtins.bytes
+    """The nonce from GetChallenge."""
+    public_key: _builtins.bytes
+    """The workload's fresh HPKE public key, raw."""
+    input_sha256: _builtins.bytes
+    """SHA-256 of the sealed input file the workload received (32 bytes)."""
+    @_builtins.property
+    def suite(self) -> _encloud_pb2.HpkeSuite:
+        """The HPKE suite of the workload's public key."""
+
+    @_builtins.property
+    def evidence(self) -> _encloud_pb2.Evidence:
+        """A quote whose qualifying data is H(E("encloud/v2 sentinel job", suite,
+        nonce, manifest digest, input_sha256, public_key)).
+        """
+
+    def __init__(
+        self,
+        *,
+        manifest: _builtins.bytes = ...,
+        nonce: _builtins.bytes = ...,
+        suite: _encloud_pb2.HpkeSuite | None = ...,
+        public_key: _builtins.bytes = ...,
+        input_sha256: _builtins.bytes = ...,
+        evidence: _encloud_pb2.Evidence | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "suite", b"suite"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "input_sha256", b"input_sha256", "manifest", b"manifest", "nonce", b"nonce", "public_key", b"public_key", "suite", b"suite"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseJobKeyRequest: _TypeAlias = ReleaseJobKeyRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseJobKeyResponse(_message.Message):
+    """The released key of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQ_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The manifest's key id."""
+    release_seq: _builtins.int
+    """This release's number for the job (1 for the first); EndJobRelease names it."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleasedKey]:
+        """Every live version, newest first, sealed as in ReleaseKeyResponse with the
+        manifest digest in the place of the order digest.
+        """
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        keys: _abc.Iterable[Global___ReleasedKey] | None = ...,
+        release_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "keys", b"keys", "release_seq", b"release_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseJobKeyResponse: _TypeAlias = ReleaseJobKeyResponse  # noqa: Y015
+
+@_typing.final
+class EndJobReleaseRequest(_message.Message):
+    """The end of a job's live release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQ_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ANSWERS_SHA256_FIELD_NUMBER: _builtins.int
+    RECORDS_DONE_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.bytes
+    """The manifest's 16-byte job id."""
+    release_seq: _builtins.int
+    """The release being ended (ReleaseJobKeyResponse.release_seq)."""
+    outcome: _builtins.str
+    """"done" or "paused"."""
+    answers_sha256: _builtins.bytes
+    """SHA-256 of the sealed answers file ("done"), else empty."""
+    records_done: _builtins.int
+    """Records answered so far."""
+    proof: _builtins.bytes
+    """HMAC-SHA256 under HKDF(K, "encloud/v1 job end") of E("encloud/v1 job end",
+    job_id, u32(release_seq), outcome, answers_sha256, u64(records_done)), K the
+    newest version released.
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.bytes = ...,
+        release_seq: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        answers_sha256: _builtins.bytes = ...,
+        records_done: _builtins.int = ...,
+        proof: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers_sha256", b"answers_sha256", "job_id", b"job_id", "outcome", b"outcome", "proof", b"proof", "records_done", b"records_done", "release_seq", b"release_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndJobReleaseRequest: _TypeAlias = EndJobReleaseRequest  # noqa: Y015
+
+@_typing.final
+class EndJobReleaseResponse(_message.Message):
+    """The release ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndJobReleaseResponse: _TypeAlias = EndJobReleaseResponse  # noqa: Y015

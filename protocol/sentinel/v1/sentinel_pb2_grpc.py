@@ -393,6 +393,16 @@ class WorkloadServiceStub:
                 request_serializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseKeyRequest.SerializeToString,
                 response_deserializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseKeyResponse.FromString,
                 _registered_method=True)
+        self.ReleaseJobKey = channel.unary_unary(
+                '/encloud.sentinel.v1.WorkloadService/ReleaseJobKey',
+                request_serializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseJobKeyRequest.SerializeToString,
+                response_deserializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseJobKeyResponse.FromString,
+                _registered_method=True)
+        self.EndJobRelease = channel.unary_unary(
+                '/encloud.sentinel.v1.WorkloadService/EndJobRelease',
+                request_serializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.EndJobReleaseRequest.SerializeToString,
+                response_deserializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.EndJobReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class WorkloadServiceServicer:
@@ -415,6 +425,24 @@ class WorkloadServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseJobKey(self, request, context):
+        """Releases the key of an owner-signed job manifest to the workload that runs
+        the job, one live release at a time (docs/SENTINEL.md, "Jobs"): again only
+        to a newer start-up of the same machine, or after the last release ended
+        paused; never after the job is done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndJobRelease(self, request, context):
+        """Ends the live release of a job: done (no release ever again) or paused
+        (the next call of the job may resume it), proven with the job's key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkloadServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -427,6 +455,16 @@ def add_WorkloadServiceServicer_to_server(servicer, server):
                     servicer.ReleaseKey,
                     request_deserializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseKeyRequest.FromString,
                     response_serializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseKeyResponse.SerializeToString,
+            ),
+            'ReleaseJobKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseJobKey,
+                    request_deserializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseJobKeyRequest.FromString,
+                    response_serializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseJobKeyResponse.SerializeToString,
+            ),
+            'EndJobRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndJobRelease,
+                    request_deserializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.EndJobReleaseRequest.FromString,
+                    response_serializer=encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.EndJobReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +523,60 @@ class WorkloadService:
             '/encloud.sentinel.v1.WorkloadService/ReleaseKey',
             encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseKeyRequest.SerializeToString,
             encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseJobKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/encloud.sentinel.v1.WorkloadService/ReleaseJobKey',
+            encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseJobKeyRequest.SerializeToString,
+            encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.ReleaseJobKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndJobRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/encloud.sentinel.v1.WorkloadService/EndJobRelease',
+            encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.EndJobReleaseRequest.SerializeToString,
+            encloud_dot_sentinel_dot_v1_dot_sentinel__pb2.EndJobReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -166,6 +166,16 @@ class WorkloadServiceStub:
     """Releases every live version of the order's key, each sealed with HPKE to the
     workload's fresh public key, when the order and the evidence check.
     """
+    ReleaseJobKey: _grpc.UnaryUnaryMultiCallable[_sentinel_pb2.ReleaseJobKeyRequest, _sentinel_pb2.ReleaseJobKeyResponse]
+    """Releases the key of an owner-signed job manifest to the workload that runs
+    the job, one live release at a time (docs/SENTINEL.md, "Jobs"): again only
+    to a newer start-up of the same machine, or after the last release ended
+    paused; never after the job is done.
+    """
+    EndJobRelease: _grpc.UnaryUnaryMultiCallable[_sentinel_pb2.EndJobReleaseRequest, _sentinel_pb2.EndJobReleaseResponse]
+    """Ends the live release of a job: done (no release ever again) or paused
+    (the next call of the job may resume it), proven with the job's key.
+    """
 
 @_typing.type_check_only
 class WorkloadServiceAsyncStub(WorkloadServiceStub):
@@ -179,6 +189,16 @@ class WorkloadServiceAsyncStub(WorkloadServiceStub):
     ReleaseKey: _aio.UnaryUnaryMultiCallable[_sentinel_pb2.ReleaseKeyRequest, _sentinel_pb2.ReleaseKeyResponse]  # type: ignore[assignment]
     """Releases every live version of the order's key, each sealed with HPKE to the
     workload's fresh public key, when the order and the evidence check.
+    """
+    ReleaseJobKey: _aio.UnaryUnaryMultiCallable[_sentinel_pb2.ReleaseJobKeyRequest, _sentinel_pb2.ReleaseJobKeyResponse]  # type: ignore[assignment]
+    """Releases the key of an owner-signed job manifest to the workload that runs
+    the job, one live release at a time (docs/SENTINEL.md, "Jobs"): again only
+    to a newer start-up of the same machine, or after the last release ended
+    paused; never after the job is done.
+    """
+    EndJobRelease: _aio.UnaryUnaryMultiCallable[_sentinel_pb2.EndJobReleaseRequest, _sentinel_pb2.EndJobReleaseResponse]  # type: ignore[assignment]
+    """Ends the live release of a job: done (no release ever again) or paused
+    (the next call of the job may resume it), proven with the job's key.
     """
 
 class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -202,6 +222,28 @@ class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sentinel_pb2.ReleaseKeyResponse, _abc.Awaitable[_sentinel_pb2.ReleaseKeyResponse]]:
         """Releases every live version of the order's key, each sealed with HPKE to the
         workload's fresh public key, when the order and the evidence check.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseJobKey(
+        self,
+        request: _sentinel_pb2.ReleaseJobKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sentinel_pb2.ReleaseJobKeyResponse, _abc.Awaitable[_sentinel_pb2.ReleaseJobKeyResponse]]:
+        """Releases the key of an owner-signed job manifest to the workload that runs
+        the job, one live release at a time (docs/SENTINEL.md, "Jobs"): again only
+        to a newer start-up of the same machine, or after the last release ended
+        paused; never after the job is done.
+        """
+
+    @_abc_1.abstractmethod
+    def EndJobRelease(
+        self,
+        request: _sentinel_pb2.EndJobReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sentinel_pb2.EndJobReleaseResponse, _abc.Awaitable[_sentinel_pb2.EndJobReleaseResponse]]:
+        """Ends the live release of a job: done (no release ever again) or paused
+        (the next call of the job may resume it), proven with the job's key.
         """
 
 def add_WorkloadServiceServicer_to_server(servicer: WorkloadServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,584 @@
+"""Confidential batch jobs end to end (docs/SENTINEL.md, "Jobs"): a real Sentinel on loopback,
+a real server on swtpm running the embedded model, the owner's sealed input and signed
+manifest, the job RPC, the sealed answers opened by the owner. Each attack is one test
+expecting its typed error and its audit entry; the faults (a server killed mid-job, Sentinel
+down) and the disk and memory checks have positive controls."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pki import issue_certificate
+from stack import ONE_PEER_IS_EVERYONE, Stack, running_stack
+
+from encloud.broker.app import RunningSentinel, init_state, start
+from encloud.broker.settings import SentinelSettings
+from encloud.broker.store import Store, make_engine
+from encloud.client import Client
+from encloud.client.jobs import JobClient, JobProgress, JobResult
+from encloud.client.sentinel import OwnerClient
+from encloud.protocol import errors, job
+from encloud.protocol.errors import ServiceError
+from encloud.protocol.sealed_file import open_stream, seal_stream
+
+pytestmark = pytest.mark.jobs
+
+RECORDS = 50
+PARAMS = {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.95}
+TOPICS = ["tides", "bread", "owls", "granite", "violins", "comets", "moss", "glaciers", "ink"]
+
+
+def _records(n: int = RECORDS, tag: str = "") -> list[dict[str, Any]]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"{tag}Say one short fact about {TOPICS[i % 9]} #{i}."}
+            ],
+            "seed": 1000 + i,
+        }
+        for i in range(n)
+    ]
+
+
+# --- Sentinel and the server ----------------------------------------------------------------
+
+
+@dataclass
+class Sentinel:
+    settings: SentinelSettings
+    running: RunningSentinel
+    folder: Path
+    certs: dict[str, tuple[bytes, bytes]]
+    ca: bytes
+
+    @property
+    def workload_target(self) -> str:
+        return f"127.0.0.1:{self.running.workload_port}"
+
+    def owner(self, name: str) -> OwnerClient:
+        cert, key = self.certs[name]
+        return OwnerClient(
+            f"127.0.0.1:{self.running.owner_port}", ca_pem=self.ca, cert_pem=cert, key_pem=key
+        )
+
+    def stop(self) -> None:
+        self.running.stop()
+
+    def start_again(self) -> None:
+        self.running = start(
+            self.settings.model_copy(
+                update={
+                    "owner_listen": f"127.0.0.1:{self.running.owner_port}",
+                    "workload_listen": self.workload_target,
+                }
+            )
+        )
+
+    def audit(self) -> list[dict[str, Any]]:
+        self.running.sentinel.audit.flush()
+        lines = self.settings.resolved_audit_log().read_bytes().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def audited(self, job_id: bytes, **facts: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.audit()
+            if e.get("job_id") == job_id.hex() and all(e.get(k) == v for k, v in facts.items())
+        ]
+
+
+@pytest.fixture(scope="module")
+def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinel]:
+    from encloud.broker.servicer import certificate_spki_sha256
+
+    folder = tmp_path_factory.mktemp("sentinel")
+    ca_cert, ca_key = issue_certificate("jobs test CA", None, ca=True)
+    certs = {
+        name: issue_certificate(name, (ca_cert, ca_key), server=name == "sentinel")
+        for name in ("sentinel", "alice", "bob")
+    }
+    (folder / "ca.pem").write_bytes(ca_cert)
+    for name, (cert, key) in certs.items():
+        (folder / f"{name}.pem").write_bytes(cert)
+        (folder / f"{name}.key").write_bytes(key)
+    settings = SentinelSettings(
+        state_dir=folder / "state",
+        owner_listen="127.0.0.1:0",
+        workload_listen="127.0.0.1:0",
+        tls_cert=folder / "sentinel.pem",
+        tls_key=folder / "sentinel.key",
+        client_ca=folder / "ca.pem",
+        accept_dev_policies=True,  # the swtpm server's own policy (dev_only)
+    )
+    init_state(settings)
+    store = Store(make_engine(settings.resolved_database_url()))
+    for name in ("alice", "bob"):
+        store.add_owner(name, certificate_spki_sha256(certs[name][0]))
+    store.engine.dispose()
+    broker = Sentinel(settings, start(settings), folder, certs, ca_cert)
+    try:
+        yield broker
+    finally:
+        broker.running.stop()
+
+
+def _job_settings(sentinel: Sentinel, address: str | None = None) -> dict[str, Any]:
+    return {
+        "sentinel_address": address or sentinel.workload_target,
+        "sentinel_ca_file": sentinel.folder / "ca.pem",
+        "sentinel_timeout_seconds": 5,
+        "job_concurrency": 8,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(
+    sentinel: Sentinel, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    with running_stack(
+        tmp_path_factory.mktemp("job-server"), model_dir, **_job_settings(sentinel)
+    ) as stack:
+        yield stack
+
+
+def _kill_and_restart(stack: Stack, sentinel: Sentinel) -> None:
+    """SIGKILL the server (no shutdown of any kind) and start a new one on the same TPM and
+    folder: a new start-up in the same vTPM's event log."""
+    from encloud.server.devstack import ServerProcess
+
+    stack.server.kill()
+    stack.server = ServerProcess(
+        stack.workdir,
+        stack.swtpm.tcti,
+        stack.model_dir,
+        **{**ONE_PEER_IS_EVERYONE, **_job_settings(sentinel)},
+    )
+    stack.address = stack.server.start()
+
+
+# --- owners, keys, jobs ---------------------------------------------------------------------
+
+
+@dataclass
+class Owner:
+    name: str
+    signing: Ed25519PrivateKey
+
+
+@dataclass
+class Key:
+    key_id: str
+    key: bytes
+
+
+@dataclass
+class Job:
+    manifest: job.JobManifest
+    signed: bytes
+    sealed_input: bytes
+    key: Key
+
+
+def _owner(sentinel: Sentinel, name: str) -> Owner:
+    signing = Ed25519PrivateKey.generate()
+    with sentinel.owner(name) as client:
+        client.add_signing_key(signing.public_key().public_bytes_raw())
+    return Owner(name, signing)
+
+
+@pytest.fixture(scope="module")
+def alice(sentinel: Sentinel) -> Owner:
+    return _owner(sentinel, "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(sentinel: Sentinel) -> Owner:
+    return _owner(sentinel, "bob")
+
+
+@pytest.fixture(scope="module")
+def alice_key(sentinel: Sentinel, server: Stack, alice: Owner) -> Key:
+    key = os.urandom(32)
+    key_id = "alice/batch"
+    with sentinel.owner("alice") as client:
+        client.create_key(key_id, server.server.policy_path.read_bytes(), key)
+    return Key(key_id, key)
+
+
+def _model_digest(stack: Stack) -> bytes:
+    return stack.policy.allowed_model_digests[0]
+
+
+def _seal(key: Key, data: bytes) -> bytes:
+    sink = io.BytesIO()
+    seal_stream(io.BytesIO(data), sink, key.key, key.key_id)
+    return sink.getvalue()
+
+
+def _input(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(job.record_line(r["messages"], r.get("seed")) for r in records)
+
+
+def _job(
+    owner: Owner,
+    key: Key,
+    stack: Stack,
+    records: list[dict[str, Any]],
+    *,
+    model: bytes | None = None,
+    ttl: int = 600,
+    now: float | None = None,
+    output: str | None = None,
+    signed_input: bytes | None = None,
+) -> Job:
+    sealed = _seal(key, _input(records))
+    import hashlib
+
+    manifest = job.new_manifest(
+        key_id=key.key_id,
+        model_digest=model or _model_digest(stack),
+        input_sha256=hashlib.sha256(signed_input or sealed).digest(),
+        records=len(records),
+        output=output or f"answers-{os.urandom(4).hex()}.sealed",
+        params=PARAMS,
+        ttl_seconds=ttl,
+        now=now,
+    )
+    return Job(manifest, job.sign_manifest(manifest, owner.signing), sealed, key)
+
+
+def _run(
+    stack: Stack, work: Job, on_progress: Any = None, signed: bytes | None = None
+) -> tuple[JobResult, bytes]:
+    sink = io.BytesIO()
+    with JobClient(stack.address, timeout=600) as client:
+        result = client.run(signed or work.signed, io.BytesIO(work.sealed_input), sink, on_progress)
+    return result, sink.getvalue()
+
+
+def _open_answers(work: Job, sealed: bytes) -> list[dict[str, Any]]:
+    plain = io.BytesIO()
+    open_stream(io.BytesIO(sealed), plain, work.key.key, expected_key_id=work.key.key_id)
+    checker = job.AnswersChecker(work.manifest.digest())
+    checker.feed(plain.getvalue())
+    assert checker.finish() == work.manifest.records
+    lines = [json.loads(line) for line in plain.getvalue().splitlines()]
+    return [line["answer"] for line in lines[:-1]]
+
+
+def _outbox(stack: Stack) -> Path:
+    return stack.workdir / "state" / "jobs" / "outbox"
+
+
+def _jobs_dir(stack: Stack) -> Path:
+    return stack.workdir / "state" / "jobs"
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(server: Stack, alice: Owner, alice_key: Key) -> tuple[Job, JobResult, bytes]:
+    """The 50-record job, run once."""
+    work = _job(alice, alice_key, server, _records())
+    progress: list[JobProgress] = []
+    result, sealed = _run(server, work, progress.append)
+    assert progress[-1].records_done == RECORDS
+    return work, result, sealed
+
+
+def test_fifty_records_give_the_interactive_clients_answers(
+    finished: tuple[Job, JobResult, bytes], server: Stack, tmp_path: Path
+) -> None:
+    work, result, sealed = finished
+    assert result.records == RECORDS and result.records_resumed == 0
+    assert (_outbox(server) / work.manifest.output).read_bytes() == sealed
+    answers = _open_answers(work, sealed)
+    assert result.completion_tokens == sum(a["completion_tokens"] for a in answers) > 0
+    with Client(server.address, server.policy, audit_log=tmp_path / "audit.jsonl") as client:
+        for record, answer in zip(_records(), answers, strict=True):
+            interactive = client.infer(record["messages"], seed=record["seed"], **PARAMS)
+            assert interactive.text == answer["text"]
+            assert interactive.completion.finish_reason == answer["finish_reason"]
+    # Seeds matter (a positive control for the comparison): two seeds, two answers.
+    assert len({a["text"] for a in answers}) > RECORDS // 2
+
+
+def test_the_release_and_its_end_are_audited(
+    finished: tuple[Job, JobResult, bytes], sentinel: Sentinel
+) -> None:
+    work, result, _ = finished
+    released = sentinel.audited(work.manifest.job_id, method="ReleaseJobKey", outcome="released")
+    ended = sentinel.audited(work.manifest.job_id, method="EndJobRelease", outcome="ended")
+    assert [e["release_seq"] for e in released] == [1]
+    assert [(e["job_outcome"], e["records_done"]) for e in ended] == [("done", RECORDS)]
+    assert ended[0]["answers_sha256"] == result.answers_sha256.hex()
+
+
+def test_the_job_leaves_no_plaintext_or_key_on_disk(
+    finished: tuple[Job, JobResult, bytes], server: Stack, tmp_path: Path
+) -> None:
+    work, _, _ = finished
+    needles = [work.key.key] + [r["messages"][0]["content"].encode() for r in _records()[:5]]
+    # Positive control: the scan finds them in the owner's own plaintext.
+    control = tmp_path / "owner-plaintext.jsonl"
+    control.write_bytes(_input(_records()) + work.key.key)
+    assert all(_files_holding(tmp_path, n) == [control] for n in needles)
+    for needle in needles:
+        assert _files_holding(server.workdir, needle) == []
+    assert not (_jobs_dir(server) / work.manifest.job_id.hex()).exists()
+
+
+def _files_holding(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and needle in p.read_bytes()]
+
+
+# --- attacks: each a typed refusal and an audit entry ----------------------------------------
+
+
+def _refused(
+    stack: Stack, work: Job, error: type[errors.SentinelError], signed: bytes | None = None
+) -> errors.SentinelError:
+    with pytest.raises(error) as caught:
+        _run(stack, work, signed=signed)
+    assert not (_outbox(stack) / work.manifest.output).exists()
+    return caught.value
+
+
+def test_a_manifest_signed_by_no_registered_key_is_refused(
+    server: Stack, alice_key: Key, sentinel: Sentinel
+) -> None:
+    stranger = Owner("alice", Ed25519PrivateKey.generate())
+    work = _job(stranger, alice_key, server, _records(2))
+    _refused(server, work, errors.OrderSignatureError)
+    assert sentinel.audited(work.manifest.job_id, reason="ORDER_SIGNATURE", outcome="refused")
+
+
+def test_an_unsigned_manifest_is_refused(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    work = _job(alice, alice_key, server, _records(2))
+    obj = json.loads(work.signed)
+    obj["signature"] = "A" * 86 + "=="  # 64 zero bytes: no signature at all
+    import rfc8785
+
+    _refused(server, work, errors.OrderSignatureError, signed=rfc8785.dumps(obj))
+    assert sentinel.audited(work.manifest.job_id, reason="ORDER_SIGNATURE", outcome="refused")
+
+
+def test_a_manifest_signed_by_another_owner_is_refused(
+    server: Stack, bob: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    work = _job(bob, alice_key, server, _records(2))
+    _refused(server, work, errors.OrderSignatureError)
+    assert sentinel.audited(
+        work.manifest.job_id, reason="ORDER_SIGNATURE", owner="alice", outcome="refused"
+    )
+
+
+def test_a_finished_job_replayed_is_refused(
+    finished: tuple[Job, JobResult, bytes], server: Stack, sentinel: Sentinel
+) -> None:
+    work, _, sealed = finished
+    with pytest.raises(errors.JobFinishedError):
+        _run(server, work)
+    assert sentinel.audited(work.manifest.job_id, reason="JOB_FINISHED", outcome="refused")
+    # The first run's answers are untouched.
+    assert (_outbox(server) / work.manifest.output).read_bytes() == sealed
+
+
+def test_an_expired_manifest_is_refused(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    work = _job(alice, alice_key, server, _records(2), ttl=1, now=time.time() - 60)
+    _refused(server, work, errors.OrderExpiredError)
+    assert sentinel.audited(work.manifest.job_id, reason="ORDER_EXPIRED", outcome="refused")
+
+
+def test_a_manifest_naming_another_model_is_refused(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    work = _job(alice, alice_key, server, _records(2), model=bytes.fromhex("22" * 32))
+    _refused(server, work, errors.ModelMismatchError)
+    assert sentinel.audited(work.manifest.job_id, reason="MODEL_MISMATCH", outcome="refused")
+
+
+def test_an_input_other_than_the_manifests_is_refused(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    signed_for = _seal(alice_key, _input(_records(2)))
+    work = _job(alice, alice_key, server, _records(2, tag="other "), signed_input=signed_for)
+    _refused(server, work, errors.InputMismatchError)
+    assert sentinel.audited(work.manifest.job_id, reason="INPUT_MISMATCH", outcome="refused")
+    assert not (_jobs_dir(server) / work.manifest.job_id.hex()).exists()
+
+
+def _reseal(work: Job, plaintext: bytes) -> bytes:
+    return _seal(work.key, plaintext)
+
+
+def _answers_plaintext(work: Job, sealed: bytes) -> list[bytes]:
+    plain = io.BytesIO()
+    open_stream(io.BytesIO(sealed), plain, work.key.key)
+    return plain.getvalue().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("tamper", ["swap", "drop", "drop_last", "move"])
+def test_an_answers_file_reordered_cut_or_moved_is_refused_at_open(
+    finished: tuple[Job, JobResult, bytes], tmp_path: Path, tamper: str, capsys: Any
+) -> None:
+    """Whoever holds the key (the attested server or the owner) could reseal plaintext; the
+    index and job on every line, and the end line, still refuse it at `encloud open`."""
+    from encloud.cli.main import main as cli
+
+    work, _, sealed = finished
+    lines = _answers_plaintext(work, sealed)
+    if tamper == "swap":
+        lines[3], lines[4] = lines[4], lines[3]
+    elif tamper == "drop":
+        del lines[7]
+    elif tamper == "drop_last":
+        del lines[-2]  # the last answer, keeping the end line
+    else:  # another job's answers under the same key
+        other = json.loads(lines[0])
+        other["job"] = "ab" * 32
+        lines[0] = json.dumps(other, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    (tmp_path / "answers.sealed").write_bytes(_reseal(work, b"".join(lines)))
+    (tmp_path / "key").write_bytes(work.key.key.hex().encode())
+    (tmp_path / "manifest.json").write_bytes(work.signed)
+    argv = [
+        "open",
+        str(tmp_path / "answers.sealed"),
+        "-o",
+        str(tmp_path / "answers.jsonl"),
+        "--key",
+        str(tmp_path / "key"),
+        "--manifest",
+        str(tmp_path / "manifest.json"),
+    ]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "answers" in err.lower()
+    assert not (tmp_path / "answers.jsonl").exists()
+    # Positive control: the untampered file opens through the same command.
+    (tmp_path / "answers.sealed").write_bytes(sealed)
+    assert cli(argv) == 0
+    assert (tmp_path / "answers.jsonl").exists()
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+
+def test_sentinel_unreachable_is_a_clear_error_and_nothing_is_written(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    work = _job(alice, alice_key, server, _records(3))
+    sentinel.stop()
+    try:
+        with pytest.raises(ServiceError) as caught:
+            _run(server, work)
+    finally:
+        sentinel.start_again()
+    assert caught.value.code == "UNAVAILABLE" and caught.value.reason == "SENTINEL_UNAVAILABLE"
+    assert "Sentinel" in str(caught.value) and "nothing of the job ran" in str(caught.value)
+    assert not (_outbox(server) / work.manifest.output).exists()
+    assert not (_jobs_dir(server) / work.manifest.job_id.hex()).exists()
+    # Sentinel back: the same job runs (a positive control for "nothing happened").
+    result, _ = _run(server, work)
+    assert result.records == 3
+
+
+def test_the_key_leaves_the_servers_memory_when_the_job_ends(
+    server: Stack, alice: Owner, sentinel: Sentinel
+) -> None:
+    key = Key("alice/memory-check", os.urandom(32))
+    with sentinel.owner("alice") as client:
+        client.create_key(key.key_id, server.server.policy_path.read_bytes(), key.key)
+    work = _job(alice, key, server, _records(24, tag="memory "))
+    pid = server.server.process.pid
+    seen_during: list[bool] = []
+
+    def during(progress: JobProgress) -> None:
+        if not seen_during and progress.records_done >= 1:
+            seen_during.append(_process_holds(pid, key.key))
+
+    _run(server, work, during)
+    # Positive control: while the job ran, the scan found the key in the server's memory.
+    assert seen_during == [True]
+    assert not _process_holds(pid, key.key)
+
+
+def _process_holds(pid: int, needle: bytes) -> bool:
+    """Whether `needle` is anywhere in the readable memory of process `pid`."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            offset = start
+            tail = b""
+            while offset < end:
+                size = min(1 << 22, end - offset)
+                try:
+                    mem.seek(offset)
+                    chunk = mem.read(size)
+                except OSError:
+                    break
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle) :]
+                offset += size
+    return False
+
+
+def test_a_server_killed_mid_job_resumes_without_losing_or_doubling_a_record(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    records = _records()
+    work = _job(alice, alice_key, server, records)
+    killed = threading.Event()
+
+    def kill_after_ten(progress: JobProgress) -> None:
+        if progress.records_done >= 10 and not killed.is_set():
+            killed.set()
+            server.server.kill()
+
+    with pytest.raises(ServiceError):
+        _run(server, work, kill_after_ten)
+    assert killed.is_set()
+    journal = _jobs_dir(server) / work.manifest.job_id.hex() / "journal"
+    journaled = sorted(p.name for p in journal.glob("*.sealed"))
+    assert len(journaled) >= 10
+    assert not (_outbox(server) / work.manifest.output).exists()
+
+    _kill_and_restart(server, sentinel)
+    progress: list[JobProgress] = []
+    result, sealed = _run(server, work, progress.append)
+    assert result.records_resumed == len(journaled)
+    assert result.records == RECORDS
+    answers = _open_answers(work, sealed)  # every index once, in order, the end line last
+    # The answers equal an uninterrupted run's (the same records and seeds: finished's).
+    reference = _reference_answers(server, alice, alice_key, records)
+    assert [a["text"] for a in answers] == reference
+    released = sentinel.audited(work.manifest.job_id, method="ReleaseJobKey", outcome="released")
+    assert [e["release_seq"] for e in released] == [1, 2]
+    assert released[1]["startups"] == released[0]["startups"] + 1
+
+
+def _reference_answers(
+    stack: Stack, owner: Owner, key: Key, records: list[dict[str, Any]]
+) -> list[str]:
+    work = _job(owner, key, stack, records)
+    _, sealed = _run(stack, work)
+    return [a["text"] for a in _open_answers(work, sealed)]
