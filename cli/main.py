@@ -638,8 +638,10 @@ def cmd_tpm_ak(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from encloud.cli.demo import run_demo
+    from encloud.cli.demo import run_batch_demo, run_demo
 
+    if args.batch:
+        return run_batch_demo(max_new_tokens=min(args.max_new_tokens, 48))
     return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens)
 
 
@@ -798,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-key", type=Path, help="draw a fresh key, write it here (0600, never overwritten)"
     )
     seal.set_defaults(func=cmd_seal)
+    from encloud.cli import jobs
+
+    jobs.add_parser(sub)
     opener = sub.add_parser("open", help="open a sealed file (only a wholly verified one)")
     opener.add_argument("input", type=Path, help="the sealed file")
     opener.add_argument("-o", "--output", type=Path, required=True, help="the plaintext to write")
@@ -835,6 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="swtpm + server + encrypted chat, all local")
     demo.add_argument("--prompt", default="What is encryption? Answer briefly.")
     demo.add_argument("--max-new-tokens", type=positive_int, default=96)
+    demo.add_argument(
+        "--batch",
+        action="store_true",
+        help="the confidential batch flow instead: Sentinel, seal, sign, job, open",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -1010,7 +1010,7 @@ def test_the_migrated_schema_is_the_one_the_queries_use(broker: Broker) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), schema.metadata)
     assert diff == []
     current, head = schema_revision(broker.running.engine)
-    assert current == head == "0003"
+    assert current == head == "0004"
 
 
 def test_migrations_go_down_to_nothing_and_up_again(tmp_path: Path) -> None:
