@@ -582,3 +582,50 @@ def _reference_answers(
     work = _job(owner, key, stack, records)
     _, sealed = _run(stack, work)
     return [a["text"] for a in _open_answers(work, sealed)]
+
+
+def test_the_owner_runs_a_job_with_the_encloud_commands(
+    server: Stack, sentinel: Sentinel, tmp_path: Path, capsys: Any
+) -> None:
+    """seal -> job sign -> job run -> open --manifest, as the docs tell a user to."""
+    from cryptography.hazmat.primitives import serialization
+
+    from encloud.cli.main import main as cli
+
+    signing = Ed25519PrivateKey.generate()
+    with sentinel.owner("alice") as client:
+        client.add_signing_key(signing.public_key().public_bytes_raw())
+    (tmp_path / "signing.pem").write_bytes(
+        signing.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "requests.jsonl").write_bytes(_input(_records(4, tag="cli ")))
+    t = str(tmp_path)
+    assert cli(["seal", f"{t}/requests.jsonl", "-o", f"{t}/in.sealed", "--key-id",
+                "alice/cli", "--new-key", f"{t}/key"]) == 0  # fmt: skip
+    with sentinel.owner("alice") as client:
+        key = bytes.fromhex((tmp_path / "key").read_text().strip())
+        client.create_key("alice/cli", server.server.policy_path.read_bytes(), key)
+    model = _model_digest(server).hex()
+    assert cli(["job", "sign", "--input", f"{t}/in.sealed", "--key", f"{t}/key",
+                "--model-digest", model, "--output-name", "cli.sealed", "--signing-key",
+                f"{t}/signing.pem", "--params", '{"max_new_tokens": 8}',
+                "-o", f"{t}/manifest.json"]) == 0  # fmt: skip
+    assert "4 records under key id alice/cli" in capsys.readouterr().out
+    assert cli(["job", "run", "--manifest", f"{t}/manifest.json", "--input", f"{t}/in.sealed",
+                "-o", f"{t}/answers.sealed", "--target", server.address]) == 0  # fmt: skip
+    out = capsys.readouterr()
+    assert "job done: 4 records" in out.out and "4/4 records" in out.err
+    assert cli(["open", f"{t}/answers.sealed", "--key", f"{t}/key", "--manifest",
+                f"{t}/manifest.json", "-o", f"{t}/answers.jsonl"]) == 0  # fmt: skip
+    lines = (tmp_path / "answers.jsonl").read_bytes().splitlines()
+    assert [json.loads(line).get("index") for line in lines] == [0, 1, 2, 3, None]
+    # A second run of the same manifest: one line, Sentinel's typed refusal, no traceback.
+    assert cli(["job", "run", "--manifest", f"{t}/manifest.json", "--input", f"{t}/in.sealed",
+                "-o", f"{t}/again.sealed", "--target", server.address]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "JobFinishedError" in err and err.count("\n") == 1
+    assert not (tmp_path / "again.sealed").exists()
