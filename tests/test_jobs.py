@@ -6,6 +6,7 @@ down) and the disk and memory checks have positive controls."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,20 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pki import issue_certificate
+from sentinel_support import MODEL, Workload, attested_workload
 from stack import ONE_PEER_IS_EVERYONE, Stack, running_stack
+from waiting import wait_for
 
 from encloud.broker.app import RunningSentinel, init_state, start
 from encloud.broker.settings import SentinelSettings
 from encloud.broker.store import Store, make_engine
 from encloud.client import Client
+from encloud.client._status import sentinel_error
 from encloud.client.jobs import JobClient, JobProgress, JobResult
 from encloud.client.sentinel import OwnerClient
-from encloud.protocol import errors, job
+from encloud.protocol import errors, job, key_broker
 from encloud.protocol.errors import ServiceError
 from encloud.protocol.sealed_file import open_stream, seal_stream
+from encloud.protocol.sentinel.v1 import sentinel_pb2 as spb
+from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as spb_grpc
 
 pytestmark = pytest.mark.jobs
 
@@ -232,7 +239,7 @@ def _input(records: list[dict[str, Any]]) -> bytes:
 def _job(
     owner: Owner,
     key: Key,
-    stack: Stack,
+    stack: Stack | None,
     records: list[dict[str, Any]],
     *,
     model: bytes | None = None,
@@ -242,11 +249,9 @@ def _job(
     signed_input: bytes | None = None,
 ) -> Job:
     sealed = _seal(key, _input(records))
-    import hashlib
-
     manifest = job.new_manifest(
         key_id=key.key_id,
-        model_digest=model or _model_digest(stack),
+        model_digest=model or _model_digest(stack),  # type: ignore[arg-type]
         input_sha256=hashlib.sha256(signed_input or sealed).digest(),
         records=len(records),
         output=output or f"answers-{os.urandom(4).hex()}.sealed",
@@ -629,3 +634,237 @@ def test_the_owner_runs_a_job_with_the_encloud_commands(
     err = capsys.readouterr().err
     assert "JobFinishedError" in err and err.count("\n") == 1
     assert not (tmp_path / "again.sealed").exists()
+
+
+# --- Sentinel's job states, driven by a workload on its own swtpm ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
+    yield from attested_workload(tmp_path_factory.mktemp("workload"), MODEL)
+
+
+@pytest.fixture(scope="module")
+def other_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workload]:
+    """The same software on another vTPM: another machine (another AK)."""
+    yield from attested_workload(tmp_path_factory.mktemp("other-workload"), MODEL)
+
+
+_direct_keys = iter(range(1000))
+
+
+def _direct_job(sentinel: Sentinel, owner: Owner, workload: Workload, *also: Workload) -> Job:
+    """A job whose key's policy is the workload's, its AK pins extended by `also`'s."""
+    policy = json.loads(workload.policy)
+    for other in also:
+        policy["ak"]["pinned_public_keys"] += json.loads(other.policy)["ak"]["pinned_public_keys"]
+    key = Key(f"alice/direct-{next(_direct_keys)}", os.urandom(32))
+    with sentinel.owner("alice") as client:
+        client.create_key(key.key_id, json.dumps(policy).encode(), key.key)
+    return _job(owner, key, None, _records(2), model=MODEL)
+
+
+def _workload_channel(sentinel: Sentinel) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(sentinel.ca)
+    return grpc.secure_channel(sentinel.workload_target, credentials)
+
+
+def _release(
+    sentinel: Sentinel, work: Job, workload: Workload
+) -> tuple[key_broker.ReleasedKeys, int]:
+    channel = grpc.secure_channel(
+        sentinel.workload_target, grpc.ssl_channel_credentials(sentinel.ca)
+    )
+    stub = spb_grpc.WorkloadServiceStub(channel)
+    try:
+        nonce = stub.GetChallenge(spb.GetChallengeRequest()).nonce
+        pending = key_broker.prepare_job_release(
+            work.signed, hashlib.sha256(work.sealed_input).digest(), nonce, workload.quote
+        )
+        reply = stub.ReleaseJobKey(pending.request)
+        return pending.open(reply), reply.release_seq
+    except grpc.RpcError as err:
+        raise sentinel_error(err) from None
+    finally:
+        channel.close()
+
+
+def _end(
+    sentinel: Sentinel,
+    work: Job,
+    seq: int,
+    outcome: str,
+    records: int,
+    key: bytes | None = None,
+) -> None:
+    answers = b"\x01" * 32 if outcome == job.DONE else b""
+    proof = job.end_proof(key or work.key.key, work.manifest.job_id, seq, outcome, answers, records)
+    channel = grpc.secure_channel(
+        sentinel.workload_target, grpc.ssl_channel_credentials(sentinel.ca)
+    )
+    try:
+        spb_grpc.WorkloadServiceStub(channel).EndJobRelease(
+            spb.EndJobReleaseRequest(
+                job_id=work.manifest.job_id,
+                release_seq=seq,
+                outcome=outcome,
+                answers_sha256=answers,
+                records_done=records,
+                proof=proof,
+            )
+        )
+    except grpc.RpcError as err:
+        raise sentinel_error(err) from None
+    finally:
+        channel.close()
+
+
+def test_one_release_of_a_job_is_live_per_start_up(
+    sentinel: Sentinel, alice: Owner, workload: Workload
+) -> None:
+    work = _direct_job(sentinel, alice, workload)
+    released, seq = _release(sentinel, work, workload)
+    assert seq == 1 and released.newest() == work.key.key
+    released.wipe()
+    with pytest.raises(errors.JobHeldError):
+        _release(sentinel, work, workload)
+    assert sentinel.audited(work.manifest.job_id, reason="JOB_HELD", outcome="refused")
+
+
+def test_a_live_job_is_not_released_to_another_machine(
+    sentinel: Sentinel, alice: Owner, workload: Workload, other_workload: Workload
+) -> None:
+    work = _direct_job(sentinel, alice, workload, other_workload)
+    _release(sentinel, work, workload)[0].wipe()
+    with pytest.raises(errors.JobHeldError, match="another machine"):
+        _release(sentinel, work, other_workload)
+    _end(sentinel, work, 1, job.PAUSED, 0)  # even paused: its journal is on the first machine
+    with pytest.raises(errors.JobHeldError, match="another machine"):
+        _release(sentinel, work, other_workload)
+    # Positive control: the policy does admit the other machine, for a job of its own.
+    fresh = _direct_job(sentinel, alice, workload, other_workload)
+    _release(sentinel, fresh, other_workload)[0].wipe()
+
+
+def test_a_release_ended_paused_is_asked_again_and_done_is_final(
+    sentinel: Sentinel, alice: Owner, workload: Workload
+) -> None:
+    work = _direct_job(sentinel, alice, workload)
+    _release(sentinel, work, workload)[0].wipe()
+    _end(sentinel, work, 1, job.PAUSED, 1)
+    released, seq = _release(sentinel, work, workload)
+    released.wipe()
+    assert seq == 2
+    with pytest.raises(errors.JobReleaseUnknownError):  # the first release's end, replayed
+        _end(sentinel, work, 1, job.PAUSED, 1)
+    _end(sentinel, work, 2, job.DONE, 2)
+    with pytest.raises(errors.JobFinishedError):
+        _release(sentinel, work, workload)
+    ended = sentinel.audited(work.manifest.job_id, method="EndJobRelease", outcome="ended")
+    assert [(e["release_seq"], e["job_outcome"]) for e in ended] == [(1, "paused"), (2, "done")]
+
+
+def test_an_end_not_proven_with_the_jobs_key_is_refused(
+    sentinel: Sentinel, alice: Owner, workload: Workload
+) -> None:
+    work = _direct_job(sentinel, alice, workload)
+    _release(sentinel, work, workload)[0].wipe()
+    with pytest.raises(errors.JobProofError):
+        _end(sentinel, work, 1, job.DONE, 2, key=os.urandom(32))
+    assert sentinel.audited(work.manifest.job_id, reason="JOB_PROOF", outcome="refused")
+    # Still live: the real end is accepted (a positive control for the proof check).
+    _end(sentinel, work, 1, job.DONE, 2)
+
+
+# --- the server's own refusals ------------------------------------------------------------------
+
+
+def test_a_record_that_is_not_a_chat_request_is_refused_without_its_content(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    canary = "canary-7f3a9 not json"
+    records = _records(3)
+    work = _job(alice, alice_key, server, records)
+    plain = _input(records[:1]) + canary.encode() + b"\n" + _input(records[2:])
+    work.sealed_input = _seal(alice_key, plain)
+    manifest = job.JobManifest(
+        **{**work.manifest.__dict__, "input_sha256": hashlib.sha256(work.sealed_input).digest()}
+    )
+    work = Job(manifest, job.sign_manifest(manifest, alice.signing), work.sealed_input, alice_key)
+    with pytest.raises(ServiceError) as caught:
+        _run(server, work)
+    assert caught.value.reason == "JOB_INPUT_INVALID" and "record 1" in str(caught.value)
+    assert "canary" not in str(caught.value)
+    assert not (_outbox(server) / work.manifest.output).exists()
+    ended = sentinel.audited(work.manifest.job_id, method="EndJobRelease", outcome="ended")
+    assert [e["job_outcome"] for e in ended] == ["paused"]
+
+
+def test_an_input_with_another_record_count_than_the_manifest_is_refused(
+    server: Stack, alice: Owner, alice_key: Key
+) -> None:
+    records = _records(3)
+    sealed = _seal(alice_key, _input(records))
+    manifest = job.new_manifest(
+        key_id=alice_key.key_id,
+        model_digest=_model_digest(server),
+        input_sha256=hashlib.sha256(sealed).digest(),
+        records=4,
+        output="count.sealed",
+        params=PARAMS,
+        ttl_seconds=600,
+    )
+    work = Job(manifest, job.sign_manifest(manifest, alice.signing), sealed, alice_key)
+    with pytest.raises(ServiceError) as caught:
+        _run(server, work)
+    assert caught.value.reason == "JOB_INPUT_INVALID" and "3 records" in str(caught.value)
+    assert not (_outbox(server) / "count.sealed").exists()
+
+
+def test_a_cancelled_call_pauses_the_job_and_the_next_call_resumes_it(
+    server: Stack, alice: Owner, alice_key: Key, sentinel: Sentinel
+) -> None:
+    from encloud.client.jobs import _requests
+    from encloud.protocol.v2 import encloud_pb2_grpc
+
+    work = _job(alice, alice_key, server, _records(24, tag="cancel "))
+    channel = grpc.insecure_channel(server.address)
+    call = encloud_pb2_grpc.JobServiceStub(channel).RunJob(
+        _requests(work.signed, io.BytesIO(work.sealed_input))
+    )
+    with pytest.raises(grpc.RpcError):
+        for reply in call:
+            if reply.WhichOneof("item") == "progress" and reply.progress.records_done >= 4:
+                call.cancel()
+    channel.close()
+    journal = _jobs_dir(server) / work.manifest.job_id.hex() / "journal"
+    wait_for(
+        lambda: bool(sentinel.audited(work.manifest.job_id, method="EndJobRelease")),
+        "the cancelled call's release ended paused",
+    )
+    done_before = len(list(journal.glob("*.sealed")))
+    assert done_before >= 4
+    result, sealed = _run(server, work)
+    assert result.records_resumed == done_before and result.records == 24
+    assert len(_open_answers(work, sealed)) == 24
+    released = sentinel.audited(work.manifest.job_id, method="ReleaseJobKey", outcome="released")
+    assert [e["release_seq"] for e in released] == [1, 2]
+    assert released[0]["startups"] == released[1]["startups"]  # the same start-up, resumed
+
+
+def test_a_second_call_of_a_running_job_is_refused(
+    server: Stack, alice: Owner, alice_key: Key
+) -> None:
+    work = _job(alice, alice_key, server, _records(16, tag="twice "))
+    second: list[BaseException] = []
+
+    def call_again(progress: JobProgress) -> None:
+        if not second and progress.records_done >= 1:
+            try:
+                _run(server, work)
+            except ServiceError as err:
+                second.append(err)
+
+    result, _ = _run(server, work, call_again)
+    assert result.records == 16
+    assert isinstance(second[0], ServiceError) and second[0].reason == "JOB_RUNNING"
