@@ -30,10 +30,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
     (opened with the owner's key, in memory, to count the records)."""
     from encloud.protocol import job, sealed_file
 
-    key = sealed_file.read_key_file(args.key.read_bytes())
-    signing = serialization.load_pem_private_key(args.signing_key.read_bytes(), None)
-    if not isinstance(signing, Ed25519PrivateKey):
-        raise ValueError(f"{args.signing_key} is not an Ed25519 private key")
     try:
         model = bytes.fromhex(args.model_digest)
     except ValueError:
@@ -41,9 +37,13 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if len(model) != 32:
         raise ValueError("--model-digest is 64 hex digits")
     try:
-        params = json.loads(args.params)
-    except ValueError:
-        raise ValueError("--params is a JSON object of decoding parameters") from None
+        params = job.check_params(json.loads(args.params))
+    except ValueError as err:
+        raise ValueError(f"--params is a JSON object of decoding parameters: {err}") from None
+    key = sealed_file.read_key_file(args.key.read_bytes())
+    signing = serialization.load_pem_private_key(args.signing_key.read_bytes(), None)
+    if not isinstance(signing, Ed25519PrivateKey):
+        raise ValueError(f"{args.signing_key} is not an Ed25519 private key")
     data = args.input.read_bytes()
     records, key_id = _count_records(data, key)
     manifest = job.new_manifest(

@@ -292,8 +292,10 @@ class _JobFiles:
         self.root = config.jobs_dir / manifest.job_id.hex()
         self.spool_path = self.root / "input.sealed"
         self.journal = self.root / "journal"
-        self.outbox = config.outbox_dir
-        self.output = config.outbox_dir / manifest.output
+        # The owner's own folder: Sentinel checked that the key's owner signed the manifest,
+        # so one owner's job never writes over another owner's answers.
+        self.outbox = config.outbox_dir / (key_broker.owner_of(manifest.key_id) or "_")
+        self.output = self.outbox / manifest.output
 
     async def spool(self, chunks: AsyncIterator[bytes], limit: int) -> bytes:
         """Write the sealed input to disk as it arrives; its SHA-256."""

@@ -497,8 +497,8 @@ class Settings(BaseSettings):
     )
     job_outbox_dir: Path | None = Field(
         None,
-        description="Folder the sealed answers files are written to, under each manifest's "
-        "output name (default: jobs_dir/outbox).",
+        description="Folder the sealed answers files are written to, as <key owner>/<the "
+        "manifest's output name> (default: jobs_dir/outbox).",
         json_schema_extra=_unmeasured("where sealed answers go; the manifest names the file"),
     )
     job_concurrency: int = Field(

@@ -26,6 +26,11 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
+_SIGN = ["job", "sign", "--input", "p.json", "--key", "k", "--output-name", "a", "--signing-key",
+         "c.pem", "-o", "m.json"]  # fmt: skip
+_RUN = ["job", "run", "--manifest", "p.json", "--input", "p.json", "-o", "o.sealed"]
+
+
 @pytest.mark.parametrize(
     ("args", "code", "wanted"),
     [
@@ -41,6 +46,13 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
         (["tpm", "ak", "--state", "no-such-folder", "-o", "ak.pem"], 1, "is not a folder"),
         (["embed", "--target", "h:1", "--policy", "p.json"], 2, "encloud embed: no texts"),
         (["embed", "--policy", "p.json", "--dimensions", "0", "x"], 2, "0 is not positive"),
+        ([*_SIGN, "--model-digest", "zz"], 2, "--model-digest is 64 hex digits"),
+        ([*_SIGN, "--model-digest", "00" * 32, "--params", "{"], 2, "--params is a JSON"),
+        ([*_SIGN, "--model-digest", "00" * 32, "--params", '{"seed": 1}'], 2, "unknown"),
+        ([*_RUN, "--target", "h"], 2, "not host:port"),
+        ([*_RUN[:2], "--manifest", "missing.json", *_RUN[4:]], 1, "missing.json"),
+        ([*_RUN, "--target", "127.0.0.1:1"], 1, "UNAVAILABLE"),
+        (["open", "p.json", "-o", "o", "--key", "k", "--manifest", "p.json"], 1, "manifest"),
     ],
     ids=[
         "no-port",
@@ -55,11 +67,19 @@ def _run(*args: str, cwd: Path) -> tuple[int, str]:
         "tpm-ak-no-state",
         "embed-no-texts",
         "embed-zero-dimensions",
+        "job-sign-bad-model",
+        "job-sign-bad-params-json",
+        "job-sign-unknown-param",
+        "job-run-no-port",
+        "job-run-missing-manifest",
+        "job-run-no-server",
+        "open-manifest-not-a-manifest",
     ],
 )
 def test_a_mistake_is_one_line(args, code, wanted, tmp_path: Path) -> None:
     (tmp_path / "p.json").write_text("{}")  # present; most cases fail before reading it
     (tmp_path / "c.pem").write_text("")
+    (tmp_path / "k").write_text("11" * 32)
     got, stderr = _run(*args, cwd=tmp_path)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert got == code, stderr

@@ -281,8 +281,8 @@ def _open_answers(work: Job, sealed: bytes) -> list[dict[str, Any]]:
     return [line["answer"] for line in lines[:-1]]
 
 
-def _outbox(stack: Stack) -> Path:
-    return stack.workdir / "state" / "jobs" / "outbox"
+def _outbox(stack: Stack, owner: str = "alice") -> Path:
+    return stack.workdir / "state" / "jobs" / "outbox" / owner
 
 
 def _jobs_dir(stack: Stack) -> Path:

@@ -1111,7 +1111,9 @@ class JobDone(_message.Message):
     answers_size: _builtins.int
     """Bytes of the sealed answers file."""
     output: _builtins.str
-    """Where the server wrote it: the manifest's output name in its job outbox."""
+    """Where the server wrote it: the manifest's output name, in the key owner's
+    folder of its job outbox.
+    """
     def __init__(
         self,
         *,

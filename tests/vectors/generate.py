@@ -65,6 +65,7 @@ FILES = (
     "embed",
     "sealed_file",
     "sentinel",
+    "jobs",
     "eventlog",
     "evidence",
     "policy",
@@ -1544,6 +1545,134 @@ def sentinel_vectors() -> dict[str, Any]:
 # --- event log and model digest -----------------------------------------------------------------
 
 
+def job_vectors() -> dict[str, Any]:
+    """Job manifests signed by an owner (Ed25519: deterministic), their digests, manifests
+    Sentinel refuses; the qualifying data of a job's key request; the proof that ends a
+    release; an answers file's lines and the files `encloud open --manifest` refuses."""
+    import rfc8785
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from encloud.protocol import job
+
+    owner = Ed25519PrivateKey.from_private_bytes(seed("owner signing key"))
+    other = Ed25519PrivateKey.from_private_bytes(seed("another owner"))
+    now = 1_790_000_000
+    manifest = job.JobManifest(
+        job_id=seed("job id", 16),
+        key_id="owner-1/data",
+        model_digest=MODEL_DIGEST,
+        input_sha256=seed("sealed input"),
+        records=3,
+        output="answers-1.sealed",
+        expires_at=now + 600,
+        params={"max_new_tokens": 64, "temperature": 0.7, "stop": ["\n\n"]},
+    )
+    signed = job.sign_manifest(manifest, owner)
+    obj = json.loads(signed)
+
+    def with_manifest(**changes: Any) -> bytes:
+        body = {**obj["manifest"], **changes}
+        return rfc8785.dumps({"manifest": body, "signature": obj["signature"]})
+
+    negative = [
+        ("other_owner", job.sign_manifest(manifest, other), "ReleaseOrderSignatureError"),
+        (
+            "input_changed",
+            with_manifest(input_sha256=hx(seed("other"))),
+            "ReleaseOrderSignatureError",
+        ),
+        ("records_changed", with_manifest(records=4), "ReleaseOrderSignatureError"),
+        ("output_changed", with_manifest(output="x.sealed"), "ReleaseOrderSignatureError"),
+        (
+            "params_changed",
+            with_manifest(params={"max_new_tokens": 65}),
+            "ReleaseOrderSignatureError",
+        ),
+        (
+            "expired",
+            job.sign_manifest(dataclass_replace(manifest, expires_at=now - 1), owner),
+            "ReleaseOrderExpiredError",
+        ),
+        ("version_2", with_manifest(version=2), "ReleaseOrderFormatError"),
+        ("extra_key", with_manifest(note="x"), "ReleaseOrderFormatError"),
+        ("output_a_path", with_manifest(output="../x"), "ReleaseOrderFormatError"),
+        ("unknown_param", with_manifest(params={"seed": 1}), "ReleaseOrderFormatError"),
+        ("no_records", with_manifest(records=0), "ReleaseOrderFormatError"),
+        (
+            "not_canonical",
+            signed.replace(b'{"manifest":', b'{ "manifest":'),
+            "ReleaseOrderFormatError",
+        ),
+    ]
+    nonce, hpke_pub = seed("sentinel nonce"), seed("workload hpke public key")
+    q_job = job.job_qualifying_data(
+        SUITE_V1, nonce, manifest.digest(), manifest.input_sha256, hpke_pub
+    )
+    data_key = seed("owner data key v2")
+    answers = [
+        job.answer_line(manifest.digest(), i, f"answer {i}", "stop", 10 + i, 3 + i)
+        for i in range(3)
+    ]
+    end = job.end_line(manifest.digest(), 3)
+    other_job = job.answer_line(seed("another manifest"), 1, "answer 1", "stop", 11, 4)
+    refused = [
+        ("swapped", [answers[1], answers[0], answers[2], end]),
+        ("dropped", [answers[0], answers[2], end]),
+        ("dropped_last", [answers[0], answers[1], end]),
+        ("no_end_line", answers),
+        ("after_the_end", [*answers, end, answers[0]]),
+        ("another_jobs_answer", [answers[0], other_job, answers[2], end]),
+    ]
+    return {
+        "description": "job manifests signed by an owner (Ed25519), their digests, manifests "
+        "Sentinel refuses; the qualifying data of a job's key request; the proof that ends a "
+        "release; an answers file's lines, and answers files refused at open",
+        "owner_public_key": hx(owner.public_key().public_bytes_raw()),
+        "now": now,
+        "manifest": {
+            "signed": signed.decode(),
+            "signed_message": hx(manifest.signed_bytes()),
+            "digest": hx(manifest.digest()),
+        },
+        "negative_manifests": [
+            {"name": name, "signed": data.decode("utf-8", "replace"), "error": error}
+            for name, data, error in negative
+        ],
+        "qualifying_data": {
+            "suite": hx(SUITE_V1.encoded()),
+            "nonce": hx(nonce),
+            "manifest_digest": hx(manifest.digest()),
+            "input_sha256": hx(manifest.input_sha256),
+            "hpke_public_key": hx(hpke_pub),
+            "q": hx(q_job),
+        },
+        "end_proofs": [
+            {
+                "key": hx(data_key),
+                "job_id": hx(manifest.job_id),
+                "release_seq": seq,
+                "outcome": outcome,
+                "answers_sha256": hx(answers_sha),
+                "records_done": records,
+                "proof": hx(
+                    job.end_proof(data_key, manifest.job_id, seq, outcome, answers_sha, records)
+                ),
+            }
+            for seq, outcome, answers_sha, records in (
+                (1, job.PAUSED, b"", 2),
+                (2, job.DONE, seed("answers file"), 3),
+            )
+        ],
+        "answers": {
+            "lines": [line.decode() for line in [*answers, end]],
+            "refused": [
+                {"name": name, "lines": [line.decode() for line in lines]}
+                for name, lines in refused
+            ],
+        },
+    }
+
+
 def sequence_vectors() -> list[dict[str, Any]]:
     """Logs whose records are well formed, and how the start-up grammar reads them: model
     events (roles chat then embeddings, none twice) then one runtime event."""
@@ -2867,6 +2996,7 @@ def build() -> dict[str, str]:
         "embed": embed_vectors(keys),
         "sealed_file": sealed_file_vectors(),
         "sentinel": sentinel_vectors(),
+        "jobs": job_vectors(),
         "eventlog": eventlog_vectors(),
         "evidence": evidence_vectors(),
         "policy": policy_vectors(),
