@@ -64,6 +64,7 @@ def job_runner(settings: Settings, service: InferenceCore) -> JobRunner:
         outbox_dir=settings.job_outbox_dir or jobs_dir / "outbox",
         concurrency=settings.job_concurrency,
         max_input_bytes=settings.max_job_input_bytes,
+        max_running_jobs=settings.max_running_jobs,
     )
     sentinel = None
     if settings.sentinel_address:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from grpc_status import rpc_status
 from encloud.protocol import generation, job, key_broker
 from encloud.protocol.errors import ReleaseOrderFormatError
 from encloud.protocol.faults import (
+    InvalidArgumentError,
     JobInputError,
     JobInputTooLargeError,
     JobRunningError,
@@ -52,6 +54,7 @@ from encloud.protocol.sentinel.v1 import sentinel_pb2_grpc as spb_grpc
 from encloud.server import grpc_converters as converters
 from encloud.server.inference.engine import GenerationParams
 from encloud.server.inference.scheduler import GenerationResult
+from encloud.server.limits import ServerBusyError
 from encloud.server.settings import Settings
 
 log = logging.getLogger("encloud.jobs")
@@ -194,6 +197,7 @@ class JobConfig:
     outbox_dir: Path
     concurrency: int
     max_input_bytes: int
+    max_running_jobs: int = 4
 
 
 class JobRunner:
@@ -232,6 +236,10 @@ class JobRunner:
             raise JobInputError(f"the job manifest is malformed: {err}") from None
         if manifest.job_id in self._running:
             raise JobRunningError("this job is running in another call on this server")
+        if len(self._running) >= self._config.max_running_jobs:
+            raise ServerBusyError(
+                "this server runs its most jobs at once (max_running_jobs); retry later"
+            )
         self._running.add(manifest.job_id)
         try:
             async for event in self._run(sentinel, signed_manifest, manifest, chunks):
@@ -403,6 +411,7 @@ class _Run:
     async def events(self, concurrency: int) -> AsyncIterator[JobEvent]:
         total = self.manifest.records
         self.key = self._input_key()
+        await asyncio.to_thread(self._drop_foreign_entries)
         yield Accepted(self.manifest.job_id, len(self.done), total)
         running: set[asyncio.Task[int]] = set()
         seen = 0
@@ -435,6 +444,29 @@ class _Run:
             running.discard(task)
             self.done.add(task.result())  # a failed record fails the call (re-raised here)
             yield Progress(len(self.done), self.manifest.records, self.tokens)
+
+    def _drop_foreign_entries(self) -> None:
+        """A journal entry that does not open under the key, or is not this job's answer to
+        its index (tampered, or copied from another job), is removed: its record runs again."""
+        for index in sorted(self.done):
+            try:
+                entry = json.loads(self._entry_line(index))
+                if set(entry) != {"answer", "index", "job"} or (entry["index"], entry["job"]) != (
+                    index,
+                    self.digest.hex(),
+                ):
+                    raise ValueError("another job's or index's answer")
+            except (OSError, SealedFileError, ValueError):
+                log.warning("a journal entry was not this job's; its record runs again")
+                self.work.entry(index).unlink(missing_ok=True)
+                self.done.discard(index)
+
+    def _entry_line(self, index: int) -> bytes:
+        sink = io.BytesIO()
+        with open(self.work.entry(index), "rb") as source:
+            for plaintext in OpenedStream(source, self.key, expected_key_id=self.manifest.key_id):
+                sink.write(plaintext)
+        return sink.getvalue()
 
     def _input_key(self) -> bytearray:
         """The key version the input was sealed under (the answers are sealed under it too):
@@ -487,7 +519,10 @@ class _Run:
             raise JobInputError(f"record {index}: {err}") from None
 
     async def _answer(self, index: int, params: GenerationParams) -> int:
-        text, result = await self._generate(params)
+        try:
+            text, result = await self._generate(params)
+        except InvalidArgumentError as err:  # the prompt too long for the server, say
+            raise JobInputError(f"record {index}: {err.message}") from None
         self.tokens += result.completion_tokens
         line = job.answer_line(
             self.digest,
@@ -510,20 +545,15 @@ class _Run:
         then the end line."""
         checker = job.AnswersChecker(self.digest)
         for index in range(self.manifest.records):
-            sink = io.BytesIO()
             try:
-                with open(self.work.entry(index), "rb") as source:
-                    for plaintext in OpenedStream(
-                        source, self.key, expected_key_id=self.manifest.key_id
-                    ):
-                        sink.write(plaintext)
-                checker.feed(sink.getvalue())
+                line = self._entry_line(index)
+                checker.feed(line)
             except (OSError, SealedFileError, job.AnswersFileError) as err:
                 raise JobInputError(
                     f"the journal entry of record {index} is missing or not this job's "
-                    f"({type(err).__name__}); the job cannot finish from this journal"
+                    f"({type(err).__name__}); call the job again to run that record anew"
                 ) from None
-            yield sink.getvalue()
+            yield line
         end = job.end_line(self.digest, self.manifest.records)
         checker.feed(end)
         checker.finish()

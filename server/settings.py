@@ -510,6 +510,14 @@ class Settings(BaseSettings):
             "how many records run at once; each record's answer does not depend on it"
         ),
     )
+    max_running_jobs: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="Jobs running at once; one more RunJob call is RESOURCE_EXHAUSTED "
+        "(SERVER_BUSY, RetryInfo) until one ends.",
+        json_schema_extra=_unmeasured("a quota: availability only"),
+    )
     max_job_input_bytes: int = Field(
         1 << 30,
         ge=1,

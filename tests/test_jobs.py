@@ -145,6 +145,7 @@ def _job_settings(sentinel: Sentinel, address: str | None = None) -> dict[str, A
         "sentinel_ca_file": sentinel.folder / "ca.pem",
         "sentinel_timeout_seconds": 5,
         "job_concurrency": 8,
+        "max_running_jobs": 1,
     }
 
 
@@ -842,14 +843,37 @@ def test_a_cancelled_call_pauses_the_job_and_the_next_call_resumes_it(
         lambda: bool(sentinel.audited(work.manifest.job_id, method="EndJobRelease")),
         "the cancelled call's release ended paused",
     )
-    done_before = len(list(journal.glob("*.sealed")))
-    assert done_before >= 4
+    entries = sorted(journal.glob("*.sealed"))
+    assert len(entries) >= 4
+    # The host tampers with one journal entry: it is dropped and its record runs again.
+    tampered = bytearray(entries[1].read_bytes())
+    tampered[-1] ^= 1
+    entries[1].write_bytes(bytes(tampered))
     result, sealed = _run(server, work)
-    assert result.records_resumed == done_before and result.records == 24
+    assert result.records_resumed == len(entries) - 1 and result.records == 24
     assert len(_open_answers(work, sealed)) == 24
     released = sentinel.audited(work.manifest.job_id, method="ReleaseJobKey", outcome="released")
     assert [e["release_seq"] for e in released] == [1, 2]
     assert released[0]["startups"] == released[1]["startups"]  # the same start-up, resumed
+
+
+def test_a_job_beyond_max_running_jobs_is_told_to_retry(
+    server: Stack, alice: Owner, alice_key: Key
+) -> None:
+    first = _job(alice, alice_key, server, _records(12, tag="first "))
+    other = _job(alice, alice_key, server, _records(2, tag="other "))
+    refused: list[ServiceError] = []
+
+    def start_another(progress: JobProgress) -> None:
+        if not refused and progress.records_done >= 1:
+            with pytest.raises(ServiceError) as caught:
+                _run(server, other)
+            refused.append(caught.value)
+
+    _run(server, first, start_another)
+    assert refused[0].code == "RESOURCE_EXHAUSTED" and refused[0].reason == "SERVER_BUSY"
+    assert refused[0].retry_after_seconds is not None
+    assert _run(server, other)[0].records == 2  # once the first ended (a positive control)
 
 
 def test_a_second_call_of_a_running_job_is_refused(
