@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
 import io
 import json
 import os
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from encloud.cli.demo import BatchStack, batch_stack, cache_root
 from encloud.client import Client
 from encloud.client.jobs import JobClient
-from encloud.protocol import job, sealed_file
+from encloud.protocol import job
 from encloud.protocol.policy import load_policy
 from encloud.server.inference.export import DEFAULT_PRECISION, export_model
 
@@ -56,21 +55,20 @@ def _run_job(stack: BatchStack, records: list[dict[str, Any]], params: dict[str,
     with stack.owner() as owner:
         owner.add_signing_key(signing.public_key().public_bytes_raw())
         owner.create_key(key_id, stack.policy_bytes, key)
-    plain = b"".join(job.record_line(r["messages"], r["seed"]) for r in records)
-    sealed = io.BytesIO()
-    sealed_file.seal_stream(io.BytesIO(plain), sealed, key, key_id)
-    manifest = job.new_manifest(
-        key_id=key_id,
+    prepared = job.prepare_job(
+        records,
+        key,
+        key_id,
         model_digest=stack.model_digest,
-        input_sha256=hashlib.sha256(sealed.getvalue()).digest(),
-        records=len(records),
-        output=f"bench-{os.urandom(4).hex()}.sealed",
         params=params,
+        output=f"bench-{os.urandom(4).hex()}.sealed",
         ttl_seconds=3600,
+        signing_key=signing,
     )
-    signed = job.sign_manifest(manifest, signing)
     with JobClient(stack.address, timeout=3600) as client:
-        result = client.run(signed, io.BytesIO(sealed.getvalue()), io.BytesIO())
+        result = client.run(
+            prepared.signed_manifest, io.BytesIO(prepared.sealed_input), io.BytesIO()
+        )
     return result.completion_tokens
 
 

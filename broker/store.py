@@ -465,17 +465,10 @@ class Store:
                     )
             except sa.exc.IntegrityError:
                 raise OrderUsedFault("this release order was used already") from None
-            state = db.execute(
-                sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
-            ).scalar_one()
-            if state != ACTIVE:
+            versions = self._versions(db, record)
+            if not versions:
                 raise KeyRevokedFault(f"the key {record.key_id} is revoked")
-            rows = db.execute(
-                sa.select(schema.key_versions.c.version, schema.key_versions.c.wrapped)
-                .where(schema.key_versions.c.data_key == record.id)
-                .order_by(schema.key_versions.c.version.desc())
-            )
-            return [(int(v), bytes(w)) for v, w in rows]
+            return versions
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -596,6 +589,7 @@ class Store:
             raise JobReleaseUnknownFault("no live release of this job has that number")
 
     def _versions(self, db: Connection, record: KeyRecord) -> list[tuple[int, bytes]]:
+        """The key's wrapped versions, newest first; none once it is revoked."""
         state = db.execute(
             sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
         ).scalar_one()

@@ -184,7 +184,6 @@ def run_batch_demo(max_new_tokens: int) -> int:
     """The confidential batch flow once (docs/SENTINEL.md, "Jobs"): the owner seals a JSONL
     of chat requests and signs a job manifest; Sentinel releases the key only to the attested
     server for that manifest; the server answers into a sealed file; the owner opens it."""
-    import hashlib
     import io
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -211,22 +210,20 @@ def run_batch_demo(max_new_tokens: int) -> int:
                 owner.create_key(key_id, stack.policy_bytes, data_key)
 
             print(f"[4/6] owner: seal {len(BATCH_PROMPTS)} chat requests, sign the job manifest")
-            plain = b"".join(
-                job.record_line([{"role": "user", "content": p}], seed=i)
-                for i, p in enumerate(BATCH_PROMPTS)
-            )
-            sealed = io.BytesIO()
-            sealed_file.seal_stream(io.BytesIO(plain), sealed, data_key, key_id)
-            manifest = job.new_manifest(
-                key_id=key_id,
+            prepared = job.prepare_job(
+                [
+                    {"messages": [{"role": "user", "content": p}], "seed": i}
+                    for i, p in enumerate(BATCH_PROMPTS)
+                ],
+                data_key,
+                key_id,
                 model_digest=stack.model_digest,
-                input_sha256=hashlib.sha256(sealed.getvalue()).digest(),
-                records=len(BATCH_PROMPTS),
-                output="batch-demo.answers.sealed",
                 params={"max_new_tokens": max_new_tokens, "temperature": 0.0},
+                output="batch-demo.answers.sealed",
                 ttl_seconds=600,
+                signing_key=signing,
             )
-            signed = job.sign_manifest(manifest, signing)
+            manifest = prepared.manifest
             print(f"      job {manifest.job_id.hex()}, manifest {manifest.digest().hex()[:16]}...")
 
             print("[5/6] the job: sealed input in, Sentinel releases the key to the attested")
@@ -238,7 +235,9 @@ def run_batch_demo(max_new_tokens: int) -> int:
             answers = io.BytesIO()
             job_started = time.monotonic()
             with JobClient(stack.address, timeout=600) as client:
-                result = client.run(signed, io.BytesIO(sealed.getvalue()), answers, show)
+                result = client.run(
+                    prepared.signed_manifest, io.BytesIO(prepared.sealed_input), answers, show
+                )
             print(
                 f"      done in {time.monotonic() - job_started:.1f} s: {result.records} "
                 f"records, {result.completion_tokens} tokens, answers sha256 "

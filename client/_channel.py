@@ -32,3 +32,10 @@ def tls_credentials(
         private_key=key.read_bytes() if key else None,
         certificate_chain=cert.read_bytes() if cert else None,
     )
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    """A blocking channel to `target`: TLS with `credentials`, plaintext without."""
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials)

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from encloud.client._channel import open_channel
 from encloud.protocol import attest as attest_path
 from encloud.protocol.embedding import Embeddings, open_embeddings
 from encloud.protocol.errors import ServiceError, SessionError, SessionExpiredError
@@ -78,11 +79,7 @@ class Client(ClientState):
         self._lock = threading.RLock()  # one handshake at a time; sessions change under it
         self._own_channel = channel is None
         if channel is None:
-            channel = (
-                grpc.secure_channel(target, credentials)
-                if credentials is not None
-                else grpc.insecure_channel(target)
-            )
+            channel = open_channel(target, credentials)
         self._channel = channel
         self._stub = pb_grpc.InferenceServiceStub(channel)
 

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 import grpc
 
+from encloud.client._channel import open_channel
 from encloud.client._status import sentinel_error
 from encloud.protocol.errors import EncloudError, ServiceError
 from encloud.protocol.v2 import encloud_pb2 as pb
@@ -57,11 +58,7 @@ class JobClient:
     ) -> None:
         self._own_channel = channel is None
         if channel is None:
-            channel = (
-                grpc.secure_channel(target, credentials)
-                if credentials is not None
-                else grpc.insecure_channel(target)
-            )
+            channel = open_channel(target, credentials)
         self._channel = channel
         self._stub = pb_grpc.JobServiceStub(channel)
         self.timeout = timeout

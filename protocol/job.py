@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
+import io
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +53,7 @@ from encloud.protocol.errors import (
     ReleaseOrderSignatureError,
 )
 from encloud.protocol.handshake import HpkeSuiteId
-from encloud.protocol.sealed_file import check_key_id
+from encloud.protocol.sealed_file import check_key_id, seal_stream
 
 MANIFEST_VERSION = 1
 MANIFEST_LABEL = "encloud/v1 job manifest"
@@ -156,6 +158,43 @@ def new_manifest(
         params=check_params(params),
     )
     return manifest
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """What an owner hands over for a job: the signed manifest and the sealed input."""
+
+    manifest: JobManifest
+    signed_manifest: bytes
+    sealed_input: bytes
+
+
+def prepare_job(
+    records: Iterable[Mapping[str, Any]],
+    key: bytes | bytearray,
+    key_id: str,
+    *,
+    model_digest: bytes,
+    params: Mapping[str, Any],
+    output: str,
+    ttl_seconds: int,
+    signing_key: Ed25519PrivateKey,
+) -> PreparedJob:
+    """The owner's side in one call, in memory: the records ({"messages": [...], "seed"?})
+    as JSONL sealed under the key, and a manifest for exactly that input, signed."""
+    plain = b"".join(record_line(r["messages"], r.get("seed")) for r in records)
+    sealed = io.BytesIO()
+    seal_stream(io.BytesIO(plain), sealed, key, key_id)
+    manifest = new_manifest(
+        key_id=key_id,
+        model_digest=model_digest,
+        input_sha256=hashlib.sha256(sealed.getvalue()).digest(),
+        records=plain.count(b"\n"),
+        output=output,
+        params=params,
+        ttl_seconds=ttl_seconds,
+    )
+    return PreparedJob(manifest, sign_manifest(manifest, signing_key), sealed.getvalue())
 
 
 def sign_manifest(manifest: JobManifest, owner_key: Ed25519PrivateKey) -> bytes:

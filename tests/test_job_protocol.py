@@ -161,3 +161,33 @@ def test_a_new_manifest_refuses_what_it_could_not_sign() -> None:
     ):
         with pytest.raises(ValueError):
             job.new_manifest(**{**base, **change})
+
+
+def test_prepare_job_seals_the_records_and_signs_a_manifest_for_exactly_them() -> None:
+    import hashlib
+    import io
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from encloud.protocol.sealed_file import open_stream
+
+    key, signing = os.urandom(32), Ed25519PrivateKey.generate()
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}], "seed": i} for i in range(3)]
+    prepared = job.prepare_job(
+        records,
+        key,
+        "owner-1/data",
+        model_digest=bytes(32),
+        params={"max_new_tokens": 4},
+        output="a.sealed",
+        ttl_seconds=60,
+        signing_key=signing,
+    )
+    manifest = job.verify_manifest(prepared.signed_manifest, signing.public_key(), now=0)
+    assert manifest == prepared.manifest and manifest.records == 3
+    assert manifest.input_sha256 == hashlib.sha256(prepared.sealed_input).digest()
+    plain = io.BytesIO()
+    open_stream(io.BytesIO(prepared.sealed_input), plain, key, expected_key_id="owner-1/data")
+    lines = plain.getvalue().splitlines()
+    assert [job.parse_record(line, i).seed for i, line in enumerate(lines)] == [0, 1, 2]
