@@ -257,9 +257,14 @@ class JobRunner:
         work = _JobFiles(self._config, manifest)
         try:
             input_sha256 = await work.spool(chunks, self._config.max_input_bytes)
-            released, release_seq = await sentinel.release(
-                lambda nonce: self._prepare(signed_manifest, input_sha256, nonce)
+            release = asyncio.ensure_future(
+                sentinel.release(lambda nonce: self._prepare(signed_manifest, input_sha256, nonce))
             )
+            try:
+                released, release_seq = await asyncio.shield(release)
+            except asyncio.CancelledError:
+                await self._end_abandoned(sentinel, manifest, work, release)
+                raise
         except BaseException:
             work.drop_spool()
             raise
@@ -273,6 +278,23 @@ class JobRunner:
             await self._end(sentinel, run, outcome)
         for event in run.output_events():
             yield event
+
+    async def _end_abandoned(
+        self,
+        sentinel: SentinelLink,
+        manifest: job.JobManifest,
+        work: _JobFiles,
+        release: asyncio.Future[tuple[ReleasedKeys, int]],
+    ) -> None:
+        """The caller left while Sentinel was releasing the key: let the release land, then
+        end it paused at once, so that the next call of the job (in this start-up) may have
+        the key again instead of finding it held."""
+        try:
+            released, release_seq = await release
+        except Exception:
+            return  # refused or unreachable: there is nothing to end
+        run = _Run(manifest, work, released, release_seq, self._settings, self._generate)
+        await self._end(sentinel, run, job.PAUSED)
 
     async def _end(self, sentinel: SentinelLink, run: _Run, outcome: str) -> None:
         """Tell Sentinel the release ended (done, or paused for the next call), then wipe the

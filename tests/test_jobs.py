@@ -799,6 +799,7 @@ def test_a_record_that_is_not_a_chat_request_is_refused_without_its_content(
     assert not (_outbox(server) / work.manifest.output).exists()
     ended = sentinel.audited(work.manifest.job_id, method="EndJobRelease", outcome="ended")
     assert [e["job_outcome"] for e in ended] == ["paused"]
+    assert not _process_holds(server.server.process.pid, alice_key.key)  # wiped on failure
 
 
 def test_an_input_with_another_record_count_than_the_manifest_is_refused(
@@ -843,6 +844,8 @@ def test_a_cancelled_call_pauses_the_job_and_the_next_call_resumes_it(
         lambda: bool(sentinel.audited(work.manifest.job_id, method="EndJobRelease")),
         "the cancelled call's release ended paused",
     )
+    # Wiped on cancellation too (the scan's positive control: the memory test above).
+    assert not _process_holds(server.server.process.pid, alice_key.key)
     entries = sorted(journal.glob("*.sealed"))
     assert len(entries) >= 4
     # The host tampers with one journal entry: it is dropped and its record runs again.
