@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -441,10 +442,17 @@ def _answers_plaintext(work: Job, sealed: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("tamper", ["swap", "drop", "drop_last", "move"])
 def test_an_answers_file_reordered_cut_or_moved_is_refused_at_open(
-    finished: tuple[Job, JobResult, bytes], tmp_path: Path, tamper: str, capsys: Any
+    finished: tuple[Job, JobResult, bytes],
+    tmp_path: Path,
+    tamper: str,
+    capsys: Any,
+    node_client: str,
 ) -> None:
     """Whoever holds the key (the attested server or the owner) could reseal plaintext; the
-    index and job on every line, and the end line, still refuse it at `encloud open`."""
+    index and job on every line, and the end line, still refuse it at `encloud open` (and at
+    the Node client's `open`)."""
+    from conftest import NODE_DIR
+
     from encloud.cli.main import main as cli
 
     work, _, sealed = finished
@@ -472,14 +480,22 @@ def test_an_answers_file_reordered_cut_or_moved_is_refused_at_open(
         "--manifest",
         str(tmp_path / "manifest.json"),
     ]
+    node = [node_client, "bin/encloud-node.js", *argv]
     assert cli(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "answers" in err.lower()
     assert not (tmp_path / "answers.jsonl").exists()
-    # Positive control: the untampered file opens through the same command.
+    refused = subprocess.run(node, cwd=NODE_DIR, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "AnswersFileError" in refused.stderr, refused.stderr
+    assert not (tmp_path / "answers.jsonl").exists()
+    # Positive control: the untampered file opens through the same commands.
     (tmp_path / "answers.sealed").write_bytes(sealed)
     assert cli(argv) == 0
-    assert (tmp_path / "answers.jsonl").exists()
+    opened = (tmp_path / "answers.jsonl").read_bytes()
+    (tmp_path / "answers.jsonl").unlink()
+    done = subprocess.run(node, cwd=NODE_DIR, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "answers.jsonl").read_bytes() == opened
 
 
 # --- faults --------------------------------------------------------------------------------------

@@ -19,18 +19,27 @@
 // JSON array of the vectors; the attestation summary and a closing line go to stderr.
 // A failure prints {"ok": false, "error", "check", "message"} on stdout and exits 1.
 //
-//   node bin/encloud-node.js open IN -o OUT --key KEYFILE [--key-id K]
+//   node bin/encloud-node.js open IN -o OUT --key KEYFILE [--key-id K] [--manifest M]
 //
 // open: opens the sealed file IN (protocol/sealed_file.py's format) with the 32-byte key in
 // KEYFILE (32 raw bytes or 64 hex digits), streaming, into a temporary file beside OUT that is
 // renamed to OUT only once the whole file opened: a failed open leaves no OUT. --key-id K
-// refuses a file sealed under another key id. It prints `opened IN (key id K, N bytes) -> OUT`
-// on stderr and exits 0; a failure is one line on stderr (`encloud-node open: Error: detail`)
+// refuses a file sealed under another key id; --manifest M (a job's signed manifest) refuses
+// a job's answers file unless every answer is that job's, in record order, none missing.
+// It prints `opened IN (key id K, N bytes) -> OUT` on stderr and exits 0; a failure is one line on stderr (`encloud-node open: Error: detail`)
 // and exit 1, a usage mistake one line and exit 2.
 const fs = require('node:fs');
 const path = require('node:path');
 const crypto = require('node:crypto');
-const { EncloudClient, policy: pol, openSealedFile, readKeyFile } = require('../lib');
+const { Writable } = require('node:stream');
+const {
+  EncloudClient,
+  policy: pol,
+  openSealedFile,
+  readKeyFile,
+  errors,
+  job: jobLib,
+} = require('../lib');
 
 function args(argv) {
   const out = { prompt: 'Name three colours of the rainbow.', maxNewTokens: 16, attacks: false };
@@ -80,7 +89,13 @@ function embedArgs(argv) {
 class UsageError extends Error {}
 
 function openArgs(argv) {
-  const out = { input: undefined, output: undefined, key: undefined, keyId: undefined };
+  const out = {
+    input: undefined,
+    output: undefined,
+    key: undefined,
+    keyId: undefined,
+    manifest: undefined,
+  };
   const positional = [];
   let i = 3;
   for (; i < argv.length; i++) {
@@ -96,6 +111,7 @@ function openArgs(argv) {
     if (a === '-o' || a === '--output') out.output = value();
     else if (a === '--key') out.key = value();
     else if (a === '--key-id') out.keyId = value();
+    else if (a === '--manifest') out.manifest = value();
     else if (a.startsWith('-') && a !== '-') throw new UsageError(`unknown argument ${a}`);
     else positional.push(a);
   }
@@ -106,8 +122,47 @@ function openArgs(argv) {
   return out;
 }
 
+/** A writable that checks a job's answers as they pass to `inner` (lib/job.js), and ends
+ * `inner` only once the whole file checked. */
+class CheckedAnswers extends Writable {
+  constructor(inner, checker, records) {
+    super();
+    this.inner = inner;
+    this.checker = checker;
+    this.records = records;
+  }
+
+  _write(chunk, _encoding, callback) {
+    try {
+      this.checker.feed(chunk);
+    } catch (err) {
+      callback(err);
+      return;
+    }
+    if (this.inner.write(chunk)) callback();
+    else this.inner.once('drain', () => callback());
+  }
+
+  _final(callback) {
+    try {
+      const count = this.checker.finish();
+      if (count !== this.records) {
+        throw new errors.AnswersFileError(
+          `the answers file holds ${count} answers, the manifest ${this.records}`,
+        );
+      }
+    } catch (err) {
+      callback(err);
+      return;
+    }
+    this.inner.once('error', callback);
+    this.inner.end(() => callback());
+  }
+}
+
 async function openFile(opt) {
   const key = readKeyFile(fs.readFileSync(opt.key));
+  const job = opt.manifest ? jobLib.parseManifest(fs.readFileSync(opt.manifest)) : null;
   const target = path.resolve(opt.output);
   const tmp = path.join(
     path.dirname(target),
@@ -129,10 +184,14 @@ async function openFile(opt) {
   process.once('SIGTERM', interrupted);
   const input = fs.createReadStream(opt.input);
   // autoClose: false: the descriptor stays open after 'finish', for fsync before the rename.
-  const output = fs.createWriteStream(null, { fd, autoClose: false });
+  const file = fs.createWriteStream(null, { fd, autoClose: false });
+  const output = job
+    ? new CheckedAnswers(file, new jobLib.AnswersChecker(job.digest), job.manifest.records)
+    : file;
   let fdOpen = true;
   try {
-    const result = await openSealedFile(input, output, key, { expectedKeyId: opt.keyId });
+    const expectedKeyId = job ? job.manifest.key_id : opt.keyId;
+    const result = await openSealedFile(input, output, key, { expectedKeyId });
     fs.fsyncSync(fd);
     fs.closeSync(fd);
     fdOpen = false;
@@ -140,12 +199,13 @@ async function openFile(opt) {
     process.stderr.write(`opened ${opt.input} (key id ${result.keyId}, ${result.bytes} bytes) -> ${opt.output}\n`);
   } catch (err) {
     input.destroy();
-    if (fdOpen && !output.closed) {
+    if (output !== file) output.destroy();
+    if (fdOpen && !file.closed) {
       // destroy() waits for a write in flight, then closes the descriptor
       await new Promise((resolve) => {
-        output.once('close', resolve);
-        output.once('error', () => {});
-        output.destroy();
+        file.once('close', resolve);
+        file.once('error', () => {});
+        file.destroy();
       });
     }
     discard();

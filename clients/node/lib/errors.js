@@ -90,6 +90,10 @@ sub('SealedFileFormatError', SealedFileError);
 sub('SealedFileKeyIdError', SealedFileError);
 /** A segment failed authentication: tampered, reordered, dropped, truncated or spliced. */
 sub('SealedFileDecryptError', SealedFileError);
+/** A job's answers file out of order, of another job, cut, or with lines after its end. */
+sub('AnswersFileError', EncloudError);
+/** A job manifest that is not canonical JSON of the manifest's shape. */
+sub('ReleaseOrderFormatError', EncloudError);
 const SessionError = sub('SessionError', EncloudError);
 sub('SessionExpiredError', SessionError);
 /** The attested server measured no model of the role a call needs: nothing was sent. */

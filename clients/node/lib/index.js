@@ -18,5 +18,6 @@ module.exports = {
   gce: require('./gce'),
   stream: require('./stream'),
   embedding: require('./embedding'),
+  job: require('./job'),
   proto: require('./proto'),
 };

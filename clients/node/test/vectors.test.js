@@ -636,3 +636,33 @@ test('sealed files: every case of sealed_file.json', async (t) => {
     assert.equal(right.keyId, v.positive[0].key_id);
   });
 });
+
+test('jobs: the manifest digest and the answers files of jobs.json', () => {
+  const v = load('jobs');
+  const { job } = require('../lib');
+  const { manifest, digest } = job.parseManifest(Buffer.from(v.manifest.signed, 'utf8'));
+  assert.equal(digest.toString('hex'), v.manifest.digest);
+  assert.equal(manifest.records, 3);
+  const good = new job.AnswersChecker(digest);
+  for (const line of v.answers.lines) good.feed(Buffer.from(line, 'utf8'));
+  assert.equal(good.finish(), 3);
+  for (const c of v.answers.refused) {
+    const checker = new job.AnswersChecker(digest);
+    assert.throws(
+      () => {
+        for (const line of c.lines) checker.feed(Buffer.from(line, 'utf8'));
+        checker.finish();
+      },
+      (err) => err.name === 'AnswersFileError',
+      c.name,
+    );
+  }
+  for (const c of v.negative_manifests.filter((n) => n.error === 'ReleaseOrderFormatError')) {
+    if (['output_a_path', 'unknown_param', 'no_records'].includes(c.name)) continue; // Sentinel's
+    assert.throws(
+      () => job.parseManifest(Buffer.from(c.signed, 'utf8')),
+      (err) => err.name === 'ReleaseOrderFormatError',
+      c.name,
+    );
+  }
+});
