@@ -60,6 +60,8 @@ from encloud.server.settings import Settings
 log = logging.getLogger("encloud.jobs")
 
 OUTPUT_CHUNK = 1 << 20
+JOURNAL_BUCKET = 4096
+"""Journal entries' plaintext is padded to a multiple of this many bytes."""
 
 
 @dataclass(frozen=True)
@@ -484,11 +486,12 @@ class _Run:
                 self.done.discard(index)
 
     def _entry_line(self, index: int) -> bytes:
+        """A journal entry's answer line, without its padding."""
         sink = io.BytesIO()
         with open(self.work.entry(index), "rb") as source:
             for plaintext in OpenedStream(source, self.key, expected_key_id=self.manifest.key_id):
                 sink.write(plaintext)
-        return sink.getvalue()
+        return sink.getvalue().rstrip(b" \n") + b"\n"
 
     def _input_key(self) -> bytearray:
         """The key version the input was sealed under (the answers are sealed under it too):
@@ -558,8 +561,13 @@ class _Run:
         return index
 
     def _journal(self, index: int, line: bytes) -> None:
+        """The answer sealed into its journal entry, padded with spaces to a multiple of
+        JOURNAL_BUCKET: the host sees the journal's files, and their sizes must not tell it
+        how long each answer is (the interactive protocol pads its frames for the same
+        reason). The padding goes again when the answers file is made."""
+        padded = line[:-1] + b" " * (-len(line) % JOURNAL_BUCKET) + b"\n"
         sealed = io.BytesIO()
-        seal_stream(io.BytesIO(line), sealed, self.key, self.manifest.key_id)
+        seal_stream(io.BytesIO(padded), sealed, self.key, self.manifest.key_id)
         self.work.write_entry(index, sealed.getvalue())
 
     def _answer_lines(self) -> Iterator[bytes]:

@@ -582,6 +582,8 @@ def test_a_server_killed_mid_job_resumes_without_losing_or_doubling_a_record(
     journal = _jobs_dir(server) / work.manifest.job_id.hex() / "journal"
     journaled = sorted(p.name for p in journal.glob("*.sealed"))
     assert len(journaled) >= 10
+    # The host sees the journal: its entries' sizes do not tell the answers' lengths apart.
+    assert len({p.stat().st_size for p in journal.glob("*.sealed")}) == 1
     assert not (_outbox(server) / work.manifest.output).exists()
 
     _kill_and_restart(server, sentinel)
