@@ -465,10 +465,7 @@ class Store:
                     )
             except sa.exc.IntegrityError:
                 raise OrderUsedFault("this release order was used already") from None
-            versions = self._versions(db, record)
-            if not versions:
-                raise KeyRevokedFault(f"the key {record.key_id} is revoked")
-            return versions
+            return self._versions(db, record)
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -493,8 +490,8 @@ class Store:
                 sa.select(table).where(table.c.job_id == job_id).with_for_update()
             ).one_or_none()
             versions = self._versions(db, record)
-            if not versions:
-                raise KeyRevokedFault(f"the key {record.key_id} is revoked")
+            if not versions:  # an active key always has one; never claim a job without
+                raise KeyRevokedFault(f"the key {record.key_id} has no version to release")
             values = {
                 "state": JOB_LIVE,
                 "ak_fingerprint": startup.ak_fingerprint,
@@ -589,12 +586,12 @@ class Store:
             raise JobReleaseUnknownFault("no live release of this job has that number")
 
     def _versions(self, db: Connection, record: KeyRecord) -> list[tuple[int, bytes]]:
-        """The key's wrapped versions, newest first; none once it is revoked."""
+        """The key's wrapped versions, newest first; KeyRevokedFault once it is revoked."""
         state = db.execute(
             sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
         ).scalar_one()
         if state != ACTIVE:
-            return []
+            raise KeyRevokedFault(f"the key {record.key_id} is revoked")
         rows = db.execute(
             sa.select(schema.key_versions.c.version, schema.key_versions.c.wrapped)
             .where(schema.key_versions.c.data_key == record.id)

@@ -226,6 +226,17 @@ class PgCluster:
             f"@{CONNECT_HOST}:{self.port}/{self.dbname}"
         )
 
+    def another_database(self, name: str) -> str:
+        """Create one more database of the test role (a module's own, beside another
+        module's), and return its SQLAlchemy URL."""
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+            raise ValueError(f"{name!r} is not a plain database name")
+        psql = str(PG_LIB / self.version / "bin" / "psql")
+        argv = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir)]
+        argv += ["-p", str(self.port), "-d", "postgres", "-c"]
+        _run(_as_owner([*argv, f"CREATE DATABASE {name} OWNER {self.user}"]))
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
     @property
     def dsn(self) -> str:
         """libpq connection string, the same connection as `url`."""

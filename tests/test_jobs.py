@@ -22,6 +22,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pki import issue_certificate
+from postgres import pg_cluster  # noqa: F401  (the session fixture)
 from sentinel_support import MODEL, Workload, attested_workload
 from stack import ONE_PEER_IS_EVERYONE, Stack, running_stack
 from waiting import wait_for
@@ -105,11 +106,11 @@ class Sentinel:
         ]
 
 
-@pytest.fixture(scope="module")
-def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinel]:
+def _start_sentinel(folder: Path, database_url: str | None = None) -> Sentinel:
+    """Sentinel on loopback (mutual TLS for owners, TLS for workloads) with the owners alice
+    and bob, on SQLite in `folder` or on `database_url`."""
     from encloud.broker.servicer import certificate_spki_sha256
 
-    folder = tmp_path_factory.mktemp("sentinel")
     ca_cert, ca_key = issue_certificate("jobs test CA", None, ca=True)
     certs = {
         name: issue_certificate(name, (ca_cert, ca_key), server=name == "sentinel")
@@ -121,19 +122,41 @@ def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinel]:
         (folder / f"{name}.key").write_bytes(key)
     settings = SentinelSettings(
         state_dir=folder / "state",
+        database_url=database_url,
         owner_listen="127.0.0.1:0",
         workload_listen="127.0.0.1:0",
         tls_cert=folder / "sentinel.pem",
         tls_key=folder / "sentinel.key",
         client_ca=folder / "ca.pem",
-        accept_dev_policies=True,  # the swtpm server's own policy (dev_only)
+        accept_dev_policies=True,  # the swtpm workloads' own policies (dev_only)
     )
     init_state(settings)
     store = Store(make_engine(settings.resolved_database_url()))
     for name in ("alice", "bob"):
         store.add_owner(name, certificate_spki_sha256(certs[name][0]))
     store.engine.dispose()
-    broker = Sentinel(settings, start(settings), folder, certs, ca_cert)
+    return Sentinel(settings, start(settings), folder, certs, ca_cert)
+
+
+@pytest.fixture(scope="module")
+def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinel]:
+    """The Sentinel the server fetches job keys from (SQLite)."""
+    broker = _start_sentinel(tmp_path_factory.mktemp("sentinel"))
+    try:
+        yield broker
+    finally:
+        broker.running.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def states(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sentinel]:
+    """A Sentinel of its own for the job-state tests, on each database."""
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_cluster").another_database("encloud_jobs")
+    broker = _start_sentinel(tmp_path_factory.mktemp(f"states-{request.param}"), url)
     try:
         yield broker
     finally:
@@ -683,6 +706,16 @@ def _direct_job(sentinel: Sentinel, owner: Owner, workload: Workload, *also: Wor
     return _job(owner, key, None, _records(2), model=MODEL)
 
 
+_STATE_OWNERS: dict[int, Owner] = {}
+
+
+def _state_owner(states: Sentinel) -> Owner:
+    """alice, with a signing key registered at this Sentinel (once per Sentinel)."""
+    if id(states) not in _STATE_OWNERS:
+        _STATE_OWNERS[id(states)] = _owner(states, "alice")
+    return _STATE_OWNERS[id(states)]
+
+
 def _workload_channel(sentinel: Sentinel) -> grpc.Channel:
     credentials = grpc.ssl_channel_credentials(sentinel.ca)
     return grpc.secure_channel(sentinel.workload_target, credentials)
@@ -738,61 +771,59 @@ def _end(
         channel.close()
 
 
-def test_one_release_of_a_job_is_live_per_start_up(
-    sentinel: Sentinel, alice: Owner, workload: Workload
-) -> None:
-    work = _direct_job(sentinel, alice, workload)
-    released, seq = _release(sentinel, work, workload)
+def test_one_release_of_a_job_is_live_per_start_up(states: Sentinel, workload: Workload) -> None:
+    work = _direct_job(states, _state_owner(states), workload)
+    released, seq = _release(states, work, workload)
     assert seq == 1 and released.newest() == work.key.key
     released.wipe()
     with pytest.raises(errors.JobHeldError):
-        _release(sentinel, work, workload)
-    assert sentinel.audited(work.manifest.job_id, reason="JOB_HELD", outcome="refused")
+        _release(states, work, workload)
+    assert states.audited(work.manifest.job_id, reason="JOB_HELD", outcome="refused")
 
 
 def test_a_live_job_is_not_released_to_another_machine(
-    sentinel: Sentinel, alice: Owner, workload: Workload, other_workload: Workload
+    states: Sentinel, workload: Workload, other_workload: Workload
 ) -> None:
-    work = _direct_job(sentinel, alice, workload, other_workload)
-    _release(sentinel, work, workload)[0].wipe()
+    work = _direct_job(states, _state_owner(states), workload, other_workload)
+    _release(states, work, workload)[0].wipe()
     with pytest.raises(errors.JobHeldError, match="another machine"):
-        _release(sentinel, work, other_workload)
-    _end(sentinel, work, 1, job.PAUSED, 0)  # even paused: its journal is on the first machine
+        _release(states, work, other_workload)
+    _end(states, work, 1, job.PAUSED, 0)  # even paused: its journal is on the first machine
     with pytest.raises(errors.JobHeldError, match="another machine"):
-        _release(sentinel, work, other_workload)
+        _release(states, work, other_workload)
     # Positive control: the policy does admit the other machine, for a job of its own.
-    fresh = _direct_job(sentinel, alice, workload, other_workload)
-    _release(sentinel, fresh, other_workload)[0].wipe()
+    fresh = _direct_job(states, _state_owner(states), workload, other_workload)
+    _release(states, fresh, other_workload)[0].wipe()
 
 
 def test_a_release_ended_paused_is_asked_again_and_done_is_final(
-    sentinel: Sentinel, alice: Owner, workload: Workload
+    states: Sentinel, workload: Workload
 ) -> None:
-    work = _direct_job(sentinel, alice, workload)
-    _release(sentinel, work, workload)[0].wipe()
-    _end(sentinel, work, 1, job.PAUSED, 1)
-    released, seq = _release(sentinel, work, workload)
+    work = _direct_job(states, _state_owner(states), workload)
+    _release(states, work, workload)[0].wipe()
+    _end(states, work, 1, job.PAUSED, 1)
+    released, seq = _release(states, work, workload)
     released.wipe()
     assert seq == 2
     with pytest.raises(errors.JobReleaseUnknownError):  # the first release's end, replayed
-        _end(sentinel, work, 1, job.PAUSED, 1)
-    _end(sentinel, work, 2, job.DONE, 2)
+        _end(states, work, 1, job.PAUSED, 1)
+    _end(states, work, 2, job.DONE, 2)
     with pytest.raises(errors.JobFinishedError):
-        _release(sentinel, work, workload)
-    ended = sentinel.audited(work.manifest.job_id, method="EndJobRelease", outcome="ended")
+        _release(states, work, workload)
+    ended = states.audited(work.manifest.job_id, method="EndJobRelease", outcome="ended")
     assert [(e["release_seq"], e["job_outcome"]) for e in ended] == [(1, "paused"), (2, "done")]
 
 
 def test_an_end_not_proven_with_the_jobs_key_is_refused(
-    sentinel: Sentinel, alice: Owner, workload: Workload
+    states: Sentinel, workload: Workload
 ) -> None:
-    work = _direct_job(sentinel, alice, workload)
-    _release(sentinel, work, workload)[0].wipe()
+    work = _direct_job(states, _state_owner(states), workload)
+    _release(states, work, workload)[0].wipe()
     with pytest.raises(errors.JobProofError):
-        _end(sentinel, work, 1, job.DONE, 2, key=os.urandom(32))
-    assert sentinel.audited(work.manifest.job_id, reason="JOB_PROOF", outcome="refused")
+        _end(states, work, 1, job.DONE, 2, key=os.urandom(32))
+    assert states.audited(work.manifest.job_id, reason="JOB_PROOF", outcome="refused")
     # Still live: the real end is accepted (a positive control for the proof check).
-    _end(sentinel, work, 1, job.DONE, 2)
+    _end(states, work, 1, job.DONE, 2)
 
 
 # --- the server's own refusals ------------------------------------------------------------------
@@ -913,3 +944,36 @@ def test_a_second_call_of_a_running_job_is_refused(
     result, _ = _run(server, work, call_again)
     assert result.records == 16
     assert isinstance(second[0], ServiceError) and second[0].reason == "JOB_RUNNING"
+
+
+def test_concurrent_first_releases_of_one_job_release_it_once(
+    states: Sentinel, workload: Workload
+) -> None:
+    """Six requests for the same job, quoted one after the other (one vTPM), sent at once:
+    the job's row is claimed in one transaction, so one is released and five are held."""
+    import concurrent.futures
+
+    work = _direct_job(states, _state_owner(states), workload)
+    channel = _workload_channel(states)
+    stub = spb_grpc.WorkloadServiceStub(channel)
+    digest = hashlib.sha256(work.sealed_input).digest()
+    requests = [
+        key_broker.prepare_job_release(
+            work.signed, digest, stub.GetChallenge(spb.GetChallengeRequest()).nonce, workload.quote
+        ).request
+        for _ in range(6)
+    ]
+
+    def send(request: Any) -> str:
+        try:
+            stub.ReleaseJobKey(request)
+        except grpc.RpcError as err:
+            return sentinel_error(err).reason
+        return "released"
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            outcomes = sorted(pool.map(send, requests))
+    finally:
+        channel.close()
+    assert outcomes == ["JOB_HELD"] * 5 + ["released"]
