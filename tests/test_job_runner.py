@@ -62,10 +62,13 @@ def _prepared(records: int, key: bytearray) -> job.PreparedJob:
 def _runner(
     tmp_path: Path, sentinel: StandInSentinel, generate: Callable[..., Awaitable[Any]]
 ) -> JobRunner:
-    config = JobConfig(
-        tmp_path / "jobs", tmp_path / "outbox", concurrency=2, max_input_bytes=1 << 20
+    return JobRunner(_config(tmp_path), Settings(), sentinel, _unused_prepare, generate)  # type: ignore[arg-type]
+
+
+def _config(tmp_path: Path, max_input_bytes: int = 1 << 30) -> JobConfig:
+    return JobConfig(
+        tmp_path / "jobs", tmp_path / "outbox", concurrency=2, max_input_bytes=max_input_bytes
     )
-    return JobRunner(config, Settings(), sentinel, _unused_prepare, generate)  # type: ignore[arg-type]
 
 
 async def _unused_prepare(*_: Any) -> Any:
@@ -135,3 +138,63 @@ def test_a_record_that_fails_on_the_engine_pauses_the_job_and_wipes_the_key(
         assert not (tmp_path / "outbox").exists()
 
     asyncio.run(scenario())
+
+
+def test_an_input_above_the_limit_is_refused_before_sentinel_is_asked(tmp_path: Path) -> None:
+    from encloud.protocol.faults import JobInputTooLargeError
+
+    async def scenario() -> None:
+        key = bytearray(os.urandom(32))
+        prepared = _prepared(40, key)
+        sentinel = StandInSentinel(key)
+        config = JobConfig(
+            tmp_path / "jobs", tmp_path / "outbox", concurrency=2, max_input_bytes=512
+        )
+        runner = JobRunner(config, Settings(), sentinel, _unused_prepare, _answer)  # type: ignore[arg-type]
+        with pytest.raises(JobInputTooLargeError):
+            async for _ in runner.run(prepared.signed_manifest, _chunks(prepared.sealed_input)):
+                pass
+        assert not sentinel.asked.is_set()
+        assert not (tmp_path / "jobs" / prepared.manifest.job_id.hex()).exists()
+
+    asyncio.run(scenario())
+
+
+def test_the_input_is_opened_a_record_at_a_time_in_bounded_memory(tmp_path: Path) -> None:
+    """24 MiB of sealed records read through the runner's reader: memory stays about a
+    segment (1 MiB) and a line, whatever the input's size."""
+    import tracemalloc
+
+    from encloud.server.jobs import _JobFiles, _Run
+
+    key = bytearray(os.urandom(32))
+    line = job.record_line([{"role": "user", "content": "x" * 200}])
+    count = (24 << 20) // len(line)
+    sealed_path = tmp_path / "input.sealed"
+    from encloud.protocol.sealed_file import ChunkReader, seal_stream
+
+    with open(sealed_path, "wb") as sink:
+        seal_stream(ChunkReader(iter([line] * count)), sink, key, KEY_ID)  # type: ignore[arg-type]
+    manifest = job.new_manifest(
+        key_id=KEY_ID,
+        model_digest=bytes(32),
+        input_sha256=bytes(32),
+        records=count,
+        output="o.sealed",
+        params={},
+        ttl_seconds=60,
+    )
+    config = JobConfig(
+        tmp_path / "jobs", tmp_path / "outbox", concurrency=2, max_input_bytes=1 << 30
+    )
+    work = _JobFiles(config, manifest)
+    work.spool_path = sealed_path
+    run = _Run(manifest, work, ReleasedKeys(KEY_ID, [(1, key)]), 1, Settings(), _answer)
+    tracemalloc.start()
+    try:
+        seen = sum(1 for _ in run._records())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == count
+    assert peak < 6 << 20, f"reading held {peak} bytes at once"
