@@ -977,3 +977,20 @@ def test_concurrent_first_releases_of_one_job_release_it_once(
     finally:
         channel.close()
     assert outcomes == ["JOB_HELD"] * 5 + ["released"]
+
+
+def test_a_job_sealed_under_an_older_key_version_runs_after_a_rotation(
+    server: Stack, alice: Owner, sentinel: Sentinel
+) -> None:
+    """The input sealed under version 1, the key rotated to version 2: the answers are sealed
+    under the version that opened the input, and the release ends with the newest."""
+    old = Key("alice/rotated", os.urandom(32))
+    with sentinel.owner("alice") as client:
+        client.create_key(old.key_id, server.server.policy_path.read_bytes(), old.key)
+    work = _job(alice, old, server, _records(3, tag="rotated "))
+    with sentinel.owner("alice") as client:
+        assert client.rotate_key(old.key_id, os.urandom(32)).versions == (1, 2)
+    result, sealed = _run(server, work)
+    assert len(_open_answers(work, sealed)) == 3 == result.records  # opens under version 1
+    ended = sentinel.audited(work.manifest.job_id, method="EndJobRelease", outcome="ended")
+    assert [e["job_outcome"] for e in ended] == ["done"]
