@@ -615,7 +615,12 @@ def test_a_server_killed_mid_job_resumes_without_losing_or_doubling_a_record(
     assert result.records_resumed == len(journaled)
     assert result.records == RECORDS
     answers = _open_answers(work, sealed)  # every index once, in order, the end line last
-    # The answers equal an uninterrupted run's (the same records and seeds: finished's).
+    # The second call ran exactly the records the journal lacked: its tokens are theirs.
+    kept = {int(name.split(".")[0]) for name in journaled}
+    rerun = [a["completion_tokens"] for i, a in enumerate(answers) if i not in kept]
+    assert result.completion_tokens == sum(rerun)
+    assert len(progress) == 1 + len(rerun)  # accepted, then one progress per record run
+    # The answers equal an uninterrupted run's (the same records and seeds).
     reference = _reference_answers(server, alice, alice_key, records)
     assert [a["text"] for a in answers] == reference
     released = sentinel.audited(work.manifest.job_id, method="ReleaseJobKey", outcome="released")
