@@ -273,3 +273,35 @@ def test_a_before_column_from_an_earlier_report(report: dict[str, Any]) -> None:
     assert "| key | before | after | meaning |" in table
     row = next(line for line in table.splitlines() if line.startswith("| `decode_tok_s.encloud`"))
     assert row.count("|") == 5
+
+
+def test_the_job_benchmark_runs_and_reports_each_way(tmp_path: Path) -> None:
+    """`python -m bench.jobs` on two records: every way reported with its figures (no speed
+    is asserted; the same records give the same tokens each way)."""
+    out = tmp_path / "jobs.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.jobs",
+            "--records",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--concurrency",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    ways = [row["way"] for row in report["rows"]]
+    assert ways == ["job", "one by one", "concurrent x2"]
+    assert len({row["tokens"] for row in report["rows"]}) == 1
+    for row in report["rows"]:
+        assert row["seconds"] > 0 and row["records_per_second"] > 0
