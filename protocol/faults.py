@@ -209,6 +209,13 @@ class SentinelUnavailableError(UnavailableError):
     reason = "SENTINEL_UNAVAILABLE"
 
 
+class SentinelAnswerError(UnavailableError):
+    """Sentinel's answer does not open under the server's request (another key, a sealed key
+    that does not open): nothing of the job ran."""
+
+    reason = "SENTINEL_ANSWER_INVALID"
+
+
 class SentinelRefusal(DomainError):
     """Sentinel refused the job's key: the server relays Sentinel's own kind, reason and
     metadata (a SentinelFault's reason, docs/SENTINEL.md), so the caller gets the typed

@@ -39,6 +39,7 @@ from encloud.protocol.faults import (
     JobRunningError,
     JobsNotServedError,
     Kind,
+    SentinelAnswerError,
     SentinelRefusal,
     SentinelUnavailableError,
 )
@@ -141,7 +142,7 @@ class SentinelLink:
         try:
             released = pending.open(reply)
         except key_broker.ReleaseResponseError as err:
-            raise SentinelRefusal(Kind.UNAVAILABLE, "SENTINEL_ANSWER_INVALID", str(err)) from None
+            raise SentinelAnswerError(f"Sentinel's answer does not fit: {err}") from None
         return released, reply.release_seq
 
     async def end(self, request: spb.EndJobReleaseRequest) -> None:
