@@ -328,11 +328,7 @@ class Store:
         """Add `version`; a concurrent rotation that took the number first wins (KeyExists)."""
         with self.transaction() as db:
             self._same_kek(db)
-            state = db.execute(
-                sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
-            ).scalar_one()
-            if state != ACTIVE:
-                raise KeyRevokedFault(f"the key {record.key_id} is revoked")
+            _require_active(db, record)
             try:
                 with db.begin_nested():
                     db.execute(
@@ -587,17 +583,22 @@ class Store:
 
     def _versions(self, db: Connection, record: KeyRecord) -> list[tuple[int, bytes]]:
         """The key's wrapped versions, newest first; KeyRevokedFault once it is revoked."""
-        state = db.execute(
-            sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
-        ).scalar_one()
-        if state != ACTIVE:
-            raise KeyRevokedFault(f"the key {record.key_id} is revoked")
+        _require_active(db, record)
         rows = db.execute(
             sa.select(schema.key_versions.c.version, schema.key_versions.c.wrapped)
             .where(schema.key_versions.c.data_key == record.id)
             .order_by(schema.key_versions.c.version.desc())
         )
         return [(int(v), bytes(w)) for v, w in rows]
+
+
+def _require_active(db: Connection, record: KeyRecord) -> None:
+    """KeyRevokedFault unless the key is active, read in the caller's transaction."""
+    state = db.execute(
+        sa.select(schema.keys.c.state).where(schema.keys.c.id == record.id)
+    ).scalar_one()
+    if state != ACTIVE:
+        raise KeyRevokedFault(f"the key {record.key_id} is revoked")
 
 
 def _check_claim(row: Any, manifest_sha256: str, startup: Startup) -> None:

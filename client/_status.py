@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from encloud.protocol.errors import (
@@ -13,6 +12,7 @@ from encloud.protocol.errors import (
     ServiceError,
     TruncatedStreamError,
 )
+from encloud.protocol.faults import status_details
 
 # Statuses that, without the server's ErrorInfo, mean the transport broke (a crash, a reset
 # connection, a proxy ending the HTTP/2 stream without trailers).
@@ -37,21 +37,11 @@ def sentinel_error(error: grpc.RpcError) -> ServiceError:
 def _details(error: grpc.RpcError) -> tuple[str, str, str, float | None, dict[str, str]]:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else "") or ""
-    reason = ""
-    retry: float | None = None
-    metadata: dict[str, str] = {}
     try:
         status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
     except (ValueError, DecodeError):  # a trailer that contradicts the status or is garbage
         status = None
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        delay = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            reason = info.reason
-            metadata = dict(info.metadata)
-        elif detail.Unpack(delay):
-            retry = max(0.0, delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9)
+    reason, metadata, retry = status_details(status)
     return code.name, message, reason, retry, metadata
 
 

@@ -16,7 +16,7 @@ import grpc
 
 from encloud.client._channel import open_channel
 from encloud.client._status import sentinel_error
-from encloud.protocol.errors import EncloudError, ServiceError
+from encloud.protocol.errors import EncloudError
 from encloud.protocol.v2 import encloud_pb2 as pb
 from encloud.protocol.v2 import encloud_pb2_grpc as pb_grpc
 
@@ -106,7 +106,7 @@ class JobClient:
                 elif item == "done":
                     return _result(reply.done, digest.digest(), size, resumed)
         except grpc.RpcError as err:
-            raise _job_error(err) from None
+            raise sentinel_error(err) from None  # Sentinel's refusal, relayed: its type
         raise JobAnswerError("the job's stream ended without its summary")
 
 
@@ -133,8 +133,3 @@ def _result(done: pb.JobDone, digest: bytes, size: int, resumed: int) -> JobResu
             "the answers received do not match the digest and size the server reported"
         )
     return JobResult(done.records, done.completion_tokens, resumed, digest, size, done.output)
-
-
-def _job_error(error: grpc.RpcError) -> ServiceError:
-    """Sentinel's typed error when the server relays Sentinel's refusal, else the server's."""
-    return sentinel_error(error)

@@ -62,6 +62,23 @@ def rich_status(
     return status_pb2.Status(code=code_pb2.Code.Value(kind.value), message=message, details=details)
 
 
+def status_details(
+    status: status_pb2.Status | None,
+) -> tuple[str, dict[str, str], float | None]:
+    """What rich_status put in a google.rpc.Status: (ErrorInfo reason, its metadata, the
+    RetryInfo delay or None); ("", {}, None) for none. The one reader: the clients' and the
+    server's when it relays Sentinel."""
+    reason, metadata, retry = "", {}, None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        delay = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(delay):
+            retry = max(0.0, delay.retry_delay.seconds + delay.retry_delay.nanos / 1e9)
+    return reason, metadata, retry
+
+
 class DomainError(Exception):
     """An error the caller can act on. Subclasses fix the kind and reason."""
 

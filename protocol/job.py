@@ -25,7 +25,6 @@ the end line refuses one cut after a whole record. `AnswersChecker` is that chec
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import io
@@ -53,6 +52,7 @@ from encloud.protocol.errors import (
     ReleaseOrderSignatureError,
 )
 from encloud.protocol.handshake import HpkeSuiteId
+from encloud.protocol.release_order import hex_field, parse_signed, seconds_field
 from encloud.protocol.sealed_file import check_key_id, seal_stream
 
 MANIFEST_VERSION = 1
@@ -212,38 +212,20 @@ def parse_manifest(data: bytes) -> tuple[JobManifest, bytes]:
     """(manifest, signature) of a signed manifest in canonical form; ReleaseOrderFormatError
     naming what is wrong otherwise (a manifest is a kind of release order to Sentinel). The
     signature is not checked here."""
-    try:
-        obj = strict_loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ReleaseOrderFormatError("a job manifest is not JSON") from err
-    if not isinstance(obj, dict) or set(obj) != {"manifest", "signature"}:
-        raise ReleaseOrderFormatError("a signed job manifest has exactly manifest and signature")
-    raw, signature = obj["manifest"], obj["signature"]
-    if not isinstance(raw, dict) or set(raw) != _KEYS:
-        raise ReleaseOrderFormatError(f"a job manifest has exactly the keys {sorted(_KEYS)}")
-    if raw["version"] != MANIFEST_VERSION or isinstance(raw["version"], bool):
-        raise ReleaseOrderFormatError(f"job manifest version {raw['version']!r} is not 1")
+    raw, sig = parse_signed(data, "manifest", _KEYS, "job manifest", MANIFEST_VERSION)
     try:
         manifest = JobManifest(
-            job_id=_hex(raw["job_id"], 16, "job_id"),
+            job_id=hex_field(raw["job_id"], 16, "job_id"),
             key_id=check_key_id(raw["key_id"]),
-            model_digest=_hex(raw["model_digest"], 32, "model_digest"),
-            input_sha256=_hex(raw["input_sha256"], 32, "input_sha256"),
+            model_digest=hex_field(raw["model_digest"], 32, "model_digest"),
+            input_sha256=hex_field(raw["input_sha256"], 32, "input_sha256"),
             records=_records(raw["records"]),
             output=_output(raw["output"]),
-            expires_at=_seconds(raw["expires_at"]),
+            expires_at=seconds_field(raw["expires_at"]),
             params=check_params(raw["params"]),
         )
-    except ValueError as err:
+    except ValueError as err:  # the fields checked here (the others raise the format error)
         raise ReleaseOrderFormatError(f"job manifest: {err}") from None
-    try:
-        sig = base64.b64decode(signature, validate=True) if isinstance(signature, str) else b""
-    except (binascii.Error, ValueError):
-        sig = b""
-    if len(sig) != 64:
-        raise ReleaseOrderFormatError("the signature is not base64 of 64 bytes")
-    if rfc8785.dumps(obj) != data:
-        raise ReleaseOrderFormatError("a signed job manifest must be canonical JSON")
     return manifest, sig
 
 
@@ -469,18 +451,6 @@ def end_proof(
         return hmac.digest(bytes(mac_key), message, "sha256")
     finally:
         mac_key[:] = bytes(len(mac_key))
-
-
-def _hex(value: object, size: int, name: str) -> bytes:
-    if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{2 * size}}}", value):
-        raise ValueError(f"{name} is not {2 * size} lowercase hex digits")
-    return bytes.fromhex(value)
-
-
-def _seconds(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**53:
-        raise ValueError("expires_at is not a positive integer of seconds")
-    return value
 
 
 def _records(value: object) -> int:

@@ -84,26 +84,24 @@ def sign_order(order: ReleaseOrder, owner_key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def parse_order(data: bytes) -> tuple[ReleaseOrder, bytes]:
-    """(order, signature) of a signed order in canonical form; ReleaseOrderFormatError
-    naming what is wrong otherwise. The signature is not checked here."""
+def parse_signed(
+    data: bytes, body: str, keys: set[str], what: str, version: int = ORDER_VERSION
+) -> tuple[dict[str, Any], bytes]:
+    """The body and the 64-byte signature of a signed document `{body: {...}, "signature":
+    base64}` in canonical JSON (a release order, a job manifest) whose body has exactly `keys`
+    and version `version`; ReleaseOrderFormatError naming what is wrong. The other fields are
+    the caller's to check."""
     try:
         obj = strict_loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ReleaseOrderFormatError("a release order is not JSON") from err
-    if not isinstance(obj, dict) or set(obj) != {"order", "signature"}:
-        raise ReleaseOrderFormatError("a signed release order has exactly order and signature")
-    raw, signature = obj["order"], obj["signature"]
-    if not isinstance(raw, dict) or set(raw) != _KEYS:
-        raise ReleaseOrderFormatError(f"an order has exactly the keys {sorted(_KEYS)}")
-    if raw["version"] != ORDER_VERSION or isinstance(raw["version"], bool):
-        raise ReleaseOrderFormatError(f"release order version {raw['version']!r} is not 1")
-    order = ReleaseOrder(
-        key_id=_key_id(raw["key_id"]),
-        model_digest=_hex(raw["model_digest"], 32, "model_digest"),
-        expires_at=_seconds(raw["expires_at"]),
-        order_id=_hex(raw["order_id"], 16, "order_id"),
-    )
+        raise ReleaseOrderFormatError(f"a {what} is not JSON") from err
+    if not isinstance(obj, dict) or set(obj) != {body, "signature"}:
+        raise ReleaseOrderFormatError(f"a signed {what} has exactly {body} and signature")
+    raw, signature = obj[body], obj["signature"]
+    if not isinstance(raw, dict) or set(raw) != keys:
+        raise ReleaseOrderFormatError(f"a {what} has exactly the keys {sorted(keys)}")
+    if raw["version"] != version or isinstance(raw["version"], bool):
+        raise ReleaseOrderFormatError(f"{what} version {raw['version']!r} is not {version}")
     try:
         sig = base64.b64decode(signature, validate=True) if isinstance(signature, str) else b""
     except (binascii.Error, ValueError):  # ValueError: a str with non-ASCII characters
@@ -111,7 +109,20 @@ def parse_order(data: bytes) -> tuple[ReleaseOrder, bytes]:
     if len(sig) != 64:
         raise ReleaseOrderFormatError("the signature is not base64 of 64 bytes")
     if rfc8785.dumps(obj) != data:
-        raise ReleaseOrderFormatError("a signed release order must be canonical JSON")
+        raise ReleaseOrderFormatError(f"a signed {what} must be canonical JSON")
+    return raw, sig
+
+
+def parse_order(data: bytes) -> tuple[ReleaseOrder, bytes]:
+    """(order, signature) of a signed order in canonical form; ReleaseOrderFormatError
+    naming what is wrong otherwise. The signature is not checked here."""
+    raw, sig = parse_signed(data, "order", _KEYS, "release order")
+    order = ReleaseOrder(
+        key_id=_key_id(raw["key_id"]),
+        model_digest=hex_field(raw["model_digest"], 32, "model_digest"),
+        expires_at=seconds_field(raw["expires_at"]),
+        order_id=hex_field(raw["order_id"], 16, "order_id"),
+    )
     return order, sig
 
 
@@ -134,13 +145,13 @@ def _key_id(value: object) -> str:
         raise ReleaseOrderFormatError(f"key_id: {err}") from None
 
 
-def _hex(value: object, size: int, field: str) -> bytes:
+def hex_field(value: object, size: int, field: str) -> bytes:
     if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{2 * size}}}", value):
         raise ReleaseOrderFormatError(f"{field} is not {2 * size} lowercase hex digits")
     return bytes.fromhex(value)
 
 
-def _seconds(value: object) -> int:
+def seconds_field(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**53:
         raise ReleaseOrderFormatError("expires_at is not a positive integer of seconds")
     return value

@@ -27,7 +27,6 @@ from typing import BinaryIO, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from encloud.protocol import generation, job, key_broker
@@ -42,6 +41,7 @@ from encloud.protocol.faults import (
     SentinelAnswerError,
     SentinelRefusal,
     SentinelUnavailableError,
+    status_details,
 )
 from encloud.protocol.key_broker import ReleasedKeys
 from encloud.protocol.sealed_file import (
@@ -165,7 +165,11 @@ _T = TypeVar("_T")
 def _relayed(error: grpc.aio.AioRpcError, address: str) -> Exception:
     """Sentinel's refusal with its own kind, reason and metadata; UNAVAILABLE and deadlines
     (Sentinel down or unreachable) as SentinelUnavailableError."""
-    reason, metadata = _error_info(error)
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, DecodeError):  # a trailer that contradicts the status or is garbage
+        status = None
+    reason, metadata, _ = status_details(status)
     if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
         not reason or reason == "DATABASE_UNAVAILABLE"
     ):
@@ -175,18 +179,6 @@ def _relayed(error: grpc.aio.AioRpcError, address: str) -> Exception:
         )
     kind = Kind[error.code().name] if error.code().name in Kind.__members__ else Kind.INTERNAL
     return SentinelRefusal(kind, reason or error.code().name, error.details() or "", metadata)
-
-
-def _error_info(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
-    try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    except (ValueError, DecodeError):
-        status = None
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason, dict(info.metadata)
-    return "", {}
 
 
 # --- the job runner ------------------------------------------------------------------------------
